@@ -1,0 +1,21 @@
+"""AdaptiveSoftmax (Baharav et al., NeurIPS 2024): PAC top-k softmax by adaptive sampling.
+
+    from asoftmax import adaptive
+    prep = adaptive.prepare_matrix(A)                 # (n, d), validated once
+    res = adaptive.adaptive_softmax(key, prep, X, k=1, epsilon=0.3, delta=0.1)
+    ref = adaptive.softmax_topk(prep, X, k=1)         # exact reference
+"""
+
+from asoftmax.adaptive.core import (
+    ORDERS,
+    AdaptiveConfig,
+    AdaptiveResult,
+    PreparedMatrix,
+    adaptive_softmax,
+    default_warmup,
+    make_config,
+    prepare_matrix,
+)
+from asoftmax.adaptive.exact import ExactResult, softmax_topk
+from asoftmax.adaptive.synthetic import gaussian_problem, planted_problem, toy_problem
+from asoftmax.adaptive.tuning import exact_logits_batched, success_mask, tune_and_evaluate, tune_fudge
