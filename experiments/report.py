@@ -53,14 +53,13 @@ def write_reports(workdir: str) -> list[str]:
   return written
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory holding results.json.", required=True)
-
-
 def main(argv):
   del argv
-  for p in write_reports(_WORKDIR.value):
+  for p in write_reports(flags.FLAGS.workdir):
     print(p)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import time: the launcher imports this module and has its own --workdir.
+  flags.DEFINE_string("workdir", None, "Directory holding results.json.", required=True)
   app.run(main)

@@ -402,7 +402,8 @@ def adaptive_softmax(
   where `p_i = exp(mu_i) / sum_j exp(mu_j)`.
 
   Args:
-    key: a `jax.random` key; each query gets its own subkey.
+    key: a `jax.random` key. A single query uses it directly; query i of a batch uses
+      `jax.random.split(key, b)[i]`.
     A: (n, d) floating matrix, or a `PreparedMatrix` from `prepare_matrix(A)` (validate once,
       reuse across calls: recommended for benchmarks).
     x: (d,) query or (b, d) batch of queries, floating, finite.
@@ -447,7 +448,9 @@ def adaptive_softmax(
   cfg = make_config(n, d, k=k, delta=delta, order=order, warmup=warmup, growth=growth, z_capacity=z_capacity)
   single = x.ndim == 1
   X = (x[None] if single else x).astype(prep.A.dtype)
-  keys = jax.random.split(key, X.shape[0])
+  # A batch gets split(key, b)[i] for query i; a single query uses `key` itself, so that
+  # batched and per-query calls agree query by query.
+  keys = key[None] if single else jax.random.split(key, X.shape[0])
   f = lambda v: jnp.asarray(v, prep.A.dtype)  # noqa: E731
   res = _batched(keys, prep.A, prep.At, prep.col_l1, X, f(epsilon), f(beta), f(fudge_bandit), f(fudge_z), cfg)
   if single:

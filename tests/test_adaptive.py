@@ -1,0 +1,145 @@
+"""Tests for asoftmax.adaptive: exactness at full budget, PAC success statistics, jit/vmap, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asoftmax import adaptive, stats
+from asoftmax.adaptive import core
+
+
+def _np_topk(A, x, k, beta=1.0):
+  mu = beta * (np.asarray(A, np.float64) @ np.asarray(x, np.float64))
+  idx = np.argsort(-mu)[:k]
+  log_z = np.log(np.exp(mu - mu.max()).sum()) + mu.max()
+  return idx, np.exp(mu[idx] - log_z), log_z
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("order", ["importance", "uniform"])
+def test_full_budget_equals_exact(k, order):
+  """With a warm-up of d pulls every estimate is exact: results equal the numpy reference."""
+  n, d = 40, 64
+  A = jax.random.normal(jax.random.key(0), (n, d)) / 4
+  x = jax.random.normal(jax.random.key(1), (d,))
+  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=k, order=order, warmup=d)
+  idx, p, log_z = _np_topk(A, x, k)
+  np.testing.assert_array_equal(np.asarray(res.indices), idx)
+  np.testing.assert_allclose(np.asarray(res.probs), p, rtol=2e-5)
+  np.testing.assert_allclose(float(res.log_z), log_z, rtol=1e-5)
+  assert int(res.samples) == n * d
+  ex = adaptive.softmax_topk(A, x, k)
+  np.testing.assert_array_equal(np.asarray(ex.indices), idx)
+  np.testing.assert_allclose(np.asarray(ex.probs), p, rtol=2e-5)
+
+
+def test_sparse_query_costs_at_most_n_nnz():
+  """Zero coordinates are never read: a query with nnz(x) = 10 costs at most n * 10 samples, exactly."""
+  n, d = 30, 500
+  A = jax.random.normal(jax.random.key(0), (n, d))
+  x = jnp.zeros((d,)).at[jnp.arange(0, 100, 10)].set(jax.random.normal(jax.random.key(1), (10,)))
+  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=2)
+  idx, p, _ = _np_topk(A, x, 2)
+  assert int(res.samples) <= n * 10
+  np.testing.assert_array_equal(np.asarray(res.indices), idx)
+  np.testing.assert_allclose(np.asarray(res.probs), p, rtol=1e-4)
+
+
+def _success_rate(order, k, n_problems=10, per_problem=50, n=100, d=1000, delta=0.1, epsilon=0.3):
+  ok_total, ident_total, samples = 0, 0, []
+  for s in range(n_problems):
+    A, x = adaptive.planted_problem(jax.random.key(100 + s), n, d, k=k, gap=1.0, spread=1.0)
+    X = jnp.tile(x, (per_problem, 1))
+    res = adaptive.adaptive_softmax(jax.random.key(s), A, X, k=k, epsilon=epsilon, delta=delta, order=order)
+    logits = adaptive.exact_logits_batched(A, X)
+    ident, ok = adaptive.success_mask(res, logits, epsilon)
+    ok_total += int(ok.sum())
+    ident_total += int(ident.sum())
+    samples.append(np.asarray(res.samples))
+  return ok_total, ident_total, n_problems * per_problem, np.concatenate(samples)
+
+
+@pytest.mark.parametrize("order,k", [("importance", 1), ("importance", 3), ("uniform", 1), ("uniform", 3)])
+def test_pac_success_over_500_seeded_queries(order, k):
+  """Success >= 1 - delta, asserted with a one-sided 99% Clopper-Pearson lower bound over 500 runs."""
+  delta = 0.1
+  ok, ident, trials, samples = _success_rate(order, k, delta=delta)
+  lower = stats.binomial_lower_bound(ok, trials, confidence=0.99)
+  assert lower >= 1 - delta, f"success {ok}/{trials} (identified {ident}), 99% lower bound {lower:.3f}"
+  # And it is adaptive: fewer samples than the exact n*d on these planted-gap problems.
+  assert samples.mean() < 100 * 1000
+
+
+def test_batched_equals_per_query_and_no_recompile():
+  n, d, b = 50, 300, 6
+  A = adaptive.prepare_matrix(jax.random.normal(jax.random.key(0), (n, d)) / 3)
+  X = jax.random.normal(jax.random.key(1), (b, d))
+  key = jax.random.key(7)
+  batched = adaptive.adaptive_softmax(key, A, X, k=2)
+  keys = jax.random.split(key, b)
+  for i in range(b):
+    single = adaptive.adaptive_softmax(keys[i], A, X[i], k=2)
+    np.testing.assert_array_equal(np.asarray(single.indices), np.asarray(batched.indices[i]))
+    np.testing.assert_allclose(np.asarray(single.probs), np.asarray(batched.probs[i]), rtol=1e-5)
+    assert int(single.samples) == int(batched.samples[i])
+  before = core._batched._cache_size()
+  X2 = jax.random.normal(jax.random.key(3), (b, d))
+  adaptive.adaptive_softmax(jax.random.key(8), A, X2, k=2, fudge_bandit=0.5, epsilon=0.2)
+  assert core._batched._cache_size() == before, "same shapes/static config must not recompile"
+
+
+def test_same_seed_same_numbers():
+  A, x = adaptive.planted_problem(jax.random.key(0), 80, 400, k=1)
+  r1 = adaptive.adaptive_softmax(jax.random.key(5), A, x)
+  r2 = adaptive.adaptive_softmax(jax.random.key(5), A, x)
+  assert int(r1.samples) == int(r2.samples)
+  np.testing.assert_array_equal(np.asarray(r1.probs), np.asarray(r2.probs))
+
+
+def test_tuning_reduces_samples_and_keeps_success():
+  n, d = 100, 2000
+  A, _ = adaptive.planted_problem(jax.random.key(0), n, d, k=1)
+  # Queries: the planted x plus small perturbations, so problems differ slightly.
+  _, x = adaptive.planted_problem(jax.random.key(0), n, d, k=1)
+  X = x[None] + 0.05 * jax.random.normal(jax.random.key(1), (120, d))
+  row = adaptive.tune_and_evaluate(jax.random.key(2), A, X, k=1, delta=0.1, n_tune=60, progress=False)
+  assert row["n_eval"] == 60
+  assert row["fudge_bandit"] <= 1.0 and row["fudge_z"] <= 1.0
+  assert row["success"] >= 0.9
+  assert row["gain_dense"] > 1.0
+  assert len(row["samples"]) == 60
+
+
+A_OK = np.ones((4, 3), np.float32)
+X_OK = np.ones((3,), np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(A=np.ones((4,), np.float32)), "A must have 2"),
+        (dict(A=np.ones((4, 3), np.int32)), "A must have a floating dtype"),
+        (dict(A=np.full((4, 3), np.nan, np.float32)), "A contains NaN"),
+        (dict(A=np.full((4, 3), np.inf, np.float32)), "A contains NaN or inf"),
+        (dict(x=np.ones((5,), np.float32)), "x has shape"),
+        (dict(x=np.ones((3,), np.int32)), "x must have a floating dtype"),
+        (dict(x=np.array([1.0, np.nan, 0.0], np.float32)), "x contains NaN"),
+        (dict(x=np.ones((2, 2, 3), np.float32)), "x must have 1 or 2"),
+        (dict(k=0), "k must be in"),
+        (dict(k=5), "k must be in"),
+        (dict(k=1.5), "k must be an integer"),
+        (dict(epsilon=0.0), "epsilon must be in"),
+        (dict(epsilon=1.0), "epsilon must be in"),
+        (dict(delta=-0.1), "delta must be in"),
+        (dict(delta=1.5), "delta must be in"),
+        (dict(beta=0.0), "beta must be positive"),
+        (dict(order="random"), "order must be one of"),
+    ],
+)
+def test_bad_input_raises(kwargs, match):
+  args = dict(A=A_OK, x=X_OK)
+  args.update({k: v for k, v in kwargs.items() if k in ("A", "x")})
+  opts = {k: v for k, v in kwargs.items() if k not in ("A", "x")}
+  with pytest.raises(ValueError, match=match):
+    adaptive.adaptive_softmax(jax.random.key(0), args["A"], args["x"], **opts)
