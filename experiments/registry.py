@@ -48,6 +48,7 @@ class Experiment:
 
 _MODULES = {
     "adaptive_synthetic": "experiments.adaptive_synthetic",
+    "adaptive_llm": "experiments.adaptive_llm",
 }
 
 

