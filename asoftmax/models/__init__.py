@@ -9,3 +9,4 @@ from asoftmax.models.llama import (
     load_smollm2,
     perplexity,
 )
+from asoftmax.models.bert import BertConfig, BertEncoder, encode as bert_encode, load_bert  # noqa: E402
