@@ -1,0 +1,89 @@
+r"""Random Fourier features for the softmax (exponential) kernel on the unit sphere.
+
+For unit vectors, $e^{\tau h^\top c} = e^{\tau} e^{-\tau \|h-c\|^2/2}$, so the softmax over classes is a Gaussian
+kernel. With $w_1..w_D \sim N(0, \nu I_d)$ drawn once,
+
+  $\phi(x) = D^{-1/2}[\cos(Wx), \sin(Wx)] \in R^{2D}$,  $E[\phi(x)^\top\phi(y)] = e^{-\nu\|x-y\|^2/2}$.
+
+Reference: Rawat et al., "Sampled Softmax with Random Fourier Features", NeurIPS 2019 (arXiv:1907.10747),
+Sec. 3 (feature map); Rahimi & Recht 2007. The choice nu < tau (a flatter, defensive proposal) follows
+`shared/papers/rf_softmax.md` Sec. 5 [R: recalled from the paper, not re-read].
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from asoftmax.rff import _checks
+
+
+def init_rff(key: jax.Array, d: int, num_features: int, nu: float) -> jax.Array:
+  r"""Draws the fixed RFF projection $W \in R^{D \times d}$, $W_{ij} \sim N(0, \nu)$.
+
+  Args:
+    key: PRNG key.
+    d: input dimension (>= 1).
+    num_features: D, the number of frequencies (>= 1); the feature vector has 2D entries.
+    nu: kernel bandwidth (> 0); the kernel is $e^{-\nu\|x-y\|^2/2} = e^{-\nu} e^{\nu x^\top y}$ on the sphere.
+
+  Returns:
+    W: float32 [D, d].
+
+  Example:
+    >>> W = init_rff(jax.random.key(0), d=64, num_features=256, nu=4.0)
+  """
+  d = _checks.pos_int("d", d)
+  D = _checks.pos_int("num_features (D)", num_features)
+  nu = _checks.pos_float("nu", nu)
+  return jax.random.normal(key, (D, d), jnp.float32) * jnp.sqrt(jnp.float32(nu))
+
+
+@jax.jit
+def _rff(x, W):
+  z = x @ W.T
+  return jnp.concatenate([jnp.cos(z), jnp.sin(z)], -1) / jnp.sqrt(jnp.float32(W.shape[0]))
+
+
+def rff_features(x: ArrayLike, W: ArrayLike) -> jax.Array:
+  r"""$\phi(x) = D^{-1/2}[\cos(Wx), \sin(Wx)]$; $\|\phi(x)\| = 1$ exactly.
+
+  Args:
+    x: [..., d] float, unit-norm rows.
+    W: [D, d] from `init_rff`.
+
+  Returns:
+    [..., 2D] float32.
+  """
+  _checks.finite("W", W, 2)
+  _checks.unit_rows("x", x)
+  if x.shape[-1] != W.shape[1]:
+    raise ValueError(f"x has dimension {x.shape[-1]} but W expects {W.shape[1]}")
+  return _rff(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))
+
+
+def rff_kernel(x: ArrayLike, y: ArrayLike, W: ArrayLike) -> jax.Array:
+  r"""The RFF estimate $\phi(x)^\top\phi(y) = D^{-1}\sum_i \cos(w_i^\top(x-y))$ for [..., d] pairs (can be < 0)."""
+  return jnp.sum(rff_features(x, W) * rff_features(y, W), -1)
+
+
+def exact_kernel(x: ArrayLike, y: ArrayLike, nu: float) -> jax.Array:
+  r"""$K_\nu(x, y) = e^{-\nu\|x-y\|^2/2}$, the kernel the RFF estimate converges to."""
+  x = jnp.asarray(x)
+  y = jnp.asarray(y)
+  return jnp.exp(-0.5 * nu * jnp.sum((x - y) ** 2, -1))
+
+
+@functools.partial(jax.jit, static_argnames=())
+def quadratic_features(x: ArrayLike, alpha: float) -> jax.Array:
+  r"""Blanc & Rendle (ICML 2018) quadratic kernel map $\phi(u) = [\sqrt\alpha\,\mathrm{vec}(uu^\top), 1]$.
+
+  $\phi(h)^\top\phi(c) = \alpha (h^\top c)^2 + 1 > 0$. Args: x [..., d]. Returns [..., d*d + 1].
+  """
+  x = jnp.asarray(x, jnp.float32)
+  outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
+  one = jnp.ones(x.shape[:-1] + (1,), jnp.float32)
+  return jnp.concatenate([jnp.sqrt(alpha) * outer, one], -1)

@@ -1,0 +1,339 @@
+r"""Proposal distributions q for sampled softmax, all behind one interface.
+
+A `Sampler` is a NamedTuple of pure functions (optax style):
+
+  state = sampler.init(class_vectors)                  # [n, d]; rows are L2-normalized here
+  ids, log_q = sampler.sample(state, key, h, m)        # h [B, d] unit rows -> [B, m] int32, [B, m] float32
+  state = sampler.update(state, ids, class_vectors)    # refresh the touched classes (any-shape ids)
+  log_q_all = sampler.log_probs(state, h)              # [B, n] dense log q (analysis and tests)
+
+Samples are i.i.d. with replacement; `log_q` is the exact log-probability of each drawn class under the
+distribution the sampler actually used (so the log-q correction in `loss.sampled_softmax_loss` is exact).
+
+| sampler      | q_i                                   | cost per sample | reference |
+|--------------|---------------------------------------|-----------------|-----------|
+| uniform      | 1/n                                   | O(1)            | |
+| unigram      | (count_i + smoothing) / total         | O(log n) search | |
+| quadratic    | alpha (h.c_i)^2 + 1 (tree of buckets) | O(d^2 log n)    | Blanc & Rendle, ICML 2018 |
+| rff          | max(phi(h).phi(c_i), 0) + floor, tree | O(D log n)      | Rawat et al., NeurIPS 2019 |
+| exact        | softmax(tau h.c)                      | O(n d)          | oracle ("Exp" baseline) |
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from asoftmax.rff import _checks
+from asoftmax.rff import features as features_lib
+from asoftmax.rff import tree as tree_lib
+
+
+class Sampler(NamedTuple):
+  """A proposal distribution: `init`, `sample`, `update`, `log_probs` (see module docstring)."""
+
+  init: Callable[[jax.Array], Any]
+  sample: Callable[..., tuple[jax.Array, jax.Array]]
+  update: Callable[..., Any]
+  log_probs: Callable[..., jax.Array]
+  name: str = ""
+
+
+def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / ||x|| along `axis` (with a tiny epsilon)."""
+  return x / jnp.sqrt(jnp.sum(x * x, axis, keepdims=True) + 1e-12)
+
+
+def _check_sample_args(h, m, d=None):
+  _checks.unit_rows("h", h, 2)
+  m = _checks.pos_int("m", m)
+  if d is not None and h.shape[-1] != d:
+    raise ValueError(f"h has dimension {h.shape[-1]}, the sampler's class vectors have {d}")
+  return m
+
+
+def _check_class_vectors(c):
+  _checks.finite("class_vectors", c, 2)
+  return jnp.asarray(c, jnp.float32)
+
+
+def _unique_ids(ids, n):
+  flat = ids.reshape(-1).astype(jnp.int32)
+  return jnp.unique(flat, size=flat.shape[0], fill_value=n)
+
+
+def _search(cdf, u):
+  """Inverse-CDF lookup: smallest i with cdf[i] > u (clipped to the last index)."""
+  return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), cdf.shape[-1] - 1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------- uniform
+@struct.dataclass
+class CountState:
+  log_q: jax.Array  # [n]
+  cdf: jax.Array  # [n]
+
+
+def uniform_sampler(num_classes: int) -> Sampler:
+  """q_i = 1/n."""
+  n = _checks.pos_int("num_classes", num_classes)
+
+  def init(class_vectors=None):
+    del class_vectors
+    return CountState(log_q=jnp.full((n,), -np.log(n), jnp.float32), cdf=jnp.zeros((0,)))
+
+  @functools.partial(jax.jit, static_argnames=("m",))
+  def _sample(state, key, h, m):
+    ids = jax.random.randint(key, (h.shape[0], m), 0, n, jnp.int32)
+    return ids, jnp.full(ids.shape, -np.log(n), jnp.float32)
+
+  def sample(state, key, h, m):
+    m = _check_sample_args(h, m)
+    return _sample(state, key, h, m)
+
+  def log_probs(state, h):
+    return jnp.broadcast_to(state.log_q, (h.shape[0], n))
+
+  return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "uniform")
+
+
+# ---------------------------------------------------------------------------------------------- unigram
+def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
+  """q_i = (counts_i + smoothing) / sum; inverse-CDF search (O(log n) per sample).
+
+  Args:
+    counts: [n] nonnegative class frequencies (e.g. training-token counts).
+    smoothing: pseudo-count (>= 0) so every class keeps q > 0 (needed for an unbiased Z estimate).
+  """
+  counts = np.asarray(counts, np.float64)
+  if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
+    raise ValueError("counts must be a non-empty 1-D array of finite nonnegative numbers")
+  smoothing = _checks.pos_float("smoothing", smoothing, allow_zero=True)
+  w = counts + smoothing
+  if w.sum() <= 0:
+    raise ValueError("counts + smoothing must have a positive sum")
+  p = w / w.sum()
+  n = p.size
+  log_q = jnp.asarray(np.log(p), jnp.float32)
+  cdf = jnp.asarray(np.cumsum(p), jnp.float32)
+
+  def init(class_vectors=None):
+    del class_vectors
+    return CountState(log_q=log_q, cdf=cdf)
+
+  @functools.partial(jax.jit, static_argnames=("m",))
+  def _sample(state, key, h, m):
+    u = jax.random.uniform(key, (h.shape[0], m)) * state.cdf[-1]
+    ids = _search(state.cdf, u)
+    return ids, state.log_q[ids]
+
+  def sample(state, key, h, m):
+    m = _check_sample_args(h, m)
+    return _sample(state, key, h, m)
+
+  def log_probs(state, h):
+    return jnp.broadcast_to(state.log_q, (h.shape[0], n))
+
+  return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "unigram")
+
+
+# ---------------------------------------------------------------------------------------------- exact
+@struct.dataclass
+class ExactState:
+  class_vectors: jax.Array  # [n, d] unit rows
+
+
+def exact_sampler(tau: float) -> Sampler:
+  r"""The oracle q = softmax($\tau C h$) (O(nd) per query): the "Exp" baseline of the paper."""
+  tau = _checks.pos_float("tau", tau)
+
+  def init(class_vectors):
+    return ExactState(normalize(_check_class_vectors(class_vectors)))
+
+  @jax.jit
+  def _log_probs(state, h):
+    return jax.nn.log_softmax(tau * h @ state.class_vectors.T, -1)
+
+  @functools.partial(jax.jit, static_argnames=("m",))
+  def _sample(state, key, h, m):
+    lp = _log_probs(state, h)
+    cdf = jnp.cumsum(jnp.exp(lp), -1)
+    u = jax.random.uniform(key, (h.shape[0], m)) * cdf[:, -1:]
+    ids = jax.vmap(_search)(cdf, u)
+    return ids, jnp.take_along_axis(lp, ids, 1)
+
+  def sample(state, key, h, m):
+    m = _check_sample_args(h, m, state.class_vectors.shape[1])
+    return _sample(state, key, h, m)
+
+  @jax.jit
+  def update(state, ids, class_vectors):
+    n = state.class_vectors.shape[0]
+    uid = _unique_ids(ids, n)
+    new = normalize(class_vectors[jnp.minimum(uid, n - 1)])
+    return ExactState(state.class_vectors.at[uid].set(new, mode="drop"))
+
+  def log_probs(state, h):
+    _checks.unit_rows("h", h, 2)
+    return _log_probs(state, h)
+
+  return Sampler(init, sample, update, log_probs, "exact")
+
+
+# ---------------------------------------------------------------------------------------------- kernel trees
+def _auto_precompute(precompute, tree, m):
+  if precompute == "auto":
+    return tree.num_buckets <= m * max(tree.depth, 1)
+  return bool(precompute)
+
+
+@struct.dataclass
+class RFFState:
+  W: jax.Array  # [D, d]
+  tree: tree_lib.KernelTree  # leaves hold phi(c_i)
+
+
+def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.01,
+                precompute: Any = "auto") -> Sampler:
+  r"""RF-softmax: q_i from a tree over $\phi(c_i)$ with $\phi$ the RFF map for $e^{-\nu\|h-c\|^2/2}$.
+
+  q_i is the path probability of the tree walk in `tree.py`: each node mass is the clamped RFF kernel sum
+  $\max(\phi(h)^\top z, 0)$ plus a uniform floor at rate kappa. Cost O(D log n) per sample.
+  Reference: Rawat et al., NeurIPS 2019, Sec. 3-4. Clamping and floor: `shared/papers/rf_softmax.md` Sec. 5
+  (the paper's exact handling of negative estimates is [R], unverified).
+
+  Args:
+    key: PRNG key for W (drawn once, shared by queries and classes).
+    num_features: D (>= 1); features have 2D entries.
+    nu: RFF kernel parameter (> 0). nu = tau targets the softmax itself; nu < tau a flatter proposal.
+    kappa: defensive uniform-mixing rate (>= 0).
+    precompute: True / False / "auto" (see `tree.tree_sample`).
+  """
+  D = _checks.pos_int("num_features (D)", num_features)
+  nu = _checks.pos_float("nu", nu)
+  kappa = _checks.pos_float("kappa", kappa, allow_zero=True)
+
+  def init(class_vectors):
+    c = normalize(_check_class_vectors(class_vectors))
+    W = features_lib.init_rff(key, c.shape[1], D, nu)
+    return RFFState(W=W, tree=tree_lib.build_tree(features_lib._rff(c, W), bucket=1))
+
+  @functools.partial(jax.jit, static_argnames=("m", "pre"))
+  def _sample(state, key, h, m, pre):
+    psi = features_lib._rff(h, state.W)
+    ids, logq, _ = tree_lib.tree_sample(key, psi, state.tree, m, kappa, pre)
+    return ids, logq
+
+  def sample(state, key, h, m):
+    m = _check_sample_args(h, m, state.W.shape[1])
+    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m))
+
+  @jax.jit
+  def update(state, ids, class_vectors):
+    t = state.tree
+    n, P = t.num_classes, t.num_buckets
+    uid = _unique_ids(ids, n)
+    valid = uid < n
+    new = features_lib._rff(normalize(class_vectors[jnp.minimum(uid, n - 1)]), state.W)
+    old = t.nodes[P + jnp.minimum(uid, n - 1)]
+    delta = jnp.where(valid[:, None], new - old, 0.0)
+    return state.replace(tree=tree_lib.tree_update(t, jnp.where(valid, uid, P), delta))
+
+  @jax.jit
+  def _log_probs(state, h):
+    lq, _ = tree_lib.tree_log_probs(features_lib._rff(h, state.W), state.tree, kappa)
+    return lq[:, : state.tree.num_classes]
+
+  def log_probs(state, h):
+    _checks.unit_rows("h", h, 2)
+    return _log_probs(state, h)
+
+  return Sampler(init, sample, update, log_probs, "rff")
+
+
+@struct.dataclass
+class QuadraticState:
+  class_vectors: jax.Array  # [n, d] unit rows (needed for in-bucket sampling and for updates)
+  tree: tree_lib.KernelTree  # bucket sums of [sqrt(alpha) vec(c c^T), 1]
+
+
+def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0,
+                      precompute: Any = "auto") -> Sampler:
+  r"""Blanc & Rendle (ICML 2018) quadratic kernel $q_i \propto \alpha (h^\top c_i)^2 + 1$.
+
+  A tree over buckets of `bucket` classes stores $\sum \sqrt\alpha\,\mathrm{vec}(cc^\top)$ and counts
+  (F = d^2 + 1); inside the drawn bucket the exact kernel values pick the class. Cost O(d^2 log(n/b) + b d)
+  per sample. The kernel is positive, so no clamping is ever active (kappa = 0 by default).
+  """
+  alpha = _checks.pos_float("alpha", alpha)
+  b = _checks.pos_int("bucket", bucket)
+  kappa = _checks.pos_float("kappa", kappa, allow_zero=True)
+  sa = float(np.sqrt(alpha))
+
+  def init(class_vectors):
+    c = normalize(_check_class_vectors(class_vectors))
+    n, d = c.shape
+    P = tree_lib.num_buckets_for(n, b)
+    cp = jnp.zeros((P * b, d), jnp.float32).at[:n].set(c).reshape(P, b, d)
+    outer = jnp.einsum("pbi,pbj->pij", cp, cp).reshape(P, d * d) * sa
+    cnt = (jnp.arange(P * b) < n).astype(jnp.float32).reshape(P, b).sum(1)
+    sums = jnp.concatenate([outer, cnt[:, None]], 1)
+    return QuadraticState(c, tree_lib.tree_from_buckets(sums, cnt, n, b))
+
+  def _bucket_logits(state, h, members):
+    n = state.tree.num_classes
+    cm = state.class_vectors[jnp.minimum(members, n - 1)]  # [B, m, b, d]
+    k = alpha * jnp.einsum("bmjd,bd->bmj", cm, h) ** 2 + 1.0
+    return jnp.where(members < n, jnp.log(k), -jnp.inf)
+
+  @functools.partial(jax.jit, static_argnames=("m", "pre"))
+  def _sample(state, key, h, m, pre):
+    k1, k2 = jax.random.split(key)
+    psi = features_lib.quadratic_features(h, alpha)
+    bids, logq, _ = tree_lib.tree_sample(k1, psi, state.tree, m, kappa, pre)
+    members = bids[..., None] * b + jnp.arange(b, dtype=jnp.int32)
+    lk = _bucket_logits(state, h, members)
+    lk = lk - jax.nn.logsumexp(lk, -1, keepdims=True)
+    j = jax.random.categorical(k2, lk, -1)
+    ids = bids * b + j.astype(jnp.int32)
+    return ids, logq + jnp.take_along_axis(lk, j[..., None], -1)[..., 0]
+
+  def sample(state, key, h, m):
+    m = _check_sample_args(h, m, state.class_vectors.shape[1])
+    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m))
+
+  @jax.jit
+  def update(state, ids, class_vectors):
+    t = state.tree
+    n, P = t.num_classes, t.num_buckets
+    uid = _unique_ids(ids, n)
+    valid = uid < n
+    safe = jnp.minimum(uid, n - 1)
+    new = normalize(class_vectors[safe])
+    old = state.class_vectors[safe]
+    douter = (new[:, :, None] * new[:, None, :] - old[:, :, None] * old[:, None, :]).reshape(uid.shape[0], -1)
+    delta = jnp.concatenate([sa * douter, jnp.zeros((uid.shape[0], 1))], 1)
+    delta = jnp.where(valid[:, None], delta, 0.0)
+    tree = tree_lib.tree_update(t, jnp.where(valid, uid // b, P), delta)
+    return QuadraticState(state.class_vectors.at[uid].set(new, mode="drop"), tree)
+
+  @jax.jit
+  def _log_probs(state, h):
+    t = state.tree
+    n, P = t.num_classes, t.num_buckets
+    lqb, _ = tree_lib.tree_log_probs(features_lib.quadratic_features(h, alpha), t, kappa)  # [B, P]
+    k = jnp.log(alpha * (h @ state.class_vectors.T) ** 2 + 1.0)  # [B, n]
+    k = jnp.pad(k, ((0, 0), (0, P * b - n)), constant_values=-jnp.inf).reshape(h.shape[0], P, b)
+    lk = k - jax.nn.logsumexp(k, -1, keepdims=True)
+    return (lqb[:, :, None] + lk).reshape(h.shape[0], P * b)[:, :n]
+
+  def log_probs(state, h):
+    _checks.unit_rows("h", h, 2)
+    return _log_probs(state, h)
+
+  return Sampler(init, sample, update, log_probs, "quadratic")

@@ -1,0 +1,71 @@
+"""Loader for extreme-classification datasets in the standard sparse text format.
+
+The format of the Extreme Classification Repository (AmazonCat-13K, Delicious-200K, WikiLSHTC-325K, used
+by Rawat et al., NeurIPS 2019 [R]): a header line `num_points num_features num_labels`, then one line per
+point, `l1,l2,... f1:v1 f2:v2 ...` (labels may be empty, so a line can start with a space).
+These files are not available offline here; the loader is tested on a generated file.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import scipy.sparse as sp
+
+
+class SparseDataset(NamedTuple):
+  features: sp.csr_matrix  # [N, F] float32
+  labels: sp.csr_matrix  # [N, L] float32 0/1
+  num_features: int
+  num_labels: int
+
+
+def load_sparse(path: str) -> SparseDataset:
+  """Reads one split file; raises ValueError (with the line number) on malformed content."""
+  if not os.path.exists(path):
+    raise ValueError(f"path {path!r} does not exist")
+  with open(path) as f:
+    header = f.readline().split()
+    if len(header) != 3:
+      raise ValueError(f"{path}: header must be 'num_points num_features num_labels', got {header}")
+    N, F, L = (int(x) for x in header)
+    fr, fc, fv, lr, lc = [], [], [], [], []
+    row = 0
+    for lineno, line in enumerate(f, start=2):
+      line = line.rstrip("\n")
+      if not line.strip():
+        continue
+      parts = line.split(" ")
+      first = parts[0]
+      rest = parts[1:]
+      if ":" in first:  # no labels and no leading space
+        rest, first = parts, ""
+      for lab in filter(None, first.split(",")):
+        j = int(lab)
+        if not 0 <= j < L:
+          raise ValueError(f"{path}:{lineno}: label {j} outside [0, {L})")
+        lr.append(row)
+        lc.append(j)
+      for tok in filter(None, rest):
+        k, _, v = tok.partition(":")
+        k = int(k)
+        if not 0 <= k < F:
+          raise ValueError(f"{path}:{lineno}: feature {k} outside [0, {F})")
+        fr.append(row)
+        fc.append(k)
+        fv.append(float(v))
+      row += 1
+  if row != N:
+    raise ValueError(f"{path}: header says {N} points, found {row}")
+  feats = sp.csr_matrix((np.asarray(fv, np.float32), (fr, fc)), shape=(N, F))
+  labels = sp.csr_matrix((np.ones(len(lr), np.float32), (lr, lc)), shape=(N, L))
+  return SparseDataset(feats, labels, F, L)
+
+
+def precision_at_k(scores: np.ndarray, labels: sp.csr_matrix, k: int) -> float:
+  """Mean precision@k: fraction of the top-k scored labels that are true, averaged over points."""
+  top = np.argsort(-scores, axis=1)[:, :k]
+  lab = labels.toarray().astype(bool)
+  return float(np.take_along_axis(lab, top, 1).sum(1).mean() / k)
