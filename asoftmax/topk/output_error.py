@@ -1,0 +1,127 @@
+r"""Output-level error of top-k attention and its certificates (paper Sec. 5; spec Sec. 4).
+
+With $\mu_{head} = \sum_H P_i v_i / (1-\tau)$ and $\mu_{tail} = \sum_T P_i v_i / \tau$:
+
+* head-tail identity (Theorem 5.2): $\mathrm{Attn} - \mathrm{Attn}_k = \tau(\mu_{tail} - \mu_{head})$;
+* norm bound (Prop. 5.1): $\|err\| \le 2C\tau$ with $C = \max_j \|v_j\|$;
+* head-tail diameter (Prop. 5.3): $\|err\| \le \tau\,\mathrm{diam}_{H,T}$, $\mathrm{diam}_{H,T} =
+  \max_{i\in H, j\in T}\|v_i - v_j\|$;
+* variance bound: $\|err\| \le \sqrt{\tau/(1-\tau)}\sqrt{\mathrm{Var}_P(V)}$;
+* combined (Theorem 5.6): the minimum of the three.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from asoftmax.topk import _checks
+from asoftmax.topk import tail as tail_lib
+
+
+class OutputError(NamedTuple):
+  r"""Per-query output error of the top-k truncation and its bounds (all (...,) unless noted).
+
+  attn, attn_k: (..., dv) full and truncated attention outputs. err: $\|attn - attn_k\|_2$. tau: tail mass.
+  identity_residual: $\|(attn - attn_k) - \tau(\mu_{tail} - \mu_{head})\|_2$ (float rounding only).
+  b_norm, b_diam, b_var: the three bounds; b_min: their minimum. b_diam is NaN when `with_diam=False`.
+  """
+
+  attn: jax.Array
+  attn_k: jax.Array
+  err: jax.Array
+  tau: jax.Array
+  identity_residual: jax.Array
+  b_norm: jax.Array
+  b_diam: jax.Array
+  b_var: jax.Array
+  b_min: jax.Array
+
+
+def head_mask(logits: jax.Array, valid: jax.Array | None, k: jax.Array) -> jax.Array:
+  """Bool (..., N): the k largest valid logits of each row (ties broken by position, as in `tail.sort_rows`)."""
+  r = tail_lib._sort_rows(logits, valid)
+  rank = jnp.argsort(r.order, -1)
+  v = jnp.broadcast_to(tail_lib._effective_valid(logits, valid), logits.shape)
+  return (rank < jnp.asarray(k)[..., None]) & v
+
+
+def _diam_one(vals, head, tailm):
+  # vals (N, dv); head, tailm (Q, N). max_{i in H, j in T} ||v_i - v_j||, O(Q N^2) for one head.
+  sq = jnp.sum(vals * vals, -1)
+  d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (vals @ vals.T), 0.0)
+  row = jnp.max(jnp.where(tailm[:, None, :], d2[None], 0.0), -1)  # (Q, N): farthest tail key from key i
+  return jnp.sqrt(jnp.max(jnp.where(head, row, 0.0), -1))
+
+
+@functools.partial(jax.jit, static_argnames=("with_diam",))
+def _output_error(logits, valid, values, k, with_diam=True):
+  logits = jnp.asarray(logits)
+  v = jnp.broadcast_to(tail_lib._effective_valid(logits, valid), logits.shape)
+  s = jnp.where(v, logits, -jnp.inf)
+  p = jax.nn.softmax(s, -1)
+  head = head_mask(logits, valid, k)
+  tailm = v & ~head
+  tau = jnp.sum(jnp.where(tailm, p, 0.0), -1)
+  ph = jnp.where(head, p, 0.0)
+  zh = jnp.sum(ph, -1, keepdims=True)
+  vals = jnp.asarray(values)
+  mm = lambda w: jnp.einsum("...qn,...nd->...qd", w, vals, precision="highest")
+  attn = mm(p)
+  attn_k = mm(ph / zh)
+  diff = attn - attn_k
+  err = jnp.linalg.norm(diff, axis=-1)
+  mu_head = mm(ph) / zh
+  pt = jnp.where(tailm, p, 0.0)
+  mu_tail = mm(pt) / jnp.maximum(tau, 1e-30)[..., None]
+  resid = jnp.linalg.norm(diff - tau[..., None] * (mu_tail - mu_head), axis=-1)
+  vnorm = jnp.linalg.norm(vals, axis=-1)  # (..., N)
+  C = jnp.max(jnp.where(v, jnp.expand_dims(vnorm, -2), 0.0), -1)
+  b_norm = 2.0 * C * tau
+  # Var_P(V) = E_P||v - c||^2 - ||attn - c||^2 for any c; c = the head's mean value limits cancellation.
+  c = jnp.mean(vals, -2, keepdims=True)
+  vc = vals - c
+  sq = jnp.sum(vc * vc, -1)
+  ac = attn - c
+  var = jnp.maximum(jnp.einsum("...qn,...n->...q", p, sq, precision="highest") - jnp.sum(ac * ac, -1), 0.0)
+  b_var = jnp.sqrt(tau / jnp.maximum(1.0 - tau, 1e-30) * var)
+  if with_diam:
+    lead = logits.shape[:-2]
+    Q, N = logits.shape[-2:]
+    fv = jnp.broadcast_to(vals, lead + vals.shape[-2:]).reshape((-1,) + vals.shape[-2:])
+    fh = head.reshape((-1, Q, N))
+    ft = tailm.reshape((-1, Q, N))
+    diam = jax.lax.map(lambda a: _diam_one(*a), (fv, fh, ft)).reshape(lead + (Q,))
+    b_diam = tau * diam
+  else:
+    b_diam = jnp.full_like(tau, jnp.nan)
+  b_min = jnp.fmin(jnp.fmin(b_norm, b_var), b_diam)
+  return OutputError(attn, attn_k, err, tau, resid, b_norm, b_diam, b_var, b_min)
+
+
+def output_error(logits: ArrayLike, valid: ArrayLike | None, values: ArrayLike, k: ArrayLike,
+                 with_diam: bool = True) -> OutputError:
+  r"""Error of top-k attention against full attention, the head-tail identity and the three bounds.
+
+  Args:
+    logits: (..., Q, N) scaled logits; valid: optional bool mask broadcastable to logits.
+    values: (..., N, dv) value vectors (leading dims broadcast against logits' leading dims).
+    k: (..., Q) int head size per query, 1 <= k <= n.
+    with_diam: compute $\tau\,\mathrm{diam}_{H,T}$ ($O(QN^2)$ per head, done one head at a time).
+
+  Returns:
+    `OutputError`. Always err <= b_norm, b_var, b_diam (up to float rounding).
+  """
+  _checks.logits(logits)
+  _checks.valid(valid, logits.shape)
+  if getattr(values, "ndim", 0) < 2 or values.shape[-2] != logits.shape[-1]:
+    raise ValueError(f"values must have shape (..., {logits.shape[-1]}, dv), got {getattr(values, 'shape', None)}")
+  if tuple(jnp.shape(k)) != tuple(logits.shape[:-1]):
+    raise ValueError(f"k must have shape {tuple(logits.shape[:-1])}, got {tuple(jnp.shape(k))}")
+  tail_lib._check_rows_nonempty(logits, valid)
+  return _output_error(jnp.asarray(logits), None if valid is None else jnp.asarray(valid), values, jnp.asarray(k),
+                       with_diam=with_diam)
