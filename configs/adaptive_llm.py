@@ -73,6 +73,7 @@ def get_config(arg=None):
     c.batch = 12
     c.n_tune = 6
     c.deltas = (0.1,)
+    c.ks = (1,)  # k > 1 is exercised by tests/test_adaptive_llm.py on a small user-supplied head
     c.topk_deltas = (0.1,)
   elif a["variant"] != "full":
     raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")

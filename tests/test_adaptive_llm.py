@@ -1,0 +1,118 @@
+"""Tests for experiments/adaptive_llm.py: user-supplied heads end to end, the hidden-state cache, missing text.
+
+The SmolLM2 smoke variant (`configs/adaptive_llm.py:smoke`) is run end to end by tests/test_smoke_configs.py.
+"""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import adaptive_llm, run
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "adaptive_llm.py")
+
+
+def load_config(arg):
+  spec = importlib.util.spec_from_file_location("cfg_adaptive_llm", CONFIG)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def _user_files(tmp_path, n=300, d=64, q=40, seed=0):
+  from safetensors.numpy import save_file
+
+  rng = np.random.default_rng(seed)
+  A = (rng.normal(size=(n, d)) / np.sqrt(d)).astype(np.float32)
+  # Queries aligned with a few rows, so each has a clear winner (like an LM's peaked next-token softmax).
+  X = (4 * A[rng.integers(0, n, q)] * np.sqrt(d) + 0.3 * rng.normal(size=(q, d))).astype(np.float32)
+  save_file({"lm_head.weight": A, "bias": np.zeros(n, np.float32)}, str(tmp_path / "head.safetensors"))
+  np.save(tmp_path / "hidden.npy", X)
+  return A, X
+
+
+def test_user_model_runs_end_to_end(tmp_path, monkeypatch):
+  monkeypatch.delenv("ASOFTMAX_DATA_DIR", raising=False)
+  A, X = _user_files(tmp_path)
+  c = load_config("model=user")
+  c.matrix_path = str(tmp_path / "head.safetensors")
+  c.hidden_path = str(tmp_path / "hidden.npy")
+  c.user_model_name = "toy"
+  c.n_tune = 20
+  c.deltas = (0.1,)
+  c.ks = (1, 2)
+  c.topk_deltas = (0.1,)
+  res = run.execute(c, str(tmp_path / "out"))
+  rows = res["rows"]
+  assert [(r["k"], r["delta"]) for r in rows] == [(1, 0.1), (2, 0.1)]
+  for r in rows:
+    assert r["status"] == "ok" and r["model"] == "toy" and (r["n"], r["d"]) == (300, 64)
+    assert r["n_eval"] == 20 and len(r["samples"]) == 20
+    assert 0 <= r["success_lo"] <= r["success"] <= r["success_hi"] <= 1
+    assert r["gain"] == pytest.approx(300 * 64 / np.mean(r["samples"]), rel=1e-6)
+    assert r["meets_target"] == (r["success"] >= 0.9)
+  saved = json.loads((tmp_path / "out" / "results.json").read_text())
+  assert len(saved["rows"]) == 2
+
+
+def test_user_inputs_are_validated(tmp_path):
+  _user_files(tmp_path)
+  c = load_config("model=user")
+  c.matrix_path = str(tmp_path / "head.safetensors")
+  c.hidden_path = str(tmp_path / "hidden.npy")
+  c.matrix_key = "nope"
+  with pytest.raises(ValueError, match="matrix_key"):
+    adaptive_llm.load_user_problem(c)
+  c.matrix_key = ""
+  np.save(tmp_path / "bad.npy", np.zeros((50, 63), np.float32))
+  c.hidden_path = str(tmp_path / "bad.npy")
+  with pytest.raises(ValueError, match="hidden_path"):
+    adaptive_llm.load_user_problem(c)
+  c.hidden_path = str(tmp_path / "missing.npy")
+  with pytest.raises(FileNotFoundError, match="hidden_path"):
+    adaptive_llm.load_user_problem(c)
+
+
+def test_missing_text_gives_not_run_rows(tmp_path):
+  c = load_config("data=ptb")
+  c.data_dir = str(tmp_path)  # empty: no ptb/ptb.test.txt
+  out = adaptive_llm.run(c, str(tmp_path), None)
+  assert len(out.rows) == 6  # 2 k x 3 delta
+  assert all(r["status"].startswith("not run:") and "ptb/ptb.test.txt" in r["status"] for r in out.rows)
+
+
+def test_hidden_state_cache_is_reused_and_resumed(tmp_path, monkeypatch):
+  from asoftmax.models import llama
+  from test_llama import _random_params
+
+  p = _random_params()
+  ctx = np.random.default_rng(0).integers(0, p.config.vocab_size, size=(5, 7)).astype(np.int32)
+  path = str(tmp_path / "h.npz")
+  want = np.asarray(llama.last_hidden_state(p, ctx))
+  X = adaptive_llm.cached_hidden_states(p, ctx, path, batch=2)
+  np.testing.assert_allclose(X, want, rtol=1e-5, atol=1e-5)
+  calls = []
+  real = llama.last_hidden_state
+  monkeypatch.setattr(llama, "last_hidden_state", lambda params, c: calls.append(len(c)) or real(params, c))
+  np.testing.assert_array_equal(adaptive_llm.cached_hidden_states(p, ctx, path, batch=2), X)
+  assert calls == []  # fully cached: no forward pass
+  with np.load(path) as z:  # simulate an interrupted run after 2 windows
+    partial = dict(X=z["X"], done=np.int64(2), fingerprint=z["fingerprint"])
+  np.savez(path, **partial)
+  np.testing.assert_allclose(adaptive_llm.cached_hidden_states(p, ctx, path, batch=2), want, rtol=1e-5, atol=1e-5)
+  assert calls == [2, 1]  # only windows 2..4 recomputed
+  other = ctx.copy()
+  other[0, 0] = (other[0, 0] + 1) % p.config.vocab_size  # other contexts: the cache is ignored
+  calls.clear()
+  adaptive_llm.cached_hidden_states(p, other, path, batch=5)
+  assert calls == [5]
+
+
+def test_closest_paper_model():
+  gpt2 = adaptive_llm.closest_paper_model(49152, 576, "wikitext")
+  assert gpt2["model"].startswith("GPT-2") and gpt2["gain"][0.01] == 6.9 and gpt2["success"][0.1] == 0.892
+  assert adaptive_llm.closest_paper_model(32000, 4096, "ptb")["model"].startswith("Mistral-7B")
+  assert adaptive_llm.closest_paper_model(100, 10, "builtin") is None
