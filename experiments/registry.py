@@ -49,6 +49,7 @@ class Experiment:
 _MODULES = {
     "adaptive_synthetic": "experiments.adaptive_synthetic",
     "adaptive_llm": "experiments.adaptive_llm",
+    "topk_synthetic": "experiments.topk_synthetic", "topk_bert": "experiments.topk_bert",
 }
 
 

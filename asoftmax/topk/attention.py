@@ -30,7 +30,7 @@ class AttentionOutput(NamedTuple):
 
 def topk_probs(logits: jax.Array, valid: jax.Array | None, epsilon, method: str = "exact"):
   r"""Traceable core: certified k per row and the truncated softmax $\hat P$ (..., N). For use inside models."""
-  ck = certificates._certified_k_impl(logits, valid, epsilon)
+  ck = certificates._certified_k_impl(logits, valid, epsilon, (method,))
   k = ck.k[method]
   r = tail_lib._sort_rows(logits, valid)
   rank = jnp.argsort(r.order, -1)

@@ -36,7 +36,7 @@ class Bounds(NamedTuple):
   multi_gap: jax.Array
 
 
-def _bounds_from_sorted(ss: jax.Array, n: jax.Array) -> Bounds:
+def _bounds_from_sorted(ss: jax.Array, n: jax.Array, which=("single_gap", "exact_head", "multi_gap")) -> Bounds:
   N = ss.shape[-1]
   kk = jnp.arange(1, N + 1)
   nn = n[..., None]
@@ -53,6 +53,8 @@ def _bounds_from_sorted(ss: jax.Array, n: jax.Array) -> Bounds:
   log_zh = jax.lax.cumlogsumexp(ss, axis=ss.ndim - 1)
   safe_zh = jnp.where(kk <= nn, log_zh, 0.0)
   b2 = jnp.where(in_range, jax.nn.sigmoid(log_r + safe_next - safe_zh), zero)
+  if "multi_gap" not in which:
+    return Bounds(b1, b2, None)
   # Multi-gap, dyadic segments: ranks [k + 2^l, min(k + 2^{l+1} - 1, n)] bounded by s_(k + 2^l).
   levels = max(1, math.ceil(math.log2(max(N, 2))) + 1)
   pw = 2 ** jnp.arange(levels)  # (L,)
@@ -107,13 +109,14 @@ def _first_leq(b: jax.Array, eps) -> jax.Array:
   return (1 + jnp.argmax(b <= eps, -1)).astype(jnp.int32)
 
 
-def _certified_k_impl(logits, valid, epsilon) -> CertifiedK:
+def _certified_k_impl(logits, valid, epsilon, methods=METHODS) -> CertifiedK:
   log_t, r = tail_lib._log_tail(logits, valid)
   tau = jnp.exp(log_t)
-  b = _bounds_from_sorted(r.s, r.n)
+  bound_names = [m for m in methods if m != "exact"]
+  b = _bounds_from_sorted(r.s, r.n, bound_names) if bound_names else None
   ks = {"exact": (1 + jnp.sum(tau > epsilon, -1)).astype(jnp.int32)}
   certs = {"exact": tau}
-  for name in ("single_gap", "exact_head", "multi_gap"):
+  for name in bound_names:
     bk = getattr(b, name)
     ks[name] = _first_leq(bk, epsilon)
     certs[name] = bk
@@ -126,10 +129,11 @@ def _certified_k_impl(logits, valid, epsilon) -> CertifiedK:
   )
 
 
-_certified_k = jax.jit(_certified_k_impl)
+_certified_k = jax.jit(_certified_k_impl, static_argnames=("methods",))
 
 
-def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float) -> CertifiedK:
+def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
+                methods: tuple[str, ...] = METHODS) -> CertifiedK:
   r"""Smallest certified head size per row, exact and from each certificate (spec Sec. 6, procedures 1-2).
 
   exact: $k_\epsilon = \min\{k : \tau_k \le \epsilon\} = 1 + \#\{k : \tau_k > \epsilon\}$;
@@ -138,9 +142,10 @@ def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float) -> C
   Args:
     logits: (..., N) float logits ($-\infty$ = masked). valid: optional bool mask broadcastable to logits.
     epsilon: TV budget in (0, 1).
+    methods: which of `METHODS` to compute ("exact" is always included).
 
   Returns:
-    `CertifiedK` with dicts keyed by `METHODS`.
+    `CertifiedK` with dicts keyed by the requested methods.
 
   Example:
     >>> out = certified_k(jax.random.normal(key, (4, 128)) * 2, None, 0.01)
@@ -150,7 +155,10 @@ def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float) -> C
   _checks.logits(logits)
   _checks.valid(valid, logits.shape)
   tail_lib._check_rows_nonempty(logits, valid)
-  return _certified_k(jnp.asarray(logits), None if valid is None else jnp.asarray(valid), epsilon)
+  methods = tuple(methods)
+  if any(m not in METHODS for m in methods):
+    raise ValueError(f"methods must be a subset of {METHODS}, got {methods}")
+  return _certified_k(jnp.asarray(logits), None if valid is None else jnp.asarray(valid), epsilon, methods)
 
 
 @jax.jit
