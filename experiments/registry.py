@@ -47,6 +47,8 @@ class Experiment:
 
 
 _MODULES = {
+    "rf_bias": "experiments.rf_bias",
+    "rf_lm": "experiments.rf_lm",
     "adaptive_synthetic": "experiments.adaptive_synthetic",
     "adaptive_llm": "experiments.adaptive_llm",
     "topk_synthetic": "experiments.topk_synthetic", "topk_bert": "experiments.topk_bert",

@@ -10,3 +10,4 @@ from asoftmax.models.llama import (
     perplexity,
 )
 from asoftmax.models.bert import BertConfig, BertEncoder, encode as bert_encode, load_bert  # noqa: E402
+from asoftmax.models.lm import WordLSTM  # noqa: E402

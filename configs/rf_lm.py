@@ -1,0 +1,85 @@
+r"""RF-softmax language-model table (Rawat et al., NeurIPS 2019, PTB perplexity table; no verified numbers).
+
+A word LSTM with a normalized output layer trained on PTB with full softmax vs sampled softmax under uniform,
+unigram, quadratic, RF-softmax (tree) and exact proposals at several m (and D for RF-softmax). Only
+ptb.valid/ptb.test exist offline: we train on ptb.valid and report full-softmax perplexity on a ptb.test
+prefix. Writes `snapshot.npz` (trained class vectors and held-out queries) used by `configs/rf_bias.py`.
+
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py --workdir results/rf_lm
+    python -m experiments.run --config configs/rf_lm.py:smoke --workdir /tmp/rf_lm_smoke   # synthetic corpus
+
+Time (measured, CPU, 2 shared cores): full run TIME_FULL; smoke TIME_SMOKE.
+"""
+
+import ml_collections
+
+from asoftmax import configlib
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, variant="full")
+  c = ml_collections.ConfigDict()
+  c.experiment = "rf_lm"
+  c.seed = 0
+  c.data_dir = configlib.default_data_dir()
+
+  # Data.
+  c.corpus = "ptb"  # or "synthetic" (no files needed)
+  c.synthetic_vocab = 500
+  c.synthetic_tokens = 20000
+  c.eval_tokens = 20000  # test prefix used for perplexity
+
+  # Model (small: 2 shared CPU cores).
+  c.embed = 128
+  c.hidden = 128
+  c.dim = 64  # d of queries and class vectors (quadratic features are d^2 + 1)
+  c.tau = 16.0
+
+  # Training.
+  c.steps = 200
+  c.batch = 16
+  c.bptt = 20
+  c.learning_rate = 3e-3
+  c.eval_batch = 64
+  c.rebuild_every = 20
+  c.tree_refresh = "rebuild"  # or "touched" (scatter-add of the touched classes; + rebuild every rebuild_every)
+  c.tree_precompute = "true"  # "true": score all tree nodes once per query; "false": gather per sample; "auto"
+
+  # Samplers.
+  c.samplers = ("uniform", "unigram", "quadratic", "rff", "exact")
+  c.ms = (20, 100, 500)
+  c.rff_D = (64, 256, 1024)
+  c.rff_D_main = 256  # run at every m; the other D only at rff_ms
+  c.rff_ms = (100,)
+  c.rff_nu = 4.0
+  c.rff_kappa = 0.01
+  c.quadratic_alpha = 100.0
+  c.quadratic_bucket = 16
+  c.quadratic_ms = (20, 100)
+  c.write_snapshot = True
+  c.snapshot_windows = 16
+  c.smollm2_status = ("CPU budget: SmolLM2 hidden states for Wikitext-2 plus a 49,152-way output layer were not "
+                      "attempted on 2 shared cores in this session")
+
+  if a["variant"] == "smoke":
+    c.corpus = "synthetic"
+    c.synthetic_tokens = 6000
+    c.synthetic_vocab = 200
+    c.eval_tokens = 1000
+    c.embed = c.hidden = 32
+    c.dim = 16
+    c.steps = 5
+    c.batch = 4
+    c.bptt = 10
+    c.eval_batch = 16
+    c.samplers = ("uniform", "rff")
+    c.ms = (10,)
+    c.rff_D = (32,)
+    c.rff_D_main = 32
+    c.rff_ms = (10,)
+    c.rebuild_every = 3
+    c.tree_refresh = "touched"
+    c.write_snapshot = False
+  elif a["variant"] != "full":
+    raise ValueError(f"unknown variant {a['variant']!r}; known: full, smoke")
+  return c

@@ -1,0 +1,49 @@
+"""Tests for the RF-softmax experiment helpers (bias measurement, LM data, configs)."""
+
+import jax
+import numpy as np
+
+from asoftmax import rff
+from experiments import rf_bias, rf_lm
+
+
+def test_gradient_bias_exact_at_noise_floor_and_uniform_above():
+  C, h, t = rf_bias.synthetic_problem(jax.random.key(0), 128, 16, 2, 1.0)
+  logits = 10.0 * h @ C.T
+  exact = rff.exact_sampler(10.0)
+  lq_exact = exact.log_probs(exact.init(C), h)
+  unif = rff.uniform_sampler(128)
+  lq_unif = unif.log_probs(unif.init(), h)
+  for q in range(2):
+    b, floor, pred = rf_bias.gradient_bias(jax.random.key(q), logits[q], lq_exact[q], t[q], 5, 2000, 500)
+    assert b < 3 * floor and pred < 1e-3
+    bu, flu, predu = rf_bias.gradient_bias(jax.random.key(q), logits[q], lq_unif[q], t[q], 5, 2000, 500)
+    assert bu > 3 * flu
+
+
+def test_distribution_metrics_match_numpy():
+  C, h, t = rf_bias.synthetic_problem(jax.random.key(1), 64, 8, 3, 1.0)
+  logits = 6.0 * h @ C.T
+  lq = jax.nn.log_softmax(0.5 * logits, -1)
+  kl, tv, chi2, ent, top1 = (np.asarray(x, np.float64) for x in rf_bias.distribution_metrics(logits, lq, t))
+  p = np.asarray(jax.nn.softmax(logits, -1), np.float64)
+  q = np.asarray(jax.nn.softmax(0.5 * logits, -1), np.float64)
+  np.testing.assert_allclose(kl, (p * np.log(p / q)).sum(1), rtol=1e-4)
+  np.testing.assert_allclose(tv, 0.5 * np.abs(p - q).sum(1), rtol=1e-4)
+  np.testing.assert_allclose(top1, p.max(1), rtol=1e-5)
+  for b in range(3):
+    mask = np.arange(64) != int(t[b])
+    pt, qt = p[b][mask] / p[b][mask].sum(), q[b][mask] / q[b][mask].sum()
+    np.testing.assert_allclose(chi2[b], (pt**2 / qt).sum() - 1, rtol=1e-3)
+
+
+def test_synthetic_softmax_gets_peaked_with_tau():
+  C, h, t = rf_bias.synthetic_problem(jax.random.key(2), 1024, 64, 8, 1.0)
+  top = [float(jax.nn.softmax(tau * h @ C.T, -1).max(-1).mean()) for tau in (5.0, 14.0)]
+  assert top[0] < 0.05 < 0.3 < top[1]
+
+
+def test_ptb_reader_adds_eos(tmp_path):
+  p = tmp_path / "x.txt"
+  p.write_text(" a b \n c\n")
+  assert rf_lm.read_words(str(p)) == ["a", "b", "<eos>", "c", "<eos>"]
