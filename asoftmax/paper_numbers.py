@@ -31,3 +31,20 @@ LLM = {
                  "wikitext": {"gain": {0.01: 3.3, 0.05: 5.4, 0.1: 5.3}},
                  "ptb": {"gain": {0.05: 3.8, 0.1: 4.9}}},
 }
+
+# Paper Table 1 (classification): A = the final bias-free linear layer of a trained image classifier (10 x d),
+# x = penultimate activations of a test image, epsilon = 0.3, delta in {10%, 5%, 1%}, 1000 test images
+# (200 tune / 800 test). Our spec (`shared/papers/adaptive_softmax.md`) restates only these figures, not the
+# full per-delta table: the paper's EuroSAT headline row is 5.18x; the reference repository's own later runs
+# gave MNIST ~8.2x at 99.4% success for delta = 1% and EuroSAT ~4.5x. `gain` = n*d / mean samples.
+# Where the delta of a figure is not stated, it is stored under `gain_any_delta`.
+CLASSIFICATION = {
+    "mnist": {"dataset": "MNIST", "n": 10, "d": 25088, "model": "2-conv CNN, bias-free final layer",
+              "accuracy": 0.993,
+              "gain": {}, "success": {},
+              "reference_repo": {"gain": {0.01: 8.2}, "success": {0.01: 0.994}}},
+    "eurosat": {"dataset": "EuroSAT", "n": 10, "model": "ImageNet VGG-19 features + linear layer",
+                "accuracy": 0.917,
+                "gain": {}, "success": {}, "gain_any_delta": 5.18,
+                "reference_repo": {"gain_any_delta": 4.5}},
+}

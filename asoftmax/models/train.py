@@ -1,0 +1,170 @@
+"""Generic optax training for the image classifiers in `asoftmax.models.cnn`, feature extraction, and
+safetensors caching of trained weights (so a second run skips training).
+
+    model = cnn.MnistCNN(rngs=nnx.Rngs(0))
+    hist = train_classifier(model, x_train, y_train, epochs=2, batch_size=128, learning_rate=1e-3, seed=0)
+    acc = accuracy(model, x_test, y_test)
+    X = extract_features(model, x_test[:1000])      # (1000, d) float32: the AdaptiveSoftmax queries
+    A = np.asarray(model.head_matrix())             # (10, d): the AdaptiveSoftmax matrix
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+
+def _loss(model, images, labels):
+  logits = model(images, train=True)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+@nnx.jit
+def _train_step(model, optimizer, images, labels):
+  loss, grads = nnx.value_and_grad(_loss)(model, images, labels)
+  optimizer.update(model, grads)
+  return loss
+
+
+@nnx.jit
+def _logits(model, images):
+  return model(images)
+
+
+@nnx.jit
+def _features(model, images):
+  return model.features(images)
+
+
+def _flip_augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
+  """Random horizontal and vertical flips (for overhead imagery such as EuroSAT)."""
+  images = images.copy()
+  h = rng.random(len(images)) < 0.5
+  v = rng.random(len(images)) < 0.5
+  images[h] = images[h][:, :, ::-1]
+  images[v] = images[v][:, ::-1]
+  return images
+
+
+def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, *, epochs: float = 1.0,
+                     batch_size: int = 128, learning_rate: float = 1e-3, weight_decay: float = 0.0,
+                     seed: int = 0, max_steps: int | None = None, augment_flips: bool = False,
+                     progress: bool = True) -> dict:
+  """Trains `model` in place with AdamW and a cosine learning-rate schedule on softmax cross-entropy.
+
+  Args:
+    model: an nnx classifier (`model(images, train=True) -> logits`).
+    x_train: (N, ...) uint8 images. y_train: (N,) int class ids.
+    epochs: passes over the data (fractional allowed); `max_steps` caps the number of steps.
+    batch_size, learning_rate, weight_decay: optimizer settings (the last batch of an epoch is dropped so
+      every step has a static shape).
+    seed: shuffling / augmentation seed (dropout uses the model's own rngs).
+    augment_flips: random horizontal/vertical flips.
+    progress: tqdm bar over steps.
+
+  Returns:
+    {"steps", "final_loss" (mean of the last 50 steps), "train_s"}.
+  """
+  from tqdm.auto import tqdm
+
+  n = len(y_train)
+  if n < batch_size:
+    raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
+  per_epoch = n // batch_size
+  steps = max(1, int(round(epochs * per_epoch)))
+  if max_steps is not None:
+    steps = min(steps, int(max_steps))
+  schedule = optax.cosine_decay_schedule(learning_rate, steps)
+  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=weight_decay), wrt=nnx.Param)
+  rng = np.random.default_rng(seed)
+  losses, perm, t0 = [], None, time.perf_counter()
+  for step in tqdm(range(steps), desc="train", disable=not progress, leave=False):
+    if step % per_epoch == 0:
+      perm = rng.permutation(n)
+    idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
+    xb = x_train[idx]
+    if augment_flips:
+      xb = _flip_augment(rng, xb)
+    losses.append(_train_step(model, optimizer, jnp.asarray(xb), jnp.asarray(y_train[idx], jnp.int32)))
+  final = float(np.mean([float(v) for v in losses[-50:]]))
+  return {"steps": steps, "final_loss": final, "train_s": time.perf_counter() - t0}
+
+
+def predict(model: nnx.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+  """(N,) int predicted classes (argmax of the exact logits)."""
+  out = [np.asarray(_logits(model, jnp.asarray(images[i:i + batch_size]))).argmax(1)
+         for i in range(0, len(images), batch_size)]
+  return np.concatenate(out)
+
+
+def accuracy(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
+  """Top-1 accuracy on (images, labels)."""
+  return float((predict(model, images, batch_size) == np.asarray(labels)).mean())
+
+
+def extract_features(model: nnx.Module, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
+  """(N, d) float32 penultimate activations `model.features(images)` (the AdaptiveSoftmax queries x)."""
+  return np.concatenate([np.asarray(_features(model, jnp.asarray(images[i:i + batch_size])), np.float32)
+                         for i in range(0, len(images), batch_size)])
+
+
+def _named_params(model: nnx.Module) -> dict[str, jax.Array]:
+  state = nnx.state(model, nnx.Param)
+  return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def save_params(model: nnx.Module, path: str, metadata: dict | None = None) -> None:
+  """Writes the model's nnx.Param leaves to a safetensors file (atomically); `metadata` is stored as json."""
+  from safetensors.numpy import save_file
+
+  tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _named_params(model).items()}
+  tmp = path + ".tmp"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  save_file(tensors, tmp, metadata={"info": json.dumps(metadata or {})})
+  os.replace(tmp, path)
+
+
+def load_params(model: nnx.Module, path: str) -> dict:
+  """Loads a `save_params` file into `model` in place; returns the stored metadata.
+
+  Raises:
+    ValueError: the file's tensor names or shapes do not match the model (e.g. a different architecture).
+  """
+  from safetensors import safe_open
+  from safetensors.numpy import load_file
+
+  tensors = load_file(path)
+  with safe_open(path, "np") as f:
+    meta = json.loads((f.metadata() or {}).get("info", "{}"))
+  state = nnx.state(model, nnx.Param)
+  expected = _named_params(model)
+  if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+    raise ValueError(f"path: {path} does not match the model's parameters "
+                     f"({sorted((k, v.shape) for k, v in tensors.items())[:4]}...)")
+  new = jax.tree_util.tree_map_with_path(lambda p, v: jnp.asarray(tensors[jax.tree_util.keystr(p)]), state)
+  nnx.update(model, new)
+  return meta
+
+
+def train_or_load(model: nnx.Module, path: str, train_fn, *, retrain: bool = False) -> tuple[dict, bool]:
+  """Loads cached weights from `path` unless `retrain` or absent; otherwise calls `train_fn()` (which trains
+  `model` in place and returns a json-able dict) and caches the weights with that dict as metadata.
+
+  Returns:
+    (metadata, loaded_from_cache).
+  """
+  if not retrain and os.path.exists(path):
+    try:
+      return load_params(model, path), True
+    except ValueError:
+      pass  # a different architecture/config: retrain and overwrite
+  meta = train_fn()
+  save_params(model, path, meta)
+  return meta, False

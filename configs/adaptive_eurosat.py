@@ -1,0 +1,76 @@
+r"""AdaptiveSoftmax on a EuroSAT CNN's final layer (paper Table 1, EuroSAT row: Baharav et al., NeurIPS 2024).
+
+A = bias-free final linear layer (10 x 4096) of a CNN trained from scratch on EuroSAT RGB (the paper used
+ImageNet VGG-19 features, which cannot be loaded offline); x = the wide ReLU penultimate layer of a test image
+(sparse, non-negative, like VGG features). epsilon = 0.3, delta in {10%, 5%, 1%}, k = 1 (paper) and 3 (ours);
+1,000 test images (200 tune / 800 held out) from our seeded stratified 80/20 split of the 27,000 images.
+
+    python -m experiments.run --config configs/adaptive_eurosat.py --workdir results/adaptive_eurosat
+    python -m experiments.run --config configs/adaptive_eurosat.py --workdir results/adaptive_eurosat --config.retrain=True
+    python -m experiments.run --config configs/adaptive_eurosat.py:smoke --workdir /tmp/eurosat_smoke
+
+Data: `data_dir/eurosat/2750/<Class>/*.jpg` (default $ASOFTMAX_DATA_DIR), or a prepared tfds dir
+(`--config.tfds_dir`); when absent every row says "not run: data not found at <path>". Decoded images
+(`eurosat_images.npz`) and trained weights (`eurosat_cnn_*.safetensors`) are cached in the workdir.
+The smoke variant trains on a tiny folder of GENERATED images written into the workdir (pipeline check only).
+
+Time (measured, CPU, 2 cores shared with other agents): see docs/classification.md. Smoke: < 60 s.
+"""
+
+import ml_collections
+
+from asoftmax import configlib
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, variant="full")
+  c = ml_collections.ConfigDict()
+  c.experiment = "adaptive_eurosat"
+  c.seed = 0
+  c.data_dir = configlib.default_data_dir()
+  c.tfds_dir = ""  # a prepared tfds data dir holding `eurosat/rgb` (optional; needs `pip install asoftmax[tfds]`)
+  c.test_fraction = 0.2
+  c.cache_images = True
+  c.generate_smoke_data = False
+  c.generated_per_class = 0
+
+  # Model: 3 x [conv3x3 -> ReLU -> pool] (16, 32, 64 ch) -> Linear(width) -> ReLU (= x) -> Linear(10, no bias).
+  c.model = "eurosat_cnn"
+  c.channels = (16, 32, 64)
+  c.width = 4096
+  c.dropout = 0.5
+
+  # Training (optax AdamW, cosine schedule, random flips); weights cached in the workdir.
+  c.epochs = 4.0
+  c.max_steps = 0  # 0 = no cap
+  c.batch_size = 64
+  c.learning_rate = 1e-3
+  c.weight_decay = 1e-4
+  c.augment_flips = True
+  c.retrain = False
+
+  # AdaptiveSoftmax and the paper's protocol.
+  c.n_queries = 1000
+  c.n_tune = 200
+  c.epsilon = 0.3
+  c.deltas = (0.1, 0.05, 0.01)
+  c.ks = (1, 3)
+  c.beta = 1.0
+  c.order = "importance"
+
+  if a["variant"] == "smoke":
+    c.data_dir = ""
+    c.generate_smoke_data = True
+    c.generated_per_class = 15
+    c.cache_images = False
+    c.channels = (4, 8, 8)
+    c.width = 256
+    c.epochs = 3.0
+    c.batch_size = 16
+    c.n_queries = 24
+    c.n_tune = 8
+    c.deltas = (0.1,)
+    c.ks = (1,)
+  elif a["variant"] != "full":
+    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
+  return c

