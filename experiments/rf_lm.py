@@ -230,6 +230,9 @@ def plot(rows, notes):
       series[lab].append((r["m"], r["test_perplexity"]))
   for lab, pts in sorted(series.items()):
     ax.semilogx(*zip(*sorted(pts)), "o-", label=lab)
+  ms = sorted({r["m"] for r in ok if r["m"]})
+  ax.set_xticks(ms, [str(m) for m in ms])
+  ax.minorticks_off()
   ax.set_xlabel("m (sampled negatives)")
   ax.set_ylabel("test perplexity (full softmax)")
   ax.set_title(f"{ok[0]['task']} (n={ok[0]['n']}), {ok[0]['steps']} steps")

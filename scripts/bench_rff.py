@@ -78,7 +78,7 @@ def main():
   ap.add_argument("--tau", type=float, default=10.0)
   ap.add_argument("--quadratic_bucket", type=int, default=64)
   ap.add_argument("--samplers", default="full,rff,quadratic,uniform")
-  ap.add_argument("--quadratic_max_n", type=int, default=100000,
+  ap.add_argument("--quadratic_max_n", type=int, default=10000,
                   help="larger n: quadratic skipped (d^2-wide bucket tree and touched updates do not fit CPU time/memory)")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--max_step_s", type=float, default=20.0)
