@@ -57,6 +57,9 @@ def get_config(arg=None):
   c.n_tune = 200
   c.beta = 1.0
   c.order = "importance"
+  # True: only report rows already cached in the workdir (others say "not run"); used to close a run
+  # that was stopped because of the CPU time budget.
+  c.cached_rows_only = False
 
   if a["data"] in ("wikitext", "ptb"):
     c.datasets = (a["data"],)

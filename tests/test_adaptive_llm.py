@@ -56,6 +56,12 @@ def test_user_model_runs_end_to_end(tmp_path, monkeypatch):
     assert r["meets_target"] == (r["success"] >= 0.9)
   saved = json.loads((tmp_path / "out" / "results.json").read_text())
   assert len(saved["rows"]) == 2
+  # A second run reuses the cached rows (no tuning): same numbers.
+  from asoftmax import adaptive
+
+  monkeypatch.setattr(adaptive, "tune_and_evaluate", lambda *a, **k: pytest.fail("row cache not used"))
+  again = run.execute(c, str(tmp_path / "out"))
+  assert [r["samples"] for r in again["rows"]] == [r["samples"] for r in rows]
 
 
 def test_user_inputs_are_validated(tmp_path):
