@@ -113,7 +113,7 @@ def train_one(config, key, train, test_windows, n, counts, sampler_name, m, D):
   tau = config.tau
   full = sampler_name == "full"
   sampler = None if full else make_sampler(sampler_name, config, n, counts, D, k_sampler)
-  sstate = None if full else sampler.init(model.classes.value)
+  sstate = None if full else sampler.init(model.classes[...])
 
   @nnx.jit
   def step(model, opt, sstate, x, y, key):
@@ -122,16 +122,16 @@ def train_one(config, key, train, test_windows, n, counts, sampler_name, m, D):
     def loss_fn(model):
       h = model(x).reshape(-1, config.dim)
       if full:
-        return rff.full_softmax_loss(h, model.classes.value, t, tau).mean(), t[:, None]
+        return rff.full_softmax_loss(h, model.classes[...], t, tau).mean(), t[:, None]
       ids, lq = sampler.sample(sstate, key, jax.lax.stop_gradient(rff.normalize(h)), m)
-      return rff.sampled_softmax_loss(h, model.classes.value, t, ids, lq, tau).mean(), ids
+      return rff.sampled_softmax_loss(h, model.classes[...], t, ids, lq, tau).mean(), ids
 
     (loss, ids), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     opt.update(model, grads)
     if not full and config.tree_refresh == "touched":  # refresh the touched classes (targets and samples)
-      sstate = sampler.update(sstate, jnp.concatenate([ids.reshape(-1), t]), model.classes.value)
+      sstate = sampler.update(sstate, jnp.concatenate([ids.reshape(-1), t]), model.classes[...])
     elif not full:  # "rebuild": O(n F) rebuild, cheaper than touched updates when m * batch >~ n
-      sstate = sampler.init(model.classes.value)
+      sstate = sampler.init(model.classes[...])
     return loss, sstate
 
   starts = np.asarray(jax.random.randint(k_data, (config.steps, config.batch), 0, len(train) - config.bptt - 1))
@@ -140,7 +140,7 @@ def train_one(config, key, train, test_windows, n, counts, sampler_name, m, D):
     idx = starts[s][:, None] + np.arange(config.bptt + 1)[None, :]
     chunk = train[idx]
     if not full and config.rebuild_every and s > 0 and s % config.rebuild_every == 0:
-      sstate = sampler.init(model.classes.value)  # full rebuild: Adam moves untouched rows too
+      sstate = sampler.init(model.classes[...])  # full rebuild: Adam moves untouched rows too
     t0 = time.perf_counter()
     loss_a, sstate = step(model, opt, sstate, jnp.asarray(chunk[:, :-1]), jnp.asarray(chunk[:, 1:]),
                           jax.random.fold_in(k_steps, s))
@@ -156,7 +156,7 @@ def evaluate(model, windows, config):
   @nnx.jit
   def batch_nll(model, w):
     h = model(w[:, :-1]).reshape(-1, config.dim)
-    return rff.full_softmax_loss(h, model.classes.value, w[:, 1:].reshape(-1), config.tau).sum()
+    return rff.full_softmax_loss(h, model.classes[...], w[:, 1:].reshape(-1), config.tau).sum()
 
   tot, cnt = 0.0, 0
   for i in range(0, len(windows), config.eval_batch):
@@ -170,7 +170,7 @@ def snapshot(model, windows, config, counts, path, name):
   """Saves class vectors and held-out queries of a trained model for rf_bias (setting b)."""
   w = jnp.asarray(windows[: config.snapshot_windows])
   h = rff.normalize(model(w[:, :-1]).reshape(-1, config.dim))
-  np.savez(path, class_vectors=np.asarray(rff.normalize(model.classes.value)), h=np.asarray(h),
+  np.savez(path, class_vectors=np.asarray(rff.normalize(model.classes[...])), h=np.asarray(h),
            targets=np.asarray(w[:, 1:].reshape(-1)), tau=config.tau, counts=np.asarray(counts), name=name)
 
 
