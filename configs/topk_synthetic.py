@@ -7,7 +7,7 @@ Reproduces the synthetic evaluation of Tzachristas et al., "Certified Top-k atte
     python -m experiments.run --config configs/topk_synthetic.py --workdir results/topk_synthetic
     python -m experiments.run --config configs/topk_synthetic.py:smoke --workdir /tmp/topk_syn_smoke
 
-Time (measured, CPU, 2 cores shared): full run TIME_FULL; smoke TIME_SMOKE.
+Time (measured, CPU, 2 cores shared with other jobs): full run 59 s (140 rows); smoke 4 s.
 """
 
 import ml_collections

@@ -179,19 +179,19 @@ def _drift_rows(model, ids, mask, n, config, source):
     o = bert.encode(model, ids[i:i + B], mask[i:i + B])
     emb_full.append(np.asarray(bert.sentence_embedding(o.hidden, mask[i:i + B])))
   emb_full = np.concatenate(emb_full)
-  for eps in config.epsilons:
-    for meth in config.drift_methods:
-      embs, kept = [], []
-      for i in range(0, len(ids), B):
-        o = bert.encode(model, ids[i:i + B], mask[i:i + B], topk_epsilon=eps, topk_method=meth)
-        embs.append(np.asarray(bert.sentence_embedding(o.hidden, mask[i:i + B])))
-        mb = mask[i:i + B].astype(bool)
-        frac = np.asarray(o.k_used) / mb.sum(-1)[None, :, None, None]
-        kept.append(frac[np.broadcast_to(mb[None, :, None, :], frac.shape)])
-      cos = np.sum(np.concatenate(embs) * emb_full, -1)
-      rows.append({"kind": "drift", "n": n, "epsilon": eps, "method": meth, "k_over_n": float(np.concatenate(kept).mean()),
-                   "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "queries": int(len(cos)),
-                   "source": source})
+  combos = [(eps, meth) for eps in config.epsilons for meth in config.drift_methods]
+  for eps, meth in tqdm(combos, desc=f"topk_bert n={n} embedding drift"):
+    embs, kept = [], []
+    for i in range(0, len(ids), B):
+      o = bert.encode(model, ids[i:i + B], mask[i:i + B], topk_epsilon=eps, topk_method=meth)
+      embs.append(np.asarray(bert.sentence_embedding(o.hidden, mask[i:i + B])))
+      mb = mask[i:i + B].astype(bool)
+      frac = np.asarray(o.k_used) / mb.sum(-1)[None, :, None, None]
+      kept.append(frac[np.broadcast_to(mb[None, :, None, :], frac.shape)])
+    cos = np.sum(np.concatenate(embs) * emb_full, -1)
+    rows.append({"kind": "drift", "n": n, "epsilon": eps, "method": meth, "k_over_n": float(np.concatenate(kept).mean()),
+                 "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "queries": int(len(cos)),
+                 "source": source})
   return rows
 
 

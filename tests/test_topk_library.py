@@ -146,6 +146,7 @@ def test_mc_search_certificate_and_cell_bounds(cells_fn):
   for eps in (0.1, 0.01, 1e-3):
     r = topk.mc_search(logits, valid[:, None, :], upper, cells, eps)
     assert (np.asarray(r.certificate) <= eps).all()
+    assert (np.asarray(r.tv) <= eps).all() and (np.asarray(r.tv_pruned) <= eps).all()  # no float slack
     assert (np.asarray(r.tv) <= np.asarray(r.certificate) + 1e-6).all()
     assert (np.asarray(r.tv_pruned) <= np.asarray(r.certificate_pruned) + 1e-6).all()
     assert (np.asarray(r.certificate_pruned) <= eps + 1e-7).all()
