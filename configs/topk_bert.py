@@ -15,8 +15,8 @@ checkpoint via --config.model_dir. Beyond the paper: sentence-embedding drift wi
 Data: `<data_dir>/wikitext-2/wiki.test.tokens`, packed into num_sequences sequences of n tokens. Without a
 data_dir the built-in sentences (padded) are used.
 
-Time (measured, CPU, 2 cores shared with other jobs): full run 42 min (n=128: ~7 min, n=256: ~21 min of
-analysis + ~13 min embedding drift; 116 rows); smoke 19 s.
+Time (measured, CPU, 2 cores shared with other jobs): full run 42 min (n=128 analysis + drift ~7 min; n=256
+analysis ~27 min + embedding drift ~8 min; 116 rows); smoke 19 s.
 """
 
 import ml_collections
