@@ -1,6 +1,6 @@
 r"""AdaptiveSoftmax on a EuroSAT CNN's final layer (paper Table 1, EuroSAT row: Baharav et al., NeurIPS 2024).
 
-A = bias-free final linear layer (10 x 4096) of a CNN trained from scratch on EuroSAT RGB (the paper used
+A = bias-free final linear layer (10 x 2048) of a CNN trained from scratch on EuroSAT RGB (the paper used
 ImageNet VGG-19 features, which cannot be loaded offline); x = the wide ReLU penultimate layer of a test image
 (sparse, non-negative, like VGG features). epsilon = 0.3, delta in {10%, 5%, 1%}, k = 1 (paper) and 3 (ours);
 1,000 test images (200 tune / 800 held out) from our seeded stratified 80/20 split of the 27,000 images.
@@ -14,7 +14,9 @@ Data: `data_dir/eurosat/2750/<Class>/*.jpg` (default $ASOFTMAX_DATA_DIR), or a p
 (`eurosat_images.npz`) and trained weights (`eurosat_cnn_*.safetensors`) are cached in the workdir.
 The smoke variant trains on a tiny folder of GENERATED images written into the workdir (pipeline check only).
 
-Time (measured, CPU, 2 cores shared with other agents): see docs/classification.md. Smoke: < 60 s.
+Time (measured, CPU, 2 cores shared with 4 other agents' jobs): full run 779 s = decode 27k JPEGs ~45 s (cached
+afterwards) + training 619 s (2 epochs, 674 steps) + 6 AdaptiveSoftmax rows ~20 s each; with cached weights
+and images ~2.5 min. Test accuracy 76.6 %. Smoke: ~37 s.
 """
 
 import ml_collections
@@ -37,11 +39,11 @@ def get_config(arg=None):
   # Model: 3 x [conv3x3 -> ReLU -> pool] (16, 32, 64 ch) -> Linear(width) -> ReLU (= x) -> Linear(10, no bias).
   c.model = "eurosat_cnn"
   c.channels = (16, 32, 64)
-  c.width = 4096
+  c.width = 2048
   c.dropout = 0.5
 
   # Training (optax AdamW, cosine schedule, random flips); weights cached in the workdir.
-  c.epochs = 4.0
+  c.epochs = 2.0
   c.max_steps = 0  # 0 = no cap
   c.batch_size = 64
   c.learning_rate = 1e-3
