@@ -147,7 +147,7 @@ def _smollm2_queries(config, workdir: str, dataset: str, model_cache: dict) -> t
              "cache": os.path.basename(cache)}
 
 
-def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="importance") -> dict:
+def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="importance", warmup=None) -> dict:
   """Held-out evaluation with both fudge factors = 1 (the algorithm's own guarantee, no tuning).
 
   Returns the same fields as `adaptive.tune_and_evaluate` (fudge_bandit = fudge_z = 1).
@@ -158,6 +158,7 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
   X_eval = np.asarray(X_eval, np.float32)
   logits = adaptive.exact_logits_batched(prep, X_eval, beta)
   res = adaptive.adaptive_softmax(key, prep, X_eval, k=k, epsilon=epsilon, delta=delta, beta=beta, order=order,
+                                  warmup=warmup,
                                   check_finite=False)
   ident, ok = adaptive.success_mask(res, logits, epsilon)
   lg = logits.astype(np.float64)
@@ -234,6 +235,7 @@ def run(config, workdir, rng) -> registry.Output:
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, di), k), int(round(delta * 1e6)))
     ident = {"model": base["model"], "dataset": dataset, "k": k, "delta": delta, "epsilon": config.epsilon,
              "n_tune": config.n_tune, "tune": bool(config.tune), "beta": config.beta, "order": config.order, "seed": config.seed,
+             "warmup": config.warmup,
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
     row_cache = os.path.join(workdir, f"row_{dataset}_k{k}_delta{delta}.json")
     if os.path.exists(row_cache):
@@ -249,10 +251,11 @@ def run(config, workdir, rng) -> registry.Output:
     t0 = time.perf_counter()
     if config.tune:
       r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
-                                     beta=config.beta, order=config.order, progress=False)
+                                     beta=config.beta, order=config.order, progress=False,
+                                     warmup=config.warmup or None)
     else:
       r = evaluate_untuned(key, prep, X[config.n_tune:], k=k, epsilon=config.epsilon, delta=delta, beta=config.beta,
-                           order=config.order)
+                           order=config.order, warmup=config.warmup or None)
     row = {
         **base, "k": k, "epsilon": config.epsilon, "delta": delta, "n_tune": config.n_tune,
         "n_eval": r["n_eval"], "gain": r["gain_dense"], "success": r["success"], "success_lo": r["success_lo"],
