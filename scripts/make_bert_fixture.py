@@ -44,7 +44,7 @@ def main():
   enc = tok.encode_batch(SENTENCES)
   ids = np.array([e.ids for e in enc], np.int64)
   mask = np.array([e.attention_mask for e in enc], np.int64)
-  model = transformers.BertModel.from_pretrained(a.model_dir, attn_implementation="eager").eval()
+  model = transformers.BertModel.from_pretrained(a.model_dir, attn_implementation="eager", local_files_only=True).eval()
   with torch.no_grad():
     out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                 token_type_ids=torch.zeros_like(torch.tensor(ids)),
