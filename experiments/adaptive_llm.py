@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive, paper_numbers, results
+from asoftmax.models import hidden_cache
 from experiments import registry
 
 COLUMNS = (
@@ -58,41 +59,9 @@ def closest_paper_model(n: int, d: int, dataset: str) -> dict | None:
   return {"model": f"{best['model']} ({best['n']}x{best['d']})", **best[dataset]}
 
 
-def _save_npz_atomic(path: str, **arrays) -> None:
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _fingerprint(contexts: np.ndarray) -> str:
-  return hashlib.sha1(np.ascontiguousarray(contexts, np.int32).tobytes()).hexdigest()[:16]
-
-
 def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: int, desc: str = "") -> np.ndarray:
-  """(q, d) last-position hidden states of (q, t) contexts, cached (and resumable) in `cache_path`.
-
-  The cache holds X, the number of rows done, and a fingerprint of the contexts; a cache built from other
-  contexts is ignored and rebuilt.
-  """
-  from asoftmax.models import llama
-
-  q, d = contexts.shape[0], params.config.dim
-  fp = _fingerprint(contexts)
-  X, done = np.zeros((q, d), np.float32), 0
-  if os.path.exists(cache_path):
-    with np.load(cache_path) as z:
-      if str(z["fingerprint"]) == fp and z["X"].shape == (q, d):
-        X, done = z["X"].copy(), int(z["done"])
-  if done >= q:
-    return X
-  bar = tqdm(total=q, initial=done, desc=f"hidden states {desc}", unit="window")
-  for i in range(done, q, batch):
-    j = min(q, i + batch)
-    X[i:j] = np.asarray(llama.last_hidden_state(params, contexts[i:j]))
-    _save_npz_atomic(cache_path, X=X, done=np.int64(j), fingerprint=np.str_(fp))
-    bar.update(j - i)
-  bar.close()
-  return X
+  """(q, d) last-position hidden states of (q, t) contexts, cached and resumable (`hidden_cache`)."""
+  return hidden_cache.cached_hidden_states(params, contexts, cache_path, batch, desc, mode="last")
 
 
 def load_user_problem(config) -> tuple[np.ndarray, np.ndarray]:

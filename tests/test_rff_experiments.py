@@ -47,3 +47,41 @@ def test_ptb_reader_adds_eos(tmp_path):
   p = tmp_path / "x.txt"
   p.write_text(" a b \n c\n")
   assert rf_lm.read_words(str(p)) == ["a", "b", "<eos>", "c", "<eos>"]
+
+
+def test_task_config_overrides_only_that_task():
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "rf_lm.py")
+  spec = importlib.util.spec_from_file_location("cfg_rf_lm", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config("task=smollm2")
+  assert tuple(c.tasks) == ("smollm2",)
+  h = rf_lm.task_config(c, "smollm2")
+  assert h.dim == c.smollm2.dim != c.dim and h.rff_nu == c.rff_nu  # overridden / inherited
+  assert rf_lm.task_config(c, "lstm").dim == c.dim
+
+
+def test_feature_head_queries_and_full_softmax_training_lowers_loss():
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from asoftmax.models import FeatureHead
+
+  rng = np.random.default_rng(0)
+  X = rng.normal(size=(256, 12)).astype(np.float16)
+  y = (np.abs(X[:, 0].astype(np.float32)) * 10).astype(np.int32) % 40  # learnable from the features
+  model = FeatureHead(40, 12, 8, rngs=nnx.Rngs(params=jax.random.key(0)))
+  assert model(jnp.asarray(X)).shape == (256, 8) and model.classes.shape == (40, 8)
+
+  class H:
+    tau, dim, steps, learning_rate, eval_batch = 8.0, 8, 60, 3e-2, 128
+    rebuild_every, tree_refresh = 0, "rebuild"
+
+  before = rf_lm.evaluate(model, X, y, H)
+  after, _, _ = rf_lm.train_one(H, (jax.random.key(1), jax.random.key(2)), model, lambda s: (X, y), (X, y),
+                                np.ones(40), "full", None, None)
+  assert after < 0.7 * before

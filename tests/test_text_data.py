@@ -77,3 +77,16 @@ def test_real_files_when_available():
   ids = text.tokenize(tok, text.read_text(data_dir, "ptb", "test"))
   ctx, tgt, _ = text.make_windows(ids, 1000, 512)
   assert ctx.shape == (1000, 512) and len(set(tgt.tolist())) > 100
+
+
+def test_consecutive_chunks_cover_the_stream_without_overlapping_targets():
+  tokens = np.arange(23, dtype=np.int32)
+  c = text.consecutive_chunks(tokens, 3, 5)
+  assert c.shape == (3, 6) and c.dtype == np.int32
+  np.testing.assert_array_equal(c[:, 1:].reshape(-1), np.arange(1, 16))  # every target once, in order
+  np.testing.assert_array_equal(c[1], np.arange(5, 11))  # chunk i starts at i * window
+  assert text.consecutive_chunks(tokens, 0, 5).shape == (4, 6)  # 0: as many as fit ((23 - 1) // 5)
+  with pytest.raises(ValueError, match="n_chunks"):
+    text.consecutive_chunks(tokens, 5, 5)
+  with pytest.raises(ValueError, match="window"):
+    text.consecutive_chunks(tokens, 1, 0)

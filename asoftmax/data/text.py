@@ -117,3 +117,36 @@ def make_windows(tokens: np.ndarray, n_windows: int, window: int) -> tuple[np.nd
     starts = np.round(np.arange(n_windows) * (last / (n_windows - 1))).astype(np.int64)
   idx = starts[:, None] + np.arange(window)[None, :]
   return tokens[idx].astype(np.int32), tokens[starts + window].astype(np.int32), starts
+
+
+def consecutive_chunks(tokens: np.ndarray, n_chunks: int, window: int) -> np.ndarray:
+  """The first `n_chunks` non-overlapping (window + 1)-token chunks of a token stream.
+
+  Chunk i is `tokens[i * window : (i + 1) * window + 1]`: positions 0..window-1 are the context and
+  positions 1..window the next-token targets, so consecutive chunks cover the stream without overlap of
+  targets (for training / evaluating a next-token model on every position).
+
+  Args:
+    tokens: (N,) int token stream.
+    n_chunks: number of chunks (>= 1); 0 or None means as many as fit.
+    window: context length (>= 1).
+
+  Returns:
+    (n_chunks, window + 1) int32.
+
+  Raises:
+    ValueError: bad arguments, or the stream is too short for `n_chunks` chunks.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"tokens must be a 1-D integer array, got shape {tokens.shape} dtype {tokens.dtype}")
+  if window < 1:
+    raise ValueError(f"window must be >= 1, got {window}")
+  fit = (tokens.size - 1) // window
+  if not n_chunks:
+    n_chunks = fit
+  if n_chunks < 1 or n_chunks > fit:
+    raise ValueError(f"n_chunks: {n_chunks} chunks of {window}+1 tokens need at least {n_chunks * window + 1} "
+                     f"tokens, the stream has {tokens.size} (at most {fit} chunks fit)")
+  idx = np.arange(n_chunks)[:, None] * window + np.arange(window + 1)[None, :]
+  return tokens[idx].astype(np.int32)

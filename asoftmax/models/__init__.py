@@ -10,5 +10,5 @@ from asoftmax.models.llama import (
     perplexity,
 )
 from asoftmax.models.bert import BertConfig, BertEncoder, encode as bert_encode, load_bert  # noqa: E402
-from asoftmax.models.lm import WordLSTM  # noqa: E402
+from asoftmax.models.lm import FeatureHead, WordLSTM  # noqa: E402
 from asoftmax.models.cnn import EuroSATCNN, MnistCNN  # noqa: E402

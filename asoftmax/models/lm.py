@@ -31,3 +31,24 @@ class WordLSTM(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     """tokens [B, T] int32 -> queries [B, T, d] (unnormalized; losses normalize)."""
     return self.proj(self.rnn(self.embed(tokens)))
+
+
+class FeatureHead(nnx.Module):
+  """A new output layer on frozen features: linear projection to the query, normalized class vectors.
+
+  features [..., d_in] -> query h [..., d] = features @ W + b; class vectors C [n, d]. Logits are
+  $\\tau \\hat h^\\top \\hat c_i$ as for `WordLSTM` (the loss normalizes). Used for the RF-softmax
+  table's 49,152-way layer trained on frozen SmolLM2 hidden states.
+
+  Args:
+    num_classes: n. in_features: d_in (576 for SmolLM2). dim: d, query / class-vector size.
+    rngs: nnx.Rngs.
+  """
+
+  def __init__(self, num_classes: int, in_features: int, dim: int, *, rngs: nnx.Rngs):
+    self.proj = nnx.Linear(in_features, dim, rngs=rngs)
+    self.classes = nnx.Param(jax.random.normal(rngs.params(), (num_classes, dim)) / jnp.sqrt(dim))
+
+  def __call__(self, features: jax.Array) -> jax.Array:
+    """features [..., d_in] float -> queries [..., d] (unnormalized)."""
+    return self.proj(features.astype(jnp.float32))

@@ -1,0 +1,92 @@
+r"""Cached, resumable Llama hidden states of many token windows (computed once, reused by later runs).
+
+Used by the AdaptiveSoftmax LLM table (last position of each window: the query of the next-token head) and
+by the RF-softmax frozen-feature table (every position: training and test features of a new output layer).
+
+The cache is one `.npz` file holding `X`, the number of windows done, and a fingerprint of the token
+windows and the mode; a cache built from other windows (or another mode) is ignored and rebuilt. The file
+is written atomically (temp file + rename), so an interrupted run leaves either the previous or the new
+state, and the next call resumes after the last saved window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+from tqdm.auto import tqdm
+
+MODES = ("last", "all")
+
+
+def save_npz_atomic(path: str, **arrays) -> None:
+  """np.savez to `path` via a temp file and a rename (never a half-written file under `path`)."""
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def fingerprint(contexts: np.ndarray, mode: str = "last") -> str:
+  """A short hash of the (q, t) int windows (and the mode, except for "last", to keep old caches valid)."""
+  h = hashlib.sha1(np.ascontiguousarray(contexts, np.int32).tobytes())
+  if mode != "last":
+    h.update(mode.encode())
+  return h.hexdigest()[:16]
+
+
+def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: int, desc: str = "", *,
+                         mode: str = "last", dtype=np.float32, save_every_s: float = 0.0) -> np.ndarray:
+  """Final-norm hidden states of (q, t) token windows, cached in (and resumed from) `cache_path`.
+
+  Args:
+    params: `asoftmax.models.llama.LlamaParams`.
+    contexts: (q, t) int token windows (no padding).
+    cache_path: the `.npz` cache file (created or resumed).
+    batch: windows per forward pass (>= 1).
+    desc: progress-bar label.
+    mode: "last" -> (q, d), the state at each window's last position (the next-token query);
+      "all" -> (q, t, d), every position (position i predicts token i + 1 of the window).
+    dtype: storage dtype of X (float32, or float16 to halve the memory of "all").
+    save_every_s: write the cache at most this often (0: after every batch); the final state is always
+      written. Large "all" caches are slow to rewrite, so use e.g. 60 there.
+
+  Returns:
+    X as a numpy array of `dtype`, shape (q, d) or (q, t, d).
+
+  Raises:
+    ValueError: bad mode, batch or contexts.
+  """
+  from asoftmax.models import llama
+
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if int(batch) < 1:
+    raise ValueError(f"batch must be >= 1, got {batch}")
+  contexts = np.asarray(contexts)
+  if contexts.ndim != 2 or not np.issubdtype(contexts.dtype, np.integer):
+    raise ValueError(f"contexts must be a (q, t) integer array, got shape {contexts.shape} dtype {contexts.dtype}")
+  q, t = contexts.shape
+  d = params.config.dim
+  shape = (q, d) if mode == "last" else (q, t, d)
+  fp = fingerprint(contexts, mode)
+  X, done = np.zeros(shape, dtype), 0
+  if os.path.exists(cache_path):
+    with np.load(cache_path) as z:
+      if str(z["fingerprint"]) == fp and z["X"].shape == shape:
+        X, done = z["X"].astype(dtype), int(z["done"])
+  if done >= q:
+    return X
+  forward = llama.last_hidden_state if mode == "last" else llama.hidden_states
+  bar = tqdm(total=q, initial=done, desc=f"hidden states {desc}".strip(), unit="window")
+  last_save = time.monotonic()
+  for i in range(done, q, batch):
+    j = min(q, i + batch)
+    X[i:j] = np.asarray(forward(params, contexts[i:j])).astype(dtype)
+    if j == q or time.monotonic() - last_save >= save_every_s:
+      save_npz_atomic(cache_path, X=X, done=np.int64(j), fingerprint=np.str_(fp))
+      last_save = time.monotonic()
+    bar.update(j - i)
+  bar.close()
+  return X
