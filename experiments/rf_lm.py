@@ -104,6 +104,8 @@ def grid(config):
         runs += [("rff", m, D) for D in config.rff_D if m in config.rff_ms or D == config.rff_D_main]
       elif name == "quadratic" and m not in config.quadratic_ms:
         continue
+      elif name == "exact" and config.get("exact_ms") and m not in config.exact_ms:
+        continue
       else:
         runs.append((name, m, None))
   return runs
@@ -323,6 +325,8 @@ def run_features(config, workdir, rng, rows, notes):
     rows.append({"task": task, "n": n, "sampler": name, "m": m, "D": D, "nu": h.rff_nu if name == "rff" else None,
                  "tau": h.tau, "test_perplexity": ppl, "step_ms": 1e3 * step_s, "steps": h.steps,
                  "final_train_loss": loss, "run_s": time.perf_counter() - t0, "status": "ok"})
+  if "quadratic" not in h.samplers and h.get("quadratic_status"):
+    rows.append({"task": task, "n": n, "sampler": "quadratic", "status": "not run: " + h.quadratic_status})
   rows.append({"task": task, "n": n, "sampler": "SmolLM2's own pretrained head (reference, not trained here)",
                "test_perplexity": info["pretrained_head_test_perplexity"], "status": "ok (reference)"})
 
