@@ -14,8 +14,9 @@ Part (b) trains a new 49,152-way output layer on frozen SmolLM2-135M features (p
 WikiText-2 valid and reports full-softmax perplexity on WikiText-2 test; its settings live in
 `config.smollm2` and override the top-level ones, e.g. `--config.smollm2.steps=1000`.
 
-Time (measured, CPU, 2 cores shared with other jobs): full run 1389 s (17 trainings x 200 steps; the tree
-samplers dominate: RF-softmax D=1024 alone ~4 min); smoke 23 s. Per-step times are from a loaded machine.
+Time (measured, CPU, 2 cores shared with other jobs): part (a) 1389 s (17 trainings x 200 steps; the tree
+samplers dominate: RF-softmax D=1024 alone ~4 min); part (b) 4013 s (13 trainings x 400 steps after 10 min of
+SmolLM2 features, cached in the workdir; RF-softmax D=1024 alone 22 min); smoke 49 s with both parts.
 """
 
 import ml_collections
