@@ -47,7 +47,9 @@ def make_full_step(tau, lr):
   return step
 
 
-def make_sampled_step(sampler, m, tau, lr):
+def make_sampled_step(sampler, m, tau, lr, rebuild=False):
+  """rebuild=False: refresh only the touched classes (sampler.update); True: rebuild the tree (sampler.init)."""
+
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(C, sstate, h, t, key):
     B, d = h.shape
@@ -62,7 +64,10 @@ def make_sampled_step(sampler, m, tau, lr):
 
     loss, (gh, gt, gs) = jax.value_and_grad(f, argnums=(0, 1, 2))(h, rows_t, rows_s)
     C = C.at[t].add(-lr * gt).at[ids.reshape(-1)].add(-lr * gs.reshape(-1, d))
-    sstate = sampler.update(sstate, jnp.concatenate([ids.reshape(-1), t]), C)
+    if rebuild:
+      sstate = sampler.init(C)
+    else:
+      sstate = sampler.update(sstate, jnp.concatenate([ids.reshape(-1), t]), C)
     return C, sstate, loss + 0 * gh.sum()
   return step
 
@@ -80,6 +85,9 @@ def main():
   ap.add_argument("--samplers", default="full,rff,quadratic,uniform")
   ap.add_argument("--quadratic_max_n", type=int, default=10000,
                   help="larger n: quadratic skipped (d^2-wide bucket tree and touched updates do not fit CPU time/memory)")
+  ap.add_argument("--quadratic_refresh", choices=("touched", "rebuild"), default="touched",
+                  help="quadratic tree refresh per step: scatter the touched classes' d^2-wide outer products, or "
+                       "rebuild all bucket sums with one einsum (O(n d^2), far cheaper than touched at batch*m >> n/bucket)")
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--max_step_s", type=float, default=20.0)
   ap.add_argument("--seed", type=int, default=0)
@@ -125,7 +133,10 @@ def main():
         sample_fn = jax.jit(lambda s, k: sampler.sample(s, k, hn, a.m))
         jax.block_until_ready(sample_fn(sstate, ks))
         row["sample_ms"] = 1e3 * _median_time(lambda: sample_fn(sstate, ks), a.reps)[0]
-        step = make_sampled_step(sampler, a.m, a.tau, 0.1)
+        rebuild = name == "quadratic" and a.quadratic_refresh == "rebuild"
+        if name == "quadratic":
+          row["refresh"] = a.quadratic_refresh
+        step = make_sampled_step(sampler, a.m, a.tau, 0.1, rebuild=rebuild)
         state = {"C": C, "s": sstate, "i": 0}
         def call():
           state["i"] += 1
