@@ -23,12 +23,29 @@ def test_rff_kernel_converges_to_exact_kernel():
   for D in (16, 256, 4096):
     W = rff.init_rff(jax.random.key(D), 16, D, 2.0)
     errs.append(np.sqrt(np.mean((np.asarray(rff.rff_kernel(x, y, W)) - exact) ** 2)))
-  # RMS error ~ sqrt((1-K)^2 / 2D): falls ~4x per 16x D; at D=4096 below 0.02.
+  # sd of the estimate is (1 - K^2)/sqrt(2D): falls ~4x per 16x D; at D=4096 below 0.02.
   assert errs[0] > 2.5 * errs[1] > 2.5 * 2.5 * errs[2]
   assert errs[2] < 0.02
   # feature vectors have unit norm exactly
   W = rff.init_rff(jax.random.key(0), 16, 64, 2.0)
   np.testing.assert_allclose(np.linalg.norm(rff.rff_features(x, W), axis=-1), 1.0, rtol=1e-5)
+
+
+def test_rff_estimate_std_is_one_minus_k_squared_over_sqrt_2d():
+  """Across independent W draws, sd[phi(x).phi(y)] = (1 - K^2)/sqrt(2D) (not (1-K)^2/(2D))."""
+  d, D, nu, R = 8, 32, 2.0, 3000
+  x = _unit(30, (1, d))
+  u = _unit(31, (1, d))
+  u = rff.normalize(u - (u @ x.T) * x)  # orthogonal to x
+  theta = jnp.linspace(0.05, 2.5, 6)[:, None]
+  y = jnp.cos(theta) * x + jnp.sin(theta) * u  # K = exp(nu (cos theta - 1)) from ~1 to ~0.02
+  K = np.asarray(rff.exact_kernel(x, y, nu), np.float64)
+  Ws = jax.random.normal(jax.random.key(32), (R, D, d)) * np.sqrt(nu)
+  est = np.asarray(jax.vmap(lambda W: jnp.sum(features_lib._rff(x, W) * features_lib._rff(y, W), -1))(Ws))
+  np.testing.assert_allclose(est.mean(0), K, atol=4 * 0.5 / np.sqrt(2 * D * R))  # unbiased
+  pred = (1 - K**2) / np.sqrt(2 * D)
+  np.testing.assert_allclose(est.std(0), pred, rtol=0.08)  # sd of a sample sd at R = 3000 is ~1.3 %
+  assert K.min() < 0.2 and K.max() > 0.9
 
 
 def _numpy_path_probs(psi, nodes, counts, n, kappa):
@@ -62,6 +79,26 @@ def test_tree_path_probabilities_equal_enumerated_leaf_masses(n, kappa):
     np.testing.assert_allclose(np.exp(np.asarray(lq[b], np.float64)), ref, rtol=2e-4, atol=1e-7)
     np.testing.assert_allclose(ref.sum(), 1.0, rtol=1e-6)
     assert (ref[:n] > 0).all() and (ref[n:] == 0).all()
+
+
+def test_tree_samples_the_path_product_not_the_leaf_clamped_kernel():
+  """Under heavy clamping (nu = 4, D = 8) the draws follow the branch-probability product, and the
+  documented-elsewhere q prop. to max(phi(h).phi(c), 0) + floor is rejected (measured TV > 0.1)."""
+  n, d, m, kappa = 64, 6, 200000, 0.01
+  C, h = _unit(33, (n, d)), _unit(34, (1, d))
+  s = rff.rff_sampler(jax.random.key(35), 8, 4.0, kappa=kappa)
+  st = s.init(C)
+  psi = features_lib._rff(h, st.W)
+  assert float((psi @ st.tree.nodes[1:].T).min()) < 0  # clamping is active at some node
+  path = _numpy_path_probs(psi[0], st.tree.nodes, st.tree.counts, n, kappa)[:n]
+  leaf = np.exp(np.asarray(tree_lib.leaf_clamped_log_probs(psi, st.tree, kappa), np.float64)[0, :n])
+  np.testing.assert_allclose(leaf.sum(), 1.0, rtol=1e-5)
+  ids, _ = s.sample(st, jax.random.key(36), h, m)
+  obs = np.bincount(np.asarray(ids[0]), minlength=n)
+  assert scipy.stats.chisquare(obs, path * m / path.sum()).pvalue > 1e-3
+  assert scipy.stats.chisquare(obs, leaf * m / leaf.sum()).pvalue < 1e-12
+  tv = 0.5 * np.abs(obs / m - leaf).sum()
+  assert tv > 0.1 and abs(tv - 0.5 * np.abs(path - leaf).sum()) < 0.01
 
 
 def test_quadratic_tree_equals_normalized_kernel():

@@ -2,20 +2,24 @@
 
 Feature maps (`rff_features`, `quadratic_features`), a binary tree of feature sums with exact path
 probabilities (`build_tree`, `tree_sample`, `tree_update`, `tree_log_probs`), samplers behind one
-interface (`uniform_sampler`, `unigram_sampler`, `quadratic_sampler`, `rff_sampler`, `exact_sampler`), and
-the full / sampled softmax losses.
+interface (`uniform_sampler`, `unigram_sampler`, `quadratic_sampler`, `rff_sampler`, `exact_sampler`; per
+query or batch-shared), negatives with or without replacement (`draw_negatives`, TF's expected counts), and
+the full / sampled softmax losses (`sampled_softmax_loss`, `corrected_sampled_loss` with TF's conventions).
 """
 
 from asoftmax.rff.features import exact_kernel, init_rff, quadratic_features, rff_features, rff_kernel
-from asoftmax.rff.loss import full_softmax_loss, sampled_softmax_loss
+from asoftmax.rff.loss import corrected_sampled_loss, full_softmax_loss, sampled_softmax_loss
+from asoftmax.rff.negatives import Negatives, draw_negatives, expected_count
 from asoftmax.rff.samplers import (Sampler, exact_sampler, normalize, quadratic_sampler, rff_sampler,
                                    uniform_sampler, unigram_sampler)
 from asoftmax.rff.sparse_data import SparseDataset, load_sparse, precision_at_k
-from asoftmax.rff.tree import KernelTree, build_tree, tree_log_probs, tree_sample, tree_update
+from asoftmax.rff.tree import (KernelTree, build_tree, leaf_clamped_log_probs, tree_log_probs, tree_sample,
+                               tree_update)
 
 __all__ = [
-    "KernelTree", "Sampler", "build_tree", "exact_kernel", "exact_sampler", "full_softmax_loss", "init_rff",
-    "normalize", "quadratic_features", "quadratic_sampler", "rff_features", "rff_kernel", "rff_sampler",
-    "SparseDataset", "load_sparse", "precision_at_k", "sampled_softmax_loss", "tree_log_probs", "tree_sample", "tree_update", "uniform_sampler",
-    "unigram_sampler",
+    "KernelTree", "Negatives", "Sampler", "SparseDataset", "build_tree", "corrected_sampled_loss",
+    "draw_negatives", "exact_kernel", "exact_sampler", "expected_count", "full_softmax_loss", "init_rff",
+    "leaf_clamped_log_probs", "load_sparse", "normalize", "precision_at_k", "quadratic_features",
+    "quadratic_sampler", "rff_features", "rff_kernel", "rff_sampler", "sampled_softmax_loss", "tree_log_probs",
+    "tree_sample", "tree_update", "uniform_sampler", "unigram_sampler",
 ]

@@ -3,7 +3,22 @@ r"""Random Fourier features for the softmax (exponential) kernel on the unit sph
 For unit vectors, $e^{\tau h^\top c} = e^{\tau} e^{-\tau \|h-c\|^2/2}$, so the softmax over classes is a Gaussian
 kernel. With $w_1..w_D \sim N(0, \nu I_d)$ drawn once,
 
-  $\phi(x) = D^{-1/2}[\cos(Wx), \sin(Wx)] \in R^{2D}$,  $E[\phi(x)^\top\phi(y)] = e^{-\nu\|x-y\|^2/2}$.
+  $\phi(x) = D^{-1/2}[\cos(Wx), \sin(Wx)] \in R^{2D}$,  $E[\phi(x)^\top\phi(y)] = e^{-\nu\|x-y\|^2/2} =: K_\nu$.
+
+**Parameterisation of nu.** Here nu is a precision (an inverse temperature on the sphere): $K_\nu(h, c) =
+e^{-\nu} e^{\nu h^\top c}$, so nu = tau makes E[q] the softmax itself and nu < tau a flatter softmax. Other
+code uses the bandwidth form $e^{-\|x-y\|^2/(2\sigma^2)}$ with $w \sim N(0, \sigma^{-2} I)$ and calls
+$\sigma^2$ "nu" (the MIDX reimplementation draws w with std $\sqrt{1/\nu}$): its "nu = 4" is our nu = 0.25.
+Which form the paper's reported "nu" uses is unverified here [R]; sweep both ends.
+
+**Error.** Each estimate is an average of D terms $\cos(w_i^\top(x-y))$, unbiased for K with
+$\mathrm{Var} = (1 + K^4)/2 - K^2 = (1-K^2)^2/2$ per term, so the standard deviation of the estimate is
+
+  $\mathrm{sd}[\phi(x)^\top\phi(y)] = (1 - K^2)/\sqrt{2D}$.
+
+The error is additive, about $1/\sqrt{2D}$ whatever nu is (for K << 1), while a class's kernel value is
+$e^{\nu(\cos\theta - 1)}$: classes whose K is below that noise are not resolved, and estimates can be
+negative (see `tree.py` for what the sampler does with them).
 
 Reference: Rawat et al., "Sampled Softmax with Random Fourier Features", NeurIPS 2019 (arXiv:1907.10747),
 Sec. 3 (feature map); Rahimi & Recht 2007. The choice nu < tau (a flatter, defensive proposal) follows
@@ -28,7 +43,8 @@ def init_rff(key: jax.Array, d: int, num_features: int, nu: float) -> jax.Array:
     key: PRNG key.
     d: input dimension (>= 1).
     num_features: D, the number of frequencies (>= 1); the feature vector has 2D entries.
-    nu: kernel bandwidth (> 0); the kernel is $e^{-\nu\|x-y\|^2/2} = e^{-\nu} e^{\nu x^\top y}$ on the sphere.
+    nu: kernel precision (> 0); the kernel is $e^{-\nu\|x-y\|^2/2} = e^{-\nu} e^{\nu x^\top y}$ on the sphere
+      (the bandwidth form $\sigma^2$ used elsewhere is 1/nu; see the module docstring).
 
   Returns:
     W: float32 [D, d].
@@ -66,7 +82,10 @@ def rff_features(x: ArrayLike, W: ArrayLike) -> jax.Array:
 
 
 def rff_kernel(x: ArrayLike, y: ArrayLike, W: ArrayLike) -> jax.Array:
-  r"""The RFF estimate $\phi(x)^\top\phi(y) = D^{-1}\sum_i \cos(w_i^\top(x-y))$ for [..., d] pairs (can be < 0)."""
+  r"""The RFF estimate $\phi(x)^\top\phi(y) = D^{-1}\sum_i \cos(w_i^\top(x-y))$ for [..., d] pairs.
+
+  Unbiased for $K_\nu$ with standard deviation $(1 - K_\nu^2)/\sqrt{2D}$; can be < 0.
+  """
   return jnp.sum(rff_features(x, W) * rff_features(y, W), -1)
 
 

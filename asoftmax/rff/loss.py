@@ -7,6 +7,23 @@ Sampled softmax with the log-q correction (the paper's form; the true logit is l
 
 with accidental hits ($s_j = t$) masked to $-\infty$, so $\sum_j e^{o_{s_j}}/(m q_{s_j})$ is an unbiased estimate
 of $Z_t = \sum_{i \ne t} e^{o_i}$ (`shared/papers/rf_softmax.md` Sec. 2). q is treated as a constant.
+
+**Conventions against TensorFlow** (`tf.nn.sampled_softmax_loss`, `_compute_sampled_logits`):
+
+* TF subtracts $\log E_t$ (the true class's expected count, $m q_t$ with replacement) from the **true** logit as
+  well, by default (`subtract_log_q=True`); the paper's form above does not. `corrected_sampled_loss(...,
+  log_expected_true=...)` gives TF's form; with `log_expected_true=None` (the default) the true logit is left
+  alone. TF with `true_expected_count = 1` equals ours.
+* TF masks only the **last** occurrence of a true class sampled several times (`compute_accidental_hits` keeps
+  one position per sampled id, the last one written to a hash map); we mask **all** of them by default
+  (`accidental_hits="all"`), which is what keeps the estimate of $Z_t$ unbiased when sampling with replacement.
+  `accidental_hits="last"` reproduces TF. Without replacement (`negatives.py`, `unique=True`) the two agree.
+* TF divides by the expected count $E_s$, which is $m q_s$ with replacement and
+  $1 - (1 - q_s)^{T}$ (T = number of tries needed to collect m distinct classes) without; both are taken
+  here as `log_expected` (see `negatives.expected_count`).
+
+Both per-query negatives (ids [B, m], the paper's form) and batch-shared negatives (ids [m], one set for the
+whole batch as in TF) are accepted; the shared form needs only m class rows (a [B, d] x [d, m] matmul).
 """
 
 from __future__ import annotations
@@ -34,14 +51,68 @@ def full_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike
   return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
 
 
-def sampled_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike, ids: ArrayLike,
-                         log_q: ArrayLike, tau: float) -> jax.Array:
-  r"""Per-example sampled softmax loss with log-q correction and accidental-hit masking.
+def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike, ids: ArrayLike,
+                           log_expected: ArrayLike, tau: float, *, log_expected_true: ArrayLike | None = None,
+                           accidental_hits: str = "all") -> jax.Array:
+  r"""Per-example sampled softmax loss given the log expected count of each sampled class.
+
+  $L = -x_0 + \log\big(e^{x_0} + \sum_j e^{x_j}\big)$ with $x_0 = o_t - \log E_t$ (or $o_t$ when
+  `log_expected_true` is None) and $x_j = o_{s_j} - \log E_{s_j}$, $-\infty$ for masked accidental hits.
+  Expected counts get stop-gradient.
 
   Args:
     h: [B, d] queries (normalized here). class_vectors: [n, d] (gathered rows normalized here).
-    targets: [B] int true classes. ids: [B, m] sampled classes (with replacement).
-    log_q: [B, m] log proposal probabilities of `ids` (stop-gradient applied). tau: inverse temperature.
+    targets: [B] int true classes.
+    ids: [B, m] per-query or [m] batch-shared sampled classes.
+    log_expected: log expected count of each sampled class, same shape as `ids` (log(m q) with replacement).
+    tau: inverse temperature.
+    log_expected_true: optional [B] log expected count of each true class (TF's default subtracts it; the
+      paper does not).
+    accidental_hits: "all" masks every sampled position equal to the true class (ours, unbiased with
+      replacement); "last" masks only the last such position (TF's `compute_accidental_hits`); "none".
+
+  Returns:
+    [B] float32 losses.
+
+  Example:
+    >>> C = normalize(jax.random.normal(jax.random.key(0), (50, 8))); h = C[:4]; t = jnp.arange(4)
+    >>> ids = jnp.arange(10, 20); loss = corrected_sampled_loss(h, C, t, ids, jnp.log(10 * 0.02), 5.0)
+  """
+  if accidental_hits not in ("all", "last", "none"):
+    raise ValueError(f"accidental_hits must be 'all', 'last' or 'none', got {accidental_hits!r}")
+  ids = jnp.asarray(ids)
+  if ids.ndim not in (1, 2):
+    raise ValueError(f"ids must have shape [m] (shared) or [B, m] (per query), got {ids.shape}")
+  hn = _norm(h)
+  o_t = tau * jnp.sum(hn * _norm(class_vectors[targets]), -1)
+  if ids.ndim == 1:
+    o_s = tau * hn @ _norm(class_vectors[ids]).T  # [B, m]
+  else:
+    o_s = tau * jnp.einsum("bd,bmd->bm", hn, _norm(class_vectors[ids]))
+  m = ids.shape[-1]
+  adj = o_s - jax.lax.stop_gradient(jnp.broadcast_to(log_expected, ids.shape))
+  hit = jnp.broadcast_to(ids, o_s.shape) == targets[:, None]
+  if accidental_hits == "last":
+    last = jnp.max(jnp.where(hit, jnp.arange(m), -1), -1)
+    hit = hit & (jnp.arange(m) == last[:, None])
+  if accidental_hits != "none":
+    adj = jnp.where(hit, -jnp.inf, adj)
+  x0 = o_t if log_expected_true is None else o_t - jax.lax.stop_gradient(log_expected_true)
+  logits = jnp.concatenate([x0[:, None], adj], 1)
+  return jax.nn.logsumexp(logits, 1) - x0
+
+
+def sampled_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike, ids: ArrayLike,
+                         log_q: ArrayLike, tau: float) -> jax.Array:
+  r"""Per-example sampled softmax loss with log-q correction and accidental-hit masking (paper's form).
+
+  The m classes are drawn i.i.d. with replacement, so the expected count is $m q$; the true logit is left
+  uncorrected and every accidental hit is masked (see the module docstring for TF's conventions).
+
+  Args:
+    h: [B, d] queries (normalized here). class_vectors: [n, d] (gathered rows normalized here).
+    targets: [B] int true classes. ids: [B, m] per-query or [m] batch-shared sampled classes.
+    log_q: log proposal probabilities of `ids`, same shape (stop-gradient applied). tau: inverse temperature.
 
   Returns:
     [B] float32 losses $L'$ (see module docstring).
@@ -50,11 +121,5 @@ def sampled_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayL
     >>> ids, log_q = sampler.sample(state, key, normalize(h), m=100)
     >>> loss = sampled_softmax_loss(h, C, t, ids, log_q, tau=10.).mean()
   """
-  hn = _norm(h)
-  o_t = tau * jnp.sum(hn * _norm(class_vectors[targets]), -1)
-  o_s = tau * jnp.einsum("bd,bmd->bm", hn, _norm(class_vectors[ids]))
-  m = ids.shape[1]
-  adj = o_s - jax.lax.stop_gradient(log_q) - jnp.log(float(m))
-  adj = jnp.where(ids == targets[:, None], -jnp.inf, adj)
-  logits = jnp.concatenate([o_t[:, None], adj], 1)
-  return jax.nn.logsumexp(logits, 1) - o_t
+  m = jnp.shape(ids)[-1]
+  return corrected_sampled_loss(h, class_vectors, targets, ids, jnp.asarray(log_q) + jnp.log(float(m)), tau)

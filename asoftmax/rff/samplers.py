@@ -4,19 +4,32 @@ A `Sampler` is a NamedTuple of pure functions (optax style):
 
   state = sampler.init(class_vectors)                  # [n, d]; rows are L2-normalized here
   ids, log_q = sampler.sample(state, key, h, m)        # h [B, d] unit rows -> [B, m] int32, [B, m] float32
+  ids, log_q = sampler.sample(state, key, h, m, shared=True)   # one set for the batch: [m], [m]
   state = sampler.update(state, ids, class_vectors)    # refresh the touched classes (any-shape ids)
   log_q_all = sampler.log_probs(state, h)              # [B, n] dense log q (analysis and tests)
+  log_q_bar = sampler.log_probs(state, h, shared=True) # [n] the batch-shared proposal
 
 Samples are i.i.d. with replacement; `log_q` is the exact log-probability of each drawn class under the
 distribution the sampler actually used (so the log-q correction in `loss.sampled_softmax_loss` is exact).
+Without-replacement draws and TF-style expected counts are built on top in `negatives.py`.
 
-| sampler      | q_i                                   | cost per sample | reference |
-|--------------|---------------------------------------|-----------------|-----------|
-| uniform      | 1/n                                   | O(1)            | |
-| unigram      | (count_i + smoothing) / total         | O(log n) search | |
-| quadratic    | alpha (h.c_i)^2 + 1 (tree of buckets) | O(d^2 log n)    | Blanc & Rendle, ICML 2018 |
-| rff          | max(phi(h).phi(c_i), 0) + floor, tree | O(D log n)      | Rawat et al., NeurIPS 2019 |
-| exact        | softmax(tau h.c)                      | O(n d)          | oracle ("Exp" baseline) |
+Per-query (`shared=False`, the paper's form): each query b gets its own m classes from q(. | h_b).
+Batch-shared (`shared=True`, as TF's `sampled_softmax_loss` and most production code): one set of m
+classes for the whole batch from a query-independent q-bar, so the loss needs m class rows instead of
+B*m. For the query-dependent proposals q-bar is the batch mixture:
+
+| sampler      | q_i (per query)                        | q-bar (shared)                              | cost per sample |
+|--------------|----------------------------------------|---------------------------------------------|-----------------|
+| uniform      | 1/n                                    | same                                        | O(1)            |
+| unigram      | (count_i + smoothing) / total          | same                                        | O(log n) search |
+| quadratic    | alpha (h.c_i)^2 + 1 (tree of buckets)  | sum_b [alpha (h_b.c_i)^2 + 1], normalized   | O(d^2 log n)    |
+| rff          | tree path product of max(phi(h).z, 0) + floor (see `tree.py`; NOT prop. to the leaf-clamped kernel) | same tree walk with psi-bar = mean_b phi(h_b) | O(D log n) |
+| exact        | softmax(tau h.c)                       | mean_b softmax(tau h_b.c)                   | O(n d)          |
+
+The rff q-bar is the kernel sum over the batch ($\sum_b K(h_b, c_i)$), a mixture weighting query b by its
+kernel mass; the exact q-bar weights every query equally. Either way every class keeps q-bar > 0 wherever
+some q(. | h_b) > 0, so the estimate of each query's Z stays unbiased.
+References: Blanc & Rendle, ICML 2018 (quadratic); Rawat et al., NeurIPS 2019 (rff, "Exp" = exact).
 """
 
 from __future__ import annotations
@@ -49,9 +62,11 @@ def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
   return x / jnp.sqrt(jnp.sum(x * x, axis, keepdims=True) + 1e-12)
 
 
-def _check_sample_args(h, m, d=None):
+def _check_sample_args(h, m, d=None, shared=False):
   _checks.unit_rows("h", h, 2)
   m = _checks.pos_int("m", m)
+  if not isinstance(shared, (bool, np.bool_)):
+    raise ValueError(f"shared must be a bool, got {shared!r}")
   if d is not None and h.shape[-1] != d:
     raise ValueError(f"h has dimension {h.shape[-1]}, the sampler's class vectors have {d}")
   return m
@@ -87,17 +102,17 @@ def uniform_sampler(num_classes: int) -> Sampler:
     del class_vectors
     return CountState(log_q=jnp.full((n,), -np.log(n), jnp.float32), cdf=jnp.zeros((0,)))
 
-  @functools.partial(jax.jit, static_argnames=("m",))
-  def _sample(state, key, h, m):
-    ids = jax.random.randint(key, (h.shape[0], m), 0, n, jnp.int32)
+  @functools.partial(jax.jit, static_argnames=("m", "shared"))
+  def _sample(state, key, h, m, shared):
+    ids = jax.random.randint(key, (m,) if shared else (h.shape[0], m), 0, n, jnp.int32)
     return ids, jnp.full(ids.shape, -np.log(n), jnp.float32)
 
-  def sample(state, key, h, m):
-    m = _check_sample_args(h, m)
-    return _sample(state, key, h, m)
+  def sample(state, key, h, m, shared=False):
+    m = _check_sample_args(h, m, shared=shared)
+    return _sample(state, key, h, m, bool(shared))
 
-  def log_probs(state, h):
-    return jnp.broadcast_to(state.log_q, (h.shape[0], n))
+  def log_probs(state, h, shared=False):
+    return state.log_q if shared else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "uniform")
 
@@ -126,18 +141,18 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
     del class_vectors
     return CountState(log_q=log_q, cdf=cdf)
 
-  @functools.partial(jax.jit, static_argnames=("m",))
-  def _sample(state, key, h, m):
-    u = jax.random.uniform(key, (h.shape[0], m)) * state.cdf[-1]
+  @functools.partial(jax.jit, static_argnames=("m", "shared"))
+  def _sample(state, key, h, m, shared):
+    u = jax.random.uniform(key, (m,) if shared else (h.shape[0], m)) * state.cdf[-1]
     ids = _search(state.cdf, u)
     return ids, state.log_q[ids]
 
-  def sample(state, key, h, m):
-    m = _check_sample_args(h, m)
-    return _sample(state, key, h, m)
+  def sample(state, key, h, m, shared=False):
+    m = _check_sample_args(h, m, shared=shared)
+    return _sample(state, key, h, m, bool(shared))
 
-  def log_probs(state, h):
-    return jnp.broadcast_to(state.log_q, (h.shape[0], n))
+  def log_probs(state, h, shared=False):
+    return state.log_q if shared else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "unigram")
 
@@ -155,21 +170,26 @@ def exact_sampler(tau: float) -> Sampler:
   def init(class_vectors):
     return ExactState(normalize(_check_class_vectors(class_vectors)))
 
-  @jax.jit
-  def _log_probs(state, h):
-    return jax.nn.log_softmax(tau * h @ state.class_vectors.T, -1)
+  @functools.partial(jax.jit, static_argnames=("shared",))
+  def _log_probs(state, h, shared=False):
+    lp = jax.nn.log_softmax(tau * h @ state.class_vectors.T, -1)
+    if shared:  # the batch mixture mean_b softmax(tau h_b.c)
+      return jax.nn.logsumexp(lp, 0) - jnp.log(float(h.shape[0]))
+    return lp
 
-  @functools.partial(jax.jit, static_argnames=("m",))
-  def _sample(state, key, h, m):
-    lp = _log_probs(state, h)
-    cdf = jnp.cumsum(jnp.exp(lp), -1)
-    u = jax.random.uniform(key, (h.shape[0], m)) * cdf[:, -1:]
+  @functools.partial(jax.jit, static_argnames=("m", "shared"))
+  def _sample(state, key, h, m, shared):
+    lp = _log_probs(state, h, shared)
+    lp2 = lp[None] if shared else lp
+    cdf = jnp.cumsum(jnp.exp(lp2), -1)
+    u = jax.random.uniform(key, (lp2.shape[0], m)) * cdf[:, -1:]
     ids = jax.vmap(_search)(cdf, u)
-    return ids, jnp.take_along_axis(lp, ids, 1)
+    lq = jnp.take_along_axis(lp2, ids, 1)
+    return (ids[0], lq[0]) if shared else (ids, lq)
 
-  def sample(state, key, h, m):
-    m = _check_sample_args(h, m, state.class_vectors.shape[1])
-    return _sample(state, key, h, m)
+  def sample(state, key, h, m, shared=False):
+    m = _check_sample_args(h, m, state.class_vectors.shape[1], shared)
+    return _sample(state, key, h, m, bool(shared))
 
   @jax.jit
   def update(state, ids, class_vectors):
@@ -178,9 +198,9 @@ def exact_sampler(tau: float) -> Sampler:
     new = normalize(class_vectors[jnp.minimum(uid, n - 1)])
     return ExactState(state.class_vectors.at[uid].set(new, mode="drop"))
 
-  def log_probs(state, h):
+  def log_probs(state, h, shared=False):
     _checks.unit_rows("h", h, 2)
-    return _log_probs(state, h)
+    return _log_probs(state, h, bool(shared))
 
   return Sampler(init, sample, update, log_probs, "exact")
 
@@ -203,14 +223,18 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   r"""RF-softmax: q_i from a tree over $\phi(c_i)$ with $\phi$ the RFF map for $e^{-\nu\|h-c\|^2/2}$.
 
   q_i is the path probability of the tree walk in `tree.py`: each node mass is the clamped RFF kernel sum
-  $\max(\phi(h)^\top z, 0)$ plus a uniform floor at rate kappa. Cost O(D log n) per sample.
+  $\max(\phi(h)^\top z, 0)$ plus a uniform floor at rate kappa, and q_i is the product of the branch
+  probabilities on class i's path. When a node sum is negative this is NOT $\propto \max(\phi(h)^\top
+  \phi(c_i), 0)$ + floor (see `tree.py`, "What is sampled"); `log_q` is exact for what is drawn either way.
+  Cost O(D log n) per sample. With `shared=True` the walk uses $\bar\psi = \mathrm{mean}_b \phi(h_b)$.
   Reference: Rawat et al., NeurIPS 2019, Sec. 3-4. Clamping and floor: `shared/papers/rf_softmax.md` Sec. 5
   (the paper's exact handling of negative estimates is [R], unverified).
 
   Args:
     key: PRNG key for W (drawn once, shared by queries and classes).
     num_features: D (>= 1); features have 2D entries.
-    nu: RFF kernel parameter (> 0). nu = tau targets the softmax itself; nu < tau a flatter proposal.
+    nu: RFF kernel precision (> 0), kernel $e^{\nu(h^\top c - 1)}$. nu = tau targets the softmax itself;
+      nu < tau a flatter proposal. (Bandwidth-form code calls 1/nu "nu"; see `features.py`.)
     kappa: defensive uniform-mixing rate (>= 0).
     precompute: True / False / "auto" (see `tree.tree_sample`).
   """
@@ -223,15 +247,18 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     W = features_lib.init_rff(key, c.shape[1], D, nu)
     return RFFState(W=W, tree=tree_lib.build_tree(features_lib._rff(c, W), bucket=1))
 
-  @functools.partial(jax.jit, static_argnames=("m", "pre"))
-  def _sample(state, key, h, m, pre):
+  def _psi(state, h, shared):
     psi = features_lib._rff(h, state.W)
-    ids, logq, _ = tree_lib.tree_sample(key, psi, state.tree, m, kappa, pre)
-    return ids, logq
+    return psi.mean(0, keepdims=True) if shared else psi
 
-  def sample(state, key, h, m):
-    m = _check_sample_args(h, m, state.W.shape[1])
-    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m))
+  @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
+  def _sample(state, key, h, m, pre, shared):
+    ids, logq, _ = tree_lib.tree_sample(key, _psi(state, h, shared), state.tree, m, kappa, pre)
+    return (ids[0], logq[0]) if shared else (ids, logq)
+
+  def sample(state, key, h, m, shared=False):
+    m = _check_sample_args(h, m, state.W.shape[1], shared)
+    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m), bool(shared))
 
   @jax.jit
   def update(state, ids, class_vectors):
@@ -244,14 +271,15 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     delta = jnp.where(valid[:, None], new - old, 0.0)
     return state.replace(tree=tree_lib.tree_update(t, jnp.where(valid, uid, P), delta))
 
-  @jax.jit
-  def _log_probs(state, h):
-    lq, _ = tree_lib.tree_log_probs(features_lib._rff(h, state.W), state.tree, kappa)
-    return lq[:, : state.tree.num_classes]
+  @functools.partial(jax.jit, static_argnames=("shared",))
+  def _log_probs(state, h, shared=False):
+    lq, _ = tree_lib.tree_log_probs(_psi(state, h, shared), state.tree, kappa)
+    lq = lq[:, : state.tree.num_classes]
+    return lq[0] if shared else lq
 
-  def log_probs(state, h):
+  def log_probs(state, h, shared=False):
     _checks.unit_rows("h", h, 2)
-    return _log_probs(state, h)
+    return _log_probs(state, h, bool(shared))
 
   return Sampler(init, sample, update, log_probs, "rff")
 
@@ -285,27 +313,37 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     sums = jnp.concatenate([outer, cnt[:, None]], 1)
     return QuadraticState(c, tree_lib.tree_from_buckets(sums, cnt, n, b))
 
-  def _bucket_logits(state, h, members):
-    n = state.tree.num_classes
-    cm = state.class_vectors[jnp.minimum(members, n - 1)]  # [B, m, b, d]
-    k = alpha * jnp.einsum("bmjd,bd->bmj", cm, h) ** 2 + 1.0
-    return jnp.where(members < n, jnp.log(k), -jnp.inf)
+  def _kernel(cm, h, shared):
+    """alpha (h.c)^2 + 1 for class rows cm [..., d]; shared: alpha c^T M c + 1 with M = mean_b h_b h_b^T."""
+    if shared:
+      M = h.T @ h / h.shape[0]
+      return alpha * jnp.einsum("...d,de,...e->...", cm, M, cm) + 1.0
+    return alpha * jnp.einsum("bmjd,bd->bmj", cm, h) ** 2 + 1.0
 
-  @functools.partial(jax.jit, static_argnames=("m", "pre"))
-  def _sample(state, key, h, m, pre):
-    k1, k2 = jax.random.split(key)
+  def _bucket_logits(state, h, members, shared):
+    n = state.tree.num_classes
+    cm = state.class_vectors[jnp.minimum(members, n - 1)]  # [B or 1, m, b, d]
+    return jnp.where(members < n, jnp.log(_kernel(cm, h, shared)), -jnp.inf)
+
+  def _psi(h, shared):
     psi = features_lib.quadratic_features(h, alpha)
-    bids, logq, _ = tree_lib.tree_sample(k1, psi, state.tree, m, kappa, pre)
+    return psi.mean(0, keepdims=True) if shared else psi
+
+  @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
+  def _sample(state, key, h, m, pre, shared):
+    k1, k2 = jax.random.split(key)
+    bids, logq, _ = tree_lib.tree_sample(k1, _psi(h, shared), state.tree, m, kappa, pre)
     members = bids[..., None] * b + jnp.arange(b, dtype=jnp.int32)
-    lk = _bucket_logits(state, h, members)
+    lk = _bucket_logits(state, h, members, shared)
     lk = lk - jax.nn.logsumexp(lk, -1, keepdims=True)
     j = jax.random.categorical(k2, lk, -1)
     ids = bids * b + j.astype(jnp.int32)
-    return ids, logq + jnp.take_along_axis(lk, j[..., None], -1)[..., 0]
+    lq = logq + jnp.take_along_axis(lk, j[..., None], -1)[..., 0]
+    return (ids[0], lq[0]) if shared else (ids, lq)
 
-  def sample(state, key, h, m):
-    m = _check_sample_args(h, m, state.class_vectors.shape[1])
-    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m))
+  def sample(state, key, h, m, shared=False):
+    m = _check_sample_args(h, m, state.class_vectors.shape[1], shared)
+    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m), bool(shared))
 
   @jax.jit
   def update(state, ids, class_vectors):
@@ -322,18 +360,22 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     tree = tree_lib.tree_update(t, jnp.where(valid, uid // b, P), delta)
     return QuadraticState(state.class_vectors.at[uid].set(new, mode="drop"), tree)
 
-  @jax.jit
-  def _log_probs(state, h):
+  @functools.partial(jax.jit, static_argnames=("shared",))
+  def _log_probs(state, h, shared=False):
     t = state.tree
     n, P = t.num_classes, t.num_buckets
-    lqb, _ = tree_lib.tree_log_probs(features_lib.quadratic_features(h, alpha), t, kappa)  # [B, P]
-    k = jnp.log(alpha * (h @ state.class_vectors.T) ** 2 + 1.0)  # [B, n]
-    k = jnp.pad(k, ((0, 0), (0, P * b - n)), constant_values=-jnp.inf).reshape(h.shape[0], P, b)
+    lqb, _ = tree_lib.tree_log_probs(_psi(h, shared), t, kappa)  # [B or 1, P]
+    if shared:
+      k = jnp.log(_kernel(state.class_vectors, h, True))[None]  # [1, n]
+    else:
+      k = jnp.log(alpha * (h @ state.class_vectors.T) ** 2 + 1.0)  # [B, n]
+    k = jnp.pad(k, ((0, 0), (0, P * b - n)), constant_values=-jnp.inf).reshape(k.shape[0], P, b)
     lk = k - jax.nn.logsumexp(k, -1, keepdims=True)
-    return (lqb[:, :, None] + lk).reshape(h.shape[0], P * b)[:, :n]
+    out = (lqb[:, :, None] + lk).reshape(k.shape[0], P * b)[:, :n]
+    return out[0] if shared else out
 
-  def log_probs(state, h):
+  def log_probs(state, h, shared=False):
     _checks.unit_rows("h", h, 2)
-    return _log_probs(state, h)
+    return _log_probs(state, h, bool(shared))
 
   return Sampler(init, sample, update, log_probs, "quadratic")

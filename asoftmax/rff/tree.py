@@ -12,7 +12,24 @@ Sampling for a query feature $\psi = \phi(h)$ descends from the root. A node's m
 the clamped kernel sum plus a defensive uniform floor (RFF estimates can be negative). The walk goes left
 with probability mass(2k)/(mass(2k)+mass(2k+1)) and adds the log of the branch probability it actually
 took, so `log_q` is the exact probability of the path drawn (every real class has q > 0, padding has
-q = 0). Reference: Rawat et al. NeurIPS 2019, Sec. 4 (tree sampling); the clamping/floor scheme is ours
+q = 0).
+
+**What is sampled.** The distribution of a leaf (bucket) j is the product of the branch probabilities on
+its path,
+
+  $q_j = \prod_{k \in \mathrm{path}(j),\,k \ne 1} \frac{\mathrm{mass}(k)}{\mathrm{mass}(k) + \mathrm{mass}(k \oplus 1)}$,
+
+($k \oplus 1$ is the sibling) which `tree_log_probs` returns densely. Without clamping the masses are additive
+(mass(2k) + mass(2k+1) = mass(k)), the product telescopes and $q_j \propto \psi^\top z_j + \bar\kappa
+\,\mathrm{count}(j)$. Once any node on the way has a negative kernel sum, the clamp breaks additivity, the
+product no longer telescopes, and q is **not** $\propto \max(\psi^\top\phi(c_j), 0) + \bar\kappa$ (the
+leaf-clamped kernel, `leaf_clamped_log_probs`): a subtree whose kernel sum is negative is entered only
+through the floor, even when it holds leaves with positive estimates, and a subtree with a positive sum
+shares out its net sum, which is less than the sum of its positive leaves. The two distributions differ by
+a total variation measured in `docs/rff.md` (section "What the tree samples"; `tests/test_rff_lib.py`
+checks the sampled frequencies against the path product and rejects the leaf-clamped form). The log-q
+correction uses the path product, so the sampled softmax estimate of Z stays unbiased whatever the clamp
+does. Reference: Rawat et al. NeurIPS 2019, Sec. 4 (tree sampling); the clamping/floor scheme is ours
 (`shared/papers/rf_softmax.md` Sec. 5-6: the paper's own treatment of negative estimates is [R], unverified).
 
 Updates add $\phi(c_{new}) - \phi(c_{old})$ to the L+1 ancestors of each touched bucket (one scatter-add).
@@ -163,3 +180,16 @@ def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) ->
   for s in range(L):
     acc = acc + logbranch[:, leaf >> s]
   return acc, floor
+
+
+@jax.jit
+def leaf_clamped_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) -> jax.Array:
+  r"""log of $q_j \propto \max(\psi^\top z_j, 0) + \bar\kappa\,\mathrm{count}(j)$ over buckets, [B, P].
+
+  This is NOT what `tree_sample` draws when clamping is active (see the module docstring); it is the
+  distribution a dense sampler clamping each leaf would draw, kept to measure the difference.
+  """
+  P = tree.num_buckets
+  floor = _floor(query_features, tree, kappa)
+  mass = jnp.maximum(query_features @ tree.nodes[P:].T, 0.0) + floor[:, None] * tree.counts[None, P:]
+  return jnp.log(mass) - jnp.log(mass.sum(-1, keepdims=True))

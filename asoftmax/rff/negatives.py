@@ -1,0 +1,149 @@
+r"""Drawing the negatives for a step: per query or batch-shared, with or without replacement.
+
+`draw_negatives(sampler, state, key, h, m, shared=..., unique=...)` wraps any `samplers.Sampler` and returns the
+ids with their log proposal probability and their log **expected count** (what the loss divides by):
+
+* with replacement (`unique=False`): m i.i.d. draws, $E_s = m q_s$ (the paper's form);
+* without replacement (`unique=True`): TensorFlow's rule (`RangeSampler::SampleBatchGetExpectedCountAvoid`):
+  draw from q one try at a time, keep a try only if its class is new, stop once m distinct classes are kept;
+  with T = the number of tries this took, $E_s = 1 - (1 - q_s)^T$ (`ExpectedCountHelper`, computed as
+  $-\mathrm{expm1}(T\,\mathrm{log1p}(-q_s))$). This is TF's approximation to the inclusion probability, not
+  the exact one, so the Z estimate is not exactly unbiased; it is what TF's `sampled_softmax_loss` uses.
+  The true class's expected count (TF subtracts its log from the true logit) is
+  `expected_count(log_q_true, num_tries, m, unique)`.
+
+Tries are drawn in chunks of `chunk` (vectorised over the chunk) inside a `lax.while_loop`; within a chunk a
+try counts only if its class is not already kept and not equal to an earlier try of the chunk, so the kept
+set and T are exactly those of the one-at-a-time loop on the same stream of tries (`unique_from_stream`).
+`shared=True` draws one set for the whole batch (ids [m]); per query, each query runs its own loop (vmapped).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asoftmax.rff import _checks
+
+
+class Negatives(NamedTuple):
+  """ids [B, m] or [m] int32; log_q, log_expected same shape; num_tries [B] or [] int32 (m with replacement)."""
+
+  ids: jax.Array
+  log_q: jax.Array
+  log_expected: jax.Array
+  num_tries: jax.Array
+
+
+def expected_count(log_q: jax.Array, num_tries: jax.Array, m: int, unique: bool) -> jax.Array:
+  r"""Log expected count of a class with log proposal probability `log_q` (TF's `ExpectedCountHelper`).
+
+  With replacement: $\log(m q)$. Without: $\log(1 - (1-q)^T)$, T = `num_tries` (broadcast against log_q's
+  leading axis: [B] against [B, m], or a scalar), except $\log(m q)$ when T = m (TF's shortcut).
+  """
+  log_q = jnp.asarray(log_q)
+  if not unique:
+    return log_q + jnp.log(float(m))
+  T = jnp.asarray(num_tries, jnp.float32)
+  T = T.reshape(T.shape + (1,) * (log_q.ndim - T.ndim))
+  q = jnp.exp(log_q)
+  e = jnp.log(-jnp.expm1(T * jnp.log1p(-jnp.minimum(q, 1.0 - 1e-7))))
+  return jnp.where(T == m, log_q + jnp.log(float(m)), e)  # TF's shortcut when no try was rejected
+
+
+def unique_from_stream(tries: jax.Array, try_log_q: jax.Array, m: int, kept: jax.Array | None = None,
+                       kept_log_q: jax.Array | None = None, count: jax.Array | int = 0):
+  """Consumes one chunk of tries [K] of the one-at-a-time rejection loop.
+
+  Args:
+    tries: [K] int32 class ids, in the order drawn. try_log_q: [K] their log q.
+    m: number of distinct classes wanted.
+    kept, kept_log_q: [m] classes kept so far (first `count` valid; the rest -1) and their log q.
+    count: how many are kept so far.
+
+  Returns:
+    (kept [m], kept_log_q [m], count, used) where `used` is the number of tries of this chunk the loop
+    consumed: K if the set is still incomplete, else the 1-based position of the try that completed it.
+  """
+  K = tries.shape[0]
+  if kept is None:
+    kept = jnp.full((m,), -1, jnp.int32)
+    kept_log_q = jnp.zeros((m,), jnp.float32)
+  seen = jnp.any(tries[:, None] == kept[None, :], 1)
+  earlier = jnp.tril(tries[:, None] == tries[None, :], -1).any(1)
+  new = ~seen & ~earlier
+  rank = count + jnp.cumsum(new.astype(jnp.int32))  # 1-based rank among kept after this try
+  take = new & (rank <= m)
+  slot = jnp.where(take, rank - 1, m)
+  kept = kept.at[slot].set(tries.astype(jnp.int32), mode="drop")
+  kept_log_q = kept_log_q.at[slot].set(try_log_q.astype(jnp.float32), mode="drop")
+  done = rank[-1] >= m
+  used = jnp.where(done, jnp.argmax(rank >= m) + 1, K)
+  return kept, kept_log_q, jnp.minimum(rank[-1], m), used.astype(jnp.int32)
+
+
+def _unique_loop(draw, key, m, chunk):
+  """Runs the rejection loop for one stream; draw(key, K) -> (ids [K], log_q [K])."""
+
+  def cond(c):
+    return c[2] < m
+
+  def body(c):
+    kept, klq, count, tries, key = c
+    key, sub = jax.random.split(key)
+    ids, lq = draw(sub, chunk)
+    kept, klq, count, used = unique_from_stream(ids, lq, m, kept, klq, count)
+    return kept, klq, count, tries + used, key
+
+  init = (jnp.full((m,), -1, jnp.int32), jnp.zeros((m,), jnp.float32), jnp.int32(0), jnp.int32(0), key)
+  kept, klq, _, tries, _ = jax.lax.while_loop(cond, body, init)
+  return kept, klq, tries
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+def _draw(sampler, state, key, h, m, shared, unique, chunk):
+  B = h.shape[0]
+  if not unique:
+    ids, lq = sampler.sample(state, key, h, m, shared=shared)
+    tries = jnp.full(() if shared else (B,), m, jnp.int32)
+    return Negatives(ids, lq, expected_count(lq, tries, m, False), tries)
+  if shared:
+    ids, lq, tries = _unique_loop(lambda k, K: sampler.sample(state, k, h, K, shared=True), key, m, chunk)
+  else:
+    def one(k, hb):
+      return _unique_loop(lambda kk, K: tuple(x[0] for x in sampler.sample(state, kk, hb[None], K)), k, m, chunk)
+    ids, lq, tries = jax.vmap(one)(jax.random.split(key, B), h)
+  return Negatives(ids, lq, expected_count(lq, tries, m, True), tries)
+
+
+def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shared: bool = False,
+                   unique: bool = False, chunk: int | None = None, num_classes: int | None = None) -> Negatives:
+  """Draws m negatives per query (or one set for the batch) with or without replacement.
+
+  Args:
+    sampler: a `samplers.Sampler`. state: its state. key: PRNG key.
+    h: [B, d] unit-norm queries.
+    m: classes per set (>= 1); with `unique=True` m must not exceed the number of classes.
+    shared: one set of m classes for the whole batch (ids [m]) instead of one per query ([B, m]).
+    unique: without replacement (TF's rejection rule and expected counts, see module docstring).
+    chunk: tries drawn per loop iteration when unique (default 2m).
+    num_classes: n, to check m <= n when unique (recommended).
+
+  Returns:
+    `Negatives(ids, log_q, log_expected, num_tries)`; pass `log_expected` to `loss.corrected_sampled_loss`.
+
+  Example:
+    >>> s = unigram_sampler(counts); st = s.init()
+    >>> neg = draw_negatives(s, st, key, h, 64, shared=True, unique=True, num_classes=len(counts))
+    >>> loss = corrected_sampled_loss(h, C, t, neg.ids, neg.log_expected, tau)
+  """
+  m = _checks.pos_int("m", m)
+  if unique and num_classes is not None and m > num_classes:
+    raise ValueError(f"m = {m} distinct classes requested but num_classes = {num_classes}")
+  chunk = 2 * m if chunk is None else _checks.pos_int("chunk", chunk)
+  return _draw(sampler, state, key, h, m, bool(shared), bool(unique), chunk)
+
