@@ -1,17 +1,23 @@
-r"""Per-training-step cost: full softmax vs sampled softmax (RF-softmax tree, quadratic, uniform) vs n.
+r"""Per-training-step cost of the output layer: full softmax vs sampled softmax (RF-softmax tree walk, unigram,
+uniform; optionally quadratic), per-query and batch-shared negatives, vs n and the RFF dimension D.
 
-One run measures, for n in {1e4, 1e5, 1e6} synthetic unit-norm classes, d = 128, m = 100, batch 256:
-  - the median wall-clock of one output-layer training step (forward, backward, SGD update; for sampled
-    softmax also drawing the negatives and refreshing the tree for the touched classes; the class-vector
-    update is a sparse scatter into a donated buffer, so nothing is O(n) per step), and the ratio to full softmax;
-  - the median time of the sampling call alone and the tree depth L = log2(#leaves), to show the tree samplers'
-    cost grows like log n (time / L roughly constant) while full softmax grows like n.
+For n in {1e4, 1e5, 1e6} synthetic unit-norm classes, d = 128, m = 100, batch 256, it measures the median
+wall-clock (>= 5 repetitions after compilation and one warm-up step) of:
+  - the full-softmax step: logits of all n classes, value_and_grad through the normalisation of h and C, an SGD
+    update of the donated [n, d] class matrix (the fastest honest exact step we have: one [B, d] x [d, n] matmul
+    forward, two back); timed before AND after the sampled rows of each n, so drifting machine load shows;
+  - the sampled step: draw the negatives (per query: [B, m], B*m gathers; shared: one [m] set for the batch, a
+    [B, d] x [d, m] matmul), the corrected sampled loss and its gradient, a sparse scatter update of the touched
+    class rows, and the touched-class tree refresh (`sampler.update`). RF-softmax uses the O(D log n) tree walk
+    (`precompute=False`), never the O(nD) all-node scoring;
+  - the sampling call alone, and the tree's memory (2P nodes x 2D float32, P = 2^ceil(log2 n)).
+A cell whose tree would exceed --max_tree_gb is skipped and the reason printed (building it needs ~2.5x that).
 
-    JAX_PLATFORMS=cpu nice -n 10 python scripts/bench_rff.py --out results/bench_rff/bench.json
-    JAX_PLATFORMS=cpu python scripts/bench_rff.py --ns 1000,4000 --reps 2      # quick check
+    JAX_PLATFORMS=cpu nice -n 10 .venv/bin/python scripts/bench_rff.py --out results/bench_rff/bench.json
+    JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_rff.py --ns 1000,4000 --Ds 16 --reps 2   # quick check
 
-Quadratic (Blanc & Rendle) features have d^2 + 1 = 16,385 entries at d = 128, so its tree is over buckets and
-its steps are slow on CPU; a sampler whose first (compiled) step exceeds --max_step_s is measured once only.
+Quadratic (Blanc & Rendle) features have d^2 + 1 = 16,385 entries at d = 128 (tree over buckets, slow on CPU):
+add `quadratic` to --samplers to time it (per-query only), see --quadratic_refresh.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import functools
 import json
 import os
+import platform
 import time
 
 import jax
@@ -27,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import rff
+from asoftmax.rff import tree as tree_lib
 
 
 def _median_time(fn, reps):
@@ -47,29 +55,42 @@ def make_full_step(tau, lr):
   return step
 
 
-def make_sampled_step(sampler, m, tau, lr, rebuild=False):
-  """rebuild=False: refresh only the touched classes (sampler.update); True: rebuild the tree (sampler.init)."""
+def make_sampled_step(sampler, m, tau, lr, shared, rebuild=False):
+  """One sampled-softmax step; rebuild=True rebuilds the tree (sampler.init) instead of the touched refresh."""
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(C, sstate, h, t, key):
     B, d = h.shape
-    ids, lq = sampler.sample(sstate, key, rff.normalize(h), m)
-    lq = jnp.where(ids == t[:, None], jnp.inf, lq)  # accidental hits -> adjusted logit -inf
-    rows_t, rows_s = C[t], C[ids]
-    local_ids = B + jnp.arange(B * m).reshape(B, m)
+    ids, lq = sampler.sample(sstate, key, rff.normalize(h), m, shared=shared)
+    flat = ids.reshape(-1)
+    rows_t, rows_s = C[t], C[flat]
+    local_t = jnp.arange(B)
+    if shared:
+      local_s = B + jnp.arange(m)
+      # accidental hits are found on the global ids and passed through the local ones
+      hit = ids[None, :] == t[:, None]
+    else:
+      local_s = B + jnp.arange(B * m).reshape(B, m)
+      hit = ids == t[:, None]
 
     def f(h, rt, rs):
-      Cl = jnp.concatenate([rt, rs.reshape(-1, d)])
-      return rff.sampled_softmax_loss(h, Cl, jnp.arange(B), local_ids, lq, tau).mean()
+      Cl = jnp.concatenate([rt, rs])
+      log_e = jnp.broadcast_to(lq + jnp.log(float(m)), hit.shape)
+      log_e = jnp.where(hit, jnp.inf, log_e)  # accidental hit: adjusted logit -> -inf
+      return rff.corrected_sampled_loss(h, Cl, local_t, local_s, log_e, tau).mean()
 
     loss, (gh, gt, gs) = jax.value_and_grad(f, argnums=(0, 1, 2))(h, rows_t, rows_s)
-    C = C.at[t].add(-lr * gt).at[ids.reshape(-1)].add(-lr * gs.reshape(-1, d))
+    C = C.at[t].add(-lr * gt).at[flat].add(-lr * gs)
     if rebuild:
       sstate = sampler.init(C)
     else:
-      sstate = sampler.update(sstate, jnp.concatenate([ids.reshape(-1), t]), C)
+      sstate = sampler.update(sstate, jnp.concatenate([flat, t]), C)
     return C, sstate, loss + 0 * gh.sum()
   return step
+
+
+def tree_bytes(n, features):
+  return 2 * tree_lib.num_buckets_for(n, 1) * features * 4
 
 
 def main():
@@ -78,98 +99,146 @@ def main():
   ap.add_argument("--d", type=int, default=128)
   ap.add_argument("--m", type=int, default=100)
   ap.add_argument("--batch", type=int, default=256)
-  ap.add_argument("--D", type=int, default=64, help="RFF frequencies (features 2D); tree memory 2*n_pad*2D floats")
+  ap.add_argument("--Ds", default="64,256,1024", help="RFF frequencies (features 2D)")
   ap.add_argument("--nu", type=float, default=4.0)
   ap.add_argument("--tau", type=float, default=10.0)
+  ap.add_argument("--modes", default="per_query,shared")
+  ap.add_argument("--samplers", default="full,rff,unigram,uniform")
+  ap.add_argument("--max_tree_gb", type=float, default=1.2,
+                  help="skip an RF cell whose tree exceeds this (4 agents share 24 GiB here; build peak ~2.5x)")
   ap.add_argument("--quadratic_bucket", type=int, default=64)
-  ap.add_argument("--samplers", default="full,rff,quadratic,uniform")
-  ap.add_argument("--quadratic_max_n", type=int, default=10000,
-                  help="larger n: quadratic skipped (d^2-wide bucket tree and touched updates do not fit CPU time/memory)")
-  ap.add_argument("--quadratic_refresh", choices=("touched", "rebuild"), default="touched",
-                  help="quadratic tree refresh per step: scatter the touched classes' d^2-wide outer products, or "
-                       "rebuild all bucket sums with one einsum (O(n d^2), far cheaper than touched at batch*m >> n/bucket)")
+  ap.add_argument("--quadratic_max_n", type=int, default=10000)
+  ap.add_argument("--quadratic_refresh", choices=("touched", "rebuild"), default="touched")
   ap.add_argument("--reps", type=int, default=5)
-  ap.add_argument("--max_step_s", type=float, default=20.0)
+  ap.add_argument("--max_step_s", type=float, default=30.0, help="a first step slower than this is timed once")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="results/bench_rff/bench.json")
   a = ap.parse_args()
+  dev = jax.devices()[0]
+  device = f"{dev.platform}:{getattr(dev, 'device_kind', '')} ({os.cpu_count()} cpus, {platform.processor() or platform.machine()})"
+  print(f"device {device}; jax {jax.__version__}; load average {os.getloadavg()}", flush=True)
   key = jax.random.key(a.seed)
   rows = []
+
+  def emit(row):
+    row["loadavg_1m"] = os.getloadavg()[0]
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
   for n in [int(x) for x in a.ns.split(",")]:
     kc, kh, kt, ks = jax.random.split(jax.random.fold_in(key, n), 4)
     h = jax.random.normal(kh, (a.batch, a.d))
     t = jax.random.randint(kt, (a.batch,), 0, n)
-    full_s = None
-    for name in a.samplers.split(","):
+    counts = 1e6 / np.arange(1, n + 1)  # Zipf class counts for the unigram sampler
+    full_ms = []
+
+    def time_full(when):
       C = rff.normalize(jax.random.normal(kc, (n, a.d)))
-      row = {"n": n, "d": a.d, "m": a.m, "batch": a.batch, "sampler": name}
-      if name == "quadratic" and n > a.quadratic_max_n:
-        row["status"] = f"skipped: n > --quadratic_max_n={a.quadratic_max_n} (CPU time/memory)"
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        continue
-      if name == "full":
-        step = make_full_step(a.tau, 0.1)
-        state = {"C": C}
-        def call():
-          state["C"], loss = step(state["C"], h, t)
-          return loss
-      else:
-        if name == "rff":
-          sampler = rff.rff_sampler(ks, a.D, a.nu, 0.01)
-          row.update(D=a.D, nu=a.nu)
-        elif name == "quadratic":
-          sampler = rff.quadratic_sampler(100.0, a.quadratic_bucket)
-          row.update(bucket=a.quadratic_bucket)
-        elif name == "uniform":
-          sampler = rff.uniform_sampler(n)
-        else:
-          raise ValueError(f"unknown sampler {name!r}")
-        sstate = sampler.init(C)
-        if hasattr(sstate, "tree"):
-          row["tree_depth"] = sstate.tree.depth
-          row["tree_bytes"] = int(sstate.tree.nodes.size * 4)
-        hn = rff.normalize(h)
-        sample_fn = jax.jit(lambda s, k: sampler.sample(s, k, hn, a.m))
-        jax.block_until_ready(sample_fn(sstate, ks))
-        row["sample_ms"] = 1e3 * _median_time(lambda: sample_fn(sstate, ks), a.reps)[0]
-        rebuild = name == "quadratic" and a.quadratic_refresh == "rebuild"
-        if name == "quadratic":
-          row["refresh"] = a.quadratic_refresh
-        step = make_sampled_step(sampler, a.m, a.tau, 0.1, rebuild=rebuild)
-        state = {"C": C, "s": sstate, "i": 0}
-        def call():
-          state["i"] += 1
-          state["C"], state["s"], loss = step(state["C"], state["s"], h, t, jax.random.fold_in(ks, state["i"]))
-          return loss
+      step = make_full_step(a.tau, 0.1)
+      state = {"C": C}
+      def call():
+        state["C"], loss = step(state["C"], h, t)
+        return loss
       t0 = time.perf_counter()
-      jax.block_until_ready(call())  # compile + first step
+      jax.block_until_ready(call())
+      first = time.perf_counter() - t0
+      jax.block_until_ready(call())  # warm-up
+      med, ts = _median_time(call, a.reps)
+      full_ms.append(1e3 * med)
+      emit({"n": n, "sampler": "full", "mode": when, "step_ms": 1e3 * med, "step_ms_all": [1e3 * x for x in ts],
+            "compile_and_first_s": first, "ratio_to_full": None})
+      del state, C
+
+    if "full" in a.samplers.split(","):
+      time_full("full (before)")
+    cells = []
+    for name in a.samplers.split(","):
+      if name == "full":
+        continue
+      for mode in a.modes.split(","):
+        if name == "rff":
+          cells += [(name, mode, int(D)) for D in a.Ds.split(",")]
+        elif name == "quadratic":
+          if mode == "per_query":
+            cells.append((name, mode, None))
+        else:
+          cells.append((name, mode, None))
+    for name, mode, D in cells:
+      shared = mode == "shared"
+      row = {"n": n, "d": a.d, "m": a.m, "batch": a.batch, "sampler": name, "mode": mode}
+      if name == "rff":
+        row.update(D=D, nu=a.nu, tree_MB=tree_bytes(n, 2 * D) / 2**20)
+        if tree_bytes(n, 2 * D) > a.max_tree_gb * 2**30:
+          row["status"] = (f"skipped: tree needs {tree_bytes(n, 2 * D) / 2**30:.2f} GiB (2P x 2D float32, "
+                           f"P = {tree_lib.num_buckets_for(n, 1)}) > --max_tree_gb={a.max_tree_gb}")
+          emit(row)
+          continue
+        sampler = rff.rff_sampler(ks, D, a.nu, 0.01, precompute=False)
+      elif name == "quadratic":
+        if n > a.quadratic_max_n:
+          row["status"] = f"skipped: n > --quadratic_max_n={a.quadratic_max_n} (CPU time)"
+          emit(row)
+          continue
+        sampler = rff.quadratic_sampler(100.0, a.quadratic_bucket)
+        row.update(bucket=a.quadratic_bucket, refresh=a.quadratic_refresh)
+      elif name == "uniform":
+        sampler = rff.uniform_sampler(n)
+      elif name == "unigram":
+        sampler = rff.unigram_sampler(counts)
+      else:
+        raise ValueError(f"unknown sampler {name!r}")
+      C = rff.normalize(jax.random.normal(kc, (n, a.d)))
+      sstate = sampler.init(C)
+      if hasattr(sstate, "tree"):
+        row["tree_depth"] = sstate.tree.depth
+        row["tree_MB"] = sstate.tree.nodes.size * 4 / 2**20
+      hn = rff.normalize(h)
+      sample_fn = jax.jit(lambda s, k: sampler.sample(s, k, hn, a.m, shared=shared))
+      jax.block_until_ready(sample_fn(sstate, ks))
+      row["sample_ms"] = 1e3 * _median_time(lambda: sample_fn(sstate, ks), a.reps)[0]
+      step = make_sampled_step(sampler, a.m, a.tau, 0.1, shared,
+                               rebuild=name == "quadratic" and a.quadratic_refresh == "rebuild")
+      state = {"C": C, "s": sstate, "i": 0}
+      def call():
+        state["i"] += 1
+        state["C"], state["s"], loss = step(state["C"], state["s"], h, t, jax.random.fold_in(ks, state["i"]))
+        return loss
+      t0 = time.perf_counter()
+      jax.block_until_ready(call())
       first = time.perf_counter() - t0
       reps = a.reps if first < a.max_step_s else 1
+      if reps > 1:
+        jax.block_until_ready(call())  # warm-up
       med, ts = _median_time(call, reps)
-      row.update(step_ms=1e3 * med, step_reps=reps, compile_and_first_s=first)
-      if name == "full":
-        full_s = med
-      row["ratio_to_full"] = med / full_s if full_s else None
-      rows.append(row)
-      print(json.dumps(row), flush=True)
-      del state, C
-  print("\n| n | sampler | step ms | ratio to full | sample ms | tree depth L | sample ms / L |")
-  print("|---|---|---|---|---|---|---|")
+      row.update(step_ms=1e3 * med, step_ms_all=[1e3 * x for x in ts], step_reps=reps, compile_and_first_s=first,
+                 ratio_to_full=(1e3 * med / full_ms[0]) if full_ms else None)
+      emit(row)
+      del state, C, sstate
+    if "full" in a.samplers.split(","):
+      time_full("full (after)")
+      for r in rows:
+        if r["n"] == n and r.get("step_ms") and r["sampler"] != "full":
+          r["ratio_to_full_after"] = r["step_ms"] / full_ms[-1]
+
+  print(f"\ndevice {device}; jax {jax.__version__}; median of {a.reps} steps after compile + 1 warm-up; "
+        f"d={a.d}, m={a.m}, batch={a.batch}, nu={a.nu}")
+  print("\n| n | sampler | negatives | D | tree MB | step ms | / full (before, after) | sample ms |")
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
+    D = r.get("D", "")
+    mb = f"{r['tree_MB']:.0f}" if "tree_MB" in r else ""
     if "step_ms" not in r:
-      print(f"| {r['n']} | {r['sampler']} | {r['status']} | | | | |")
+      print(f"| {r['n']} | {r['sampler']} | {r['mode']} | {D} | {mb} | {r['status']} | | |")
       continue
-    L = r.get("tree_depth")
+    ratio = ""
+    if r.get("ratio_to_full") is not None:
+      ratio = f"{r['ratio_to_full']:.2f}, {r.get('ratio_to_full_after', float('nan')):.2f}"
     s = r.get("sample_ms")
-    print(f"| {r['n']} | {r['sampler']} | {r['step_ms']:.1f} | {r['ratio_to_full'] or float('nan'):.3f} | "
-          f"{'' if s is None else f'{s:.1f}'} | {'' if L is None else L} | "
-          f"{'' if (s is None or not L) else f'{s / L:.2f}'} |")
+    print(f"| {r['n']} | {r['sampler']} | {r['mode']} | {D} | {mb} | {r['step_ms']:.1f} | {ratio} | "
+          f"{'' if s is None else f'{s:.1f}'} |")
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  dev = jax.devices()[0]
   with open(a.out, "w") as f:
-    json.dump({"args": vars(a), "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-               "jax": jax.__version__, "rows": rows}, f, indent=2)
+    json.dump({"args": vars(a), "device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
   print("wrote", a.out)
 
 

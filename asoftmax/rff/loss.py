@@ -64,7 +64,8 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
     h: [B, d] queries (normalized here). class_vectors: [n, d] (gathered rows normalized here).
     targets: [B] int true classes.
     ids: [B, m] per-query or [m] batch-shared sampled classes.
-    log_expected: log expected count of each sampled class, same shape as `ids` (log(m q) with replacement).
+    log_expected: log expected count of each sampled class, broadcastable to [B, m] (log(m q) with
+      replacement; +inf masks an entry).
     tau: inverse temperature.
     log_expected_true: optional [B] log expected count of each true class (TF's default subtracts it; the
       paper does not).
@@ -90,7 +91,7 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
   else:
     o_s = tau * jnp.einsum("bd,bmd->bm", hn, _norm(class_vectors[ids]))
   m = ids.shape[-1]
-  adj = o_s - jax.lax.stop_gradient(jnp.broadcast_to(log_expected, ids.shape))
+  adj = o_s - jax.lax.stop_gradient(jnp.broadcast_to(log_expected, o_s.shape))
   hit = jnp.broadcast_to(ids, o_s.shape) == targets[:, None]
   if accidental_hits == "last":
     last = jnp.max(jnp.where(hit, jnp.arange(m), -1), -1)
