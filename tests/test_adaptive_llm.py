@@ -1,25 +1,20 @@
-"""Tests for experiments/adaptive_llm.py: user-supplied heads end to end, the hidden-state cache, missing text.
+"""Tests for experiments/adaptive/llm.py: user-supplied heads end to end, the hidden-state cache, missing text.
 
-The SmolLM2 smoke variant (`configs/adaptive_llm.py:smoke`) is run end to end by tests/test_smoke_configs.py.
+The SmolLM2 smoke variant (`configs/adaptive/llm.py:smoke`) is run end to end by tests/test_smoke_configs.py.
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 import pytest
 
-from experiments import adaptive_llm, run
-
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "adaptive_llm.py")
+from experiments import registry, run
+from experiments.adaptive import llm as adaptive_llm
 
 
 def load_config(arg):
-  spec = importlib.util.spec_from_file_location("cfg_adaptive_llm", CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return registry.load_config("configs/adaptive/llm.py", arg)
 
 
 def _user_files(tmp_path, n=300, d=64, q=40, seed=0):

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from asoftmax.models import classification, cnn, train
+from asoftmax.models import cnn, train
+from experiments import registry
+from experiments.adaptive import classification
 
 
 def _digits(n=256, seed=0):
@@ -112,20 +114,13 @@ def test_paper_entry_lookup():
 @pytest.mark.slow
 def test_full_mnist_accuracy_at_least_99(tmp_path):
   """Trains the full-config CNN on the full 60k MNIST (minutes on CPU) and checks >= 99% test accuracy."""
-  import importlib.util
-  import os
-
   from asoftmax import configlib
   from asoftmax.data import mnist
 
   data_dir = configlib.default_data_dir()
   if mnist.find_idx_dir(data_dir) is None:
     pytest.skip("full MNIST idx files not found (set ASOFTMAX_DATA_DIR)")
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "adaptive_mnist.py")
-  spec = importlib.util.spec_from_file_location("cfg_mnist", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = registry.load_config("configs/adaptive/mnist.py")
   splits = mnist.load_mnist(data_dir)
   assert len(splits.y_train) == 60000 and len(splits.y_test) == 10000
   _, info = classification.trained_classifier(config, str(tmp_path), splits)

@@ -59,15 +59,9 @@ def test_missing_data_message(tmp_path):
 
 
 def test_experiment_rows_say_not_run_when_data_absent(tmp_path):
-  import importlib.util
-
   from experiments import registry
 
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "adaptive_eurosat.py")
-  spec = importlib.util.spec_from_file_location("cfg_eurosat", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
+  config = registry.load_config("configs/adaptive/eurosat.py")
   config.data_dir = str(tmp_path / "nowhere")
   import jax
 

@@ -21,7 +21,7 @@ def _cli(*args, cwd=ROOT):
 
 
 def test_cli_writes_outputs_with_overrides(tmp_path):
-  p = _cli("--config", "configs/adaptive_synthetic.py:smoke", "--workdir", str(tmp_path),
+  p = _cli("--config", "configs/adaptive/synthetic.py:smoke", "--workdir", str(tmp_path),
            "--config.trials=3", "--config.datasets=('toy',)")
   assert p.returncode == 0, p.stderr[-2000:]
   cfg = json.loads((tmp_path / "config.json").read_text())
@@ -33,19 +33,14 @@ def test_cli_writes_outputs_with_overrides(tmp_path):
 
 
 def test_cli_rejects_unknown_field(tmp_path):
-  p = _cli("--config", "configs/adaptive_synthetic.py:smoke", "--workdir", str(tmp_path), "--config.trails=3")
+  p = _cli("--config", "configs/adaptive/synthetic.py:smoke", "--workdir", str(tmp_path), "--config.trails=3")
   assert p.returncode != 0
   assert "trails" in p.stderr
   assert not (tmp_path / "results.json").exists()
 
 
 def test_same_seed_same_numbers(tmp_path):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, "configs", "adaptive_synthetic.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  cfg = mod.get_config("smoke")
+  cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
   a = run.execute(cfg, str(tmp_path / "a"))
   b = run.execute(cfg, str(tmp_path / "b"))
   strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
@@ -53,9 +48,9 @@ def test_same_seed_same_numbers(tmp_path):
 
 
 def test_default_workdir():
-  assert run.default_workdir("configs/adaptive_llm.py:model=smollm2,data=ptb") == os.path.join(
+  assert run.default_workdir("configs/adaptive/llm.py:model=smollm2,data=ptb") == os.path.join(
       "results", "adaptive_llm-model=smollm2_data=ptb")
-  assert run.default_workdir("configs/adaptive_synthetic.py") == os.path.join("results", "adaptive_synthetic")
+  assert run.default_workdir("configs/adaptive/synthetic.py") == os.path.join("results", "adaptive_synthetic")
 
 
 def test_registry_unknown_name_lists_known():

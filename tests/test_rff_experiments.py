@@ -4,7 +4,9 @@ import jax
 import numpy as np
 
 from asoftmax import rff
-from experiments import rf_bias, rf_lm
+from experiments import registry
+from experiments.rff import bias as rf_bias
+from experiments.rff import lm as rf_lm
 
 
 def test_gradient_bias_exact_at_noise_floor_and_uniform_above():
@@ -50,14 +52,7 @@ def test_ptb_reader_adds_eos(tmp_path):
 
 
 def test_task_config_overrides_only_that_task():
-  import importlib.util
-  import os
-
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "rf_lm.py")
-  spec = importlib.util.spec_from_file_location("cfg_rf_lm", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config("task=smollm2")
+  c = registry.load_config("configs/rff/lm.py:task=smollm2")
   assert tuple(c.tasks) == ("smollm2",)
   h = rf_lm.task_config(c, "smollm2")
   assert h.dim == c.smollm2.dim != c.dim and h.rff_nu == c.rff_nu  # overridden / inherited

@@ -1,21 +1,17 @@
 """The topk experiments on tiny inputs: the WikiText reader/packer and the BERT table's invariants."""
 
-import importlib.util
 import os
 
 import numpy as np
 
 from asoftmax.models import bert
-from experiments import topk_bert, topk_synthetic
-
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+from experiments import registry
+from experiments.topk import bert as topk_bert
+from experiments.topk import synthetic as topk_synthetic
 
 
 def _config(name, arg):
-  spec = importlib.util.spec_from_file_location("cfg_" + name, os.path.join(CONFIGS, name + ".py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  return registry.load_config(f"configs/topk/{name}.py", arg)
 
 
 def _tiny_wikitext(tmp_path):
@@ -42,7 +38,7 @@ def test_read_and_pack_wikitext(tmp_path):
 
 
 def test_topk_bert_on_tiny_wikitext(tmp_path):
-  c = _config("topk_bert", "smoke")
+  c = _config("bert", "smoke")
   c.data_dir = _tiny_wikitext(tmp_path)
   c.num_sequences = 2
   c.epsilons = (0.1, 0.001)
@@ -66,7 +62,7 @@ def test_topk_bert_on_tiny_wikitext(tmp_path):
 
 
 def test_topk_bert_missing_data_is_reported(tmp_path):
-  c = _config("topk_bert", "smoke")
+  c = _config("bert", "smoke")
   c.data_dir = str(tmp_path)
   c.drift_methods = ()
   out = topk_bert.run(c, str(tmp_path), __import__("jax").random.key(0))
@@ -74,7 +70,7 @@ def test_topk_bert_missing_data_is_reported(tmp_path):
 
 
 def test_topk_synthetic_smoke_rows():
-  c = _config("topk_synthetic", "smoke")
+  c = _config("synthetic", "smoke")
   out = topk_synthetic.run(c, "", __import__("jax").random.key(0))
   assert len(out.rows) == 2 * 2 * 2
   for r in out.rows:

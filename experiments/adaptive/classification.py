@@ -1,5 +1,5 @@
 """The paper's classification protocol (Baharav et al., NeurIPS 2024, Table 1), shared by
-`experiments/adaptive_mnist.py` and `experiments/adaptive_eurosat.py`.
+`experiments/adaptive/mnist.py` and `experiments/adaptive/eurosat.py`.
 
 1. Load the images (`asoftmax.data`), train the CNN with optax (or load its cached safetensors weights from the
    workdir), measure test accuracy.
@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from asoftmax import adaptive, paper_numbers
+from asoftmax import adaptive
 from asoftmax.models import cnn, train
+from experiments.adaptive import paper as paper_numbers
 
 COLUMNS = (
     "dataset", "n", "d", "nnz_mean", "k", "delta", "n_eval", "gain", "gain_nnz", "success", "success_lo",

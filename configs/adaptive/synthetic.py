@@ -5,10 +5,10 @@ epsilon = 0.3, delta = 0.1, 100 trials per d (a fresh random A per trial), for t
 "gaussian" datasets (see `asoftmax.adaptive.synthetic`). Rows: mean/std samples vs n*d, gain,
 success with a 95% Clopper-Pearson interval.
 
-    python -m experiments.run --config configs/adaptive_synthetic.py --workdir results/adaptive_synthetic
-    python -m experiments.run --config configs/adaptive_synthetic.py:smoke --workdir /tmp/syn_smoke
-    python -m experiments.run --config configs/adaptive_synthetic.py:toy       # one dataset
-    python -m experiments.run --config configs/adaptive_synthetic.py --config.trials=20
+    python -m experiments.run --config configs/adaptive/synthetic.py --workdir results/adaptive_synthetic
+    python -m experiments.run --config configs/adaptive/synthetic.py:smoke --workdir /tmp/syn_smoke
+    python -m experiments.run --config configs/adaptive/synthetic.py:toy       # one dataset
+    python -m experiments.run --config configs/adaptive/synthetic.py --config.trials=20
 
 Time (measured, CPU, 2 cores): full run ~7 min (dominated by generating the 100 x 1e6 matrices);
 smoke < 10 s.

@@ -4,8 +4,8 @@ Reproduces the synthetic evaluation of Tzachristas et al., "Certified Top-k atte
 (arXiv:2512.07647, Sec. 6 / 7): i.i.d. N(0, sigma^2) rows over grids of sigma and n, epsilon in {0.1, 0.05, 0.01,
 0.001}; the paper states the rule, not a table, so the "paper" column is the predicted value.
 
-    python -m experiments.run --config configs/topk_synthetic.py --workdir results/topk_synthetic
-    python -m experiments.run --config configs/topk_synthetic.py:smoke --workdir /tmp/topk_syn_smoke
+    python -m experiments.run --config configs/topk/synthetic.py --workdir results/topk_synthetic
+    python -m experiments.run --config configs/topk/synthetic.py:smoke --workdir /tmp/topk_syn_smoke
 
 Time (measured, CPU, 2 cores shared with other jobs): full run 59 s (140 rows); smoke 4 s.
 """

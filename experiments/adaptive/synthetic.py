@@ -6,8 +6,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from asoftmax import adaptive, paper_numbers, stats
+from asoftmax import adaptive, stats
 from experiments import registry
+from experiments.adaptive import paper as paper_numbers
 
 GENERATORS = {"toy": adaptive.toy_problem, "gaussian": adaptive.gaussian_problem}
 

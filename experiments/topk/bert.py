@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from asoftmax import topk
 from asoftmax.models import bert
-from asoftmax.topk import paper_numbers
+
 from experiments import registry
+from experiments.topk import paper as paper_numbers
 
 # Used by the smoke variant and when no data dir is given: a few fixed sentences (padded, so masking is exercised).
 BUILTIN_SENTENCES = (

@@ -30,9 +30,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from asoftmax import adaptive, paper_numbers, results
+from asoftmax import adaptive, results
 from asoftmax.models import hidden_cache
 from experiments import registry
+from experiments.adaptive import paper as paper_numbers
 
 COLUMNS = (
     "model", "n", "d", "dataset", "k", "delta", "n_eval", "gain", "success", "success_lo", "success_hi",

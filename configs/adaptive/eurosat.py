@@ -5,9 +5,9 @@ ImageNet VGG-19 features, which cannot be loaded offline); x = the wide ReLU pen
 (sparse, non-negative, like VGG features). epsilon = 0.3, delta in {10%, 5%, 1%}, k = 1 (paper) and 3 (ours);
 1,000 test images (200 tune / 800 held out) from our seeded stratified 80/20 split of the 27,000 images.
 
-    python -m experiments.run --config configs/adaptive_eurosat.py --workdir results/adaptive_eurosat
-    python -m experiments.run --config configs/adaptive_eurosat.py --workdir results/adaptive_eurosat --config.retrain=True
-    python -m experiments.run --config configs/adaptive_eurosat.py:smoke --workdir /tmp/eurosat_smoke
+    python -m experiments.run --config configs/adaptive/eurosat.py --workdir results/adaptive_eurosat
+    python -m experiments.run --config configs/adaptive/eurosat.py --workdir results/adaptive_eurosat --config.retrain=True
+    python -m experiments.run --config configs/adaptive/eurosat.py:smoke --workdir /tmp/eurosat_smoke
 
 Data: `data_dir/eurosat/2750/<Class>/*.jpg` (default $ASOFTMAX_DATA_DIR), or a prepared tfds dir
 (`--config.tfds_dir`); when absent every row says "not run: data not found at <path>". Decoded images

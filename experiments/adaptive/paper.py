@@ -2,7 +2,7 @@
 
 Source: Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation", NeurIPS 2024, as restated in
 `shared/papers/adaptive_softmax.md`. Certified top-k and RF-softmax numbers live in their own packages
-(`asoftmax.topk.paper_numbers`, `asoftmax.rff`).
+(`experiments/topk/paper.py`, `experiments/rff/paper.py`).
 """
 
 # Paper Figure 2 (synthetic, n = 100, d in [1e3, 1e6], epsilon = 0.3, delta = 0.1, 100 trials).

@@ -27,8 +27,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asoftmax import rff
-from asoftmax.rff import paper_numbers
+
 from experiments import registry
+from experiments.rff import paper as paper_numbers
 
 
 def synthetic_problem(key, n, d, num_queries, noise):
@@ -132,7 +133,7 @@ def _settings(config, rng):
   if config.snapshot:
     path = config.snapshot
     if not os.path.exists(path):
-      yield "trained (rf_lm)", None, None, None, [], None, f"not run: no snapshot at {path} (run configs/rf_lm.py first)"
+      yield "trained (rf_lm)", None, None, None, [], None, f"not run: no snapshot at {path} (run configs/rff/lm.py first)"
       return
     z = np.load(path)
     q = min(config.num_queries, z["h"].shape[0])

@@ -1,11 +1,11 @@
 r"""RF-softmax bias: proposal closeness and sampled-softmax gradient bias vs D, nu, m (Rawat et al. 2019).
 
 Reproduces the paper's bias analysis (its figures on how well each q approximates the softmax and on the
-gradient bias against D; no numbers verified, see `asoftmax/rff/paper_numbers.py`) on (a) synthetic unit-sphere
-vectors with peaked softmaxes and (b) the class/query vectors of the PTB model trained by `configs/rf_lm.py`.
+gradient bias against D; no numbers verified, see `experiments/rff/paper.py`) on (a) synthetic unit-sphere
+vectors with peaked softmaxes and (b) the class/query vectors of the PTB model trained by `configs/rff/lm.py`.
 
-    python -m experiments.run --config configs/rf_bias.py --workdir results/rf_bias
-    python -m experiments.run --config configs/rf_bias.py:smoke --workdir /tmp/rf_bias_smoke
+    python -m experiments.run --config configs/rff/bias.py --workdir results/rf_bias
+    python -m experiments.run --config configs/rff/bias.py:smoke --workdir /tmp/rf_bias_smoke
 
 Time (measured, CPU, 2 cores shared with other jobs): full run 339 s (240 rows: 192 synthetic + 48 from the
 rf_lm snapshot; the snapshot rows need `results/rf_lm/snapshot.npz`, else they are marked not run); smoke 11 s.

@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from asoftmax.data import eurosat
-from asoftmax.models import classification
 from experiments import registry
+from experiments.adaptive import classification
 
 
 def write_generated_folder(root: str, n_per_class: int, n_classes: int = 10, size: int = 64, seed: int = 0) -> str:

@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from asoftmax import rff
 from asoftmax.models.lm import FeatureHead, WordLSTM
-from asoftmax.rff import paper_numbers
 from experiments import registry
+from experiments.rff import paper as paper_numbers
 
 
 # ------------------------------------------------------------------------------------------------ data

