@@ -1,37 +1,169 @@
-"""Argument checks shared by the public entry points: clear `ValueError`s naming the argument.
+"""Argument checks shared by every public entry point: clear `ValueError`s naming the argument.
 
-These run on the host, outside `jax.jit`, before any tracing.
+One policy for all packages (`adaptive`, `rff`, `topk`), safe under `jax.jit` / `jax.vmap` in the
+style of optax's `optax/_src/utils.py`:
+
+* shape and dtype are always checked (they are static, even for traced arrays);
+* values of arrays (finite, in range, unit-norm rows, at least one valid key) are checked only when
+  the array is concrete, never for a `jax.core.Tracer`;
+* Python numbers (`k`, `m`, `delta`, ...) are always checked.
+
+Floating means `jnp.issubdtype(dtype, jnp.floating)`, so bfloat16 and float16 are accepted wherever
+float32 is (numpy's own `issubdtype` rejects bfloat16).
+
+>>> import numpy as np
+>>> from asoftmax import checks
+>>> checks.open_unit("delta", 0.1)
+0.1
+>>> checks.floating_array("x", np.array([1.0, np.nan]), (1,))
+Traceback (most recent call last):
+  ...
+ValueError: x contains NaN or inf
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
-def floating_array(name: str, value, ndims: tuple[int, ...]) -> np.ndarray | object:
-  """Checks `value` is a floating array with one of `ndims` and only finite entries.
+# ------------------------------------------------------------------------------------------ helpers
+def is_traced(*xs: Any) -> bool:
+  """True if any argument is a jax tracer (inside jit/vmap/grad): value checks are then skipped."""
+  return any(isinstance(x, jax.core.Tracer) for x in xs)
 
-  Returns the value unchanged (numpy or jax array). Raises ValueError naming `name`.
-  """
+
+def is_floating(dtype: Any) -> bool:
+  """True for every floating dtype jax knows, bfloat16 and float16 included."""
+  try:
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+  except TypeError:
+    return False
+
+
+def _shape_dtype(name: str, value: Any) -> tuple[tuple[int, ...], Any]:
   shape = getattr(value, "shape", None)
   dtype = getattr(value, "dtype", None)
   if shape is None or dtype is None:
     raise ValueError(f"{name} must be an array, got {type(value).__name__}")
-  if len(shape) not in ndims:
-    raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(shape)}")
-  if not np.issubdtype(np.dtype(dtype), np.floating):
+  return tuple(shape), dtype
+
+
+def _all_finite(value: Any) -> bool:
+  a = np.asarray(value)
+  if a.dtype.kind not in "fc":  # bfloat16 and other ml_dtypes: compare in float32
+    a = a.astype(np.float32)
+  return bool(np.isfinite(a).all())
+
+
+# ------------------------------------------------------------------------------------------ arrays
+def floating_array(name: str, value: Any, ndims: Sequence[int] | int | None = None, *,
+                   finite: bool = True) -> Any:
+  """Checks `value` is a non-empty floating array with one of `ndims` dimensions (and finite entries).
+
+  Args:
+    name: the argument's name, used in the error message.
+    value: a numpy or jax array (traced arrays are accepted: their values are not checked).
+    ndims: allowed numbers of dimensions (an int, a sequence, or None for any).
+    finite: if True and `value` is concrete, NaN and inf are rejected.
+
+  Returns:
+    `value`, unchanged.
+
+  Raises:
+    ValueError: naming `name`.
+  """
+  shape, dtype = _shape_dtype(name, value)
+  if ndims is not None:
+    ndims = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+    if len(shape) not in ndims:
+      raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {shape}")
+  if not is_floating(dtype):
     raise ValueError(f"{name} must have a floating dtype, got {dtype}")
   if any(s == 0 for s in shape):
-    raise ValueError(f"{name} must be non-empty, got shape {tuple(shape)}")
-  if not bool(np.isfinite(np.asarray(value)).all()):
+    raise ValueError(f"{name} must be non-empty, got shape {shape}")
+  if finite and not is_traced(value) and not _all_finite(value):
     raise ValueError(f"{name} contains NaN or inf")
   return value
 
 
-def open_unit(name: str, value) -> float:
-  """Checks 0 < value < 1 and returns it as a float."""
+def finite(name: str, x: Any, ndim: int | None = None) -> Any:
+  """`floating_array(name, x, ndim)`: a non-empty floating array of `ndim` dims with finite entries."""
+  return floating_array(name, x, ndim)
+
+
+def unit_rows(name: str, x: Any, ndim: int | None = None, atol: float = 1e-3) -> Any:
+  """Checks `x` is a finite floating array whose rows (last axis) have unit L2 norm within `atol`."""
+  floating_array(name, x, ndim)
+  if not is_traced(x):
+    norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
+    bad = np.abs(norms - 1.0) > atol
+    if bad.any():
+      raise ValueError(
+          f"{name} must have unit-norm rows (L2 norm 1 within {atol}); got norms in "
+          f"[{norms.min():.4g}, {norms.max():.4g}] ({int(bad.sum())} rows off). Normalize first.")
+  return x
+
+
+def logits(s: Any, name: str = "logits") -> None:
+  """Checks `s` is a floating array with a non-empty last (key) axis, without NaN or +inf when concrete.
+
+  -inf is allowed (a masked key).
+  """
+  shape = getattr(s, "shape", None)
+  if shape is None or len(shape) < 1 or shape[-1] == 0:
+    raise ValueError(f"{name} must be an array with a non-empty last (key) axis, got shape {shape}")
+  if not is_floating(s.dtype):
+    raise ValueError(f"{name} must have a floating dtype, got {s.dtype}")
+  if is_traced(s):
+    return
+  a = np.asarray(s)
+  if a.dtype.kind != "f":
+    a = a.astype(np.float32)
+  if np.isnan(a).any():
+    raise ValueError(f"{name} contains NaN")
+  if np.isposinf(a).any():
+    raise ValueError(f"{name} contains +inf")
+
+
+def valid(v: Any, shape: Sequence[int], name: str = "valid") -> None:
+  """`v` (or None) must be boolean, broadcastable to `shape`, with at least one True key per row when concrete."""
+  if v is None:
+    return
+  vshape = getattr(v, "shape", None)
+  if vshape is None:
+    raise ValueError(f"{name} must be a boolean array, got {type(v).__name__}")
+  if np.dtype(v.dtype) != np.bool_:
+    raise ValueError(f"{name} must have dtype bool, got {v.dtype}")
+  try:
+    np.broadcast_shapes(tuple(vshape), tuple(shape))
+  except ValueError:
+    raise ValueError(f"{name} of shape {tuple(vshape)} does not broadcast to {tuple(shape)}") from None
+  if len(vshape) == 0 or vshape[-1] != shape[-1]:
+    raise ValueError(f"{name} must have a key axis of size {shape[-1]}, got shape {tuple(vshape)}")
+  if is_traced(v):
+    return
+  if not np.asarray(v).any(axis=-1).all():
+    raise ValueError(f"{name} has a row with no valid key (every key masked)")
+
+
+# ------------------------------------------------------------------------------------------ numbers
+def open_unit(name: str, value: Any) -> Any:
+  """Checks 0 < value < 1 (a number, or every entry of a concrete array); returns a float for numbers.
+
+  A traced value is returned unchecked.
+  """
+  if is_traced(value):
+    return value
+  if getattr(value, "ndim", 0):
+    e = np.asarray(value, dtype=np.float64)
+    if not (np.all(np.isfinite(e)) and np.all(e > 0.0) and np.all(e < 1.0)):
+      raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return value
   try:
     v = float(value)
   except (TypeError, ValueError):
@@ -41,7 +173,13 @@ def open_unit(name: str, value) -> float:
   return v
 
 
-def positive(name: str, value) -> float:
+def epsilon(eps: Any) -> Any:
+  """`open_unit("epsilon", eps)`: the TV / relative-error budget must lie in (0, 1)."""
+  return open_unit("epsilon", eps)
+
+
+def positive(name: str, value: Any) -> float:
+  """Checks `value` is a positive finite number and returns it as a float."""
   try:
     v = float(value)
   except (TypeError, ValueError):
@@ -51,16 +189,42 @@ def positive(name: str, value) -> float:
   return v
 
 
-def int_in_range(name: str, value, lo: int, hi: int) -> int:
-  """Checks `value` is an integer with lo <= value <= hi."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+def pos_float(name: str, v: Any, allow_zero: bool = False) -> float:
+  """Checks `v` is a finite number > 0 (>= 0 with `allow_zero`) and returns it as a float."""
+  try:
+    f = float(v)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a positive number, got {v!r}") from None
+  ok = (f >= 0.0 if allow_zero else f > 0.0) and math.isfinite(f)
+  if not ok:
+    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {v!r}")
+  return f
+
+
+def _is_int(value: Any) -> bool:
+  return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def int_in_range(name: str, value: Any, lo: int, hi: int) -> int:
+  """Checks `value` is an integer with lo <= value <= hi and returns it as an int."""
+  if not _is_int(value):
     raise ValueError(f"{name} must be an integer, got {value!r}")
   if not lo <= int(value) <= hi:
     raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
   return int(value)
 
 
-def one_of(name: str, value, choices) -> str:
+def pos_int(name: str, v: Any, lo: int = 1) -> int:
+  """Checks `v` is an integer >= `lo` and returns it as an int."""
+  if not _is_int(v):
+    raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+  if int(v) < lo:
+    raise ValueError(f"{name} must be >= {lo}, got {v}")
+  return int(v)
+
+
+def one_of(name: str, value: Any, choices) -> Any:
+  """Checks `value` is one of `choices`."""
   if value not in choices:
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
   return value

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from asoftmax.rff import _checks
+from asoftmax import checks
 
 
 def init_rff(key: jax.Array, d: int, num_features: int, nu: float) -> jax.Array:
@@ -52,9 +52,9 @@ def init_rff(key: jax.Array, d: int, num_features: int, nu: float) -> jax.Array:
   Example:
     >>> W = init_rff(jax.random.key(0), d=64, num_features=256, nu=4.0)
   """
-  d = _checks.pos_int("d", d)
-  D = _checks.pos_int("num_features (D)", num_features)
-  nu = _checks.pos_float("nu", nu)
+  d = checks.pos_int("d", d)
+  D = checks.pos_int("num_features (D)", num_features)
+  nu = checks.pos_float("nu", nu)
   return jax.random.normal(key, (D, d), jnp.float32) * jnp.sqrt(jnp.float32(nu))
 
 
@@ -74,8 +74,8 @@ def rff_features(x: ArrayLike, W: ArrayLike) -> jax.Array:
   Returns:
     [..., 2D] float32.
   """
-  _checks.finite("W", W, 2)
-  _checks.unit_rows("x", x)
+  checks.finite("W", W, 2)
+  checks.unit_rows("x", x)
   if x.shape[-1] != W.shape[1]:
     raise ValueError(f"x has dimension {x.shape[-1]} but W expects {W.shape[1]}")
   return _rff(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))

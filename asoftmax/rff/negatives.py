@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asoftmax.rff import _checks
+from asoftmax import checks
 
 
 class Negatives(NamedTuple):
@@ -141,9 +141,9 @@ def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shar
     >>> neg = draw_negatives(s, st, key, h, 64, shared=True, unique=True, num_classes=len(counts))
     >>> loss = corrected_sampled_loss(h, C, t, neg.ids, neg.log_expected, tau)
   """
-  m = _checks.pos_int("m", m)
+  m = checks.pos_int("m", m)
   if unique and num_classes is not None and m > num_classes:
     raise ValueError(f"m = {m} distinct classes requested but num_classes = {num_classes}")
-  chunk = 2 * m if chunk is None else _checks.pos_int("chunk", chunk)
+  chunk = 2 * m if chunk is None else checks.pos_int("chunk", chunk)
   return _draw(sampler, state, key, h, m, bool(shared), bool(unique), chunk)
 

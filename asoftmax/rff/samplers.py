@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from asoftmax.rff import _checks
+from asoftmax import checks
 from asoftmax.rff import features as features_lib
 from asoftmax.rff import tree as tree_lib
 
@@ -63,8 +63,8 @@ def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def _check_sample_args(h, m, d=None, shared=False):
-  _checks.unit_rows("h", h, 2)
-  m = _checks.pos_int("m", m)
+  checks.unit_rows("h", h, 2)
+  m = checks.pos_int("m", m)
   if not isinstance(shared, (bool, np.bool_)):
     raise ValueError(f"shared must be a bool, got {shared!r}")
   if d is not None and h.shape[-1] != d:
@@ -73,7 +73,7 @@ def _check_sample_args(h, m, d=None, shared=False):
 
 
 def _check_class_vectors(c):
-  _checks.finite("class_vectors", c, 2)
+  checks.finite("class_vectors", c, 2)
   return jnp.asarray(c, jnp.float32)
 
 
@@ -96,7 +96,7 @@ class CountState:
 
 def uniform_sampler(num_classes: int) -> Sampler:
   """q_i = 1/n."""
-  n = _checks.pos_int("num_classes", num_classes)
+  n = checks.pos_int("num_classes", num_classes)
 
   def init(class_vectors=None):
     del class_vectors
@@ -128,7 +128,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
   counts = np.asarray(counts, np.float64)
   if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
     raise ValueError("counts must be a non-empty 1-D array of finite nonnegative numbers")
-  smoothing = _checks.pos_float("smoothing", smoothing, allow_zero=True)
+  smoothing = checks.pos_float("smoothing", smoothing, allow_zero=True)
   w = counts + smoothing
   if w.sum() <= 0:
     raise ValueError("counts + smoothing must have a positive sum")
@@ -165,7 +165,7 @@ class ExactState:
 
 def exact_sampler(tau: float) -> Sampler:
   r"""The oracle q = softmax($\tau C h$) (O(nd) per query): the "Exp" baseline of the paper."""
-  tau = _checks.pos_float("tau", tau)
+  tau = checks.pos_float("tau", tau)
 
   def init(class_vectors):
     return ExactState(normalize(_check_class_vectors(class_vectors)))
@@ -199,7 +199,7 @@ def exact_sampler(tau: float) -> Sampler:
     return ExactState(state.class_vectors.at[uid].set(new, mode="drop"))
 
   def log_probs(state, h, shared=False):
-    _checks.unit_rows("h", h, 2)
+    checks.unit_rows("h", h, 2)
     return _log_probs(state, h, bool(shared))
 
   return Sampler(init, sample, update, log_probs, "exact")
@@ -238,9 +238,9 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     kappa: defensive uniform-mixing rate (>= 0).
     precompute: True / False / "auto" (see `tree.tree_sample`).
   """
-  D = _checks.pos_int("num_features (D)", num_features)
-  nu = _checks.pos_float("nu", nu)
-  kappa = _checks.pos_float("kappa", kappa, allow_zero=True)
+  D = checks.pos_int("num_features (D)", num_features)
+  nu = checks.pos_float("nu", nu)
+  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
 
   def init(class_vectors):
     c = normalize(_check_class_vectors(class_vectors))
@@ -278,7 +278,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     return lq[0] if shared else lq
 
   def log_probs(state, h, shared=False):
-    _checks.unit_rows("h", h, 2)
+    checks.unit_rows("h", h, 2)
     return _log_probs(state, h, bool(shared))
 
   return Sampler(init, sample, update, log_probs, "rff")
@@ -298,9 +298,9 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
   (F = d^2 + 1); inside the drawn bucket the exact kernel values pick the class. Cost O(d^2 log(n/b) + b d)
   per sample. The kernel is positive, so no clamping is ever active (kappa = 0 by default).
   """
-  alpha = _checks.pos_float("alpha", alpha)
-  b = _checks.pos_int("bucket", bucket)
-  kappa = _checks.pos_float("kappa", kappa, allow_zero=True)
+  alpha = checks.pos_float("alpha", alpha)
+  b = checks.pos_int("bucket", bucket)
+  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
   sa = float(np.sqrt(alpha))
 
   def init(class_vectors):
@@ -375,7 +375,7 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     return out[0] if shared else out
 
   def log_probs(state, h, shared=False):
-    _checks.unit_rows("h", h, 2)
+    checks.unit_rows("h", h, 2)
     return _log_probs(state, h, bool(shared))
 
   return Sampler(init, sample, update, log_probs, "quadratic")

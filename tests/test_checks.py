@@ -1,0 +1,65 @@
+"""asoftmax.checks: one tracer-safe policy (shape/dtype always, values only when concrete)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from asoftmax import checks
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_low_precision_floats_are_floating(dtype):
+  x = jnp.ones((3, 4), dtype)
+  assert checks.floating_array("x", x, (2,)) is x
+  checks.logits(x)
+  checks.unit_rows("u", jnp.full((2, 4), 0.5, dtype))
+
+
+def test_bfloat16_nan_is_caught_when_concrete():
+  with pytest.raises(ValueError, match="x contains NaN or inf"):
+    checks.floating_array("x", jnp.array([1.0, jnp.nan], jnp.bfloat16))
+  with pytest.raises(ValueError, match="logits contains NaN"):
+    checks.logits(jnp.array([1.0, jnp.nan], jnp.bfloat16))
+
+
+def test_shape_and_dtype_checked_under_jit_values_not():
+  def f(x, v):
+    checks.floating_array("x", x, (2,))
+    checks.logits(x)
+    checks.valid(v, x.shape)
+    checks.open_unit("epsilon", x[0, 0])  # traced: passes through
+    return x.sum()
+
+  nan = jnp.array([[jnp.nan, 1.0]])
+  assert np.isnan(jax.jit(f)(nan, jnp.array([[False, False]])))  # values of tracers are not checked
+  with pytest.raises(ValueError, match="x must have 2 dimensions"):
+    jax.jit(f)(jnp.ones(3), jnp.ones(3, bool))
+  with pytest.raises(ValueError, match="x must have a floating dtype"):
+    jax.jit(f)(jnp.ones((2, 2), jnp.int32), jnp.ones((2, 2), bool))
+  with pytest.raises(ValueError, match="valid must have dtype bool"):
+    jax.jit(f)(jnp.ones((2, 2)), jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match="no valid key"):
+    f(jnp.ones((1, 2)), np.array([[False, False]]))  # concrete: the value is checked
+
+
+def test_numbers_always_checked():
+  assert checks.open_unit("delta", 0.5) == 0.5
+  with pytest.raises(ValueError, match="delta must be in"):
+    checks.open_unit("delta", 1.0)
+  with pytest.raises(ValueError, match="epsilon"):
+    checks.epsilon(np.array([0.1, 0.0]))
+  with pytest.raises(ValueError, match="m must be >= 1"):
+    checks.pos_int("m", 0)
+  with pytest.raises(ValueError, match="k must be an integer"):
+    checks.int_in_range("k", True, 1, 3)
+  with pytest.raises(ValueError, match="nu must be > 0"):
+    checks.pos_float("nu", -1.0)
+  assert checks.pos_float("kappa", 0.0, allow_zero=True) == 0.0
+  with pytest.raises(ValueError, match="mode must be one of"):
+    checks.one_of("mode", "x", {"a", "b"})
+
+
+def test_not_an_array():
+  with pytest.raises(ValueError, match="x must be an array, got list"):
+    checks.floating_array("x", [1.0, 2.0])
