@@ -1,34 +1,55 @@
-"""Atomic writers for results files, and the markdown table renderer.
+"""Atomic file writes: the one helper every writer in the project uses (results, caches, weights).
 
 A crashed run must never leave a half-written file that looks complete: every file is written
 to a temporary file in the same directory and then renamed over the target (atomic on POSIX).
+
+>>> import os, tempfile
+>>> from asoftmax import results
+>>> path = os.path.join(tempfile.mkdtemp(), "x.json")
+>>> results.write_json(path, {"gain": 2.5})
+>>> open(path).read()
+'{\n  "gain": 2.5\n}\n'
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
+  """Yields a temporary path next to `path`; on a clean exit it is renamed over `path`, else deleted.
+
+  For writers that want a file name (`np.savez`, `safetensors.numpy.save_file`). `suffix` is the
+  temporary file's ending (`np.savez` appends ".npz" to names that lack it, so pass ".npz" there).
+  """
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=directory)
+  os.close(fd)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` atomically (fsync'd temp file, then rename)."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -47,56 +68,9 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as indented JSON, atomically."""
   text = json.dumps(to_jsonable(obj), indent=2, sort_keys=False)
-  _atomic_write_bytes(path, (text + "\n").encode())
+  atomic_write_bytes(path, (text + "\n").encode())
 
 
 def write_text(path: str, text: str) -> None:
   """Writes text atomically."""
-  _atomic_write_bytes(path, text.encode())
-
-
-def save_figure(fig, path: str, dpi: int = 120) -> None:
-  """Saves a matplotlib figure as PNG atomically and closes it."""
-  import io
-
-  import matplotlib.pyplot as plt
-
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-  plt.close(fig)
-  _atomic_write_bytes(path, buf.getvalue())
-
-
-def format_value(v: Any) -> str:
-  if v is None:
-    return "–"
-  if isinstance(v, bool):
-    return "yes" if v else "no"
-  if isinstance(v, int):
-    return str(v)
-  if isinstance(v, float):
-    if not math.isfinite(v):
-      return str(v)
-    a = abs(v)
-    if a == 0:
-      return "0"
-    if a >= 1e5 or a < 1e-3:
-      return f"{v:.3g}"
-    if a >= 100:
-      return f"{v:.1f}"
-    return f"{v:.4g}"
-  if isinstance(v, (list, tuple)):
-    return "[" + ", ".join(format_value(x) for x in v) + "]"
-  return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(rows: Iterable[dict], columns: Sequence[str]) -> str:
-  """Renders rows as a GitHub markdown table with the given column order.
-
-  Missing values render as an en dash.
-  """
-  rows = list(rows)
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  for r in rows:
-    lines.append("| " + " | ".join(format_value(r.get(c)) for c in columns) + " |")
-  return "\n".join(lines) + "\n"
+  atomic_write_bytes(path, text.encode())

@@ -38,17 +38,23 @@ class Experiment:
     name: registry name (equals `config.experiment`).
     run: `run(config, workdir, rng) -> Output`. `rng` is the root PRNG key built from
       `config.seed`; the same config and seed must give the same numbers.
-    columns: the columns of table.md, in order (rows may hold more keys than these).
+    tables: the declared tables (`experiments.tables.Table`), in table.md order; every row carries
+      `"table": <name>` and only the keys its table declares (checked when results are written).
+    columns: legacy single-table form: the columns of table.md (rows may hold more keys). Use `tables`.
     plot: optional `plot(rows, notes) -> {filename_stem: matplotlib Figure}`. Plots are built
       from saved rows only, so `python -m experiments.report --workdir DIR` can redraw them.
     title: a one-line title for table.md.
+    readme: optional `readme(results) -> [tables.ReadmeRow]`: README's results rows (one headline number
+      per cell) from a saved results dict; used by `python -m experiments.report --readme`.
   """
 
   name: str
   run: Callable[..., Output]
-  columns: Sequence[str]
+  columns: Sequence[str] = ()
   plot: Callable[[list[dict], dict], dict[str, Any]] | None = None
   title: str = ""
+  tables: Sequence[Any] = ()
+  readme: Callable[[dict], list[Any]] | None = None
 
 
 _MODULES = {

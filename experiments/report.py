@@ -1,43 +1,99 @@
-"""Turns a saved `results.json` into `table.md` and PNG plots (no re-running).
+"""Turns saved `results.json` files into `table.md`, PNG plots and README's results rows (no re-running).
 
-    python -m experiments.report --workdir results/adaptive_synthetic
+    python -m experiments.report --workdir results/adaptive_synthetic     # redraw table.md and plots
+    python -m experiments.report --readme                                 # rewrite README's results rows
+    python -m experiments.report --readme --check                         # exit 1 if README is stale
+
+README's rows live between the markers `<!-- results:begin -->` and `<!-- results:end -->`; each row comes from
+one committed snapshot `docs/results/<name>/results.json` (listed in `README_SNAPSHOTS`) through its
+experiment's `readme` function: one headline number per cell, a link to the config and to the table.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 
 from asoftmax import results as results_lib
-from experiments import registry
+from experiments import registry, tables
+
+ROOT = registry.ROOT
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+# (snapshot directory, config that reproduces it), in README order.
+README_SNAPSHOTS = (
+    ("docs/results/adaptive_synthetic", "configs/adaptive/synthetic.py"),
+    ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
+    ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
+    ("docs/results/adaptive_llm_tuned", "configs/adaptive/llm.py"),
+    ("docs/results/topk_synthetic", "configs/topk/synthetic.py"),
+    ("docs/results/topk_bert", "configs/topk/bert.py"),
+    ("docs/results/rf_lm", "configs/rff/lm.py"),
+    ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
+    ("docs/results/rf_bias", "configs/rff/bias.py"),
+)
+
+
+def experiment_tables(exp: registry.Experiment) -> tuple[tables.Table, ...]:
+  """The experiment's declared tables (a legacy `columns` list is one table named after the experiment)."""
+  if exp.tables:
+    return tuple(exp.tables)
+  from typing import NamedTuple
+
+  legacy = NamedTuple(f"{exp.name}_row", [(c, object) for c in exp.columns])
+  legacy.__new__.__defaults__ = (None,) * len(exp.columns)
+  return (tables.Table(exp.name, legacy, hidden=("*",)),)
+
+
+def _rows_of(res: dict, exp: registry.Experiment) -> list[dict]:
+  if exp.tables:
+    tables.validate(res["rows"], exp.tables)
+    return res["rows"]
+  return [{**r, "table": exp.name} for r in res["rows"]]
 
 
 def render_table(res: dict, exp: registry.Experiment) -> str:
-  """The table.md text for one saved results dict."""
+  """The table.md text for one saved results dict: one section per declared table."""
+  rows = _rows_of(res, exp)
   lines = [f"# {exp.title or exp.name}", ""]
+  wall = res.get("wall_s")
   lines.append(
       f"Config `{res.get('config_name')}`, seed {res.get('seed')}, device {res.get('device')}, "
-      f"jax {res.get('jax_version')}, wall-clock {res.get('wall_s', 0):.1f} s."
-  )
+      f"jax {res.get('jax_version')}, wall-clock {'–' if wall is None else f'{wall:.1f} s'}.")
+  if res.get("provenance"):
+    lines += ["", f"**Provenance:** {res['provenance']}"]
   lines.append("")
-  lines.append(results_lib.markdown_table(res["rows"], list(exp.columns)))
+  specs = experiment_tables(exp)
+  for t in specs:
+    mine = [r for r in rows if r.get("table") == t.name]
+    if not mine:
+      continue
+    if len(specs) > 1 or t.title:
+      lines += [f"## {t.title or t.name}", ""]
+    lines.append(tables.markdown_table(mine, t.columns))
   notes = res.get("notes") or {}
   if notes:
     lines.append("## Notes")
     lines.append("")
     for k, v in notes.items():
-      lines.append(f"- **{k}**: {results_lib.format_value(v) if not isinstance(v, str) else v}")
+      lines.append(f"- **{k}**: {v if isinstance(v, str) else tables.format_value(v)}")
     lines.append("")
   return "\n".join(lines)
 
 
-def write_reports(workdir: str) -> list[str]:
-  """Writes table.md and plots for `workdir/results.json`; returns the paths written."""
+def load(workdir: str) -> tuple[dict, registry.Experiment]:
   with open(os.path.join(workdir, "results.json")) as f:
     res = json.load(f)
-  exp = registry.get(res["experiment"])
+  return res, registry.get(res["experiment"])
+
+
+def write_reports(workdir: str) -> list[str]:
+  """Writes table.md and plots for `workdir/results.json`; returns the paths written."""
+  res, exp = load(workdir)
   written = []
   path = os.path.join(workdir, "table.md")
   results_lib.write_text(path, render_table(res, exp))
@@ -48,18 +104,65 @@ def write_reports(workdir: str) -> list[str]:
     matplotlib.use("Agg")
     for stem, fig in exp.plot(res["rows"], res.get("notes") or {}).items():
       path = os.path.join(workdir, f"{stem}.png")
-      results_lib.save_figure(fig, path)
+      tables.save_figure(fig, path)
       written.append(path)
   return written
 
 
+# ------------------------------------------------------------------------------------------ README rows
+def _link(path: str) -> str:
+  return f"[`{path}`]({path})"
+
+
+def readme_rows(root: str = ROOT) -> str:
+  """The markdown results table README shows, built only from the committed snapshots."""
+  lines = ["| paper table | config | our number | paper number | table |", "|---|---|---|---|---|"]
+  for snap, config in README_SNAPSHOTS:
+    path = os.path.join(root, snap, "results.json")
+    if not os.path.exists(path):
+      lines.append(f"| {snap} | {_link(config)} | no results.json committed | – | – |")
+      continue
+    res, exp = load(os.path.join(root, snap))
+    if exp.readme is None:
+      continue
+    for r in exp.readme(res):
+      ours = r.ours + (" ⚠ reconstructed from table.md" if res.get("provenance") else "")
+      lines.append(f"| {r.label} | {_link(config)} | {ours} | {r.paper} | [{snap}/table.md]({snap}/table.md) |")
+  return "\n".join(lines) + "\n"
+
+
+def render_readme(text: str, rows: str) -> str:
+  """`text` with the block between the results markers replaced by `rows`."""
+  if BEGIN not in text or END not in text:
+    raise ValueError(f"README has no {BEGIN} ... {END} block")
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  return f"{head}{BEGIN}\n{rows}{END}{tail}"
+
+
 def main(argv):
   del argv
+  if flags.FLAGS.readme:
+    with open(README) as f:
+      text = f.read()
+    new = render_readme(text, readme_rows())
+    if flags.FLAGS.check:
+      if new != text:
+        print("README.md results rows are stale: run `python -m experiments.report --readme`", file=sys.stderr)
+        sys.exit(1)
+      return
+    results_lib.write_text(README, new)
+    print(README)
+    return
+  if not flags.FLAGS.workdir:
+    raise app.UsageError("give --workdir DIR or --readme")
   for p in write_reports(flags.FLAGS.workdir):
     print(p)
 
 
 if __name__ == "__main__":
   # Defined here, not at import time: the launcher imports this module and has its own --workdir.
-  flags.DEFINE_string("workdir", None, "Directory holding results.json.", required=True)
+  flags.DEFINE_string("workdir", None, "Directory holding results.json.")
+  flags.DEFINE_bool("readme", False, "Rewrite README.md's results rows from docs/results/*/results.json.")
+  flags.DEFINE_bool("check", False, "With --readme: only check, exit 1 if README.md differs.")
   app.run(main)

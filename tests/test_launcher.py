@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from asoftmax import results
-from experiments import registry, run
+from experiments import registry, run, tables
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -73,6 +73,6 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 
 
 def test_markdown_table_renders_missing_as_dash():
-  t = results.markdown_table([{"a": 1, "b": 0.5}, {"a": 2}], ["a", "b"])
+  t = tables.markdown_table([{"a": 1, "b": 0.5}, {"a": 2}], ["a", "b"])
   assert t.splitlines()[0] == "| a | b |"
   assert t.splitlines()[3] == "| 2 | – |"

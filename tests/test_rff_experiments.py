@@ -4,6 +4,7 @@ import jax
 import numpy as np
 
 from asoftmax import rff
+from asoftmax.data import text
 from experiments import registry
 from experiments.rff import bias as rf_bias
 from experiments.rff import lm as rf_lm
@@ -48,7 +49,7 @@ def test_synthetic_softmax_gets_peaked_with_tau():
 def test_ptb_reader_adds_eos(tmp_path):
   p = tmp_path / "x.txt"
   p.write_text(" a b \n c\n")
-  assert rf_lm.read_words(str(p)) == ["a", "b", "<eos>", "c", "<eos>"]
+  assert text.words(p.read_text()) == ["a", "b", "<eos>", "c", "<eos>"]
 
 
 def test_task_config_overrides_only_that_task():

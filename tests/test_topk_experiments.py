@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from asoftmax.data import text
 from asoftmax.models import bert
 from experiments import registry
 from experiments.topk import bert as topk_bert
@@ -25,7 +26,8 @@ def _tiny_wikitext(tmp_path):
 
 def test_read_and_pack_wikitext(tmp_path):
   data = _tiny_wikitext(tmp_path)
-  lines = topk_bert.read_wikitext_lines(os.path.join(data, "wikitext-2", "wiki.test.tokens"))
+  with open(os.path.join(data, "wikitext-2", "wiki.test.tokens"), encoding="utf-8") as f:
+    lines = text.wikitext_lines(f.read())
   assert len(lines) == 40 and not any(l.startswith("=") for l in lines)
   assert "tower-block" in lines[0] and "3,000" in lines[0]
   _, tok, _ = bert.load_bert()

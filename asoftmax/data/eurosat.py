@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 
+from asoftmax import results
 from asoftmax.data.mnist import ImageSplits, stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -45,7 +46,6 @@ def read_image_folder(folder: str, size: int = 64, max_per_class: int | None = N
     (images (N, size, size, 3) uint8, labels (N,) int32, class_names).
   """
   from PIL import Image
-  from tqdm.auto import tqdm
 
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"image folder not found: {folder}")
@@ -59,7 +59,7 @@ def read_image_folder(folder: str, size: int = 64, max_per_class: int | None = N
   if not files:
     raise FileNotFoundError(f"no images (*{'/'.join(IMAGE_EXTENSIONS)}) in the class folders of {folder}")
   images = np.empty((len(files), size, size, 3), np.uint8)
-  for i, f in enumerate(tqdm(files, desc="read images", leave=False, disable=len(files) < 2000)):
+  for i, f in enumerate(files):
     with Image.open(f) as im:
       im = im.convert("RGB")
       if im.size != (size, size):
@@ -90,9 +90,8 @@ def load_eurosat(data_dir: str, *, tfds_dir: str = "", test_fraction: float = 0.
     else:
       x, y, classes = read_image_folder(folder, max_per_class=max_per_class)
       if cache_path:
-        tmp = cache_path + ".tmp.npz"
-        np.savez(tmp, x=x, y=y, classes=np.asarray(classes))
-        os.replace(tmp, cache_path)
+        with results.atomic_path(cache_path, suffix=".npz") as tmp:
+          np.savez(tmp, x=x, y=y, classes=np.asarray(classes))
     source = f"image folder {os.path.abspath(folder)} ({len(y)} images)"
   elif tfds_dir:
     try:

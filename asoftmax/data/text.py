@@ -76,6 +76,33 @@ def read_text(data_dir: str, dataset: str, split: str = "test") -> str:
     return f.read()
 
 
+def words(text: str) -> list[str]:
+  """Whitespace words of `text` with `<eos>` at each line end (the PTB word-level LM convention).
+
+  >>> words(" a b \n c\n")
+  ['a', 'b', '<eos>', 'c', '<eos>']
+  """
+  out = []
+  for line in text.splitlines():
+    out.extend(line.split() + ["<eos>"])
+  return out
+
+
+def wikitext_lines(text: str) -> list[str]:
+  """Non-empty, non-heading lines of WikiText `.tokens` text, with the ` @-@ `-style joiners undone.
+
+  >>> wikitext_lines(" = Title = \n\n A 3 @,@ 000 @-@ metre tower . \n")
+  ['A 3,000-metre tower .']
+  """
+  out = []
+  for line in text.splitlines():
+    s = line.strip()
+    if not s or (s.startswith("=") and s.endswith("=")):
+      continue
+    out.append(s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", "."))
+  return out
+
+
 def tokenize(tokenizer, text: str) -> np.ndarray:
   """Token ids of `text` (no BOS/EOS added) as an int32 array."""
   return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)

@@ -14,18 +14,19 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from typing import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from asoftmax import results
 
 MODES = ("last", "all")
 
 
 def save_npz_atomic(path: str, **arrays) -> None:
   """np.savez to `path` via a temp file and a rename (never a half-written file under `path`)."""
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  with results.atomic_path(path, suffix=".npz") as tmp:
+    np.savez(tmp, **arrays)
 
 
 def fingerprint(contexts: np.ndarray, mode: str = "last") -> str:
@@ -36,8 +37,9 @@ def fingerprint(contexts: np.ndarray, mode: str = "last") -> str:
   return h.hexdigest()[:16]
 
 
-def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: int, desc: str = "", *,
-                         mode: str = "last", dtype=np.float32, save_every_s: float = 0.0) -> np.ndarray:
+def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: int, *,
+                         mode: str = "last", dtype=np.float32, save_every_s: float = 0.0,
+                         progress: Callable[[int, int], None] | None = None) -> np.ndarray:
   """Final-norm hidden states of (q, t) token windows, cached in (and resumed from) `cache_path`.
 
   Args:
@@ -45,12 +47,12 @@ def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: i
     contexts: (q, t) int token windows (no padding).
     cache_path: the `.npz` cache file (created or resumed).
     batch: windows per forward pass (>= 1).
-    desc: progress-bar label.
     mode: "last" -> (q, d), the state at each window's last position (the next-token query);
       "all" -> (q, t, d), every position (position i predicts token i + 1 of the window).
     dtype: storage dtype of X (float32, or float16 to halve the memory of "all").
     save_every_s: write the cache at most this often (0: after every batch); the final state is always
       written. Large "all" caches are slow to rewrite, so use e.g. 60 there.
+    progress: optional `progress(done, total)` called after every batch (e.g. a progress bar's update).
 
   Returns:
     X as a numpy array of `dtype`, shape (q, d) or (q, t, d).
@@ -79,7 +81,6 @@ def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: i
   if done >= q:
     return X
   forward = llama.last_hidden_state if mode == "last" else llama.hidden_states
-  bar = tqdm(total=q, initial=done, desc=f"hidden states {desc}".strip(), unit="window")
   last_save = time.monotonic()
   for i in range(done, q, batch):
     j = min(q, i + batch)
@@ -87,6 +88,6 @@ def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: i
     if j == q or time.monotonic() - last_save >= save_every_s:
       save_npz_atomic(cache_path, X=X, done=np.int64(j), fingerprint=np.str_(fp))
       last_save = time.monotonic()
-    bar.update(j - i)
-  bar.close()
+    if progress is not None:
+      progress(j, q)
   return X

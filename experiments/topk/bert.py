@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asoftmax import topk
+from asoftmax.data import text
 from asoftmax.models import bert
 
 from experiments import registry
@@ -34,25 +35,15 @@ BUILTIN_SENTENCES = (
 )
 
 
-def read_wikitext_lines(path: str) -> list[str]:
-  """Non-empty, non-heading lines of a WikiText-2 `.tokens` file, with the @-@ style joiners undone."""
-  out = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      s = line.strip()
-      if not s or (s.startswith("=") and s.endswith("=")):
-        continue
-      out.append(s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", "."))
-  return out
-
-
 def _inputs(config, tok, n):
   """(ids, mask, source) for sequence length n."""
   if config.data_dir:
     path = os.path.join(config.data_dir, config.text_file)
     if not os.path.exists(path):
       return None, None, f"not run: data not found at {path}"
-    ids = bert.pack_token_ids(tok, read_wikitext_lines(path), n, config.num_sequences)
+    with open(path, encoding="utf-8") as f:
+      lines = text.wikitext_lines(f.read())
+    ids = bert.pack_token_ids(tok, lines, n, config.num_sequences)
     return ids, np.ones_like(ids), f"{config.text_file}: first {len(ids)} packed sequences of {n} tokens"
   ids, mask = bert.tokenize(tok, list(BUILTIN_SENTENCES[: config.num_sequences]), n)
   return ids, mask, f"{len(ids)} built-in sentences padded to {n} (no data_dir)"
