@@ -6,6 +6,8 @@ All generators are pure functions of a PRNG key and return float32 `(A, x)` with
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -53,3 +55,98 @@ def planted_problem(
   mu = jnp.where(is_top, top, others)
   A = A + jnp.outer(mu - A @ x, x) / jnp.dot(x, x)
   return A, x
+
+
+def problem_with_logits(key: jax.Array, mu: jax.Array, d: int, *, noise: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """A random `(A, x)` whose exact logits `A x` equal `mu` (n,): `x ~ N(0, I_d)`, `A = noise * N(0, 1/d)`
+  moved along `x`.
+
+  Returns:
+    (A, x): (n, d) float32 and (d,) float32.
+  """
+  kx, ka = jax.random.split(key)
+  x = jax.random.normal(kx, (d,))
+  A = noise * jax.random.normal(ka, (mu.shape[0], d)) / jnp.sqrt(d)
+  A = A + jnp.outer(mu - A @ x, x) / jnp.dot(x, x)
+  return A, x
+
+
+def heavy_tailed_problem(key: jax.Array, n: int, d: int, *, df: float = 2.5, planted_gap: float | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+  """Student-t(df) entries in `A` (scaled by 1/sqrt(d)) and in `x`: heavy-tailed products `A_ij x_j`.
+
+  With `planted_gap`, a random row gets `planted_gap` added to its logit along `x` (a planted top-1).
+  """
+  ka, kx, kp = jax.random.split(key, 3)
+  A = jax.random.t(ka, df, (n, d)) / jnp.sqrt(d)
+  x = jax.random.t(kx, df, (d,))
+  if planted_gap is not None:
+    mu = A @ x
+    i = jax.random.randint(kp, (), 0, n)
+    A = A.at[i].add((jnp.max(mu) - mu[i] + planted_gap) * x / jnp.dot(x, x))
+  return A, x
+
+
+def dominant_coordinate_problem(key: jax.Array, n: int, d: int, *, factor: float = 200.0, k: int = 1
+                                ) -> tuple[jax.Array, jax.Array]:
+  """A planted-gap problem whose query has one random coordinate multiplied by `factor`.
+
+  The logits change with it (they are whatever `A x` gives); one product per arm dominates its sum.
+  """
+  k1, k2 = jax.random.split(key)
+  A, x = planted_problem(k1, n, d, k=k)
+  j = jax.random.randint(k2, (), 0, d)
+  return A, x.at[j].multiply(factor)
+
+
+def sparse_query_problem(key: jax.Array, n: int, d: int, *, density: float = 0.1, k: int = 1
+                         ) -> tuple[jax.Array, jax.Array]:
+  """A planted-gap problem whose query keeps a random `density` fraction of its coordinates (rest 0)."""
+  k1, k2 = jax.random.split(key)
+  A, x = planted_problem(k1, n, d, k=k)
+  keep = jax.random.uniform(k2, (d,)) < density
+  return A, jnp.where(keep, x, 0.0)
+
+
+def near_tie_problem(key: jax.Array, n: int, d: int, *, k: int = 1, tie_gap: float = 0.01, gap: float = 1.0
+                     ) -> tuple[jax.Array, jax.Array]:
+  """Logits with a near tie at the k-th place: `mu_(k) - mu_(k+1) = tie_gap`, the rest `gap` below.
+
+  The top k-1 logits sit `gap` above the k-th; the (k+1)-th sits `tie_gap` below it; the others are
+  N(0, 1) at least `gap` below the (k+1)-th.
+  """
+  km, kp, kprob = jax.random.split(key, 3)
+  others = jax.random.normal(km, (n,))
+  base = jnp.max(others) + gap
+  # ranks 0..k-2: above; rank k-1: base; rank k: base - tie_gap
+  top = base + gap * (1.0 + jnp.arange(k - 1, dtype=jnp.float32))
+  special = jnp.concatenate([top, jnp.stack([base, base - tie_gap])])
+  perm = jax.random.permutation(kp, n)
+  mu = others.at[perm[: k + 1]].set(special)
+  return problem_with_logits(kprob, mu, d)
+
+
+class Family(NamedTuple):
+  """A family of problems for statistical tests: a generator `make(key) -> (A, x)` and call options."""
+
+  make: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+  k: int = 1
+  options: tuple[tuple[str, object], ...] = ()
+
+
+def families(n: int = 100, d: int = 1000) -> dict[str, Family]:
+  """The input families AdaptiveSoftmax's guarantee is tested on (friendly and hard), at size (n, d).
+
+  `n_much_larger_than_d` is always 50,000 x 64.
+  """
+  return {
+      "gaussian_planted": Family(lambda key: planted_problem(key, n, d)),
+      "heavy_tailed": Family(lambda key: heavy_tailed_problem(key, n, d, df=2.5)),
+      "student_t3_planted": Family(lambda key: heavy_tailed_problem(key, n, d, df=3.0, planted_gap=1.0)),
+      "dominant_coordinate": Family(lambda key: dominant_coordinate_problem(key, n, d)),
+      "sparse_query": Family(lambda key: sparse_query_problem(key, n, d, density=0.1)),
+      "near_tie_k3": Family(lambda key: near_tie_problem(key, n, d, k=3), k=3),
+      "n_much_larger_than_d": Family(lambda key: planted_problem(key, 50_000, 64)),
+      "planted_k5": Family(lambda key: planted_problem(key, n, d, k=5), k=5),
+      "warmup_1": Family(lambda key: planted_problem(key, n, d), options=(("warmup", 1),)),
+  }

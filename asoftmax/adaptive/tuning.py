@@ -136,9 +136,11 @@ def tune_fudge(
     # the radii below theory would overfit (measured on SmolLM2: 0/100 tuning failures, 5/200 held out).
     # Keep the theoretical radius or wider.
     lo = 1.0
+  if kwargs.pop("mode", "paper") != "paper":
+    raise ValueError("tune_fudge tunes mode='paper' only (certified mode has no fudge factors)")
   run = lambda fb, fz: adaptive_softmax(  # noqa: E731
       key, prep, X_tune, k=k, epsilon=epsilon, delta=delta, beta=beta, fudge_bandit=fb, fudge_z=fz,
-      check_finite=False, **kwargs,
+      mode="paper", check_finite=False, **kwargs,
   )
 
   def fails_bandit(fb):
@@ -181,7 +183,8 @@ def tune_and_evaluate(
     k, epsilon, delta, beta, **kwargs: as in `adaptive_softmax`.
 
   Returns:
-    A dict: fudge_bandit, fudge_z, n_eval, successes, success, success_lo, success_hi (95%
+    A dict (with `mode` in **kwargs = "paper" (default) the fudge factors are tuned on X[:n_tune];
+    with "certified" nothing is tuned and fudge_bandit = fudge_z = 1): fudge_bandit, fudge_z, n_eval, successes, success, success_lo, success_hi (95%
     Clopper-Pearson), identified (rate), samples_mean, samples_std, samples_median, samples
     (list per held-out query), naive_dense (n*d), naive_nnz_mean (mean n*nnz(x)), gain_dense,
     gain_nnz, max_rel_error.
@@ -195,16 +198,22 @@ def tune_and_evaluate(
     raise ValueError(f"n_tune must be in (0, {X.shape[0]}), got {n_tune}")
   k_tune, k_eval = jax.random.split(key)
   logits = exact_logits_batched(prep, X, beta)
-  fb, fz = tune_fudge(k_tune, prep, X[:n_tune], k=k, epsilon=epsilon, delta=delta, beta=beta,
-                      logits=logits[:n_tune], **kwargs)
+  mode = kwargs.pop("mode", "paper")
+  if mode == "paper":
+    fb, fz = tune_fudge(k_tune, prep, X[:n_tune], k=k, epsilon=epsilon, delta=delta, beta=beta,
+                        logits=logits[:n_tune], **kwargs)
+  else:  # certified: no tuning at all; the held-out split is the same as paper mode's.
+    fb = fz = 1.0
+  kwargs["mode"] = mode
   X_eval, L_eval = X[n_tune:], logits[n_tune:]
-  samples, ok_all, ident_all, rel = [], [], [], []
+  samples, phases, ok_all, ident_all, rel = [], [], [], [], []
   starts = range(0, X_eval.shape[0], batch)
   for i in tqdm(starts, desc=f"evaluate k={k} delta={delta}", disable=not progress, leave=False):
     res = adaptive_softmax(jax.random.fold_in(k_eval, i), prep, X_eval[i : i + batch], k=k, epsilon=epsilon,
                            delta=delta, beta=beta, fudge_bandit=fb, fudge_z=fz, check_finite=False, **kwargs)
     ident, ok = success_mask(res, L_eval[i : i + batch], epsilon)
     samples.append(np.asarray(res.samples))
+    phases.append(np.asarray(res.phase_samples))
     ok_all.append(ok)
     ident_all.append(ident)
     lg = L_eval[i : i + batch].astype(np.float64)
@@ -231,6 +240,9 @@ def tune_and_evaluate(
       "samples_std": float(samples.std()),
       "samples_median": float(np.median(samples)),
       "samples": samples.tolist(),
+      # Mean products read per phase, in the order of `core.PHASES` (warm-up, elimination, winners, Z).
+      "phase_samples_mean": np.concatenate(phases).mean(0).tolist(),
+      "mode": kwargs["mode"],
       "naive_dense": int(n * d),
       "naive_nnz_mean": naive_nnz,
       "gain_dense": float(n * d / samples.mean()),
