@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax.topk import _checks
@@ -20,7 +21,12 @@ from asoftmax.topk import tail as tail_lib
 
 class AttentionOutput(NamedTuple):
   r"""out: (..., Q, dv) truncated attention; k: (..., Q) int32 head size; certificate: (..., Q) bound on the TV
-  at that k (the exact tail mass for method "exact"); probs: (..., Q, N) the truncated distribution $\hat P$."""
+  at that k (the exact tail mass for method "exact"); probs: (..., Q, N) the truncated distribution $\hat P$.
+
+  Invalid rows (only reachable under `jax.jit`, where values cannot be checked): a query with no valid key, or
+  whose logits, output or valid keys' values are not finite (NaN, +-inf in q, keys or values), gets **k = 0 and
+  certificate = NaN**; its `out` is not meaningful. Outside jit such input raises `ValueError`.
+  """
 
   out: jax.Array
   k: jax.Array
@@ -37,15 +43,38 @@ def topk_probs(logits: jax.Array, valid: jax.Array | None, epsilon, method: str 
   v = jnp.broadcast_to(tail_lib._effective_valid(logits, valid), logits.shape)
   head = (rank < k[..., None]) & v
   probs = jax.nn.softmax(jnp.where(head, logits, -jnp.inf), -1)
-  return probs, k, ck.certificate[method]
+  # A row with no valid key has no certified head: flag it (k = 0, certificate NaN) rather than report k = 1.
+  ok = ck.n > 0
+  return probs, jnp.where(ok, k, 0), jnp.where(ok, ck.certificate[method], jnp.nan)
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
 def _attention(q, keys, values, mask, epsilon, scale, method):
   logits = jnp.einsum("...qd,...nd->...qn", q, keys) * scale
-  probs, k, cert = topk_probs(logits, mask, epsilon, method)
-  out = jnp.einsum("...qn,...nd->...qd", probs, values)
-  return AttentionOutput(out, k, cert, probs)
+  # Non-finite q or keys give NaN / -inf logits, which `topk_probs` would read as masked keys: flag the row.
+  v = jnp.ones(logits.shape, bool) if mask is None else jnp.broadcast_to(mask, logits.shape)
+  finite_v = jnp.all(jnp.isfinite(values), -1)  # (..., N)
+  row_ok = jnp.all(~v | (jnp.isfinite(logits) & jnp.expand_dims(finite_v, -2)), -1)
+  probs, k, cert = topk_probs(jnp.where(jnp.isnan(logits), -jnp.inf, logits), mask, epsilon, method)
+  out = jnp.einsum("...qn,...nd->...qd", probs, jnp.where(finite_v[..., None], values, 0.0))
+  row_ok = row_ok & (k > 0) & jnp.all(jnp.isfinite(out), -1)
+  return AttentionOutput(out, jnp.where(row_ok, k, 0), jnp.where(row_ok, cert, jnp.nan), probs)
+
+
+def _check_finite(q, keys, values, mask, lshape):
+  """q finite; keys and values finite wherever a key is valid for some query (unused cache slots may be garbage)."""
+  if _checks.is_traced(q, keys, values, mask):
+    return
+  if not np.isfinite(np.asarray(q)).all():
+    raise ValueError("q must be finite (it contains -inf, +inf or NaN)")
+  used = np.ones(lshape[:-2] + lshape[-1:], bool)
+  if mask is not None:
+    used = np.broadcast_to(np.asarray(mask), lshape).any(-2)
+  for name, x in (("keys", keys), ("values", values)):
+    xs = np.asarray(x)
+    fin = np.isfinite(xs).all(-1)
+    if not (np.broadcast_to(fin, np.broadcast_shapes(fin.shape, used.shape)) | ~used).all():
+      raise ValueError(f"{name} must be finite at every unmasked key (it contains -inf, +inf or NaN)")
 
 
 def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, mask: ArrayLike | None,
@@ -63,7 +92,12 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
     scale: logit scale; default 1/sqrt(d).
 
   Returns:
-    `AttentionOutput(out, k, certificate, probs)`; the output error obeys `output_error` bounds.
+    `AttentionOutput(out, k, certificate, probs)`; the output error obeys `output_error` bounds. Under `jax.jit`
+    invalid rows are flagged with k = 0 and certificate NaN (see `AttentionOutput`).
+
+  Raises:
+    ValueError: (outside jit) epsilon not in (0, 1), non-finite q / keys / values, no keys, a query with every
+      key masked, or mismatched shapes.
 
   Example:
     >>> o = certified_topk_attention(q, K, V, None, 0.01)
@@ -75,13 +109,20 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
   for name, x in (("q", q), ("keys", keys), ("values", values)):
     if getattr(x, "ndim", 0) < 2:
       raise ValueError(f"{name} must have at least 2 dims (..., len, dim), got shape {getattr(x, 'shape', None)}")
-    _checks.logits(x, name)
+    if name == "q":
+      _checks.logits(x, name)
+  if keys.shape[-2] == 0:
+    raise ValueError(f"keys must hold at least one key, got shape {tuple(keys.shape)}")
   if q.shape[-1] != keys.shape[-1]:
     raise ValueError(f"q and keys must share the last dim, got {q.shape} and {keys.shape}")
   if keys.shape[-2] != values.shape[-2]:
     raise ValueError(f"keys and values must have the same number of keys, got {keys.shape} and {values.shape}")
   lshape = jnp.broadcast_shapes(q.shape[:-2], keys.shape[:-2]) + (q.shape[-2], keys.shape[-2])
   _checks.valid(mask, lshape, "mask")
+  for name, x in (("keys", keys), ("values", values)):
+    if not np.issubdtype(np.dtype(x.dtype), np.floating):
+      raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")
+  _check_finite(q, keys, values, mask, lshape)
   if scale is None:
     scale = 1.0 / float(q.shape[-1]) ** 0.5
   return _attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),

@@ -37,6 +37,7 @@ class Bounds(NamedTuple):
 
 
 def _bounds_from_sorted(ss: jax.Array, n: jax.Array, which=("single_gap", "exact_head", "multi_gap")) -> Bounds:
+  ss = tail_lib.shift_by_max(ss)  # every bound is shift-invariant; O(1) magnitudes keep float32 accurate
   N = ss.shape[-1]
   kk = jnp.arange(1, N + 1)
   nn = n[..., None]
@@ -114,11 +115,17 @@ def _certified_k_impl(logits, valid, epsilon, methods=METHODS) -> CertifiedK:
   tau = jnp.exp(log_t)
   bound_names = [m for m in methods if m != "exact"]
   b = _bounds_from_sorted(r.s, r.n, bound_names) if bound_names else None
-  ks = {"exact": (1 + jnp.sum(tau > epsilon, -1)).astype(jnp.int32)}
+  # Rounding margin: the exact rule compares the float tail with eps / (1 + m), so the true tail is <= eps; the
+  # certificates compare with eps / (1 + m)^2, so where a bound equals the tail in exact arithmetic (ties, a flat
+  # tail) rounding cannot put k_cert below k_exact.
+  m = tail_lib.rounding_margin(logits.shape[-1], tau.dtype)
+  eps_exact = epsilon / (1.0 + m)
+  eps_cert = eps_exact / (1.0 + m)
+  ks = {"exact": (1 + jnp.sum(tau > eps_exact, -1)).astype(jnp.int32)}
   certs = {"exact": tau}
   for name in bound_names:
     bk = getattr(b, name)
-    ks[name] = _first_leq(bk, epsilon)
+    ks[name] = _first_leq(bk, eps_cert)
     certs[name] = bk
   at = lambda x, k: jnp.take_along_axis(x, (k - 1)[..., None], -1)[..., 0]
   return CertifiedK(
@@ -138,6 +145,12 @@ def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
 
   exact: $k_\epsilon = \min\{k : \tau_k \le \epsilon\} = 1 + \#\{k : \tau_k > \epsilon\}$;
   certificate-only: $k_B = \min\{k : B_k \le \epsilon\} \ge k_\epsilon$, so $\tau_{k_B} \le \epsilon$ is guaranteed.
+
+  Float rounding: logits are shifted by their row max, the exact rule compares the float32 tail with
+  $\epsilon/(1+m)$ and the certificates with $\epsilon/(1+m)^2$, $m$ = `tail.rounding_margin(N)` ($\approx 3\cdot
+  10^{-5}$ at N = 256). So the true tail mass at every returned k is $\le \epsilon$, and $k_B \ge k_\epsilon$
+  even where a bound is tight (exact ties); $k_\epsilon$ can exceed the infinitely precise oracle by one when
+  $\tau_k \in (\epsilon/(1+m), \epsilon]$.
 
   Args:
     logits: (..., N) float logits ($-\infty$ = masked). valid: optional bool mask broadcastable to logits.

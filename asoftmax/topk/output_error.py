@@ -50,12 +50,24 @@ def head_mask(logits: jax.Array, valid: jax.Array | None, k: jax.Array) -> jax.A
   return (rank < jnp.asarray(k)[..., None]) & v
 
 
+_DIAM_BLOCK = 64  # rows of the pairwise-distance matrix formed at once: (64, N, dv) differences
+
+
+def _pairwise_dist(vals):
+  """(N, N) Euclidean distances from coordinate differences (never |a|^2 + |b|^2 - 2ab), in row blocks."""
+  N, dv = vals.shape
+  B = min(_DIAM_BLOCK, N)
+  nb = -(-N // B)
+  padded = jnp.concatenate([vals, jnp.zeros((nb * B - N, dv), vals.dtype)], 0).reshape(nb, B, dv)
+  rows = jax.lax.map(lambda blk: jnp.sqrt(jnp.sum((blk[:, None, :] - vals[None]) ** 2, -1)), padded)
+  return rows.reshape(nb * B, N)[:N]
+
+
 def _diam_one(vals, head, tailm):
   # vals (N, dv); head, tailm (Q, N). max_{i in H, j in T} ||v_i - v_j||, O(Q N^2) for one head.
-  sq = jnp.sum(vals * vals, -1)
-  d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (vals @ vals.T), 0.0)
-  row = jnp.max(jnp.where(tailm[:, None, :], d2[None], 0.0), -1)  # (Q, N): farthest tail key from key i
-  return jnp.sqrt(jnp.max(jnp.where(head, row, 0.0), -1))
+  dist = _pairwise_dist(vals)
+  row = jnp.max(jnp.where(tailm[:, None, :], dist[None], 0.0), -1)  # (Q, N): farthest tail key from key i
+  return jnp.max(jnp.where(head, row, 0.0), -1)
 
 
 @functools.partial(jax.jit, static_argnames=("with_diam",))
@@ -70,10 +82,22 @@ def _output_error(logits, valid, values, k, with_diam=True):
   ph = jnp.where(head, p, 0.0)
   zh = jnp.sum(ph, -1, keepdims=True)
   vals = jnp.asarray(values)
-  mm = lambda w: jnp.einsum("...qn,...nd->...qd", w, vals, precision="highest")
-  attn = mm(p)
-  attn_k = mm(ph / zh)
-  diff = attn - attn_k
+  lead = jnp.broadcast_shapes(logits.shape[:-2], vals.shape[:-2])
+  vals = jnp.broadcast_to(vals, lead + vals.shape[-2:])
+  v = jnp.broadcast_to(v, lead + v.shape[-2:])
+  used = jnp.any(v, -2)  # (..., N): keys valid for some query; the others may hold garbage (unused cache slots)
+  vals = jnp.where(used[..., None], vals, 0.0)
+  # Work with values centred on the mean of the *used* values (masked slots excluded): the weighted sums, the
+  # error (sum_i (P_i - P_hat_i) v_i = sum_i (P_i - P_hat_i)(v_i - c)) and the variance then run at the scale of
+  # the values' spread, not their offset.
+  cnt = jnp.maximum(jnp.sum(used, -1), 1).astype(vals.dtype)
+  c = jnp.sum(vals, -2, keepdims=True) / cnt[..., None, None]
+  vc = jnp.where(used[..., None], vals - c, 0.0)
+  mm = lambda w: jnp.einsum("...qn,...nd->...qd", w, vc, precision="highest")
+  attn_c = mm(p)
+  attn_k_c = mm(ph / zh)
+  attn, attn_k = attn_c + c, attn_k_c + c
+  diff = mm(p - ph / zh)
   err = jnp.linalg.norm(diff, axis=-1)
   mu_head = mm(ph) / zh
   pt = jnp.where(tailm, p, 0.0)
@@ -82,21 +106,23 @@ def _output_error(logits, valid, values, k, with_diam=True):
   vnorm = jnp.linalg.norm(vals, axis=-1)  # (..., N)
   C = jnp.max(jnp.where(v, jnp.expand_dims(vnorm, -2), 0.0), -1)
   b_norm = 2.0 * C * tau
-  # Var_P(V) = E_P||v - c||^2 - ||attn - c||^2 for any c; c = the head's mean value limits cancellation.
-  c = jnp.mean(vals, -2, keepdims=True)
-  vc = vals - c
+  # Var_P(V) = E_P||v - c||^2 - ||attn - c||^2; the cancellation error is bounded by
+  # ~(N + dv) u (E_P||v - c||^2 + ||attn - c||^2), which is added so the result stays an upper bound.
   sq = jnp.sum(vc * vc, -1)
-  ac = attn - c
-  var = jnp.maximum(jnp.einsum("...qn,...n->...q", p, sq, precision="highest") - jnp.sum(ac * ac, -1), 0.0)
+  ac = attn_c
+  e_sq = jnp.einsum("...qn,...n->...q", p, sq, precision="highest")
+  a_sq = jnp.sum(ac * ac, -1)
+  u = jnp.finfo(vals.dtype).eps / 2
+  slack = 4.0 * (logits.shape[-1] + vals.shape[-1] + 4) * u * (e_sq + a_sq)
+  var = jnp.maximum(e_sq - a_sq, 0.0) + slack
   b_var = jnp.sqrt(tau / jnp.maximum(1.0 - tau, 1e-30) * var)
   if with_diam:
-    lead = logits.shape[:-2]
     Q, N = logits.shape[-2:]
-    fv = jnp.broadcast_to(vals, lead + vals.shape[-2:]).reshape((-1,) + vals.shape[-2:])
-    fh = head.reshape((-1, Q, N))
-    ft = tailm.reshape((-1, Q, N))
+    fv = vals.reshape((-1,) + vals.shape[-2:])
+    fh = jnp.broadcast_to(head, lead + (Q, N)).reshape((-1, Q, N))
+    ft = jnp.broadcast_to(tailm, lead + (Q, N)).reshape((-1, Q, N))
     diam = jax.lax.map(lambda a: _diam_one(*a), (fv, fh, ft)).reshape(lead + (Q,))
-    b_diam = tau * diam
+    b_diam = tau * diam * (1.0 + 4.0 * (vals.shape[-1] + 4) * u)  # rounding of the distances
   else:
     b_diam = jnp.full_like(tau, jnp.nan)
   b_min = jnp.fmin(jnp.fmin(b_norm, b_var), b_diam)

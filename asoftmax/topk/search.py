@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax.topk import _checks
@@ -124,15 +125,20 @@ def cell_upper_bounds(queries: ArrayLike, cells: Cells, scale: ArrayLike) -> jax
     queries: (..., Q, d) float; cells: `Cells` with leading dims (...); scale: e.g. $1/\sqrt{d_h}$.
 
   Returns:
-    (..., Q, M) float; $-\infty$ for empty cells.
+    (..., Q, M) float; $-\infty$ for empty cells. Each entry includes a float32 rounding guard
+    $2(d+4)u\,\|q\|(\|c_j\| + r_j)\,|\mathrm{scale}|$, so it bounds logits computed in float32 as
+    $\mathrm{fl}(q\cdot k)\cdot\mathrm{scale}$ even when keys sit far from the origin.
   """
   q = jnp.asarray(queries)
-  u = (jnp.einsum("...qd,...md->...qm", q, cells.centres)
-       + jnp.linalg.norm(q, axis=-1)[..., None] * cells.radii[..., None, :]) * scale
-  return jnp.where(cells.sizes[..., None, :] > 0, u, -jnp.inf)
-
-
-_MARGIN = 1e-5  # relative float32 safety margin on epsilon in the stopping rules
+  qn = jnp.linalg.norm(q, axis=-1)[..., None]
+  cn = jnp.linalg.norm(cells.centres, axis=-1)[..., None, :]
+  u = (jnp.einsum("...qd,...md->...qm", q, cells.centres, precision="highest")
+       + qn * cells.radii[..., None, :]) * scale
+  # Rounding guard that grows with the magnitudes: a float dot product of length d errs by at most
+  # ~d u |q| |x|, both in q.c here and in the caller's q.k (|k| <= |c| + r); 2 (d + 4) u |q| (|c| + r) covers both.
+  d = q.shape[-1]
+  guard = 2.0 * (d + 4) * (jnp.finfo(u.dtype).eps / 2) * qn * (cn + cells.radii[..., None, :]) * jnp.abs(scale)
+  return jnp.where(cells.sizes[..., None, :] > 0, u + guard, -jnp.inf)
 
 
 class SearchResult(NamedTuple):
@@ -177,9 +183,10 @@ def _mc_search_impl(logits, valid, upper, cell_of_key, sizes, epsilon) -> Search
   incl = tail_lib.rcumlogsumexp(log_ub)
   log_r = jnp.concatenate([incl[..., 1:], jnp.full_like(incl[..., :1], -jnp.inf)], -1)
   tau_hat = jax.nn.sigmoid(log_r - log_s)  # R / (S + R)
-  # Stop at (1 - 1e-5) * epsilon: a margin for float32 rounding, so the realised TV (computed along another
-  # log-sum-exp path) cannot exceed epsilon by an ulp when the certificate is tight (R ~ 0).
-  eps_stop = epsilon * (1.0 - _MARGIN)
+  # Stop at epsilon / (1 + m)^2 (m = tail.rounding_margin): float32 rounding of the sums cannot then push the
+  # realised TV above epsilon when the certificate is tight (R ~ 0).
+  mrg = tail_lib.rounding_margin(logits.shape[-1], s.dtype)
+  eps_stop = epsilon / (1.0 + mrg) ** 2
   r_star = (1 + jnp.argmax(tau_hat <= eps_stop, -1)).astype(jnp.int32)
   at = lambda x: jnp.take_along_axis(x, (r_star - 1)[..., None], -1)[..., 0]
   keys_scored = at(jnp.cumsum(ns, -1))
@@ -202,8 +209,13 @@ def _mc_search_impl(logits, valid, upper, cell_of_key, sizes, epsilon) -> Search
   atk = lambda x: jnp.take_along_axis(x, (k_pruned - 1)[..., None], -1)[..., 0]
   tv_pruned = jnp.exp(jnp.minimum(jnp.logaddexp(log_unscored, atk(log_tk)) - log_z, 0.0))
   centroid_evals = jnp.broadcast_to(jnp.sum(sizes > 0, -1)[..., None], r_star.shape).astype(jnp.int32)
-  return SearchResult(r_star, keys_scored.astype(jnp.int32), centroid_evals, cert, tv, k_pruned, atk(cert_k),
-                      tv_pruned)
+  # `upper` must bound every valid logit of its cell; where it does not, the certificate is void: NaN.
+  u_key = jnp.take_along_axis(upper, jnp.broadcast_to(jnp.expand_dims(jnp.minimum(cell_of_key, M - 1), -2),
+                                                      s.shape), -1)
+  bound_ok = jnp.all(~v | (s <= u_key), -1)
+  nan = jnp.asarray(jnp.nan, cert.dtype)
+  return SearchResult(r_star, keys_scored.astype(jnp.int32), centroid_evals, jnp.where(bound_ok, cert, nan), tv,
+                      k_pruned, jnp.where(bound_ok, atk(cert_k), nan), tv_pruned)
 
 
 _mc_search = jax.jit(_mc_search_impl)
@@ -221,8 +233,13 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
     epsilon: TV budget in (0, 1).
 
   Returns:
-    `SearchResult`; on termination $\mathrm{TV}(P, \hat P) \le$ certificate $\le (1 - 10^{-5})\epsilon$
-    (Theorem 7.2; the $10^{-5}$ margin absorbs float32 rounding).
+    `SearchResult`; on termination $\mathrm{TV}(P, \hat P) \le$ certificate $\le \epsilon/(1+m)^2$
+    (Theorem 7.2; $m$ = `tail.rounding_margin(N)` absorbs float32 rounding). Under `jax.jit`, a query whose
+    `upper` fails to bound some logit of its cell gets certificate (and certificate_pruned) NaN.
+
+  Raises:
+    ValueError: bad epsilon / shapes, a row with no valid key, or (concrete inputs) an `upper` entry below a valid
+      logit of its cell: such an `upper` would make the certificate meaningless.
   """
   _checks.epsilon(epsilon)
   _checks.logits(logits)
@@ -235,4 +252,15 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
                      f"got {tuple(cells.cell_of_key.shape)}")
   tail_lib._check_rows_nonempty(logits, valid)
   v = jnp.ones(logits.shape, bool) if valid is None else jnp.asarray(valid)
+  if not _checks.is_traced(logits, upper, v, cells.cell_of_key):
+    s = np.asarray(logits)
+    ck = np.asarray(cells.cell_of_key)
+    M = upper.shape[-1]
+    u_key = np.take_along_axis(np.asarray(upper), np.broadcast_to(np.minimum(ck, M - 1)[..., None, :], s.shape), -1)
+    vv = np.broadcast_to(np.asarray(v), s.shape) & (np.broadcast_to(ck[..., None, :], s.shape) < M)
+    bad = vv & ~(s <= u_key)
+    if bad.any():
+      i = np.argwhere(bad)[0]
+      raise ValueError(f"upper does not bound the logits of its cell: logit {s[tuple(i)]!r} > upper "
+                       f"{u_key[tuple(i)]!r} at index {tuple(int(j) for j in i)} (use cell_upper_bounds)")
   return _mc_search(jnp.asarray(logits), v, jnp.asarray(upper), cells.cell_of_key, cells.sizes, epsilon)
