@@ -2,6 +2,8 @@ r"""The one launcher for every asoftmax experiment.
 
     python -m experiments.run --config configs/adaptive/synthetic.py:smoke --workdir /tmp/x
     python -m experiments.run --config configs/adaptive/synthetic.py --config.trials=20
+    python -m experiments.run --list                                              # configs, variants, modules
+    python -m experiments.run --config configs/topk/bert.py:smoke --show_config   # fields with their comments
 
 It reads an ml_collections config (`--config path.py[:arg]`, fields overridable with
 `--config.<field>=value`; unknown fields and wrong types fail loudly), builds the root PRNG key
@@ -31,7 +33,87 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: results/<config name>)."
 )
-flags.mark_flags_as_required(["config"])
+_LIST = flags.DEFINE_bool("list", False, "Print every config, its variants (`:arg`) and experiment module, then exit.")
+_SHOW = flags.DEFINE_bool("show_config", False, "Print the fields of --config with their comments, then exit.")
+
+
+def config_variants(path: str) -> tuple[list[str], dict[str, str]]:
+  """(variants, other `key=value` args with defaults) that a config's `get_config(arg)` understands.
+
+  Read from the config's source: the `configlib.parse_arg(arg, variant=..., key=...)` call and the strings
+  compared with `a["variant"]`.
+  """
+  with open(os.path.join(_root(), path)) as f:
+    src = f.read()
+  call = re.search(r"parse_arg\(arg,([^)]*)\)", src)
+  defaults = dict(re.findall(r"(\w+)=\"([^\"]*)\"", call.group(1))) if call else {}
+  variants = [defaults.pop("variant", "full")] if call else []
+  for m in re.finditer(r'a\["variant"\]\s*(?:==|!=|in)\s*(\([^)]*\)|"[^"]*")', src):
+    for v in re.findall(r'"([^"]*)"', m.group(1)):
+      if v not in variants:
+        variants.append(v)
+  return variants, defaults
+
+
+def _root() -> str:
+  from experiments import registry
+
+  return registry.ROOT
+
+
+def list_text() -> str:
+  """The text `--list` prints: one line per config with its variants, args and experiment module."""
+  from experiments import registry
+
+  lines = []
+  for path in registry.config_paths():
+    try:
+      name = registry.load_config(path).experiment
+      module = registry.get(name).run.__module__
+    except Exception as e:  # pylint: disable=broad-except
+      name, module = "?", f"(config does not load: {e})"
+    variants, args = config_variants(path)
+    extra = " ".join(f"{k}={v}" for k, v in args.items())
+    lines.append(f"{path}  variants: {', '.join(':' + v for v in variants)}" + (f"  args: {extra}" if extra else "")
+                 + f"  -> {name} ({module})")
+  return "\n".join(lines)
+
+
+def field_comments(path: str) -> dict[str, str]:
+  """{field: comment} from a config's source: `c.field = ...  # comment`, or the comment lines just above."""
+  with open(os.path.join(_root(), path) if not os.path.exists(path) else path) as f:
+    lines = f.read().splitlines()
+  out, above = {}, []
+  for line in lines:
+    s = line.strip()
+    if s.startswith("#"):
+      above.append(s.lstrip("# ").rstrip())
+      continue
+    m = re.match(r"c\.([\w.]+)\s*=[^#]*(?:#\s*(.*))?$", s)
+    if m and m.group(1) not in out:
+      out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+    if not s.startswith("#"):
+      above = [] if not m else above
+    if not s:
+      above = []
+  return out
+
+
+def show_config_text(config, path: str) -> str:
+  """The text `--show_config` prints: `field = value  # comment` for every field of the resolved config."""
+  comments = field_comments(path)
+  flat = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(prefix + k + ".", v)
+      else:
+        flat[prefix + k] = v
+
+  walk("", config.to_dict())
+  width = max(len(k) for k in flat)
+  return "\n".join(f"{k:<{width}} = {v!r}" + (f"  # {comments[k]}" if comments.get(k) else "") for k, v in flat.items())
 
 
 def default_workdir(config_path: str) -> str:
@@ -95,8 +177,16 @@ def execute(config, workdir: str, config_name: str = "") -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _LIST.value:
+    print(list_text())
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required (see --list for the configs)")
   # `serialize()` gives back `--config=path.py[:arg]`; keep the `path.py[:arg]` part.
   name = flags.FLAGS["config"].serialize().split("=", 1)[-1]
+  if _SHOW.value:
+    print(show_config_text(_CONFIG.value, name.partition(":")[0]))
+    return
   workdir = _WORKDIR.value or default_workdir(name)
   logging.info("experiment %s -> %s", _CONFIG.value.experiment, workdir)
   res = execute(_CONFIG.value, workdir, config_name=name)

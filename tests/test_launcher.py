@@ -76,3 +76,25 @@ def test_markdown_table_renders_missing_as_dash():
   t = tables.markdown_table([{"a": 1, "b": 0.5}, {"a": 2}], ["a", "b"])
   assert t.splitlines()[0] == "| a | b |"
   assert t.splitlines()[3] == "| 2 | – |"
+
+
+def test_list_prints_configs_variants_and_modules():
+  text = run.list_text()
+  for path in registry.config_paths():
+    assert path in text
+  assert "configs/adaptive/synthetic.py  variants: :full, :toy, :gaussian, :smoke" in text
+  assert "-> topk_bert (experiments.topk.bert)" in text
+  assert "args: model=smollm2 data=both" in text
+
+
+def test_show_config_prints_fields_with_comments():
+  cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
+  text = run.show_config_text(cfg, "configs/adaptive/synthetic.py")
+  assert "num_d" in text and "log-spaced points between d_min and d_max" in text
+  assert "trials" in text and "= 5" in text.split("trials", 1)[1].splitlines()[0]
+
+
+def test_cli_list_needs_no_config():
+  p = _cli("--list")
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "configs/topk/bert.py" in p.stdout
