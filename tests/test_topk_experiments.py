@@ -48,15 +48,15 @@ def test_topk_bert_on_tiny_wikitext(tmp_path):
   c.drift_methods = ("multi_gap",)
   out = topk_bert.run(c, str(tmp_path), __import__("jax").random.key(0))
   rows = out.rows
-  ck = [r for r in rows if r["kind"] == "certified_k"]
+  ck = [r for r in rows if r["table"] == "certified_k"]
   assert len(ck) == 2 * 6  # 2 epsilons x (4 certificates + 2 cell searches)
   for r in ck:
     assert r["budget_ok"] and r["tv_max"] <= r["epsilon"], r
     assert r["queries"] == 6 * 12 * 2 * 32  # layers x heads x sequences x tokens (packed: no padding)
     assert 0 < r["k_over_n"] <= 1 and r["looseness"] >= 1 - 1e-9
-  for r in (r for r in rows if r["kind"] == "output_error"):
+  for r in (r for r in rows if r["table"] == "output_error"):
     assert r["violations"] == 0 and r["identity_max"] < 1e-4, r
-  dr = [r for r in rows if r["kind"] == "drift"]
+  dr = [r for r in rows if r["table"] == "drift"]
   assert len(dr) == 2 and all(0.5 < r["cos_mean"] <= 1 + 1e-6 for r in dr)
   # A smaller budget keeps more keys.
   k = {r["epsilon"]: r["k_over_n"] for r in ck if r["method"] == "exact"}

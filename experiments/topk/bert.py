@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,83 @@ from asoftmax import topk
 from asoftmax.data import text
 from asoftmax.models import bert
 
-from experiments import registry
+from experiments import registry, tables
 from experiments.topk import paper as paper_numbers
+
+
+# ------------------------------------------------------------------------------------------------ tables
+class CertifiedKRow(NamedTuple):
+  """Head size and keys scored per method, ours beside the paper's (bert-base MC-Search, epsilon = 0.01)."""
+
+  n: int | None = None
+  epsilon: float | None = None
+  method: str | None = None
+  k_over_n: float | None = None  # head size k / n (mean over queries)
+  keys_scored: float | None = None  # exact logits computed per query (n for the ordered-logit bounds)
+  paper_keys_scored: float | None = None
+  speedup: float | None = None  # n / mean keys scored
+  paper_speedup: float | None = None
+  tv_max: float | None = None  # worst realised TV(P, P_k) over queries
+  budget_ok: bool | None = None  # tv_max <= epsilon
+  status: str | None = None
+
+
+class OutputErrorRow(NamedTuple):
+  """||Attn - Attn_k|| at k_exact against each bound (violations must be 0)."""
+
+  n: int | None = None
+  epsilon: float | None = None
+  bound: str | None = None
+  err_mean: float | None = None
+  bound_mean: float | None = None
+  ratio_median: float | None = None  # median bound / actual over queries with error > 1e-6
+  violations: int | None = None
+  identity_max: float | None = None
+  queries: int | None = None
+
+
+class GaussianRow(NamedTuple):
+  """Measured k_eps/n against the Gaussian rule Phi_c(sigma_hat + Phi^-1(eps))."""
+
+  n: int | None = None
+  epsilon: float | None = None
+  k_over_n: float | None = None
+  predicted_k_over_n: float | None = None
+  err_mean: float | None = None  # mean |predicted - measured| over queries
+  queries: int | None = None
+
+
+class LayerRow(NamedTuple):
+  """Per-layer exact k/n, Gaussian prediction and keys scored by the k-means cell search."""
+
+  n: int | None = None
+  epsilon: float | None = None
+  layer: int | None = None
+  k_over_n: float | None = None
+  predicted_k_over_n: float | None = None
+  scored_over_n: float | None = None
+
+
+class DriftRow(NamedTuple):
+  """Beyond the paper: certified top-k attention in every layer; cosine of sentence embeddings to the full model."""
+
+  n: int | None = None
+  epsilon: float | None = None
+  method: str | None = None
+  k_over_n: float | None = None  # fraction of keys kept
+  cos_mean: float | None = None
+  cos_min: float | None = None
+  queries: int | None = None
+
+
+CERTIFIED_K = tables.Table(
+    "certified_k", CertifiedKRow, "Certified k and keys scored per method (paper_*: bert-base-uncased, not ours)",
+    hidden=("mean_n_over_k", "scored_over_n", "centroid_evals", "looseness", "tv_mean", "queries", "source"))
+OUTPUT_ERROR = tables.Table("output_error", OutputErrorRow, "Output error at k_exact vs bounds", hidden=("source",))
+GAUSSIAN = tables.Table("gaussian", GaussianRow, "Gaussian rule vs measured k_eps/n", hidden=("source",))
+LAYER = tables.Table("layer", LayerRow, "Per layer", hidden=("source",))
+DRIFT = tables.Table("drift", DriftRow, "Beyond the paper: sentence-embedding drift", hidden=("source",))
+TABLES = (CERTIFIED_K, OUTPUT_ERROR, GAUSSIAN, LAYER, DRIFT)
 
 # Used by the smoke variant and when no data dir is given: a few fixed sentences (padded, so masking is exercised).
 BUILTIN_SENTENCES = (
@@ -114,50 +190,49 @@ def _rows_for_n(st, n, config, source):
       tv = st[(eps, meth, "tv")]
       mc = meth.startswith("mc_")
       scored = st[(eps, meth, "keys_scored")].astype(np.float64) if mc else nq
-      row = {
-          "kind": "certified_k", "n": n, "epsilon": eps, "method": meth,
-          "k_over_n": float(np.mean(kk / nq)), "mean_n_over_k": float(np.mean(nq / kk)),
-          "keys_scored": float(scored.mean()), "scored_over_n": float(np.mean(scored / nq)),
-          "speedup": float(nq.mean() / scored.mean()),
-          "centroid_evals": float(st[(eps, meth, "centroid_evals")].mean()) if mc else None,
-          "looseness": float(np.mean(kk / k_exact)),
-          "tv_mean": float(tv.mean()), "tv_max": float(tv.max()), "budget_ok": bool(tv.max() <= eps),
-          "queries": int(len(kk)),
-      }
+      row = dict(
+          n=n, epsilon=eps, method=meth,
+          k_over_n=float(np.mean(kk / nq)), mean_n_over_k=float(np.mean(nq / kk)),
+          keys_scored=float(scored.mean()), scored_over_n=float(np.mean(scored / nq)),
+          speedup=float(nq.mean() / scored.mean()),
+          centroid_evals=float(st[(eps, meth, "centroid_evals")].mean()) if mc else None,
+          looseness=float(np.mean(kk / k_exact)),
+          tv_mean=float(tv.mean()), tv_max=float(tv.max()), budget_ok=bool(tv.max() <= eps),
+          queries=int(len(kk)),
+      )
       if mc and eps == paper_numbers.BERT_MC_SEARCH["epsilon"] and n in paper_numbers.BERT_MC_SEARCH["keys_scored"]:
         row["paper_keys_scored"] = paper_numbers.BERT_MC_SEARCH["keys_scored"][n]
         row["paper_speedup"] = paper_numbers.BERT_MC_SEARCH["speedup"][n]
-      rows.append(row)
+      rows.append(CERTIFIED_K.row(**row))
     err = st[(eps, "error", "err")]
     pos = err > 1e-6
     for b in ("b_norm", "b_diam", "b_var", "b_min"):
       bound = st[(eps, "error", b)]
       if np.all(np.isnan(bound)):
         continue
-      rows.append({
-          "kind": "output_error", "n": n, "epsilon": eps, "method": b[2:] + " @ k_exact",
-          "err_mean": float(err.mean()), "bound_mean": float(bound.mean()),
-          "ratio_median": float(np.median(bound[pos] / err[pos])) if pos.any() else None,
-          "violations": int(np.sum(bound < err - 1e-5 * (1 + err))),
-          "identity_max": float(st[(eps, "error", "identity_residual")].max()), "queries": int(len(err)),
-      })
+      rows.append(OUTPUT_ERROR.row(
+          n=n, epsilon=eps, bound=b[2:] + " @ k_exact",
+          err_mean=float(err.mean()), bound_mean=float(bound.mean()),
+          ratio_median=float(np.median(bound[pos] / err[pos])) if pos.any() else None,
+          violations=int(np.sum(bound < err - 1e-5 * (1 + err))),
+          identity_max=float(st[(eps, "error", "identity_residual")].max()), queries=int(len(err)),
+      ))
     pred = st[(eps, "gaussian")]
-    rows.append({
-        "kind": "gaussian", "n": n, "epsilon": eps, "method": "Phi_c(sigma_hat + Phi^-1(eps))",
-        "k_over_n": float(np.mean(k_exact / nq)), "predicted_k_over_n": float(pred.mean()),
-        "err_mean": float(np.mean(np.abs(pred - k_exact / nq))), "queries": int(len(pred)),
-    })
+    rows.append(GAUSSIAN.row(
+        n=n, epsilon=eps, k_over_n=float(np.mean(k_exact / nq)), predicted_k_over_n=float(pred.mean()),
+        err_mean=float(np.mean(np.abs(pred - k_exact / nq))), queries=int(len(pred)),
+    ))
   for eps in config.layer_epsilons:
     if eps not in config.epsilons:
       continue
     for layer in sorted(set(st["layer"].tolist())):
       sel = st["layer"] == layer
-      rows.append({
-          "kind": "layer", "n": n, "epsilon": eps, "layer": int(layer), "method": "exact / mc_kmeans",
-          "k_over_n": float(np.mean(st[(eps, "exact", "k")][sel] / nq[sel])),
-          "scored_over_n": float(np.mean(st[(eps, "mc_kmeans", "keys_scored")][sel] / nq[sel])),
-          "predicted_k_over_n": float(np.mean(st[(eps, "gaussian")][sel])),
-      })
+      rows.append(LAYER.row(
+          n=n, epsilon=eps, layer=int(layer),
+          k_over_n=float(np.mean(st[(eps, "exact", "k")][sel] / nq[sel])),
+          scored_over_n=float(np.mean(st[(eps, "mc_kmeans", "keys_scored")][sel] / nq[sel])),
+          predicted_k_over_n=float(np.mean(st[(eps, "gaussian")][sel])),
+      ))
   for r in rows:
     r["source"] = source
   return rows
@@ -181,9 +256,8 @@ def _drift_rows(model, ids, mask, n, config, source):
       frac = np.asarray(o.k_used) / mb.sum(-1)[None, :, None, None]
       kept.append(frac[np.broadcast_to(mb[None, :, None, :], frac.shape)])
     cos = np.sum(np.concatenate(embs) * emb_full, -1)
-    rows.append({"kind": "drift", "n": n, "epsilon": eps, "method": meth, "k_over_n": float(np.concatenate(kept).mean()),
-                 "cos_mean": float(cos.mean()), "cos_min": float(cos.min()), "queries": int(len(cos)),
-                 "source": source})
+    rows.append(DRIFT.row(n=n, epsilon=eps, method=meth, k_over_n=float(np.concatenate(kept).mean()),
+                          cos_mean=float(cos.mean()), cos_min=float(cos.min()), queries=int(len(cos)), source=source))
   return rows
 
 
@@ -196,7 +270,7 @@ def run(config, workdir, rng):
       "model": f"{model_name}: {cfg.num_layers} layers x {cfg.num_heads} heads, hidden {cfg.hidden_size}",
       "paper_model": paper_numbers.BERT_MC_SEARCH["model"] + "; paper_* columns are the paper's numbers for that "
                      "model (not ours): " + paper_numbers.BERT_MC_SEARCH["abstract_claim"],
-      "kinds": "certified_k: head size k (k_over_n), keys scored (exact logits computed) and realised TV per method "
+      "tables": "certified_k: head size k (k_over_n), keys scored (exact logits computed) and realised TV per method "
                "(mc_* = best-first cell search; its k is the pruned head, keys_scored the scored keys, speedup = "
                "n / mean keys scored, centroid_evals = cell bounds evaluated per query, counted separately); "
                "output_error: bound vs ||Attn - Attn_k|| at k_exact (ratio_median = median bound/actual over "
@@ -209,7 +283,7 @@ def run(config, workdir, rng):
   for n in config.seq_lens:
     ids, mask, source = _inputs(config, tok, n)
     if ids is None:
-      rows.append({"kind": "certified_k", "n": n, "status": source})
+      rows.append(CERTIFIED_K.row(n=n, status=source))
       continue
     steps = cfg.num_layers * len(config.epsilons) * (-(-len(ids) // config.analysis_batch))
     bar = tqdm(total=steps, desc=f"topk_bert n={n} (layer x batch x eps)")
@@ -231,7 +305,7 @@ def plot(rows, notes):
   import matplotlib.pyplot as plt
 
   figs = {}
-  rs = [r for r in rows if r.get("kind") == "certified_k" and "status" not in r]
+  rs = [r for r in rows if r.get("table") == "certified_k" and r.get("status") is None]
   if rs:
     ns = sorted({r["n"] for r in rs})
     fig, axes = plt.subplots(1, len(ns), figsize=(5.5 * len(ns), 4.2), squeeze=False)
@@ -252,7 +326,7 @@ def plot(rows, notes):
       ax.legend(fontsize=7)
     fig.tight_layout()
     figs["k_over_n_vs_epsilon"] = fig
-  lr = [r for r in rows if r.get("kind") == "layer"]
+  lr = [r for r in rows if r.get("table") == "layer"]
   if lr:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for n in sorted({r["n"] for r in lr}):
@@ -267,7 +341,7 @@ def plot(rows, notes):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     figs["per_layer"] = fig
-  dr = [r for r in rows if r.get("kind") == "drift"]
+  dr = [r for r in rows if r.get("table") == "drift"]
   if dr:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for (n, meth) in dict.fromkeys((r["n"], r["method"]) for r in dr):
@@ -285,13 +359,35 @@ def plot(rows, notes):
   return figs
 
 
+def readme(res: dict) -> list[tables.ReadmeRow]:
+  """README rows: keys scored by the cell search at the paper's epsilon and largest n; embedding drift."""
+  ref = paper_numbers.BERT_MC_SEARCH
+  eps = ref["epsilon"]
+  ck = [r for r in res["rows"] if r.get("table") == "certified_k" and r.get("epsilon") == eps
+        and r.get("method") == "mc_kmeans" and r.get("status") is None]
+  out = []
+  if ck:
+    r = max(ck, key=lambda r: r["n"])
+    paper = ref["keys_scored"].get(r["n"])
+    out.append(tables.ReadmeRow(
+        f"Certified top-k, BERT attention (ε = {eps}, n = {r['n']}): keys scored by the cell search",
+        f"**{r['keys_scored']:.1f}** of {r['n']} (all-MiniLM-L6-v2)",
+        "–" if paper is None else f"**{paper}** of {r['n']} (bert-base-uncased)"))
+  dr = [r for r in res["rows"] if r.get("table") == "drift" and r.get("epsilon") == eps]
+  if dr:
+    r = max(dr, key=lambda r: (r["n"], r["method"] == "exact"))
+    out.append(tables.ReadmeRow(
+        f"Certified top-k, beyond the paper: top-k attention in every layer (ε = {eps}, n = {r['n']})",
+        f"sentence-embedding cosine to the full model **{r['cos_mean']:.4f}**, keeping {100 * r['k_over_n']:.1f} % of keys",
+        "–"))
+  return out
+
+
 EXPERIMENT = registry.Experiment(
     name="topk_bert",
     run=run,
     plot=plot,
     title="Certified top-k on BERT-family attention (all-MiniLM-L6-v2, WikiText-2 test; paper Sec. 7)",
-    columns=("kind", "n", "epsilon", "method", "layer", "k_over_n", "mean_n_over_k", "keys_scored", "scored_over_n",
-             "speedup", "centroid_evals", "looseness", "tv_mean", "tv_max", "budget_ok", "paper_keys_scored",
-             "paper_speedup", "err_mean", "bound_mean", "ratio_median", "violations", "identity_max",
-             "predicted_k_over_n", "cos_mean", "cos_min", "queries", "status"),
+    tables=TABLES,
+    readme=readme,
 )
