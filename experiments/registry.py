@@ -60,6 +60,7 @@ class Experiment:
 _MODULES = {
     "rf_bias": "experiments.rff.bias",
     "rf_lm": "experiments.rff.lm",
+    "rf_classification": "experiments.rff.classification",
     "adaptive_synthetic": "experiments.adaptive.synthetic",
     "adaptive_llm": "experiments.adaptive.llm",
     "adaptive_mnist": "experiments.adaptive.mnist", "adaptive_eurosat": "experiments.adaptive.eurosat",
