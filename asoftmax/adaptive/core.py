@@ -145,7 +145,7 @@ class AdaptiveConfig:
   caps: tuple[int, ...]
   z_capacity: int
   exact_winners: bool = True
-  head_ratio: float = 4.0
+  head_ratio: float = 1.5
   c: float = 6.0
 
   @property
@@ -178,7 +178,7 @@ def make_config(
     cap_ratio: int = 8,
     z_capacity: int | None = None,
     exact_winners: bool = True,
-    head_ratio: float = 4.0,
+    head_ratio: float = 1.5,
 ) -> AdaptiveConfig:
   """Builds the static schedule (pull levels, survivor buffers) for an (n, d) problem.
 
@@ -599,7 +599,7 @@ def adaptive_softmax(
     fudge_z: float = 1.0,
     warmup: int | None = None,
     exact_winners: bool = True,
-    head_ratio: float = 4.0,
+    head_ratio: float = 1.5,
     growth: float = 2.0,
     z_capacity: int | None = None,
     check_finite: bool = True,
