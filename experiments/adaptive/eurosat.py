@@ -56,7 +56,8 @@ def run(config, workdir, rng) -> registry.Output:
 EXPERIMENT = registry.Experiment(
     name="adaptive_eurosat",
     run=run,
-    columns=classification.COLUMNS,
+    tables=classification.TABLES,
+    readme=lambda res: classification.readme_row(res, "AdaptiveSoftmax Table 1, EuroSAT (k = 1)"),
     plot=classification.plot_samples,
     title="AdaptiveSoftmax on a EuroSAT CNN's final layer (paper Table 1), epsilon = 0.3",
 )

@@ -26,7 +26,8 @@ def run(config, workdir, rng) -> registry.Output:
 EXPERIMENT = registry.Experiment(
     name="adaptive_mnist",
     run=run,
-    columns=classification.COLUMNS,
+    tables=classification.TABLES,
+    readme=lambda res: classification.readme_row(res, "AdaptiveSoftmax Table 1, MNIST (k = 1)"),
     plot=classification.plot_samples,
     title="AdaptiveSoftmax on an MNIST CNN's final layer (paper Table 1), epsilon = 0.3",
 )

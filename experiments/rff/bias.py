@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,28 @@ from tqdm.auto import tqdm
 
 from asoftmax import rff
 
-from experiments import registry
+from experiments import registry, tables
 from experiments.rff import paper as paper_numbers
+
+
+class BiasRow(NamedTuple):
+  """One (setting, sampler, D, nu, m, tau): closeness of the proposal to softmax and gradient bias."""
+
+  setting: str | None = None
+  sampler: str | None = None
+  D: int | None = None
+  nu: float | None = None
+  m: int | None = None
+  tau: float | None = None
+  TV: float | None = None  # TV(p, q), mean over queries
+  bias: float | None = None  # ||E[g'] - (p - e_t)||_2, mean over queries
+  noise_floor: float | None = None  # sqrt(sum Var / R): bias below this is not resolved
+  bias_first_order: float | None = None  # delta-method prediction
+  status: str | None = None
+
+
+TABLE = tables.Table("bias", BiasRow, hidden=(
+    "n", "d", "entropy", "top1", "KL", "chi2", "bias_over_floor", "queries", "reps"))
 
 
 def synthetic_problem(key, n, d, num_queries, noise):
@@ -148,7 +169,7 @@ def run(config, workdir, rng) -> registry.Output:
   bar = tqdm(desc="rf_bias rows")
   for si, (setting, C, h, t, taus, counts, status) in enumerate(settings):
     if status:
-      rows.append({"setting": setting, "status": status})
+      rows.append(TABLE.row(setting=setting, status=status))
       continue
     n, d = C.shape
     for ti, tau in enumerate(taus):
@@ -162,14 +183,14 @@ def run(config, workdir, rng) -> registry.Output:
           res = [gradient_bias(jax.random.fold_in(key, q), logits[q], log_q[q], t[q], m, config.reps, config.chunk)
                  for q in range(h.shape[0])]
           bias, floor, pred = (np.asarray(v) for v in zip(*res))
-          rows.append({
+          rows.append(TABLE.row(**{
               "setting": setting, "n": n, "d": d, "sampler": label, "D": D, "nu": nu, "m": m, "tau": tau,
               "entropy": float(ent.mean()), "top1": float(top1.mean()), "KL": float(kl.mean()),
               "TV": float(tv.mean()), "chi2": float(chi2.mean()), "bias": float(bias.mean()),
               "noise_floor": float(floor.mean()), "bias_over_floor": float(np.mean(bias / floor)),
               "bias_first_order": float(pred.mean()), "queries": int(h.shape[0]), "reps": config.reps,
               "status": "ok",
-          })
+          }))
           bar.update()
   bar.close()
   notes = {
@@ -239,11 +260,29 @@ def plot(rows, notes):
   return figs
 
 
+def readme(res: dict) -> list[tables.ReadmeRow]:
+  """README row: RF-softmax gradient bias at the smallest and largest D (largest m and tau, first nu)."""
+  ok = [r for r in res["rows"] if r.get("status") == "ok" and r.get("sampler") == "rff"]
+  if not ok:
+    return []
+  s = ok[0]["setting"]
+  rs = [r for r in ok if r["setting"] == s]
+  m, tau = max(r["m"] for r in rs), max(r["tau"] for r in rs)
+  rs = [r for r in rs if r["m"] == m and r["tau"] == tau]
+  nu = max(r["nu"] for r in rs)
+  rs = sorted((r for r in rs if r["nu"] == nu), key=lambda r: r["D"])
+  lo, hi = rs[0], rs[-1]
+  return [tables.ReadmeRow(
+      f"RF-softmax, gradient bias vs D ({s}, m = {m}, τ = {tau:g}, ν = {nu:g})",
+      f"bias **{hi['bias']:.2g}** at D = {hi['D']} (from {lo['bias']:.2g} at D = {lo['D']}; noise floor {hi['noise_floor']:.1g})",
+      paper_numbers.CLAIMS["bias"].split(" [")[0] + " (qualitative)")]
+
+
 EXPERIMENT = registry.Experiment(
     name="rf_bias",
     run=run,
-    columns=["setting", "sampler", "D", "nu", "m", "tau", "entropy", "top1", "KL", "TV", "chi2", "bias",
-             "noise_floor", "bias_first_order", "status"],
+    tables=(TABLE,),
+    readme=readme,
     plot=plot,
     title="RF-softmax: proposal closeness to softmax and sampled-softmax gradient bias (Rawat et al. 2019)",
 )
