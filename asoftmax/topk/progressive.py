@@ -1,0 +1,367 @@
+r"""Certified top-k by progressive scoring in a fixed orthogonal basis: a search that saves multiply-adds.
+
+Beyond the paper (issue 15). The cell search (`search.py`, paper Algorithm 2) bounds whole cells by
+$q\cdot c + \|q\| r$ and, on real attention, ends up scoring almost every key. Here every key is bounded on its
+own, cheaply, and refined only while it matters:
+
+* **Basis.** Per head, a fixed orthogonal matrix $R$ and key offset $\mu$ fitted on held-out text
+  (`fit_basis`): $\tilde q = R^\top q$, $\tilde k = R^\top (k - \mu)$. Then
+  $q\cdot k = \tilde q\cdot\tilde k + q\cdot\mu$, and $q\cdot\mu$ is the same for every key of a query, so softmax
+  (and every tail mass) is unchanged. Both maps fold into the projections: $W_q R$, $W_k R$, bias
+  $(b_k - \mu)R$. $R$ holds the eigenvectors of $E[\tilde k\tilde k^\top]/E\|\tilde k\|^2 + E[qq^\top]/E\|q\|^2$,
+  so the leading coordinates carry most of both.
+* **Bounds.** The coordinates are split into blocks at `stages` (e.g. 8, 16, 32 of d = 32). After the first
+  $r$ coordinates, $\tilde s^{(r)} = \sum_{j<r}\tilde q_j\tilde k_j$ and (Cauchy-Schwarz per later block $b$)
+  $|\tilde s - \tilde s^{(r)}| \le \sum_{b} \|\tilde q_b\|\|\tilde k_b\|$; the key block norms are computed once
+  per key when it enters the cache (`prepare_keys`).
+* **Search** (per query; best-first refinement, evaluated as a threshold): refining the key with the largest
+  current upper bound first, until the certificate holds, stops in the state where every key has been refined
+  to the first stage whose upper bound falls below a threshold $t$ (or fully scored). The largest $t$ whose state
+  certifies $\hat\tau(t) = R/(S + R) \le$ `search_fraction` $\cdot\epsilon$ is found by bisection
+  (`lax.fori_loop`), with $R$ = the sum of $e^{\mathrm{upper}}$ over keys not fully scored and $S$ = the sum of
+  $e^{\mathrm{lower}}$ over fully scored keys. The fully scored keys are then pruned lowest first while the
+  certificate stays $\le \epsilon/(1+m)^2$ (dropped keys count in the tail); the head $H$ is what remains.
+* **Certificate** (logit-only, blockwise eq. 4.4 with an exact head), recomputed in log space for the final state:
+  $\mathrm{TV}(P, \hat P_H) = \tau_H \le \hat\tau = U_T / (L_H + U_T) \le \epsilon$ with $U_T$ the upper bound
+  on the tail mass and $L_H$ the lower bound on the head mass.
+
+Float32 safety: every bound carries a guard $g = 2(d+4)u\,\|q\|\,\max_i\nu_i\,|\mathrm{scale}|$ (u = unit
+roundoff, $\nu_i = \|k_i\| + \|\tilde k_i\| + \|\mu\|$), which covers the rounding of the rotation, of our dot products and of
+the reference logits $\mathrm{fl}(q\cdot k_i)$ the realised TV is measured on, so it grows with the magnitudes.
+
+Cost model (multiply-adds per query, reported in `ProgressiveResult.macs`): $d$ for the query block norms; per key
+and stage it reaches: the stage's block width plus one per later norm block (the bound). Dense
+scoring costs $n d$. Sorting, comparisons and the bisection's exponentials and sums are not multiply-adds and
+are not counted (they are O(n) per query per bisection step, ~40 steps).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from asoftmax.topk import _checks
+from asoftmax.topk import tail as tail_lib
+
+
+class Basis(NamedTuple):
+  """Per-head orthogonal basis. rotation: (..., d, d), columns = basis vectors; key_mean: (..., d) offset mu."""
+
+  rotation: jax.Array
+  key_mean: jax.Array
+
+
+class PreparedKeys(NamedTuple):
+  """Keys in the rotated basis with what the bounds need (computed once per key, e.g. when it enters a cache).
+
+  Attributes:
+    keys: (..., N, d) rotated, centred keys $R^\\top(k - \\mu)$.
+    block_norms: (..., N, B) $\\|\\tilde k_b\\|$ per coordinate block.
+    guard_norm: (..., N) $\\nu_i = \\|k_i\\| + \\|\\tilde k_i\\| + \\|\\mu\\|$ (scales the rounding guard).
+  """
+
+  keys: jax.Array
+  block_norms: jax.Array
+  guard_norm: jax.Array
+
+
+class ProgressiveResult(NamedTuple):
+  r"""Per-query outcome (leading dims (..., Q)).
+
+  Attributes:
+    head: (..., Q, N) bool, the certified head $H$ (fully scored keys kept).
+    head_logits: (..., Q, N) our logits $\tilde s\cdot$scale on $H$ (shifted by $q\cdot\mu$), $-\infty$ elsewhere;
+      softmax of it is the truncated distribution $\hat P$.
+    k: (..., Q) int32 $|H|$.
+    certificate: (..., Q) $\hat\tau \ge \mathrm{TV}(P, \hat P_H)$, $\le \epsilon$.
+    dims: (..., Q, N) int32 coordinates computed per key (0 for masked keys, d when fully scored).
+    keys_full: (..., Q) int32 keys scored in all d coordinates.
+    partial_dims: (..., Q) int32 total coordinates computed (sum of `dims`).
+    macs: (..., Q) int32 multiply-adds of the search (cost model in the module docstring).
+  """
+
+  head: jax.Array
+  head_logits: jax.Array
+  k: jax.Array
+  certificate: jax.Array
+  dims: jax.Array
+  keys_full: jax.Array
+  partial_dims: jax.Array
+  macs: jax.Array
+
+
+def _stage_edges(stages, d):
+  edges = [int(s) for s in stages]
+  if not edges or edges[-1] != d or any(b <= a for a, b in zip([0] + edges, edges)):
+    raise ValueError(f"stages must be increasing positive coordinate counts ending at d = {d}, got {tuple(stages)}")
+  return tuple(edges)
+
+
+def _fit_one(keys, queries, kvalid, qvalid):
+  kw = kvalid.astype(keys.dtype)[:, None]
+  qw = qvalid.astype(queries.dtype)[:, None]
+  mu = jnp.sum(keys * kw, 0) / jnp.maximum(jnp.sum(kw), 1.0)
+  kc = (keys - mu) * kw
+  qq = queries * qw
+  ck = kc.T @ kc / jnp.maximum(jnp.sum(kc * kc), 1e-30)
+  cq = qq.T @ qq / jnp.maximum(jnp.sum(qq * qq), 1e-30)
+  w, v = jnp.linalg.eigh(ck + cq)
+  return Basis(v[:, ::-1], mu)
+
+
+@jax.jit
+def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_valid: ArrayLike) -> Basis:
+  r"""Fits the per-head basis on held-out keys and queries (never on the text it is evaluated on).
+
+  $\mu$ = mean valid key; $R$ = eigenvectors (descending) of $E[(k-\mu)(k-\mu)^\top]/E\|k-\mu\|^2 +
+  E[qq^\top]/E\|q\|^2$.
+
+  Args:
+    keys: (..., N, d) held-out keys; queries: (..., Q, d) held-out queries (leading dims = heads).
+    key_valid: (..., N) bool; query_valid: (..., Q) bool.
+
+  Returns:
+    `Basis(rotation (..., d, d), key_mean (..., d))`; `rotation` is orthogonal.
+
+  Example:
+    >>> b = fit_basis(K, Qs, jnp.ones(K.shape[:-1], bool), jnp.ones(Qs.shape[:-1], bool))
+  """
+  keys, queries = jnp.asarray(keys, jnp.float32), jnp.asarray(queries, jnp.float32)
+  lead = keys.shape[:-2]
+  kv = jnp.broadcast_to(jnp.asarray(key_valid), keys.shape[:-1]).reshape((-1, keys.shape[-2]))
+  qv = jnp.broadcast_to(jnp.asarray(query_valid), queries.shape[:-1]).reshape((-1, queries.shape[-2]))
+  out = jax.vmap(_fit_one)(keys.reshape((-1,) + keys.shape[-2:]), queries.reshape((-1,) + queries.shape[-2:]), kv,
+                           qv)
+  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+
+
+def _blocks(x, edges):
+  starts = (0,) + edges[:-1]
+  return jnp.stack([jnp.linalg.norm(x[..., a:b], axis=-1) for a, b in zip(starts, edges)], -1)
+
+
+@functools.partial(jax.jit, static_argnames=("blocks",))
+def prepare_keys(keys: ArrayLike, basis: Basis, blocks: tuple[int, ...]) -> PreparedKeys:
+  r"""Rotates and centres keys, $\tilde k = R^\top(k - \mu)$, and stores their block norms and guard norms.
+
+  Args:
+    keys: (..., N, d) keys in the model's basis. basis: `Basis` with leading dims (...) (one per head).
+    blocks: increasing coordinate counts ending at d that delimit the norm blocks of the bound, e.g. (8, 16, 32);
+      they must include the search's `stages` (finer blocks give tighter bounds at one multiply-add each).
+
+  Returns:
+    `PreparedKeys`. Cost: $d^2 + 2d$ multiply-adds per key, paid once when the key is written (or free when $R$
+    is folded into $W_k$), not per query.
+  """
+  keys = jnp.asarray(keys)
+  edges = _stage_edges(blocks, keys.shape[-1])
+  mu = basis.key_mean[..., None, :]
+  kt = jnp.einsum("...nd,...de->...ne", keys - mu, basis.rotation, precision="highest")
+  nu = (jnp.linalg.norm(keys, axis=-1) + jnp.linalg.norm(kt, axis=-1)
+        + jnp.linalg.norm(basis.key_mean, axis=-1)[..., None])
+  return PreparedKeys(kt, _blocks(kt, edges), nu)
+
+
+@jax.jit
+def rotate_queries(queries: ArrayLike, basis: Basis) -> jax.Array:
+  r"""$\tilde q = R^\top q$ (..., Q, d) (free when $R$ is folded into $W_q$)."""
+  return jnp.einsum("...qd,...de->...qe", jnp.asarray(queries), basis.rotation, precision="highest")
+
+
+_BISECT_STEPS = 40
+
+
+def _one_query(qt, qnorm, kt, block_norms, guard_max, valid, eps_search, eps_final, scale, edges, norm_edges):
+  """One query against N keys. qt (d,), kt (N, d), block_norms (N, NB), guard_max (), valid (N,)."""
+  N, d = kt.shape
+  B = len(edges)
+  starts = (0,) + edges[:-1]
+  widths = np.array([b - a for a, b in zip(starts, edges)])
+  u = jnp.finfo(kt.dtype).eps / 2
+  nstarts = (0,) + norm_edges[:-1]
+  qb = jnp.stack([jnp.linalg.norm(qt[a:b]) for a, b in zip(nstarts, norm_edges)])  # (NB,)
+  # Partial dot products per stage block, cumulated: partial[:, l] = sum over the first edges[l] coordinates.
+  bd = jnp.stack([kt[:, a:b] @ qt[a:b] for a, b in zip(starts, edges)], -1)  # (N, B)
+  partial = jnp.cumsum(bd, -1)
+  prod = block_norms * qb[None, :]  # (N, NB)
+  # Bound after stage l: sum of ||q_b|| ||k_b|| over the norm blocks that start at or after edges[l].
+  after = np.array([[a >= e for a in nstarts] for e in edges], np.float32)  # (B, NB)
+  rest = prod @ jnp.asarray(after.T, prod.dtype)  # (N, B)
+  sc = jnp.abs(scale)
+  g = 2.0 * (d + 4) * u * qnorm * guard_max * sc  # one guard per query (max over the head's keys)
+  mid = partial * scale
+  rad = rest * sc + g
+  # Shift by a per-query constant (the largest stage-0 upper bound) so exp/log-sum-exp run at O(1) magnitudes;
+  # the shift's own rounding is covered by the 8u(|x| + |c|) term.
+  hi0 = jnp.where(valid, mid[:, 0] + rad[:, 0], -jnp.inf)
+  c = jax.lax.stop_gradient(jnp.max(hi0))
+  c = jnp.where(jnp.isfinite(c), c, 0.0)
+  mid = mid - c
+  rad = rad + 8.0 * u * (jnp.abs(mid) + jnp.abs(c))
+  # Upper bounds per stage, made nonincreasing across stages (each is a valid bound, so is their running min).
+  hi = jax.lax.cummin(mid + rad, axis=1)
+  hi = jnp.where(valid[:, None], hi, -jnp.inf)
+  lo_full = jnp.where(valid, mid[:, -1] - rad[:, -1], -jnp.inf)
+  hi_full = hi[:, -1]
+
+  def level(t):
+    # Best-first refinement stopped at threshold t: a key stops at the first stage whose bound is below t.
+    return jnp.minimum(jnp.sum(hi[:, :-1] >= t, -1), B - 1)  # (N,) stage index, B - 1 = fully scored
+
+  e_hi = jnp.exp(hi)  # linear-space copies for the bisection (its result is re-certified in log space below)
+  e_lo = jnp.exp(lo_full)
+
+  def cert_lin(t):
+    lv = level(t)
+    full = lv == B - 1
+    r = jnp.sum(jnp.where(full, 0.0, jnp.take_along_axis(e_hi, lv[:, None], 1)[:, 0]))
+    s = jnp.sum(jnp.where(full, e_lo, 0.0))
+    return r / jnp.maximum(s + r, jnp.finfo(s.dtype).tiny)
+
+  fin = jnp.isfinite(hi)
+  t_lo = jnp.min(jnp.where(fin, hi, jnp.inf)) - 1.0  # everything fully scored: certificate 0
+  t_hi = jnp.max(jnp.where(fin, hi, -jnp.inf)) + 1.0
+
+  def bisect(_, ab):
+    a, b = ab
+    m = 0.5 * (a + b)
+    ok = cert_lin(m) <= eps_search
+    return jnp.where(ok, m, a), jnp.where(ok, b, m)
+
+  t, _ = jax.lax.fori_loop(0, _BISECT_STEPS, bisect, (t_lo, t_hi))
+  lv = level(t)
+  # Fallback (never seen; keeps the guarantee if the linear-space bisection was fooled by underflow): score all.
+  full = lv == B - 1
+  log_r = jax.nn.logsumexp(jnp.where(full, -jnp.inf, jnp.take_along_axis(hi, lv[:, None], 1)[:, 0]))
+  log_s = jax.nn.logsumexp(jnp.where(full, lo_full, -jnp.inf))
+  bad = jax.nn.sigmoid(log_r - log_s) > eps_final
+  lv = jnp.where(bad, B - 1, lv)
+  full = (lv == B - 1) & valid
+  log_r = jnp.where(bad, -jnp.inf, log_r)
+  # Prune the fully scored keys: drop the lowest while the certificate stays <= eps_final (dropped keys count in
+  # the tail with their upper bound, kept keys in the head with their lower bound).
+  key = jnp.where(full, hi_full, jnp.inf)
+  order = jnp.argsort(key, stable=True)
+  fs = full[order]
+  up = jnp.where(fs, hi_full[order], -jnp.inf)
+  dn = jnp.where(fs, lo_full[order], -jnp.inf)
+  r_j = jnp.logaddexp(log_r, jax.lax.cumlogsumexp(up))
+  a_incl = tail_lib.rcumlogsumexp(dn)
+  a_post = jnp.concatenate([a_incl[1:], jnp.full((1,), -jnp.inf, dn.dtype)])
+  ok = (jax.nn.sigmoid(r_j - a_post) <= eps_final) & fs
+  j_star = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
+  drop = jnp.zeros((N,), bool).at[order].set(jnp.arange(N) < j_star)
+  head = full & ~drop
+  log_r = jnp.where(j_star > 0, r_j[jnp.maximum(j_star - 1, 0)], log_r)
+  log_a = jax.nn.logsumexp(jnp.where(head, lo_full, -jnp.inf))
+  cert = jax.nn.sigmoid(log_r - log_a)
+  # A tail mass below float32's smallest normal number would round to 0: report that number instead.
+  cert = jnp.where(log_r > -jnp.inf, jnp.maximum(cert, jnp.finfo(cert.dtype).tiny), cert)
+  dims = jnp.where(valid, jnp.asarray(edges, jnp.int32)[lv], 0)
+  nbound = after.sum(1).astype(np.int32)
+  per_stage = jnp.asarray(widths + nbound, jnp.int32)  # multiply-adds when a key reaches stage l
+  cum_cost = jnp.cumsum(per_stage)
+  macs = d + jnp.sum(jnp.where(valid, cum_cost[lv], 0))
+  head_logits = jnp.where(head, mid[:, -1], -jnp.inf)
+  return head, head_logits, jnp.sum(head).astype(jnp.int32), cert, dims, macs
+
+
+@functools.partial(jax.jit, static_argnames=("stages", "norm_stages"))
+def _progressive(q_rot, prepared, valid, epsilon, scale, search_fraction, stages, norm_stages):
+  d = q_rot.shape[-1]
+  edges = _stage_edges(stages, d)
+  norm_edges = _stage_edges(norm_stages, d)
+  N = prepared.keys.shape[-2]
+  m = tail_lib.rounding_margin(N, q_rot.dtype)
+  eps_final = epsilon / (1.0 + m) ** 2
+  eps_search = search_fraction * eps_final
+  lead = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2])
+  Q = q_rot.shape[-2]
+  qt = jnp.broadcast_to(q_rot, lead + q_rot.shape[-2:]).reshape((-1, Q, d))
+  kt = jnp.broadcast_to(prepared.keys, lead + prepared.keys.shape[-2:]).reshape((-1, N, d))
+  bn = jnp.broadcast_to(prepared.block_norms, lead + prepared.block_norms.shape[-2:]).reshape((-1, N,
+                                                                                               len(norm_edges)))
+  gn = jnp.max(jnp.broadcast_to(prepared.guard_norm, lead + (N,)).reshape((-1, N)), -1)
+  v = jnp.broadcast_to(valid, lead + (Q, N)).reshape((-1, Q, N))
+  qn = jnp.linalg.norm(qt, axis=-1)
+
+  def per_head(qh, qnh, kh, bnh, gnh, vh):
+    f = lambda q1, qn1, v1: _one_query(q1, qn1, kh, bnh, gnh, v1, eps_search, eps_final, scale, edges, norm_edges)
+    return jax.vmap(f)(qh, qnh, vh)
+
+  head, hl, k, cert, dims, macs = jax.lax.map(lambda a: per_head(*a), (qt, qn, kt, bn, gn, v))
+  rs = lambda x: x.reshape(lead + x.shape[1:])
+  dims = rs(dims)
+  head = rs(head)
+  return ProgressiveResult(head, rs(hl), rs(k), rs(cert), dims, jnp.sum(dims == d, -1).astype(jnp.int32),
+                           jnp.sum(dims, -1).astype(jnp.int32), rs(macs))
+
+
+def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLike | None, epsilon: float,
+                       scale: float, stages: tuple[int, ...], blocks: tuple[int, ...] | None = None,
+                       search_fraction: float = 0.9) -> ProgressiveResult:
+  r"""Certified top-k by progressive scoring in a fixed orthogonal basis: $\mathrm{TV}(P, \hat P_H) \le \epsilon$.
+
+  Args:
+    q_rot: (..., Q, d) rotated queries (`rotate_queries`, or the output of $W_q R$).
+    prepared: `PreparedKeys` with leading dims (...), from `prepare_keys`.
+    valid: optional bool mask broadcastable to (..., Q, N); True = key may be attended.
+    epsilon: TV budget in (0, 1).
+    scale: logit scale, e.g. $1/\sqrt{d}$.
+    stages: increasing coordinate counts ending at d, e.g. (8, 16, 32) for d = 32, (8, 16, 32, 64) for d = 64.
+    blocks: the norm blocks `prepared` was built with (default: `stages`); must contain every stage edge.
+    search_fraction: the share of epsilon the search may leave as unscored tail; the rest is used to prune the
+      fully scored keys (smaller head, more scoring). In (0, 1].
+
+  Returns:
+    `ProgressiveResult`. For every query the true tail mass outside `head` of softmax(q.k * scale) (keys in the
+    original basis, logits in float32) is $\le$ `certificate` $\le \epsilon$. Under `jax.jit` a query with no
+    valid key gets k = 0 and certificate NaN.
+
+  Raises:
+    ValueError: bad epsilon, stages, blocks, search_fraction, scale or shapes; non-finite inputs or a query with no valid key (when
+      concrete).
+
+  Example:
+    >>> basis = fit_basis(K_heldout, Q_heldout, kv, qv)
+    >>> pk = prepare_keys(K, basis, (8, 16, 32))
+    >>> r = progressive_search(rotate_queries(Qs, basis), pk, None, 0.1, 32 ** -0.5, (8, 16, 32))
+    >>> r.k, r.macs / (K.shape[-2] * 32)    # head sizes, multiply-adds relative to dense scoring
+  """
+  _checks.epsilon(epsilon)
+  q_rot = jnp.asarray(q_rot) if not _checks.is_traced(q_rot) else q_rot
+  if getattr(q_rot, "ndim", 0) < 2:
+    raise ValueError(f"q_rot must have shape (..., Q, d), got {getattr(q_rot, 'shape', None)}")
+  d = q_rot.shape[-1]
+  if prepared.keys.ndim < 2 or prepared.keys.shape[-1] != d or prepared.keys.shape[-2] == 0:
+    raise ValueError(f"prepared.keys must have shape (..., N >= 1, {d}), got {tuple(prepared.keys.shape)}")
+  edges = _stage_edges(stages, d)
+  blocks = edges if blocks is None else _stage_edges(blocks, d)
+  if not set(edges) <= set(blocks):
+    raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges}")
+  if prepared.block_norms.shape[-1] != len(blocks):
+    raise ValueError(f"prepared.block_norms has {prepared.block_norms.shape[-1]} blocks, blocks= has {len(blocks)}")
+  search_fraction = float(search_fraction)
+  if not 0.0 < search_fraction <= 1.0:
+    raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
+  try:
+    scale = float(scale)
+  except TypeError:
+    raise ValueError(f"scale must be a finite nonzero number, got {scale!r}") from None
+  if not np.isfinite(scale) or scale == 0.0:
+    raise ValueError(f"scale must be a finite nonzero number, got {scale!r}")
+  N = prepared.keys.shape[-2]
+  lshape = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2]) + (q_rot.shape[-2], N)
+  _checks.valid(valid, lshape)
+  v = jnp.ones(lshape, bool) if valid is None else jnp.broadcast_to(jnp.asarray(valid), lshape)
+  if not _checks.is_traced(q_rot, *prepared):
+    for name, x in (("q_rot", q_rot), ("prepared.keys", prepared.keys), ("prepared.block_norms",
+                                                                          prepared.block_norms)):
+      if not np.isfinite(np.asarray(x)).all():
+        raise ValueError(f"{name} must be finite")
+  return _progressive(q_rot, prepared, v, epsilon, scale, search_fraction, tuple(edges), tuple(blocks))
