@@ -26,11 +26,13 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # (snapshot directory, config that reproduces it), in README order.
 README_SNAPSHOTS = (
+    # topk_bert_n128_rerun first: the n = 128 part re-run after the cell-search fix; topk_bert is the full (stale) run.
     ("docs/results/adaptive_synthetic", "configs/adaptive/synthetic.py"),
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
     ("docs/results/adaptive_llm_tuned", "configs/adaptive/llm.py"),
     ("docs/results/topk_synthetic", "configs/topk/synthetic.py"),
+    ("docs/results/topk_bert_n128_rerun", "configs/topk/bert.py"),
     ("docs/results/topk_bert", "configs/topk/bert.py"),
     ("docs/results/rf_lm", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
@@ -98,7 +100,7 @@ def write_reports(workdir: str) -> list[str]:
   path = os.path.join(workdir, "table.md")
   results_lib.write_text(path, render_table(res, exp))
   written.append(path)
-  if exp.plot is not None:
+  if exp.plot is not None and not res.get("provenance"):  # reconstructed results hold no per-query data
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,6 +116,18 @@ def _link(path: str) -> str:
   return f"[`{path}`]({path})"
 
 
+RECONSTRUCTED = "†"
+STALE = "‡"
+FOOTNOTES = (
+    f"{RECONSTRUCTED} results.json rebuilt from the committed table.md (`scripts/reconstruct_results.py`): the run's "
+    "own results.json was not kept; the numbers are that table's cells.\n"
+    f"{STALE} the snapshot predates a later fix and was not re-run (see its table.md provenance line).\n")
+
+
+def _cell(s: str) -> str:
+  return s.replace("|", "\\|")
+
+
 def readme_rows(root: str = ROOT) -> str:
   """The markdown results table README shows, built only from the committed snapshots."""
   lines = ["| paper table | config | our number | paper number | table |", "|---|---|---|---|---|"]
@@ -125,10 +139,12 @@ def readme_rows(root: str = ROOT) -> str:
     res, exp = load(os.path.join(root, snap))
     if exp.readme is None:
       continue
+    prov = res.get("provenance") or ""
+    mark = (RECONSTRUCTED if "reconstructed" in prov else "") + (STALE if "STALE" in prov else "")
     for r in exp.readme(res):
-      ours = r.ours + (" ⚠ reconstructed from table.md" if res.get("provenance") else "")
-      lines.append(f"| {r.label} | {_link(config)} | {ours} | {r.paper} | [{snap}/table.md]({snap}/table.md) |")
-  return "\n".join(lines) + "\n"
+      lines.append(f"| {_cell(r.label)} | {_link(config)} | {_cell(r.ours)}{mark} | {_cell(r.paper)} | "
+                   f"[{os.path.basename(snap)}]({snap}/table.md) |")
+  return "\n".join(lines) + "\n\n" + FOOTNOTES
 
 
 def render_readme(text: str, rows: str) -> str:

@@ -1,0 +1,80 @@
+"""Typed tables, committed snapshots and README's generated results rows."""
+
+import glob
+import json
+import os
+from typing import NamedTuple
+
+import pytest
+
+from experiments import registry, report, tables
+
+SNAPSHOTS = sorted(glob.glob(os.path.join(registry.ROOT, "docs", "results", "*", "results.json")))
+
+
+class _Row(NamedTuple):
+  n: int | None = None
+  gain: float | None = None
+
+
+_T = tables.Table("t", _Row, hidden=("samples",))
+
+
+def test_row_rejects_undeclared_key_and_fills_columns():
+  assert _T.row(n=3, samples=[1, 2]) == {"table": "t", "n": 3, "gain": None, "samples": [1, 2]}
+  with pytest.raises(ValueError, match="undeclared keys \\['gian'\\]"):
+    _T.row(n=3, gian=2.0)
+
+
+def test_validate_rejects_unknown_table_and_undeclared_key():
+  tables.validate([_T.row(n=1)], [_T])
+  with pytest.raises(ValueError, match="declared tables"):
+    tables.validate([{"table": "other", "n": 1}], [_T])
+  with pytest.raises(ValueError, match="undeclared keys \\['speedup'\\]"):
+    tables.validate([{"table": "t", "n": 1, "speedup": 2.0}], [_T])
+
+
+def test_empty_columns_finds_a_declared_column_never_written():
+  assert tables.empty_columns([_T.row(n=1), _T.row(n=2)], _T) == ["gain"]
+  assert tables.empty_columns([_T.row(n=1, gain=2.0)], _T) == []
+
+
+def test_every_experiment_declares_short_typed_tables():
+  for name in registry.names():
+    exp = registry.get(name)
+    if not exp.tables:
+      continue  # legacy single-table experiments (columns=...) are rendered as before
+    for t in exp.tables:
+      assert len(t.columns) <= 12, f"{name}/{t.name}: {len(t.columns)} columns"
+      assert not set(t.columns) & set(t.hidden), f"{name}/{t.name}: a column is also hidden"
+
+
+def test_there_are_committed_snapshots():
+  assert len(SNAPSHOTS) >= 10
+
+
+@pytest.mark.parametrize("path", SNAPSHOTS, ids=[os.path.basename(os.path.dirname(p)) for p in SNAPSHOTS])
+def test_committed_snapshot_renders_from_results_json(path):
+  """Each committed table.md is exactly what `python -m experiments.report` redraws from results.json."""
+  with open(path) as f:
+    res = json.load(f)
+  exp = registry.get(res["experiment"])
+  if exp.tables:
+    tables.validate(res["rows"], exp.tables)
+  with open(os.path.join(os.path.dirname(path), "table.md")) as f:
+    assert f.read() == report.render_table(res, exp), (
+        f"{os.path.dirname(path)}/table.md is stale: run python -m experiments.report --workdir {os.path.dirname(path)}")
+
+
+def test_readme_rows_match_committed_results():
+  with open(report.README) as f:
+    text = f.read()
+  assert report.render_readme(text, report.readme_rows()) == text, (
+      "README.md's results rows differ from docs/results/*/results.json: run python -m experiments.report --readme")
+
+
+def test_readme_links_exist():
+  rows = report.readme_rows()
+  for snap, config in report.README_SNAPSHOTS:
+    assert os.path.exists(os.path.join(registry.ROOT, config)), config
+    assert f"({snap}/table.md)" in rows or "no results.json committed" in rows
