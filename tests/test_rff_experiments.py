@@ -18,9 +18,9 @@ def test_gradient_bias_exact_at_noise_floor_and_uniform_above():
   unif = rff.uniform_sampler(128)
   lq_unif = unif.log_probs(unif.init(), h)
   for q in range(2):
-    b, floor, pred = rf_bias.gradient_bias(jax.random.key(q), logits[q], lq_exact[q], t[q], 5, 2000, 500)
+    b, floor, pred = rff.gradient_bias(jax.random.key(q), logits[q], lq_exact[q], t[q], 5, 2000, 500)
     assert b < 3 * floor and pred < 1e-3
-    bu, flu, predu = rf_bias.gradient_bias(jax.random.key(q), logits[q], lq_unif[q], t[q], 5, 2000, 500)
+    bu, flu, predu = rff.gradient_bias(jax.random.key(q), logits[q], lq_unif[q], t[q], 5, 2000, 500)
     assert bu > 3 * flu
 
 
@@ -28,7 +28,7 @@ def test_distribution_metrics_match_numpy():
   C, h, t = rf_bias.synthetic_problem(jax.random.key(1), 64, 8, 3, 1.0)
   logits = 6.0 * h @ C.T
   lq = jax.nn.log_softmax(0.5 * logits, -1)
-  kl, tv, chi2, ent, top1 = (np.asarray(x, np.float64) for x in rf_bias.distribution_metrics(logits, lq, t))
+  kl, tv, chi2, ent, top1 = (np.asarray(x, np.float64) for x in rff.distribution_metrics(logits, lq, t))
   p = np.asarray(jax.nn.softmax(logits, -1), np.float64)
   q = np.asarray(jax.nn.softmax(0.5 * logits, -1), np.float64)
   np.testing.assert_allclose(kl, (p * np.log(p / q)).sum(1), rtol=1e-4)

@@ -4,9 +4,11 @@ Feature maps (`rff_features`, `quadratic_features`), a binary tree of feature su
 probabilities (`build_tree`, `tree_sample`, `tree_update`, `tree_log_probs`), samplers behind one
 interface (`uniform_sampler`, `unigram_sampler`, `quadratic_sampler`, `rff_sampler`, `exact_sampler`; per
 query or batch-shared), negatives with or without replacement (`draw_negatives`, TF's expected counts), and
-the full / sampled softmax losses (`sampled_softmax_loss`, `corrected_sampled_loss` with TF's conventions).
+the full / sampled softmax losses (`sampled_softmax_loss`, `corrected_sampled_loss` with TF's conventions), and
+the bias of a proposal's sampled-softmax gradient (`gradient_bias`, `distribution_metrics`).
 """
 
+from asoftmax.rff.bias import DistributionMetrics, GradientBias, distribution_metrics, gradient_bias
 from asoftmax.rff.features import exact_kernel, init_rff, quadratic_features, rff_features, rff_kernel
 from asoftmax.rff.loss import corrected_sampled_loss, full_softmax_loss, sampled_softmax_loss
 from asoftmax.rff.negatives import Negatives, draw_negatives, expected_count
@@ -17,9 +19,10 @@ from asoftmax.rff.tree import (KernelTree, build_tree, leaf_clamped_log_probs, t
                                tree_update)
 
 __all__ = [
-    "KernelTree", "Negatives", "Sampler", "SparseDataset", "build_tree", "corrected_sampled_loss",
-    "draw_negatives", "exact_kernel", "exact_sampler", "expected_count", "full_softmax_loss", "init_rff",
+    "DistributionMetrics", "GradientBias", "KernelTree", "Negatives", "Sampler", "SparseDataset",
+    "build_tree", "corrected_sampled_loss", "distribution_metrics", "draw_negatives", "exact_kernel",
+    "exact_sampler", "expected_count", "full_softmax_loss", "gradient_bias", "init_rff",
     "leaf_clamped_log_probs", "load_sparse", "normalize", "precision_at_k", "quadratic_features",
-    "quadratic_sampler", "rff_features", "rff_kernel", "rff_sampler", "sampled_softmax_loss", "tree_log_probs",
-    "tree_sample", "tree_update", "uniform_sampler", "unigram_sampler",
+    "quadratic_sampler", "rff_features", "rff_kernel", "rff_sampler", "sampled_softmax_loss",
+    "tree_log_probs", "tree_sample", "tree_update", "uniform_sampler", "unigram_sampler",
 ]

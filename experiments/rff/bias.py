@@ -18,7 +18,6 @@ Reference: Rawat et al., NeurIPS 2019 (bias analysis, Theorem 1-type bound, [R])
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
@@ -60,63 +59,6 @@ def synthetic_problem(key, n, d, num_queries, noise):
   t = jax.random.randint(kt, (num_queries,), 0, n)
   h = rff.normalize(C[t] + noise * jax.random.normal(kn, (num_queries, d)) / np.sqrt(d))
   return C, h, t
-
-
-@functools.partial(jax.jit, static_argnames=("m", "reps", "chunk"))
-def gradient_bias(key, logits, log_q, t, m, reps, chunk):
-  """Monte-Carlo bias of the sampled-softmax logit gradient for one query.
-
-  Args: logits [n] (tau h.c), log_q [n] proposal, t () true class, m samples per replicate,
-    reps replicates (a multiple of chunk).
-  Returns: (bias, noise_floor, first-order predicted bias norm) scalars.
-  """
-  n = logits.shape[0]
-  e = jnp.exp(logits - logits.max())
-  p = e / e.sum()
-  g_full = p.at[t].add(-1.0)
-  q = jnp.exp(log_q).at[t].set(0.0)  # q~ = q restricted to the negatives N_t, renormalized (spec Sec. 3)
-  q = q / q.sum()
-  cdf = jnp.cumsum(q)
-
-  def one_chunk(k):
-    u = jax.random.uniform(k, (chunk, m)) * cdf[-1]
-    s = jnp.minimum(jnp.searchsorted(cdf, u, side="right"), n - 1)
-    w = jnp.where(s == t, 0.0, e[s] / (m * q[s]))
-    zhat = e[t] + w.sum(1)
-    g = jax.vmap(lambda si, wi: jnp.zeros(n).at[si].add(wi))(s, w / zhat[:, None])
-    g = g.at[:, t].add(e[t] / zhat - 1.0)
-    return g.sum(0), (g * g).sum(0)
-
-  sums, sqs = jax.lax.map(one_chunk, jax.random.split(key, reps // chunk))
-  mean = sums.sum(0) / reps
-  var = jnp.maximum(sqs.sum(0) / reps - mean**2, 0.0)
-  bias = jnp.linalg.norm(mean - g_full)
-  floor = jnp.sqrt(var.sum() / reps)
-  # First-order (delta-method) prediction, spec Sec. 3: bias_i ~ (1/m)[e_i V/Z^3 - 1[i!=t](e_i^2/q_i - Z_t e_i)/Z^2].
-  neg = jnp.arange(n) != t
-  Z = e.sum()
-  Zt = Z - e[t]
-  V = jnp.sum(jnp.where(neg, e**2 / q, 0.0)) - Zt**2
-  pred = (e * V / Z**3 - jnp.where(neg, (e**2 / q - Zt * e) / Z**2, 0.0)) / m
-  return bias, floor, jnp.linalg.norm(pred)
-
-
-@jax.jit
-def distribution_metrics(logits, log_q, t):
-  """KL(p||q), TV(p,q), chi^2(p~||q~) on the negatives, entropy H(p), top-1 p; per query [Q]."""
-  logp = jax.nn.log_softmax(logits, -1)
-  p = jnp.exp(logp)
-  q = jnp.exp(log_q)
-  kl = jnp.sum(jnp.where(p > 0, p * (logp - log_q), 0.0), -1)
-  tv = 0.5 * jnp.abs(p - q).sum(-1)
-  neg = jnp.arange(logits.shape[-1])[None, :] != t[:, None]
-  pt = jnp.where(neg, p, 0.0)
-  pt = pt / pt.sum(-1, keepdims=True)
-  qt = jnp.where(neg, q, 0.0)
-  qt = qt / qt.sum(-1, keepdims=True)
-  chi2 = jnp.sum(jnp.where(neg, pt**2 / qt, 0.0), -1) - 1.0
-  ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), -1)
-  return kl, tv, chi2, ent, p.max(-1)
 
 
 def make_samplers(config, key, n, tau, counts):
@@ -177,12 +119,12 @@ def run(config, workdir, rng) -> registry.Output:
       for label, sampler, D, nu in make_samplers(config, jax.random.fold_in(rng, 1000 * si + ti), n, tau, counts):
         state = sampler.init(C)
         log_q = sampler.log_probs(state, h)
-        kl, tv, chi2, ent, top1 = (np.asarray(v) for v in distribution_metrics(logits, log_q, t))
+        kl, tv, chi2, ent, top1 = (np.asarray(v) for v in rff.distribution_metrics(logits, log_q, t))
         for mi, m in enumerate(config.ms):
           key = jax.random.fold_in(jax.random.fold_in(rng, 7 + si * 1000 + ti), mi)
-          res = [gradient_bias(jax.random.fold_in(key, q), logits[q], log_q[q], t[q], m, config.reps, config.chunk)
+          res = [rff.gradient_bias(jax.random.fold_in(key, q), logits[q], log_q[q], t[q], m, config.reps, config.chunk)
                  for q in range(h.shape[0])]
-          bias, floor, pred = (np.asarray(v) for v in zip(*res))
+          bias, floor, pred = (np.asarray(v) for v in zip(*res))  # GradientBias fields
           rows.append(TABLE.row(**{
               "setting": setting, "n": n, "d": d, "sampler": label, "D": D, "nu": nu, "m": m, "tau": tau,
               "entropy": float(ent.mean()), "top1": float(top1.mean()), "KL": float(kl.mean()),
