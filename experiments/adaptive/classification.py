@@ -22,12 +22,14 @@ from tqdm.auto import tqdm
 from asoftmax import adaptive
 from asoftmax.models import cnn, train
 from experiments import tables
+from experiments.adaptive import common
 from experiments.adaptive import paper as paper_numbers
 
 class ClassificationRow(NamedTuple):
   """One (k, delta) setting: gain and held-out success, ours beside the paper's (k = 1 only)."""
 
   dataset: str | None = None
+  mode: str | None = None  # "paper" (fudge factors tuned on n_tune queries) or "certified" (no tuning)
   k: int | None = None
   delta: float | None = None
   gain: float | None = None  # n*d / mean samples (dense count)
@@ -36,12 +38,12 @@ class ClassificationRow(NamedTuple):
   success: float | None = None  # held-out: top-k set exact and every probability within epsilon
   paper_success: float | None = None
   success_lo: float | None = None  # 95% Clopper-Pearson lower end
-  meets_target: bool | None = None  # success >= 1 - delta
+  phases: str | None = None  # % of samples in warm-up/elimination/winners/Z
   status: str | None = None
 
 
 TABLE = tables.Table("gain", ClassificationRow, hidden=(
-    "key", "source", "n", "d", "nnz_mean", "epsilon", "n_tune", "n_eval", "success_hi", "identified",
+    "meets_target", "phase_samples_mean", "key", "source", "n", "d", "nnz_mean", "epsilon", "n_tune", "n_eval", "success_hi", "identified",
     "max_rel_error", "samples_mean", "samples_median", "samples_std", "naive", "naive_nnz_mean", "fudge_bandit",
     "fudge_z", "samples", "wall_s", "accuracy", "paper_ref"))
 TABLES = (TABLE,)
@@ -110,14 +112,17 @@ def adaptive_rows(config, rng: jax.Array, A: np.ndarray, X: np.ndarray, base: di
   n, d = A.shape
   nnz = float((X[config.n_tune:] != 0).sum(1).mean())
   rows = []
-  settings = [(k, delta) for k in config.ks for delta in config.deltas]
-  for si, (k, delta) in enumerate(tqdm(settings, desc=f"adaptive {base['dataset']}")):
+  modes = tuple(config.get("modes", ("paper",)))
+  settings = [(k, delta, mode) for k in config.ks for delta in config.deltas for mode in modes]
+  for si, (k, delta, mode) in enumerate(tqdm(settings, desc=f"adaptive {base['dataset']}")):
     t0 = time.perf_counter()
-    r = adaptive.tune_and_evaluate(jax.random.fold_in(rng, si), prep, X, k=k, epsilon=config.epsilon,
+    # Both modes see the same held-out queries X[n_tune:] and the same key; certified mode tunes nothing.
+    r = adaptive.tune_and_evaluate(jax.random.fold_in(rng, si // len(modes)), prep, X, k=k, epsilon=config.epsilon,
                                    delta=delta, n_tune=config.n_tune, beta=config.beta, order=config.order,
-                                   progress=False)
+                                   progress=False, mode=mode)
     row = {
-        **base, "n": n, "d": d, "nnz_mean": nnz, "k": k, "epsilon": config.epsilon, "delta": delta,
+        **base, "mode": mode, "phases": common.phase_split(r["phase_samples_mean"]),
+        "phase_samples_mean": r["phase_samples_mean"], "n": n, "d": d, "nnz_mean": nnz, "k": k, "epsilon": config.epsilon, "delta": delta,
         "n_tune": config.n_tune, "n_eval": r["n_eval"], "gain": r["gain_dense"], "gain_nnz": r["gain_nnz"],
         "success": r["success"], "success_lo": r["success_lo"], "success_hi": r["success_hi"],
         "meets_target": bool(r["success"] >= 1 - delta), "identified": r["identified"],
@@ -126,14 +131,16 @@ def adaptive_rows(config, rng: jax.Array, A: np.ndarray, X: np.ndarray, base: di
         "naive_nnz_mean": r["naive_nnz_mean"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
         "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok",
     }
-    row.update(paper_entry(base["key"], delta) if k == 1 else
+    row.update(paper_entry(base["key"], delta) if k == 1 and mode == "paper" else
+               {"paper_gain": None, "paper_success": None, "paper_ref": "paper mode only"} if k == 1 else
                {"paper_gain": None, "paper_success": None, "paper_ref": "not in paper (k > 1)"})
     rows.append(row)
   return rows
 
 
 def not_run_rows(config, base: dict, why: str) -> list[dict]:
-  return [{**base, "k": k, "delta": delta, "status": f"not run: {why}"} for k in config.ks for delta in config.deltas]
+  return [{**base, "mode": mode, "k": k, "delta": delta, "status": f"not run: {why}"} for k in config.ks
+          for delta in config.deltas for mode in config.get("modes", ("paper",))]
 
 
 def run_table(config, workdir: str, rng: jax.Array, dataset: str, load_fn) -> tuple[list[dict], dict]:
@@ -181,16 +188,18 @@ def plot_samples(rows: list[dict], notes: dict) -> dict:
   ax = axes[0]
   for r in ok:
     s = np.asarray(r["samples"], np.float64)
-    ax.hist(s, bins=40, histtype="step", label=f"k={r['k']} δ={r['delta']}")
-  ax.axvline(ok[0]["naive"], color="k", ls=":", label="n·d (exact)")
+    ax.hist(s, bins=40, histtype="step", label=f"{r.get('mode', 'paper')} k={r['k']} δ={r['delta']}")
   ax.set_xlabel("samples per query")
   ax.set_ylabel("held-out queries")
-  ax.set_title(f"{ok[0]['dataset']} (n={ok[0]['n']}, d={ok[0]['d']}): samples per query")
+  ax.set_title(f"{ok[0]['dataset']} (n={ok[0]['n']}, d={ok[0]['d']}, exact n·d = {ok[0]['naive']:,})")
   ax.legend(fontsize=7)
   ax = axes[1]
-  for k in sorted({r["k"] for r in ok}):
-    rs = sorted((r for r in ok if r["k"] == k), key=lambda r: r["delta"])
-    ax.plot([r["delta"] for r in rs], [r["gain"] for r in rs], "o-", label=f"ours k={k}")
+  for mode, ls in (("paper", "-"), ("certified", ":")):
+    for k in sorted({r["k"] for r in ok}):
+      rs = sorted((r for r in ok if r["k"] == k and r.get("mode", "paper") == mode), key=lambda r: r["delta"])
+      if rs:
+        ax.plot([r["delta"] for r in rs], [r["gain"] for r in rs], "o" + ls, color=f"C{k % 10}",
+                label=f"ours, {mode} mode, k={k}")
   ps = [r for r in ok if r["k"] == 1 and r.get("paper_gain") is not None]
   if ps:
     ax.plot([r["delta"] for r in ps], [r["paper_gain"] for r in ps], "s--", label="paper / reference")
@@ -210,8 +219,12 @@ def readme_row(res: dict, label: str) -> list[tables.ReadmeRow]:
   if not ok:
     why = next((r.get("status") for r in res["rows"]), "no rows")
     return [tables.ReadmeRow(label, f"not run ({why})", "–")]
-  r = min(ok, key=lambda r: r["delta"])
+  paper_rows = [r for r in ok if r.get("mode", "paper") == "paper"] or ok
+  r = min(paper_rows, key=lambda r: r["delta"])
   paper = next((p for p in ok if p.get("paper_gain") is not None), None)
   ours = f"gain **{r['gain']:.1f}×** at δ = {r['delta']:g} (held-out success {r['success']:.3f})"
+  cert = next((c for c in ok if c.get("mode") == "certified" and c["delta"] == r["delta"]), None)
+  if cert is not None:
+    ours += f"; certified {cert['gain']:.1f}× ({cert['success']:.3f})"
   theirs = "–" if paper is None else f"**{paper['paper_gain']:g}×** ({paper.get('paper_ref') or 'paper'})"
   return [tables.ReadmeRow(label, ours, theirs)]
