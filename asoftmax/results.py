@@ -7,8 +7,10 @@ to a temporary file in the same directory and then renamed over the target (atom
 >>> from asoftmax import results
 >>> path = os.path.join(tempfile.mkdtemp(), "x.json")
 >>> results.write_json(path, {"gain": 2.5})
->>> open(path).read()
-'{\n  "gain": 2.5\n}\n'
+>>> print(open(path).read(), end="")
+{
+  "gain": 2.5
+}
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def read_text(data_dir: str, dataset: str, split: str = "test") -> str:
 
 
 def words(text: str) -> list[str]:
-  """Whitespace words of `text` with `<eos>` at each line end (the PTB word-level LM convention).
+  r"""Whitespace words of `text` with `<eos>` at each line end (the PTB word-level LM convention).
 
   >>> words(" a b \n c\n")
   ['a', 'b', '<eos>', 'c', '<eos>']
@@ -89,7 +89,7 @@ def words(text: str) -> list[str]:
 
 
 def wikitext_lines(text: str) -> list[str]:
-  """Non-empty, non-heading lines of WikiText `.tokens` text, with the ` @-@ `-style joiners undone.
+  r"""Non-empty, non-heading lines of WikiText `.tokens` text, with the ` @-@ `-style joiners undone.
 
   >>> wikitext_lines(" = Title = \n\n A 3 @,@ 000 @-@ metre tower . \n")
   ['A 3,000-metre tower .']
