@@ -7,7 +7,7 @@ from flax import nnx
 
 from asoftmax.models import cnn, train
 from experiments import registry
-from experiments.adaptive import classification
+from experiments.adaptive import classification, paper
 
 
 def _digits(n=256, seed=0):
@@ -105,10 +105,12 @@ def test_topk3_rows_on_a_trained_head():
 
 
 def test_paper_entry_lookup():
+  ref = paper.CLASSIFICATION["mnist"]["reference_repo"]
   e = classification.paper_entry("mnist", 0.01)
-  assert e["paper_gain"] == 8.2 and e["paper_success"] == 0.994
+  assert e["paper_gain"] == ref["gain"][0.01] and e["paper_success"] == ref["success"][0.01]
   assert classification.paper_entry("mnist", 0.1)["paper_gain"] is None
-  assert classification.paper_entry("eurosat", 0.05)["paper_gain"] == 5.18
+  eurosat = classification.paper_entry("eurosat", 0.05)
+  assert eurosat["paper_gain"] == paper.CLASSIFICATION["eurosat"]["gain_any_delta"] and eurosat["paper_success"] is None
 
 
 @pytest.mark.slow
