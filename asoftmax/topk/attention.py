@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 from asoftmax.topk import certificates
 from asoftmax.topk import tail as tail_lib
 
@@ -63,7 +63,7 @@ def _attention(q, keys, values, mask, epsilon, scale, method):
 
 def _check_finite(q, keys, values, mask, lshape):
   """q finite; keys and values finite wherever a key is valid for some query (unused cache slots may be garbage)."""
-  if _checks.is_traced(q, keys, values, mask):
+  if checks.is_traced(q, keys, values, mask):
     return
   if not np.isfinite(np.asarray(q)).all():
     raise ValueError("q must be finite (it contains -inf, +inf or NaN)")
@@ -103,14 +103,14 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
     >>> o = certified_topk_attention(q, K, V, None, 0.01)
     >>> o.out.shape, o.k  # (..., Q, dv), per-query head sizes
   """
-  _checks.epsilon(epsilon)
+  checks.epsilon(epsilon)
   if method not in certificates.METHODS:
     raise ValueError(f"method must be one of {certificates.METHODS}, got {method!r}")
   for name, x in (("q", q), ("keys", keys), ("values", values)):
     if getattr(x, "ndim", 0) < 2:
       raise ValueError(f"{name} must have at least 2 dims (..., len, dim), got shape {getattr(x, 'shape', None)}")
     if name == "q":
-      _checks.logits(x, name)
+      checks.logits(x, name)
   if keys.shape[-2] == 0:
     raise ValueError(f"keys must hold at least one key, got shape {tuple(keys.shape)}")
   if q.shape[-1] != keys.shape[-1]:
@@ -118,7 +118,7 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
   if keys.shape[-2] != values.shape[-2]:
     raise ValueError(f"keys and values must have the same number of keys, got {keys.shape} and {values.shape}")
   lshape = jnp.broadcast_shapes(q.shape[:-2], keys.shape[:-2]) + (q.shape[-2], keys.shape[-2])
-  _checks.valid(mask, lshape, "mask")
+  checks.valid(mask, lshape, "mask")
   for name, x in (("keys", keys), ("values", values)):
     if not np.issubdtype(np.dtype(x.dtype), np.floating):
       raise ValueError(f"{name} must have a floating dtype, got {x.dtype}")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 from asoftmax.topk import tail as tail_lib
 
 METHODS = ("exact", "single_gap", "exact_head", "multi_gap")
@@ -87,8 +87,8 @@ def tail_bounds(logits: ArrayLike, valid: ArrayLike | None = None) -> Bounds:
     `Bounds(single_gap, exact_head, multi_gap)`, each (..., N) with entry `k-1` bounding $\tau_k$.
     Always `multi_gap <= exact_head <= single_gap` and each is `>= tail_mass(logits, valid)`.
   """
-  _checks.logits(logits)
-  _checks.valid(valid, logits.shape)
+  checks.logits(logits)
+  checks.valid(valid, logits.shape)
   tail_lib._check_rows_nonempty(logits, valid)
   return _tail_bounds(jnp.asarray(logits), None if valid is None else jnp.asarray(valid))
 
@@ -164,9 +164,9 @@ def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
     >>> out = certified_k(jax.random.normal(key, (4, 128)) * 2, None, 0.01)
     >>> out.k["exact"], out.k["multi_gap"]
   """
-  _checks.epsilon(epsilon)
-  _checks.logits(logits)
-  _checks.valid(valid, logits.shape)
+  checks.epsilon(epsilon)
+  checks.logits(logits)
+  checks.valid(valid, logits.shape)
   tail_lib._check_rows_nonempty(logits, valid)
   methods = tuple(methods)
   if any(m not in METHODS for m in methods):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.scipy.stats import norm
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 
 
 @jax.jit
@@ -42,7 +42,7 @@ def predicted_keep_fraction(sigma: ArrayLike, epsilon: ArrayLike) -> jax.Array:
   Example:
     >>> predicted_keep_fraction(2.0, 0.01)  # ~0.628
   """
-  _checks.epsilon(epsilon)
+  checks.epsilon(epsilon)
   return _keep_fraction(sigma, epsilon)
 
 
@@ -62,6 +62,6 @@ def row_sigma(logits: ArrayLike, valid: ArrayLike | None = None) -> jax.Array:
 
 def gaussian_prediction(logits: ArrayLike, valid: ArrayLike | None, epsilon: float) -> jax.Array:
   r"""Predicted $k_\epsilon/n$ per row from the row's own $\hat\sigma$: $\Phi_c(\hat\sigma + \Phi^{-1}(\epsilon))$."""
-  _checks.epsilon(epsilon)
-  _checks.logits(logits)
+  checks.epsilon(epsilon)
+  checks.logits(logits)
   return _keep_fraction(row_sigma(logits, valid), epsilon)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 from asoftmax.topk import tail as tail_lib
 
 
@@ -142,8 +142,8 @@ def output_error(logits: ArrayLike, valid: ArrayLike | None, values: ArrayLike, 
   Returns:
     `OutputError`. Always err <= b_norm, b_var, b_diam (up to float rounding).
   """
-  _checks.logits(logits)
-  _checks.valid(valid, logits.shape)
+  checks.logits(logits)
+  checks.valid(valid, logits.shape)
   if getattr(values, "ndim", 0) < 2 or values.shape[-2] != logits.shape[-1]:
     raise ValueError(f"values must have shape (..., {logits.shape[-1]}, dv), got {getattr(values, 'shape', None)}")
   if tuple(jnp.shape(k)) != tuple(logits.shape[:-1]):

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 from asoftmax.topk import tail as tail_lib
 
 
@@ -333,8 +333,8 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     >>> r = progressive_search(rotate_queries(Qs, basis), pk, None, 0.1, 32 ** -0.5, (8, 16, 32))
     >>> r.k, r.macs / (K.shape[-2] * 32)    # head sizes, multiply-adds relative to dense scoring
   """
-  _checks.epsilon(epsilon)
-  q_rot = jnp.asarray(q_rot) if not _checks.is_traced(q_rot) else q_rot
+  checks.epsilon(epsilon)
+  q_rot = jnp.asarray(q_rot) if not checks.is_traced(q_rot) else q_rot
   if getattr(q_rot, "ndim", 0) < 2:
     raise ValueError(f"q_rot must have shape (..., Q, d), got {getattr(q_rot, 'shape', None)}")
   d = q_rot.shape[-1]
@@ -357,9 +357,9 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     raise ValueError(f"scale must be a finite nonzero number, got {scale!r}")
   N = prepared.keys.shape[-2]
   lshape = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2]) + (q_rot.shape[-2], N)
-  _checks.valid(valid, lshape)
+  checks.valid(valid, lshape)
   v = jnp.ones(lshape, bool) if valid is None else jnp.broadcast_to(jnp.asarray(valid), lshape)
-  if not _checks.is_traced(q_rot, *prepared):
+  if not checks.is_traced(q_rot, *prepared):
     for name, x in (("q_rot", q_rot), ("prepared.keys", prepared.keys), ("prepared.block_norms",
                                                                           prepared.block_norms)):
       if not np.isfinite(np.asarray(x)).all():

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 from asoftmax.topk import tail as tail_lib
 
 
@@ -241,9 +241,9 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
     ValueError: bad epsilon / shapes, a row with no valid key, or (concrete inputs) an `upper` entry below a valid
       logit of its cell: such an `upper` would make the certificate meaningless.
   """
-  _checks.epsilon(epsilon)
-  _checks.logits(logits)
-  _checks.valid(valid, logits.shape)
+  checks.epsilon(epsilon)
+  checks.logits(logits)
+  checks.valid(valid, logits.shape)
   if tuple(upper.shape[:-1]) != tuple(logits.shape[:-1]) or upper.shape[-1] != cells.sizes.shape[-1]:
     raise ValueError(f"upper must have shape {tuple(logits.shape[:-1]) + (cells.sizes.shape[-1],)}, "
                      f"got {tuple(upper.shape)}")
@@ -252,7 +252,7 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
                      f"got {tuple(cells.cell_of_key.shape)}")
   tail_lib._check_rows_nonempty(logits, valid)
   v = jnp.ones(logits.shape, bool) if valid is None else jnp.asarray(valid)
-  if not _checks.is_traced(logits, upper, v, cells.cell_of_key):
+  if not checks.is_traced(logits, upper, v, cells.cell_of_key):
     s = np.asarray(logits)
     ck = np.asarray(cells.cell_of_key)
     M = upper.shape[-1]

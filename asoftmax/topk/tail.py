@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from asoftmax.topk import _checks
+from asoftmax import checks
 
 
 class SortedRows(NamedTuple):
@@ -120,14 +120,14 @@ def tail_mass(logits: ArrayLike, valid: ArrayLike | None = None) -> jax.Array:
   Example:
     >>> tail_mass(jnp.log(jnp.array([0.5, 0.3, 0.2])))  # [0.5, 0.2, 0.0]
   """
-  _checks.logits(logits)
-  _checks.valid(valid, logits.shape)
+  checks.logits(logits)
+  checks.valid(valid, logits.shape)
   _check_rows_nonempty(logits, valid)
   return _tail_mass(jnp.asarray(logits), None if valid is None else jnp.asarray(valid))
 
 
 def _check_rows_nonempty(logits, valid):
-  if _checks.is_traced(logits, valid):
+  if checks.is_traced(logits, valid):
     return
   import numpy as np
 
