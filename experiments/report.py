@@ -37,6 +37,7 @@ README_SNAPSHOTS = (
     ("docs/results/rf_lm", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
     ("docs/results/rf_bias", "configs/rff/bias.py"),
+    ("docs/results/rf_classification", "configs/rff/classification.py"),
 )
 
 

@@ -76,8 +76,13 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
     [B] float32 losses.
 
   Example:
-    >>> C = normalize(jax.random.normal(jax.random.key(0), (50, 8))); h = C[:4]; t = jnp.arange(4)
-    >>> ids = jnp.arange(10, 20); loss = corrected_sampled_loss(h, C, t, ids, jnp.log(10 * 0.02), 5.0)
+    >>> import jax, jax.numpy as jnp
+    >>> from asoftmax.rff import normalize
+    >>> C = normalize(jax.random.normal(jax.random.key(0), (50, 8)))
+    >>> h, t = C[:4], jnp.arange(4)
+    >>> ids = jnp.arange(10, 20)  # one batch-shared set of m = 10 classes, each with q = 1/50
+    >>> corrected_sampled_loss(h, C, t, ids, jnp.log(10 / 50), 5.0).shape
+    (4,)
   """
   if accidental_hits not in ("all", "last", "none"):
     raise ValueError(f"accidental_hits must be 'all', 'last' or 'none', got {accidental_hits!r}")
@@ -119,8 +124,14 @@ def sampled_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayL
     [B] float32 losses $L'$ (see module docstring).
 
   Example:
-    >>> ids, log_q = sampler.sample(state, key, normalize(h), m=100)
-    >>> loss = sampled_softmax_loss(h, C, t, ids, log_q, tau=10.).mean()
+    >>> import jax, jax.numpy as jnp
+    >>> from asoftmax.rff import normalize, uniform_sampler
+    >>> C = normalize(jax.random.normal(jax.random.key(0), (50, 8)))
+    >>> h, t = C[:4], jnp.arange(4)
+    >>> s = uniform_sampler(50)
+    >>> ids, log_q = s.sample(s.init(), jax.random.key(1), h, 10)  # [4, 10] per query
+    >>> sampled_softmax_loss(h, C, t, ids, log_q, tau=5.0).shape
+    (4,)
   """
   m = jnp.shape(ids)[-1]
   return corrected_sampled_loss(h, class_vectors, targets, ids, jnp.asarray(log_q) + jnp.log(float(m)), tau)

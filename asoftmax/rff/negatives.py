@@ -137,9 +137,16 @@ def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shar
     `Negatives(ids, log_q, log_expected, num_tries)`; pass `log_expected` to `loss.corrected_sampled_loss`.
 
   Example:
-    >>> s = unigram_sampler(counts); st = s.init()
-    >>> neg = draw_negatives(s, st, key, h, 64, shared=True, unique=True, num_classes=len(counts))
-    >>> loss = corrected_sampled_loss(h, C, t, neg.ids, neg.log_expected, tau)
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from asoftmax.rff import corrected_sampled_loss, normalize, unigram_sampler
+    >>> s = unigram_sampler(np.arange(1.0, 51.0))
+    >>> C = normalize(jax.random.normal(jax.random.key(0), (50, 8)))
+    >>> h, t = C[:4], jnp.arange(4)
+    >>> neg = draw_negatives(s, s.init(), jax.random.key(1), h, 16, shared=True, unique=True, num_classes=50)
+    >>> neg.ids.shape, len(set(neg.ids.tolist()))
+    ((16,), 16)
+    >>> corrected_sampled_loss(h, C, t, neg.ids, neg.log_expected, 5.0).shape
+    (4,)
   """
   m = checks.pos_int("m", m)
   if unique and num_classes is not None and m > num_classes:

@@ -338,12 +338,71 @@ def plot(rows, notes):
   return out
 
 
+def readme(res: dict):
+  """README row: the peaked Zipf setting, RF-softmax (largest D) against unigram and full, perplexity and P@1."""
+  from experiments import tables
+  from experiments.rff import paper
+
+  main = [r for r in res["rows"] if r.get("block") == "main" and r.get("prior") == "zipf"]
+  if not main:
+    return []
+  t = max(r["tau"] for r in main)
+  rs = {r["sampler"]: r for r in main if r["tau"] == t}
+  rf = max((r for r in rs.values() if r["sampler"].startswith("rff")), key=lambda r: int(r["sampler"].split("D=")[1]
+                                                                                           .split()[0]))
+  diff = [d for d in paired_differences(res["rows"]) if d["prior"] == "zipf" and d["tau"] == t
+          and d["sampler"] == rf["sampler"]][0]
+  m = rf["m"]
+  return [tables.ReadmeRow(
+      f"RF-softmax, classification with a teacher (Zipf prior, τ = {t:g}, n = 1,024, m = {m}): test perplexity / P@1",
+      f"{rf['sampler']}: **{rf['perplexity'].split(' ±')[0]}** / {rf['p_at_1'].split(' ±')[0]}, unigram "
+      f"{rs['unigram']['perplexity'].split(' ±')[0]} / {rs['unigram']['p_at_1'].split(' ±')[0]} (paired RF − unigram "
+      f"{diff['perplexity']}), full {rs['full']['perplexity'].split(' ±')[0]}; flat prior: unigram ahead or tied",
+      paper.CLAIMS["lm"].split(" [")[0].replace("(PTB perplexity)", "").strip() + " (qualitative)")]
+
+
 EXPERIMENT = registry.Experiment(
     name="rf_classification",
     run=run,
+    readme=readme,
     columns=["block", "prior", "tau", "sampler", "m", "perplexity", "p_at_1", "p_at_5", "ms_per_step",
              "equal_time_perplexity", "KL", "TV_vs_leaf_clamp", "below_noise", "negative_estimates", "top1_prob",
              "status"],
     plot=plot,
     title="RF-softmax: classification with a controlled teacher (prior x peakedness), perplexity and precision@k",
 )
+
+
+def paired_differences(rows, base="unigram", metrics=("perplexity", "p_at_1")):
+  """Per setting, each sampler minus `base` on the same seeds (same teacher, data and init): mean ± 95 % t.
+
+  Seeds share the teacher within a setting, so the paired difference removes the teacher-to-teacher spread
+  that dominates the unpaired intervals. Built from saved rows only.
+  """
+  out = []
+  for r in rows:
+    if r.get("block") not in ("main", "nu_sweep"):
+      continue
+    b = [x for x in rows if x.get("block") == "main" and x["prior"] == r["prior"] and x["tau"] == r["tau"]
+         and x["sampler"] == base]
+    if not b or r["sampler"] == base:
+      continue
+    row = {"prior": r["prior"], "tau": r["tau"], "sampler": r["sampler"], "base": base}
+    for k in metrics:
+      diff = np.asarray(r[f"{k}_seeds"]) - np.asarray(b[0][f"{k}_seeds"])
+      row[k] = _fmt(diff, 3 if k != "perplexity" else 2)
+    out.append(row)
+  return out
+
+
+if __name__ == "__main__":
+  import json
+  import sys
+
+  # python -m experiments.rff.classification docs/results/rf_classification/results.json [base]
+  with open(sys.argv[1]) as f:
+    saved = json.load(f)["rows"]
+  base_name = sys.argv[2] if len(sys.argv) > 2 else "unigram"
+  print(f"| prior | tau | sampler | perplexity - {base_name} | P@1 - {base_name} |\n|---|---|---|---|---|")
+  for d in paired_differences(saved, base_name):
+    print(f"| {d['prior']} | {d['tau']:g} | {d['sampler']} | {d['perplexity']} | {d['p_at_1']} |")
