@@ -18,4 +18,4 @@ from asoftmax.adaptive.core import (
 )
 from asoftmax.adaptive.exact import ExactResult, softmax_topk
 from asoftmax.adaptive.synthetic import gaussian_problem, planted_problem, toy_problem
-from asoftmax.adaptive.tuning import exact_logits_batched, success_mask, tune_and_evaluate, tune_fudge
+from asoftmax.adaptive.tuning import TuneResult, exact_logits_batched, success_mask, tune_and_evaluate, tune_fudge

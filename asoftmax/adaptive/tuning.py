@@ -11,11 +11,12 @@ implementation misses 1 - delta on held-out queries at delta = 10% for some mode
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import logsumexp
 
 from asoftmax import stats
 from asoftmax.adaptive.core import AdaptiveResult, adaptive_softmax, prepare_matrix
@@ -53,7 +54,7 @@ def success_mask(res: AdaptiveResult, logits: np.ndarray, epsilon: float) -> tup
   got = np.take_along_axis(logits, idx, 1)
   distinct = np.array([len(set(r)) == k for r in idx])
   identified = distinct & (got >= kth[:, None]).all(1)
-  log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  log_z = logsumexp(logits, axis=1)
   p_true = np.exp(got - log_z[:, None])
   close = (np.abs(np.asarray(res.probs, np.float64) - p_true) <= epsilon * p_true).all(1)
   return identified, identified & close
@@ -157,6 +158,36 @@ def tune_fudge(
   return fb, fz
 
 
+class TuneResult(NamedTuple):
+  """What `tune_and_evaluate` measured on the held-out queries (field access, or `r["name"]` as before)."""
+
+  fudge_bandit: float  # tuned factors (1 in certified mode)
+  fudge_z: float
+  n_eval: int  # held-out queries
+  successes: int
+  success: float  # successes / n_eval
+  success_lo: float  # 95% Clopper-Pearson interval
+  success_hi: float
+  identified: float  # rate of exact top-k sets
+  max_rel_error: float  # max |p_hat / p - 1| over returned probabilities
+  samples_mean: float
+  samples_std: float
+  samples_median: float
+  samples: list  # per held-out query
+  phase_samples_mean: list  # mean products read per phase, in the order of `core.PHASES`
+  mode: str
+  naive_dense: int  # n*d
+  naive_nnz_mean: float  # mean n*nnz(x)
+  gain_dense: float  # n*d / mean samples
+  gain_nnz: float  # mean n*nnz(x) / mean samples
+
+  def __getitem__(self, key: Any) -> Any:  # dict-style access kept for existing callers
+    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
+
+  def keys(self):
+    return self._fields
+
+
 def tune_and_evaluate(
     key: jax.Array,
     A,
@@ -168,9 +199,9 @@ def tune_and_evaluate(
     n_tune: int = 200,
     beta: float = 1.0,
     batch: int = 256,
-    progress: bool = True,
+    progress: Callable[[int, int], None] | bool | None = None,
     **kwargs,
-) -> dict:
+) -> TuneResult:
   """The paper's protocol: tune fudge factors on X[:n_tune], evaluate on X[n_tune:].
 
   Args:
@@ -179,18 +210,14 @@ def tune_and_evaluate(
     X: (q, d) queries, q > n_tune.
     n_tune: number of tuning queries.
     batch: evaluation batch size (queries per jitted call).
-    progress: show a tqdm bar over evaluation batches.
+    progress: optional `progress(done, total)` called after every evaluation batch (held-out queries done);
+      a bool is accepted and ignored (the library draws no progress bars).
     k, epsilon, delta, beta, **kwargs: as in `adaptive_softmax`.
 
   Returns:
-    A dict (with `mode` in **kwargs = "paper" (default) the fudge factors are tuned on X[:n_tune];
-    with "certified" nothing is tuned and fudge_bandit = fudge_z = 1): fudge_bandit, fudge_z, n_eval, successes, success, success_lo, success_hi (95%
-    Clopper-Pearson), identified (rate), samples_mean, samples_std, samples_median, samples
-    (list per held-out query), naive_dense (n*d), naive_nnz_mean (mean n*nnz(x)), gain_dense,
-    gain_nnz, max_rel_error.
+    A `TuneResult` (with `mode` in **kwargs = "paper" (default) the fudge factors are tuned on X[:n_tune];
+    with "certified" nothing is tuned and fudge_bandit = fudge_z = 1). It also answers `r["gain_dense"]`.
   """
-  from tqdm.auto import tqdm
-
   prep = prepare_matrix(A)
   n, d = prep.A.shape
   X = np.asarray(X)
@@ -208,7 +235,7 @@ def tune_and_evaluate(
   X_eval, L_eval = X[n_tune:], logits[n_tune:]
   samples, phases, ok_all, ident_all, rel = [], [], [], [], []
   starts = range(0, X_eval.shape[0], batch)
-  for i in tqdm(starts, desc=f"evaluate k={k} delta={delta}", disable=not progress, leave=False):
+  for i in starts:
     res = adaptive_softmax(jax.random.fold_in(k_eval, i), prep, X_eval[i : i + batch], k=k, epsilon=epsilon,
                            delta=delta, beta=beta, fudge_bandit=fb, fudge_z=fz, check_finite=False, **kwargs)
     ident, ok = success_mask(res, L_eval[i : i + batch], epsilon)
@@ -217,16 +244,18 @@ def tune_and_evaluate(
     ok_all.append(ok)
     ident_all.append(ident)
     lg = L_eval[i : i + batch].astype(np.float64)
-    lz = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+    lz = logsumexp(lg, axis=1)
     p_true = np.exp(np.take_along_axis(lg, np.asarray(res.indices), 1) - lz[:, None])
     rel.append(np.abs(np.asarray(res.probs) / p_true - 1).max(1))
+    if callable(progress):
+      progress(min(i + batch, X_eval.shape[0]), X_eval.shape[0])
   samples = np.concatenate(samples).astype(np.int64)
   ok_all = np.concatenate(ok_all)
   succ = int(ok_all.sum())
   lo_, hi_ = stats.binomial_interval(succ, len(ok_all))
   nnz = (X_eval != 0).sum(1)
   naive_nnz = float((n * nnz).mean())
-  return {
+  return TuneResult(**{
       "fudge_bandit": fb,
       "fudge_z": fz,
       "n_eval": int(len(ok_all)),
@@ -247,4 +276,4 @@ def tune_and_evaluate(
       "naive_nnz_mean": naive_nnz,
       "gain_dense": float(n * d / samples.mean()),
       "gain_nnz": float(naive_nnz / samples.mean()),
-  }
+  })
