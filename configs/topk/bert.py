@@ -48,6 +48,14 @@ def get_config(arg=None):
   # Output error bounds: tau * diam_{H,T} costs O(Q N^2) per head.
   c.with_diam = True
 
+  # Beyond the paper (issue 15): certified search by progressive scoring in a per-head PCA basis fitted on
+  # held-out text; () disables it. Stages = coordinates computed per refinement (ending at d_h = 32 for MiniLM).
+  c.progressive_stages = (12, 32)
+  c.progressive_blocks = ()  # norm blocks of the bound; () = the stages
+  c.search_fraction = 0.9
+  c.heldout_file = "wikitext-2/wiki.valid.tokens"
+  c.heldout_sequences = 4
+
   # Beyond the paper: encoder with certified top-k attention in every layer.
   c.drift_methods = ("exact", "multi_gap")
 
@@ -63,6 +71,15 @@ def get_config(arg=None):
     c.layer_epsilons = (0.01,)
     c.drift_methods = ("exact",)
     c.analysis_batch = 4
+  elif a["variant"] == "search":
+    # Issue 15 part 1: the search-cost table at n = 256 (the analysis rows are re-measured too), without the
+    # O(Q N^2) diameter bound and the embedding drift.
+    c.seq_lens = (256,)
+    c.num_sequences = 8
+    c.epsilons = (0.1, 0.05, 0.01)
+    c.layer_epsilons = (0.01,)
+    c.with_diam = False
+    c.drift_methods = ()
   elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
+    raise ValueError(f"unknown variant {a['variant']!r}; use full, search or smoke")
   return c

@@ -91,6 +91,27 @@ class DriftRow(NamedTuple):
   queries: int | None = None
 
 
+class SearchCostRow(NamedTuple):
+  """Beyond the paper (issue 15): multiply-adds of certified searches relative to dense scoring (n d per query).
+
+  progressive: scoring in a per-head PCA basis fitted on held-out text (asoftmax.topk.progressive); mc_kmeans: the
+  paper's cell search (keys scored x d + centroid bounds x (d + 1)); oracle: exact k_eps (scores every key; its
+  k_over_n is the ceiling no certified head can beat).
+  """
+
+  n: int | None = None
+  epsilon: float | None = None
+  method: str | None = None
+  macs_over_dense: float | None = None  # mean multiply-adds / (n d) for scoring
+  keys_full_over_n: float | None = None  # keys scored in all d coordinates / n
+  dims_per_key: float | None = None  # coordinates computed per key (mean; d for dense)
+  k_over_n: float | None = None  # certified head size / n
+  oracle_k_over_n: float | None = None  # exact k_eps / n (ceiling)
+  tv_max: float | None = None
+  budget_ok: bool | None = None
+  queries: int | None = None
+
+
 CERTIFIED_K = tables.Table(
     "certified_k", CertifiedKRow, "Certified k and keys scored per method (paper_*: bert-base-uncased, not ours)",
     hidden=("mean_n_over_k", "scored_over_n", "centroid_evals", "looseness", "tv_mean", "queries", "source"))
@@ -98,7 +119,9 @@ OUTPUT_ERROR = tables.Table("output_error", OutputErrorRow, "Output error at k_e
 GAUSSIAN = tables.Table("gaussian", GaussianRow, "Gaussian rule vs measured k_eps/n", hidden=("source",))
 LAYER = tables.Table("layer", LayerRow, "Per layer", hidden=("source",))
 DRIFT = tables.Table("drift", DriftRow, "Beyond the paper: sentence-embedding drift", hidden=("source",))
-TABLES = (CERTIFIED_K, OUTPUT_ERROR, GAUSSIAN, LAYER, DRIFT)
+SEARCH_COST = tables.Table("search_cost", SearchCostRow,
+                           "Beyond the paper: multiply-adds of certified searches vs dense scoring", hidden=("source",))
+TABLES = (CERTIFIED_K, OUTPUT_ERROR, GAUSSIAN, LAYER, DRIFT, SEARCH_COST)
 
 # Used by the smoke variant and when no data dir is given: a few fixed sentences (padded, so masking is exercised).
 BUILTIN_SENTENCES = (
@@ -125,12 +148,39 @@ def _inputs(config, tok, n):
   return ids, mask, f"{len(ids)} built-in sentences padded to {n} (no data_dir)"
 
 
+def _heldout_inputs(config, tok, n):
+  """(ids, mask) of held-out text for fitting the progressive basis (WikiText-2 valid; never the test text)."""
+  if config.data_dir:
+    path = os.path.join(config.data_dir, config.heldout_file)
+    if not os.path.exists(path):
+      raise ValueError(f"heldout_file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+      lines = text.wikitext_lines(f.read())
+    ids = bert.pack_token_ids(tok, lines, n, config.heldout_sequences)
+    return ids, np.ones_like(ids)
+  # No data: the built-in sentences in reverse order (smoke runs only; not held out).
+  return bert.tokenize(tok, list(BUILTIN_SENTENCES[::-1][: config.heldout_sequences]), n)
+
+
 @jax.jit
 def _layer_logits(q, k):
   return jnp.einsum("bhqd,bhnd->bhqn", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
 
 
-def _analyse(out, mask, n, config, rng, bar):
+def _fit_bases(held, held_mask):
+  """Per layer, a `topk.Basis` per head fitted on held-out queries and keys: list over layers of (H, ...) bases."""
+  m = np.asarray(held_mask).astype(bool)  # (S, n)
+  bases = []
+  for layer in range(held.queries.shape[0]):
+    q, k = held.queries[layer], held.keys[layer]  # (S, H, n, d)
+    H, d = q.shape[1], q.shape[-1]
+    flat = lambda x: jnp.moveaxis(x, 1, 0).reshape(H, -1, d)
+    v = jnp.broadcast_to(jnp.asarray(m).reshape(1, -1), (H, m.size))
+    bases.append(topk.fit_basis(flat(k), flat(q), v, v))
+  return bases
+
+
+def _analyse(out, mask, n, config, rng, bar, bases=None):
   """Per-query statistics for every layer, head and epsilon; returns {key: concatenated array over valid queries}."""
   L = out.queries.shape[0]
   S, H = out.queries.shape[1], out.queries.shape[2]
@@ -151,6 +201,7 @@ def _analyse(out, mask, n, config, rng, bar):
       logits = _layer_logits(q, k)
       nvalid = np.broadcast_to(np.asarray(mask[sl]).sum(-1)[:, None, None], qv.shape)
       add("n", nvalid, qv)
+      add("head_dim", np.full(qv.shape, q.shape[-1]), qv)
       add("layer", np.full(qv.shape, layer), qv)
       add("sigma", topk.row_sigma(logits, kvalid), qv)
       kv2 = jnp.broadcast_to(m[:, None, :], (m.shape[0], H, n))
@@ -172,6 +223,19 @@ def _analyse(out, mask, n, config, rng, bar):
           add((eps, c, "tv_all_scored"), r.tv, qv)
           add((eps, c, "centroid_evals"), r.centroid_evals, qv)
           add((eps, c, "certificate"), r.certificate_pruned, qv)
+        if bases is not None:
+          stages = tuple(config.progressive_stages)
+          blocks = tuple(config.progressive_blocks) or stages
+          basis = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (q.shape[0],) + x.shape), bases[layer])
+          pr = topk.progressive_search(topk.rotate_queries(q, basis), topk.prepare_keys(k, basis, blocks), kvalid,
+                                       eps, scale, stages, blocks, config.search_fraction)
+          p_ref = jax.nn.softmax(jnp.where(kvalid, logits, -jnp.inf), -1)
+          add((eps, "progressive", "tv"), jnp.sum(jnp.where(pr.head, 0.0, p_ref), -1), qv)
+          add((eps, "progressive", "k"), pr.k, qv)
+          add((eps, "progressive", "macs"), pr.macs, qv)
+          add((eps, "progressive", "keys_full"), pr.keys_full, qv)
+          add((eps, "progressive", "partial_dims"), pr.partial_dims, qv)
+          add((eps, "progressive", "certificate"), pr.certificate, qv)
         e = topk.output_error(logits, kvalid, v, ck.k["exact"], with_diam=config.with_diam)
         for f in ("err", "tau", "identity_residual", "b_norm", "b_diam", "b_var", "b_min"):
           add((eps, "error", f), getattr(e, f), qv)
@@ -217,6 +281,31 @@ def _rows_for_n(st, n, config, source):
           violations=int(np.sum(bound < err - 1e-5 * (1 + err))),
           identity_max=float(st[(eps, "error", "identity_residual")].max()), queries=int(len(err)),
       ))
+    if (eps, "progressive", "macs") in st:
+      d = float(st["head_dim"][0])
+      k_or = k_exact / nq
+      tvp = st[(eps, "progressive", "tv")]
+      rows.append(SEARCH_COST.row(
+          n=n, epsilon=eps, method=f"progressive {tuple(config.progressive_stages)}",
+          macs_over_dense=float(np.mean(st[(eps, "progressive", "macs")] / (nq * d))),
+          keys_full_over_n=float(np.mean(st[(eps, "progressive", "keys_full")] / nq)),
+          dims_per_key=float(np.mean(st[(eps, "progressive", "partial_dims")] / nq)),
+          k_over_n=float(np.mean(st[(eps, "progressive", "k")] / nq)), oracle_k_over_n=float(k_or.mean()),
+          tv_max=float(tvp.max()), budget_ok=bool(tvp.max() <= eps), queries=int(len(tvp))))
+      sc = st[(eps, "mc_kmeans", "keys_scored")].astype(np.float64)
+      ce = st[(eps, "mc_kmeans", "centroid_evals")].astype(np.float64)
+      tvm = st[(eps, "mc_kmeans", "tv")]
+      rows.append(SEARCH_COST.row(
+          n=n, epsilon=eps, method="mc_kmeans (paper's cell search)",
+          macs_over_dense=float(np.mean((sc * d + ce * (d + 1)) / (nq * d))), keys_full_over_n=float(np.mean(sc / nq)),
+          dims_per_key=float(np.mean(sc * d / nq)), k_over_n=float(np.mean(st[(eps, "mc_kmeans", "k")] / nq)),
+          oracle_k_over_n=float(k_or.mean()), tv_max=float(tvm.max()), budget_ok=bool(tvm.max() <= eps),
+          queries=int(len(tvm))))
+      tve = st[(eps, "exact", "tv")]
+      rows.append(SEARCH_COST.row(
+          n=n, epsilon=eps, method="oracle (exact k_eps, scores every key)", macs_over_dense=1.0,
+          keys_full_over_n=1.0, dims_per_key=d, k_over_n=float(k_or.mean()), oracle_k_over_n=float(k_or.mean()),
+          tv_max=float(tve.max()), budget_ok=bool(tve.max() <= eps), queries=int(len(tve))))
     pred = st[(eps, "gaussian")]
     rows.append(GAUSSIAN.row(
         n=n, epsilon=eps, k_over_n=float(np.mean(k_exact / nq)), predicted_k_over_n=float(pred.mean()),
@@ -292,7 +381,22 @@ def run(config, workdir, rng):
       outs.append(bert.encode(model, ids[i:i + config.encode_batch], mask[i:i + config.encode_batch], return_qkv=True))
     out = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1) if xs[0] is not None and xs[0].ndim > 3 else None,
                        *outs, is_leaf=lambda x: x is None)
-    st = _analyse(out, mask, n, config, jax.random.fold_in(rng, n), bar)
+    bases = None
+    if config.progressive_stages:
+      held_ids, held_mask = _heldout_inputs(config, tok, n)
+      held = [bert.encode(model, held_ids[i:i + config.encode_batch], held_mask[i:i + config.encode_batch],
+                          return_qkv=True) for i in range(0, len(held_ids), config.encode_batch)]
+      held = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1) if xs[0] is not None and xs[0].ndim > 3 else None,
+                          *held, is_leaf=lambda x: x is None)
+      bases = _fit_bases(held, held_mask)
+      notes["progressive"] = (
+          f"progressive search: stages {tuple(config.progressive_stages)}, norm blocks "
+          f"{tuple(config.progressive_blocks) or tuple(config.progressive_stages)}, search_fraction "
+          f"{config.search_fraction}; basis per (layer, head) fitted on {len(held_ids)} held-out sequences "
+          f"({config.heldout_file if config.data_dir else 'built-in sentences'}); macs_over_dense counts scoring "
+          "multiply-adds (query block norms, partial dot products, bounds) over n d; keys fully scored and "
+          "coordinates per key beside it; oracle = exact k_eps, the ceiling for any certified head")
+    st = _analyse(out, mask, n, config, jax.random.fold_in(rng, n), bar, bases)
     bar.close()
     rows += _rows_for_n(st, n, config, source)
     if config.drift_methods:
