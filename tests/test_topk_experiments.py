@@ -21,6 +21,8 @@ def _tiny_wikitext(tmp_path):
   text = " = Heading = \n\n" + "\n".join(
       f" The tower @-@ block number {i} is 3 @,@ 000 metres , and it is tall . \n" for i in range(40))
   (d / "wiki.test.tokens").write_text(text)
+  held = "\n".join(f" A river crosses valley number {i} , flowing north to the sea . \n" for i in range(40))
+  (d / "wiki.valid.tokens").write_text(held)  # held-out text for the progressive search's basis
   return str(tmp_path)
 
 
@@ -58,6 +60,11 @@ def test_topk_bert_on_tiny_wikitext(tmp_path):
     assert r["violations"] == 0 and r["identity_max"] < 1e-4, r
   dr = [r for r in rows if r["table"] == "drift"]
   assert len(dr) == 2 and all(0.5 < r["cos_mean"] <= 1 + 1e-6 for r in dr)
+  sc = [r for r in rows if r["table"] == "search_cost"]
+  assert len(sc) == 2 * 3  # 2 epsilons x (progressive, cell search, oracle)
+  for r in sc:
+    assert r["budget_ok"] and r["tv_max"] <= r["epsilon"], r
+    assert r["k_over_n"] >= r["oracle_k_over_n"] - 1e-9 and r["macs_over_dense"] > 0, r
   # A smaller budget keeps more keys.
   k = {r["epsilon"]: r["k_over_n"] for r in ck if r["method"] == "exact"}
   assert k[0.001] > k[0.1]
