@@ -57,6 +57,9 @@ def get_config(arg=None):
   c.n_tune = 200
   c.beta = 1.0
   c.order = "importance"
+  # Both modes on the same held-out windows: "paper" (fudge factors tuned on the first n_tune; with tune=False
+  # fudge = 1) and "certified" (no tuning; intervals valid for every input, asoftmax.adaptive.core).
+  c.modes = ("paper", "certified")
   # Warm-up pulls per arm (0 = the default rule d / (17 log(6n/delta)) clipped to [32, d/10]). At d = 576 the
   # default is 32, too few for reliable variance estimates on SmolLM2's heavy-tailed hidden states
   # (measured: 5/200 failures at delta = 1% with fudge 1); 128 gave 0/200.

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from asoftmax import adaptive, results
 from asoftmax.models import hidden_cache
 from experiments import progress, registry, tables
+from experiments.adaptive import common
 from experiments.adaptive import paper as paper_numbers
 
 class LLMRow(NamedTuple):
@@ -41,19 +42,21 @@ class LLMRow(NamedTuple):
 
   model: str | None = None
   dataset: str | None = None
+  mode: str | None = None  # "paper" (fudge factors tuned on n_tune windows) or "certified" (no tuning)
   k: int | None = None
   delta: float | None = None
   gain: float | None = None  # n*d / mean samples
   paper_gain: float | None = None
   success: float | None = None  # held-out
   paper_success: float | None = None
-  meets_target: bool | None = None  # success >= 1 - delta
+  success_lo: float | None = None  # 95% Clopper-Pearson lower end
+  phases: str | None = None  # % of samples in warm-up/elimination/winners/Z
   paper_model: str | None = None
   status: str | None = None
 
 
 TABLE = tables.Table("gain", LLMRow, hidden=(
-    "n", "d", "epsilon", "n_tune", "n_eval", "success_lo", "success_hi", "identified", "max_rel_error",
+    "meets_target", "phase_samples_mean", "n", "d", "epsilon", "n_tune", "n_eval", "success_lo", "success_hi", "identified", "max_rel_error",
     "samples_mean", "samples_median", "samples_std", "naive", "fudge_bandit", "fudge_z", "samples", "wall_s",
     "tuned", "note"))
 
@@ -145,8 +148,7 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
   X_eval = np.asarray(X_eval, np.float32)
   logits = adaptive.exact_logits_batched(prep, X_eval, beta)
   res = adaptive.adaptive_softmax(key, prep, X_eval, k=k, epsilon=epsilon, delta=delta, beta=beta, order=order,
-                                  warmup=warmup,
-                                  check_finite=False)
+                                  warmup=warmup, mode="paper", check_finite=False)
   ident, ok = adaptive.success_mask(res, logits, epsilon)
   lg = logits.astype(np.float64)
   lz = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
@@ -161,6 +163,7 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
       "samples_mean": float(samples.mean()), "samples_std": float(samples.std()),
       "samples_median": float(np.median(samples)), "samples": samples.tolist(), "naive_dense": int(n * d),
       "gain_dense": float(n * d / samples.mean()),
+      "phase_samples_mean": np.asarray(res.phase_samples).mean(0).tolist(), "mode": "paper",
   }
 
 
@@ -176,8 +179,9 @@ def run(config, workdir, rng) -> registry.Output:
   rows, notes = [], {
       "epsilon": config.epsilon, "n_windows": config.n_windows, "n_tune": config.n_tune, "window": config.window,
       "split": config.split, "model": config.model,
-      "protocol": ("fudge factors tuned by binary search on the first n_tune windows (adaptive.tune_and_evaluate),"
-                   " success/samples on the rest; success = top-k set exact and every probability within epsilon;"
+      "protocol": ("paper mode: fudge factors tuned by binary search on the first n_tune windows"
+                   " (adaptive.tune_and_evaluate); certified mode: no tuning; both evaluated on the same held-out"
+                   " windows; success/samples on the rest; success = top-k set exact and every probability within epsilon;"
                    " gain = n*d / mean samples"),
   }
   if config.model == "smollm2":
@@ -216,15 +220,20 @@ def run(config, workdir, rng) -> registry.Output:
 
   # Phase 2: tune on the first n_tune queries, evaluate on the rest; k = 1 rows of every dataset first.
   # Each finished row is cached in the workdir, so an interrupted run keeps its rows and resumes.
-  settings = [(p, k, delta) for k in config.ks for p in problems for delta in config.deltas
+  modes = tuple(config.get("modes", ("paper",)))
+  settings = [(p, k, delta, mode) for k in config.ks for p in problems for delta in config.deltas for mode in modes
               if k == 1 or delta in tuple(config.topk_deltas)]
-  for (di, dataset, base, prep, X, paper), k, delta in tqdm(settings, desc="adaptive settings"):
+  matrix_hash = {}
+  for (di, dataset, base, prep, X, paper), k, delta, mode in tqdm(settings, desc="adaptive settings"):
+    # Both modes get the same key and the same held-out windows X[n_tune:].
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, di), k), int(round(delta * 1e6)))
+    if dataset not in matrix_hash:
+      matrix_hash[dataset] = hashlib.sha1(np.ascontiguousarray(np.asarray(prep.A), np.float32).tobytes()).hexdigest()[:16]
     ident = {"model": base["model"], "dataset": dataset, "k": k, "delta": delta, "epsilon": config.epsilon,
              "n_tune": config.n_tune, "tune": bool(config.tune), "beta": config.beta, "order": config.order, "seed": config.seed,
-             "warmup": config.warmup,
+             "warmup": config.warmup, "mode": mode, "matrix": matrix_hash[dataset], "format": 2,
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
-    row_cache = os.path.join(workdir, f"row_{dataset}_k{k}_delta{delta}.json")
+    row_cache = os.path.join(workdir, f"row_{dataset}_{mode}_k{k}_delta{delta}.json")
     if os.path.exists(row_cache):
       with open(row_cache) as f:
         cached = json.load(f)
@@ -236,23 +245,26 @@ def run(config, workdir, rng) -> registry.Output:
                    "status": "not run: no cached row (cached_rows_only=True; not computed in the time budget)"})
       continue
     t0 = time.perf_counter()
-    if config.tune:
+    if config.tune or mode == "certified":
       r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
                                      beta=config.beta, order=config.order, progress=False,
-                                     warmup=config.warmup or None)
+                                     warmup=config.warmup or None, mode=mode)
     else:
       r = evaluate_untuned(key, prep, X[config.n_tune:], k=k, epsilon=config.epsilon, delta=delta, beta=config.beta,
                            order=config.order, warmup=config.warmup or None)
     row = {
-        **base, "k": k, "epsilon": config.epsilon, "delta": delta, "n_tune": config.n_tune,
+        **base, "mode": mode, "phases": common.phase_split(r["phase_samples_mean"]),
+        "phase_samples_mean": r["phase_samples_mean"],
+        "k": k, "epsilon": config.epsilon, "delta": delta, "n_tune": config.n_tune,
         "n_eval": r["n_eval"], "gain": r["gain_dense"], "success": r["success"], "success_lo": r["success_lo"],
         "success_hi": r["success_hi"], "meets_target": bool(r["success"] >= 1 - delta),
         "identified": r["identified"], "max_rel_error": r["max_rel_error"],
         "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
         "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
-        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune), "status": "ok",
+        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and mode == "paper",
+        "status": "ok",
     }
-    if k == 1 and paper is not None:
+    if k == 1 and paper is not None and mode == "paper":
       row.update(paper_model=paper["model"], paper_gain=paper["gain"].get(delta),
                  paper_success=paper.get("success", {}).get(delta))
     if config.n_windows < 1000 and config.model == "smollm2":
@@ -260,7 +272,7 @@ def run(config, workdir, rng) -> registry.Output:
     results.write_json(row_cache, {"ident": ident, "row": row})
     rows.append(row)
   order = {name: i for i, name in enumerate(datasets)}
-  rows.sort(key=lambda r: (order.get(r["dataset"], 0), r["k"], r["delta"]))
+  rows.sort(key=lambda r: (order.get(r["dataset"], 0), r["k"], r["delta"], r.get("mode", "paper") != "paper"))
   rows = [TABLE.row(**{k: v for k, v in r.items() if k != "table"}) for r in rows]
   if model_cache:
     notes["model_load_s"] = model_cache.get("load_s")
@@ -277,16 +289,19 @@ def plot(rows, notes):
   ax = axes[0]
   for r in ok:
     s = np.asarray(r["samples"], np.float64)
-    ax.hist(s / r["naive"], bins=30, histtype="step", label=f"{r['dataset']} k={r['k']} δ={r['delta']}")
+    ax.hist(s / r["naive"], bins=30, histtype="step",
+            label=f"{r['dataset']} {r.get('mode', 'paper')} k={r['k']} δ={r['delta']}")
   ax.set_xlabel("samples / (n·d)")
   ax.set_ylabel("held-out queries")
   ax.set_title(f"{ok[0]['model']} (n={ok[0]['n']}, d={ok[0]['d']}): samples per query")
   ax.legend(fontsize=7)
   ax = axes[1]
   for ds in dict.fromkeys(r["dataset"] for r in ok):
+    for mode, ls in (("paper", "-"), ("certified", ":")):
+      rm = [r for r in ok if r["dataset"] == ds and r["k"] == 1 and r.get("mode", "paper") == mode]
+      if rm:
+        ax.plot([r["delta"] for r in rm], [r["gain"] for r in rm], "o" + ls, label=f"ours, {mode} mode: {ds}")
     rs = [r for r in ok if r["dataset"] == ds and r["k"] == 1]
-    if rs:
-      ax.plot([r["delta"] for r in rs], [r["gain"] for r in rs], "o-", label=f"ours: {ds}")
     ps = [r for r in rs if r.get("paper_gain") is not None]
     if ps:
       ax.plot([r["delta"] for r in ps], [r["paper_gain"] for r in ps], "s--", label=f"paper {ps[0]['paper_model']}: {ds}")
@@ -305,14 +320,16 @@ def readme(res: dict) -> list[tables.ReadmeRow]:
   out = []
   for ds in dict.fromkeys(r["dataset"] for r in res["rows"]):
     ok = [r for r in res["rows"] if r["dataset"] == ds and r.get("status") == "ok" and r.get("k") == 1]
-    if not ok:
+    paper_mode = [r for r in ok if r.get("mode", "paper") == "paper"]
+    if not paper_mode:
       continue
-    r = max(ok, key=lambda r: r["delta"])
+    r = max(paper_mode, key=lambda r: r["delta"])
     paper = "–" if r.get("paper_gain") is None else f"**{r['paper_gain']:g}×** ({r['paper_model']})"
-    out.append(tables.ReadmeRow(
-        f"AdaptiveSoftmax Table 2, LLM head, {ds} (k = 1, δ = {r['delta']:g})",
-        f"gain **{r['gain']:.2f}×**, held-out success {r['success']:.3f} ({r['model']}, {r.get('n_eval')} held out)",
-        paper))
+    ours = f"gain **{r['gain']:.2f}×**, held-out success {r['success']:.3f} ({r['model']}, {r.get('n_eval')} held out)"
+    cert = next((c for c in ok if c.get("mode") == "certified" and c["delta"] == r["delta"]), None)
+    if cert is not None:
+      ours += f"; certified {cert['gain']:.2f}× ({cert['success']:.3f})"
+    out.append(tables.ReadmeRow(f"AdaptiveSoftmax Table 2, LLM head, {ds} (k = 1, δ = {r['delta']:g})", ours, paper))
   return out
 
 
