@@ -59,3 +59,21 @@ def test_config_rejects_unknown_sampler_and_variant():
     cls._specs(c)
   with pytest.raises(ValueError, match="unknown variant"):
     registry.load_config("configs/rff/classification.py", "huge")
+
+
+def test_shared_negatives_train_and_bad_mode_raises():
+  c = registry.load_config("configs/rff/classification.py", "smoke")
+  n, tau = c.num_classes, 8.0
+  teacher = cls.make_teacher(jax.random.key(0), n, c.teacher_dim, c.input_dim, "zipf", 1.0)
+  data = cls.draw_data(jax.random.key(1), teacher, tau, c.steps, c.batch, c.input_dim)
+  Xt, yt = cls.draw_data(jax.random.key(2), teacher, tau, 1, c.test_size, c.input_dim)
+  counts = np.bincount(np.asarray(data[1]).ravel(), minlength=n).astype(float)
+  spec = {"sampler": "rff", "D": 16, "nu": 2.0, "kappa": 0.01}
+  with c.unlocked():
+    c.negatives = "shared"
+  r = cls.train_one(c, spec, tau, jax.random.key(3), data, (Xt[0], yt[0]), counts)
+  assert np.isfinite(r["perplexity"]) and 0 <= r["p_at_1"] <= 1 and "TV_vs_leaf_clamp" in r
+  with c.unlocked():
+    c.negatives = "both"
+  with pytest.raises(ValueError, match="negatives"):
+    cls.train_one(c, spec, tau, jax.random.key(3), data, (Xt[0], yt[0]), counts)

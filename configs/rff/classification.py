@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.batch = 128
   c.learning_rate = 5e-2
   c.m = 20
+  c.negatives = "per_query"  # or "shared": one set of m for the whole batch (batch-mixture proposal)
   c.eval_steps = (50, 100, 200, 400, 600)
   c.test_size = 8192
   c.diag_queries = 256

@@ -89,7 +89,7 @@ def make_sampler(spec, key, counts, n, tau):
 
 
 @functools.lru_cache(maxsize=None)
-def make_step(kind, D, nu, kappa, n, m, tau, lr):
+def make_step(kind, D, nu, kappa, n, m, tau, lr, shared=False):
   """A jitted training step, shared by every seed: step(params, opt_state, x, y, key, aux).
 
   aux is the RFF key (rff: the sampler is built inside the step, so W is the same for every step of a run)
@@ -110,7 +110,7 @@ def make_step(kind, D, nu, kappa, n, m, tau, lr):
         sampler = make_sampler(spec, aux, None, n, tau)
         state = sampler.init(C)
       h = jax.lax.stop_gradient(rff.normalize(_query(params, x)))
-      ids, lq = sampler.sample(state, key, h, m)
+      ids, lq = sampler.sample(state, key, h, m, shared=shared)  # [B, m], or [m] for the whole batch
       loss_fn = lambda p: rff.sampled_softmax_loss(_query(p, x), p["C"], y, ids, lq, tau).mean()
     loss, g = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = opt.update(g, opt_state, params)
@@ -165,8 +165,10 @@ def train_one(config, spec, tau, seed_key, data, test, counts):
   params = {"W": jax.random.normal(kw, (config.student_dim, config.input_dim)) / np.sqrt(config.input_dim),
             "C": jax.random.normal(kc, (n, config.student_dim))}
   kind = spec["sampler"]
+  if config.negatives not in ("per_query", "shared"):
+    raise ValueError(f"negatives must be 'per_query' or 'shared', got {config.negatives!r}")
   opt, step = make_step(kind, spec.get("D"), spec.get("nu"), spec.get("kappa"), n, config.m, float(tau),
-                        float(config.learning_rate))
+                        float(config.learning_rate), config.negatives == "shared")
   opt_state = opt.init(params)
   sampler = None if kind == "full" else make_sampler(spec, k_samp, counts, n, tau)
   aux = sampler.init() if kind == "unigram" else (k_samp if kind == "rff" else None)
@@ -300,7 +302,7 @@ def run(config, workdir, rng) -> registry.Output:
       "teacher": (f"n = {n} classes on S^{config.teacher_dim - 1}, inputs N(0, I_{config.input_dim}), "
                   f"Zipf exponent {config.zipf_a} (ranks shuffled); student dim {config.student_dim}, tau = teacher tau"),
       "training": (f"{config.steps} steps of Adam {config.learning_rate}, batch {config.batch} fresh teacher samples, "
-                   f"m = {config.m} negatives per query (with replacement); evaluation on {config.test_size} held-out "
+                   f"m = {config.m} negatives ({config.negatives}, with replacement); evaluation on {config.test_size} held-out "
                    f"samples with the full softmax; {config.seeds} seeds (teacher, data, init and sampler keys)"),
       "intervals": "mean ± 95 % t-interval half-width over seeds",
       "equal wall-clock": ("each run gets the full softmax's training time of its seed (steps x median ms/step); "
