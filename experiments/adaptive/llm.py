@@ -40,7 +40,6 @@ from experiments.adaptive import paper as paper_numbers
 class LLMRow(NamedTuple):
   """One (dataset, k, delta) setting; the paper's numbers are for `paper_model` (the closest head in size)."""
 
-  model: str | None = None
   dataset: str | None = None
   mode: str | None = None  # "paper" (fudge factors tuned on n_tune windows) or "certified" (no tuning)
   k: int | None = None
@@ -56,7 +55,7 @@ class LLMRow(NamedTuple):
 
 
 TABLE = tables.Table("gain", LLMRow, hidden=(
-    "meets_target", "phase_samples_mean", "n", "d", "epsilon", "n_tune", "n_eval", "success_lo", "success_hi", "identified", "max_rel_error",
+    "model", "meets_target", "phase_samples_mean", "n", "d", "epsilon", "n_tune", "n_eval", "success_hi", "identified", "max_rel_error",
     "samples_mean", "samples_median", "samples_std", "naive", "fudge_bandit", "fudge_z", "samples", "wall_s",
     "tuned", "note"))
 
