@@ -27,7 +27,8 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # (snapshot directory, config that reproduces it), in README order.
 README_SNAPSHOTS = (
     # topk_bert_n128_rerun first: the n = 128 part re-run after the cell-search fix; topk_bert is the full (stale) run.
-    ("docs/results/adaptive_synthetic", "configs/adaptive/synthetic.py"),
+    ("docs/results/adaptive_synthetic_1e5", "configs/adaptive/synthetic.py"),  # variant :issue11
+    ("docs/results/adaptive_families", "configs/adaptive/families.py"),
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
     ("docs/results/adaptive_llm_tuned", "configs/adaptive/llm.py"),
