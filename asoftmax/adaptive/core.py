@@ -41,7 +41,7 @@ Algorithm, per query:
 2. **Top-k identification** (successive elimination). Keep the arms whose upper bound reaches the
    k-th largest lower bound; double the pulls of the survivors until k remain or pulls reach
    `nnz(x)` (then the arm is exact). Survivors are compacted into a fixed-size buffer from a static
-   schedule (n, n/8, n/64, ...), so a round costs (buffer size) x d, not n x d.
+   schedule (n, n/8, n/64, ...).
 3. **Winners.** With `exact_winners=True` (default) the k winners are computed exactly; otherwise
    they keep their interval and the normalization loop refines them like any other arm.
 4. **Partition function.** For each winner w, `p_w = e^mu_w / (e^mu_w + Z_-w)` with
@@ -55,8 +55,21 @@ Algorithm, per query:
 
 Samples are counted as distinct products read: arm i at level l has read `min(m_l, nnz(x))`
 products, winners `nnz(x)`. `phase_samples` splits the count into warm-up, elimination, winners and
-normalization (`PHASES`). Rounds run inside `lax.while_loop`s with masks; a batch of queries is
-handled by `jax.vmap`.
+normalization (`PHASES`).
+
+Implementation (reads follow samples). Moving arms from level l to l + 1 reads only the columns
+`order[m_l : m_{l+1}]` of those arms, in chunks of at most 32 columns (each level's columns sorted,
+for locality): certified mode adds them to per-arm running sums (`seen`, tail sum, tail sum of
+squares); paper mode re-reads the level's prefix `order[:m_{l+1}]`, since its Horvitz-Thompson weights
+change with the level's threshold (at most twice the incremental reads with doubling levels). The
+moving arms are compacted into the smallest static buffer that holds them (n, n/8, ... in the
+elimination; z_capacity, z_capacity/8, ... in the normalization loop); with every arm moving the block
+is the contiguous slab `A^T[cols]`. The last level reads full rows (`A @ x` when every arm is there).
+No (n, d) array other than `A` and `A^T` is formed (tests/test_adaptive_perf.py reads the compiled
+program). A 16-bit `A` is read as stored and multiplied in float32. Rounds are `lax.while_loop`s with
+masks; a batch runs query by query (`lax.map`: each query's own control flow), or, with
+`shared_order=True`, as one group sharing one order (blocks read once for the union of the queries'
+moving arms, products as small GEMMs).
 """
 
 from __future__ import annotations
@@ -113,8 +126,9 @@ def prepare_matrix(A) -> PreparedMatrix:
     checks.floating_array("A", A, (2,))
     A = jnp.asarray(A)
     At = jnp.asarray(np.ascontiguousarray(np.asarray(A).T))
+  ct = _compute_dtype(A.dtype)
   absA = jnp.abs(A)
-  return PreparedMatrix(A=A, At=At, col_l1=jnp.sum(absA, axis=0), col_max=jnp.max(absA, axis=0))
+  return PreparedMatrix(A=A, At=At, col_l1=jnp.sum(absA, axis=0, dtype=ct), col_max=jnp.max(absA, axis=0).astype(ct))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +146,7 @@ class AdaptiveConfig:
     z_capacity: most arms refined per round of the partition-function loop.
     exact_winners: compute the k winners exactly after identification.
     head_ratio: certified mode: coordinates with `w_j > head_ratio * mean(w)` form the head.
+    shared_order: one coordinate order for the whole batch (else one per query).
     c: constant in paper mode's union-bound log term.
   """
 
@@ -146,6 +161,7 @@ class AdaptiveConfig:
   z_capacity: int
   exact_winners: bool = True
   head_ratio: float = 1.5
+  shared_order: bool = False
   c: float = 6.0
 
   @property
@@ -179,6 +195,7 @@ def make_config(
     z_capacity: int | None = None,
     exact_winners: bool = True,
     head_ratio: float = 1.5,
+    shared_order: bool = False,
 ) -> AdaptiveConfig:
   """Builds the static schedule (pull levels, survivor buffers) for an (n, d) problem.
 
@@ -205,6 +222,7 @@ def make_config(
   return AdaptiveConfig(
       n=n, d=d, k=k, delta=float(delta), mode=mode, order=order, levels=tuple(levels), caps=tuple(caps),
       z_capacity=zc, exact_winners=bool(exact_winners), head_ratio=float(head_ratio),
+      shared_order=bool(shared_order),
   )
 
 
@@ -235,14 +253,25 @@ class AdaptiveResult(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-query building blocks (all shapes static; vmapped over queries by the public function).
+# Building blocks. A *group* is B queries that share one coordinate order: B = 1 on the default
+# per-query path (queries run one after another under `lax.map`), B = batch with `shared_order`.
+# All shapes are static; per-arm state is (B, n).
 # ---------------------------------------------------------------------------------------------
 
 
-class _Plan(NamedTuple):
-  """Per-query constants: the coordinate order and per-level quantities. L = number of levels."""
+def _compute_dtype(dtype):
+  """Accumulation dtype: float32 for 16-bit storage (bf16 / f16 heads), else the storage dtype."""
+  return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
-  x: jax.Array  # (d,)
+
+class _Plan(NamedTuple):
+  """Constants of a group of queries sharing one coordinate order. L = number of levels.
+
+  In a group plan (`_make_group_plan`) the per-query fields `x`, `unread`, `rng`, `margin` carry a
+  leading B axis; in a single-query plan (`_make_plan`, used by `_level_stats`) they do not.
+  """
+
+  x: jax.Array  # (B, d) queries
   order: jax.Array  # (d,) coordinates in reading order
   pos: jax.Array  # (d,) position of each coordinate in the order
   keys: jax.Array  # (d,) paper mode: perturbed log-weights `log w_j + g_j`; certified: sort keys
@@ -253,27 +282,33 @@ class _Plan(NamedTuple):
   m_eff: jax.Array  # (L,) products read per arm at each level, min(m_l, nnz)
   m_tail: jax.Array  # (L,) certified: tail products read at each level
   n_tail: jax.Array  # () certified: tail population size N
-  unread: jax.Array  # (L,) certified: sum of w_j over coordinates not yet read at each level
-  rng: jax.Array  # () certified: R = max_{tail} w_j
-  margin: jax.Array  # () certified: float32 rounding margin (unscaled by beta)
+  unread: jax.Array  # (B, L) certified: sum of w_j over coordinates not yet read at each level
+  rng: jax.Array  # (B,) certified: R = max_{tail} w_j
+  margin: jax.Array  # (B,) certified: float32 rounding margin (unscaled by beta)
   top_level: jax.Array  # () first level that reads every useful coordinate
 
 
-def _make_plan(key, x, col_l1, col_max, cfg: AdaptiveConfig) -> _Plan:
+def _make_group_plan(key, X, col_l1, col_max, cfg: AdaptiveConfig) -> _Plan:
+  """The order and per-level constants of B queries X (B, d) that share one order.
+
+  The order's weights use `a_j = max_q |X_qj|` (for B = 1: `|x_j|`); the certified bounds use each
+  query's own `w_qj = |X_qj| M_j` (range, unread mass, rounding margin).
+  """
   d = cfg.d
-  dt = x.dtype
+  dt = X.dtype
   levels = jnp.asarray(cfg.levels, jnp.int32)
-  useful = (x != 0) & (col_max > 0)
+  absx = jnp.max(jnp.abs(X), axis=0)
+  useful = (absx != 0) & (col_max > 0)
   nnz = jnp.sum(useful).astype(jnp.int32)
   m_eff = jnp.minimum(levels, nnz)
   top_level = jnp.argmax(m_eff >= nnz).astype(jnp.int32)
-  w = jnp.where(useful, jnp.abs(x) * col_max, 0.0)
+  w = jnp.where(useful, absx * col_max, 0.0)
   if cfg.mode == "paper":
     if cfg.order == "importance":
-      logw = jnp.log(jnp.where(useful, jnp.abs(x) * col_l1, 1.0))
+      logw = jnp.log(jnp.where(useful, absx * col_l1, 1.0))
     else:
-      logw = jnp.zeros_like(x)
-    g = jax.random.gumbel(key, x.shape, dtype=dt)
+      logw = jnp.zeros_like(absx)
+    g = jax.random.gumbel(key, absx.shape, dtype=dt)
     keys = jnp.where(useful, logw + g, -jnp.inf)
     sorted_keys = -jnp.sort(-keys)
     t = jnp.where(levels < d, sorted_keys[jnp.minimum(levels, d - 1)], -jnp.inf)
@@ -287,36 +322,44 @@ def _make_plan(key, x, col_l1, col_max, cfg: AdaptiveConfig) -> _Plan:
     else:
       head = jnp.zeros_like(useful)
     wmax = jnp.maximum(jnp.max(w), jnp.finfo(dt).tiny)
-    u = jax.random.uniform(key, x.shape, dtype=dt)
+    u = jax.random.uniform(key, absx.shape, dtype=dt)
     # Head first (by w descending), then the tail in uniformly random order, then zero-mass coords.
     sort_key = jnp.where(head, -1.0 - w / wmax, jnp.where(useful, u, 2.0))
     order = jnp.argsort(sort_key, stable=True)
     keys = sort_key
-    logw = jnp.zeros_like(x)
+    logw = jnp.zeros_like(absx)
     t = jnp.zeros((len(cfg.levels),), dt)
     tail = useful & ~head
   pos = jnp.zeros((d,), jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32))
   h = jnp.sum(useful & ~tail).astype(jnp.int32)
   m_tail = jnp.clip(m_eff - h, 0, None)
-  cum_w = jnp.cumsum(w[order])
-  total_w = cum_w[-1]
-  unread = jnp.maximum(total_w - cum_w[jnp.clip(levels - 1, 0, d - 1)], 0.0)
+  wq = jnp.where(useful, jnp.abs(X) * col_max, 0.0)  # (B, d) each query's own range weights
+  cum_w = jnp.cumsum(wq[:, order], axis=1)
+  total_w = cum_w[:, -1]
+  unread = jnp.maximum(total_w[:, None] - cum_w[:, jnp.clip(levels - 1, 0, d - 1)], 0.0)
   unread = jnp.where(m_eff >= nnz, 0.0, unread)
-  rng = jnp.max(jnp.where(tail, w, 0.0))
+  rng = jnp.max(jnp.where(tail, wq, 0.0), axis=1)
   margin = 2.0 * jnp.finfo(dt).eps * math.sqrt(d) * total_w
   return _Plan(
-      x=x, order=order, pos=pos, keys=keys, logw=logw, t=t, tail=tail, nnz=nnz, m_eff=m_eff, m_tail=m_tail,
+      x=X, order=order, pos=pos, keys=keys, logw=logw, t=t, tail=tail, nnz=nnz, m_eff=m_eff, m_tail=m_tail,
       n_tail=nnz - h, unread=unread, rng=rng, margin=margin, top_level=top_level,
   )
 
 
-def _certified_bounds(seen, s1, s2, lev, P: _Plan, beta, log_term):
-  """(est, lo, hi) of `beta * A_i x` from the prefix sums of one arm (or arms) at level(s) `lev`.
+def _make_plan(key, x, col_l1, col_max, cfg: AdaptiveConfig) -> _Plan:
+  """Single-query plan (x (d,)): the group plan of one query with its B axis dropped."""
+  P = _make_group_plan(key, x[None], col_l1, col_max, cfg)
+  return P._replace(x=x, unread=P.unread[0], rng=P.rng[0], margin=P.margin[0])
 
-  seen: sum of the products read; s1, s2: sum and sum of squares of the tail products read.
+
+def _bounds_from_sums(seen, s1, s2, mt, N, unread, rng, margin, beta, log_term):
+  """(est, lo, hi) of `beta * A_i x` from an arm's sums (arrays broadcast together).
+
+  seen: sum of the products read; s1, s2: sum and sum of squares of the tail products read; mt: tail
+  products read; N: tail population size; unread: sum of `w_j` over unread coordinates; rng: R.
   """
-  mt = P.m_tail[lev].astype(seen.dtype)
-  N = jnp.maximum(P.n_tail, 1).astype(seen.dtype)
+  mt = mt.astype(seen.dtype)
+  N = jnp.maximum(N, 1).astype(seen.dtype)
   mt1 = jnp.maximum(mt, 1.0)
   mean = s1 / mt1
   var = jnp.maximum(s2 / mt1 - mean * mean, 0.0)
@@ -325,33 +368,45 @@ def _certified_bounds(seen, s1, s2, lev, P: _Plan, beta, log_term):
   rho = jnp.maximum(rho, 0.0)
   log_h, log_e = log_term
   # Hoeffding-Serfling (B&M 2015, Cor. 2.5) and empirical Bernstein-Serfling (Thm 4.3); both hold.
-  rad_h = N * (2.0 * P.rng) * jnp.sqrt(rho * log_h / (2.0 * mt1))
-  rad_e = N * (jnp.sqrt(2.0 * var * rho * log_e / mt1) + KAPPA * (2.0 * P.rng) * log_e / mt1)
+  rad_h = N * (2.0 * rng) * jnp.sqrt(rho * log_h / (2.0 * mt1))
+  rad_e = N * (jnp.sqrt(2.0 * var * rho * log_e / mt1) + KAPPA * (2.0 * rng) * log_e / mt1)
   rad = jnp.where(mt >= 2, jnp.minimum(rad_h, rad_e), jnp.where(mt >= 1, rad_h, jnp.inf))
-  u = P.unread[lev]
-  lo = jnp.maximum(est - rad, seen - u) - P.margin
-  hi = jnp.minimum(est + rad, seen + u) + P.margin
+  lo = jnp.maximum(est - rad, seen - unread) - margin
+  hi = jnp.minimum(est + rad, seen + unread) + margin
   est = jnp.clip(est, lo, hi)
   return beta * est, beta * lo, beta * hi
 
 
-def _paper_weights(P: _Plan, t, m_eff, order):
-  """Column-space weights (a, b) for the HT estimate at threshold(s) t: `A_i @ a`, `A_i^2 @ b`."""
-  x, keys = P.x, P.keys
+def _certified_bounds(seen, s1, s2, lev, P: _Plan, beta, log_term):
+  """(est, lo, hi) of `beta * A_i x` from the prefix sums of one arm (or arms) at level(s) `lev`
+  (single-query plan)."""
+  return _bounds_from_sums(seen, s1, s2, P.m_tail[lev], P.n_tail, P.unread[lev], P.rng, P.margin, beta, log_term)
+
+
+def _paper_coef(x, keys, logw, t, m_eff, nnz, order):
+  """Column-space weights (a, b) for the HT estimate at threshold t: `sum_j A_ij a_j`, `sum_j A_ij^2 b_j`.
+
+  x, keys, logw: values of the coordinates concerned (x may carry a leading query axis).
+  """
   incl = keys > t
   if order == "importance":
     # Conditional inclusion probability of coordinate j given the threshold t (the (m+1)-th largest
     # key): P(log w_j + G_j > t) = 1 - exp(-exp(log w_j - t)), G_j ~ Gumbel (Kool et al. 2019).
-    pi = -jnp.expm1(-jnp.exp(jnp.where(incl, P.logw - t, 0.0)))
+    pi = -jnp.expm1(-jnp.exp(jnp.where(incl, logw - t, 0.0)))
     pi = jnp.where(incl, pi, 1.0)
     a = jnp.where(incl, x / pi, 0.0)
     b = jnp.where(incl, x * x * (1.0 - pi) / (pi * pi), 0.0)
   else:
-    f = m_eff.astype(x.dtype) / jnp.maximum(P.nnz, 1).astype(x.dtype)
+    f = m_eff.astype(x.dtype) / jnp.maximum(nnz, 1).astype(x.dtype)
     f = jnp.where(f > 0, f, 1.0)
     a = jnp.where(incl, x / f, 0.0)
     b = jnp.where(incl, x * x, 0.0)
   return a, b
+
+
+def _paper_weights(P: _Plan, t, m_eff, order):
+  """`_paper_coef` over all d coordinates of a single-query plan."""
+  return _paper_coef(P.x, P.keys, P.logw, t, m_eff, P.nnz, order)
 
 
 def _paper_finish(est, q, m_eff, nnz, order):
@@ -367,7 +422,8 @@ def _paper_finish(est, q, m_eff, nnz, order):
 
 
 def _level_stats(rows, lev, P: _Plan, beta, log_term, cfg: AdaptiveConfig):
-  """Per-arm state (est, aux1, aux2) for `rows` (r, d) at level `lev` (scalar or (r,)).
+  """Reference (not on the hot path): per-arm state (est, aux1, aux2) of full `rows` (r, d) at level
+  `lev` (scalar or (r,)) under a single-query plan, with d-long masked weights.
 
   Certified: aux = (lo, hi). Paper: aux = (var, 0) (the radius depends on the phase's fudge).
   """
@@ -406,157 +462,317 @@ def _bounds(est, aux1, aux2, fudge, log_term, mode):
 
 
 def _kth_largest(v, k):
-  return jax.lax.top_k(v, k)[0][k - 1]
+  """k-th largest along the last axis."""
+  return jax.lax.top_k(v, k)[0][..., k - 1]
 
 
-def _single_query(key, A, At, col_l1, col_max, x, eps, beta, fudge_b, fudge_z, cfg: AdaptiveConfig):
-  n, k = cfg.n, cfg.k
+def _mv(M, V):
+  """(B, r) = V @ M^T for a block M (r, c) and coefficients V (B, c), accumulated in V's dtype.
+
+  B = 1 is a matrix-vector product (XLA:CPU runs `(1, c) @ (c, r)` far slower than `M @ v`).
+  """
+  M = M.astype(V.dtype)
+  if V.shape[0] == 1:
+    return (M @ V[0])[None]
+  return jnp.einsum("rc,bc->br", M, V)
+
+
+def _vm(V, S):
+  """(B, n) = V @ S for coefficients V (B, c) and a slab S (c, n) of A^T."""
+  S = S.astype(V.dtype)
+  if V.shape[0] == 1:
+    return (V[0] @ S)[None]
+  return V @ S
+
+
+def _full_dot(A, V, chunk: int = 4096):
+  """(B, n) = V @ A^T over all rows of A, without an (n, d) temporary.
+
+  Same-dtype A is one GEMV / GEMM. A 16-bit A is converted to V's dtype a row chunk at a time
+  (XLA:CPU would otherwise materialize A in float32).
+  """
+  if A.dtype == V.dtype:
+    return _mv(A, V)
+  n = A.shape[0]
+  if n <= chunk:
+    return _mv(A, V)
+  n_chunks = -(-n // chunk)
+
+  def body(i, out):
+    start = jnp.minimum(i * chunk, n - chunk)
+    rows = jax.lax.dynamic_slice_in_dim(A, start, chunk, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(out, _mv(rows, V), start, axis=1)
+
+  return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((V.shape[0], n), V.dtype))
+
+
+def _buckets(top: int, k: int, ratio: int = 8, min_cap: int = 16) -> tuple[int, ...]:
+  """Static buffer sizes top, top/8, top/64, ... (as `make_config`'s caps)."""
+  caps = [top]
+  while caps[-1] // ratio >= max(2 * k, min_cap):
+    caps.append(caps[-1] // ratio)
+  return tuple(caps)
+
+
+class _State(NamedTuple):
+  """Per-arm state of a group, each (B, n)."""
+
+  sums: tuple  # certified: (seen, s1, s2) running sums over the prefix read; paper: (e, q) at the level
+  est: jax.Array  # beta * estimate
+  aux1: jax.Array  # certified: lo; paper: variance
+  aux2: jax.Array  # certified: hi; paper: 0
+  lvl: jax.Array  # int32 level (-1: nothing read yet)
+
+
+def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: AdaptiveConfig) -> AdaptiveResult:
+  """AdaptiveSoftmax for B queries X (B, d) that share one coordinate order (drawn from `key`).
+
+  Each level's new columns are read only for the arms that move to it: a round of the elimination
+  or of the normalization loop gathers the (arms x new columns) block of A (certified mode adds it
+  to the running sums; paper mode re-reads the level's prefix, since its HT weights change with the
+  level's threshold), the arms compacted into the smallest static buffer that holds them. With
+  every arm moving, the block is the contiguous slab `A^T[cols]`. The last level reads full rows.
+  """
+  n, k, d = cfg.n, cfg.k, cfg.d
+  B = X.shape[0]
   L = len(cfg.levels)
-  P = _make_plan(key, x, col_l1, col_max, cfg)
-  if cfg.mode == "certified":
+  levels = cfg.levels
+  mode = cfg.mode
+  ct = X.dtype
+  P = _make_group_plan(key, X, col_l1, col_max, cfg)
+  if mode == "certified":
     # One union bound over n arms x L levels x 2 sides: each one-sided event gets delta / (2 n L),
     # half to Hoeffding-Serfling (delta_h = delta / (4 n L)) and half to empirical Bernstein-Serfling
     # (which fails with prob. 5 delta_e, delta_e = delta / (20 n L)).
-    log_b = log_z_term = (jnp.asarray(math.log(4.0 * n * L / cfg.delta), x.dtype),
-                          jnp.asarray(math.log(20.0 * n * L / cfg.delta), x.dtype))
+    log_b = log_z_term = (jnp.asarray(math.log(4.0 * n * L / cfg.delta), ct),
+                          jnp.asarray(math.log(20.0 * n * L / cfg.delta), ct))
   else:
-    log_b = log_z_term = jnp.asarray(math.log(cfg.c * n * L / (cfg.delta / 2)), x.dtype)
-  mode = cfg.mode
+    log_b = log_z_term = jnp.asarray(math.log(cfg.c * n * L / (cfg.delta / 2)), ct)
+  bidx = jnp.arange(B)[:, None]
+
+  def derive(sums, nl):
+    """(est, aux1, aux2) of arms at level nl (static) from their sums (each (B, r))."""
+    if mode == "certified":
+      seen, s1, s2 = sums
+      return _bounds_from_sums(seen, s1, s2, P.m_tail[nl], P.n_tail, P.unread[:, nl, None], P.rng[:, None],
+                               P.margin[:, None], beta, log_b)
+    e, q = sums
+    var = beta * beta * _paper_finish(e, q, P.m_eff[nl], P.nnz, cfg.order)
+    return beta * e, var, jnp.zeros_like(var)
+
+  C = min(32, max(8, levels[0]))  # columns per chunk of a round's block
+  lev_arr = jnp.asarray(levels, jnp.int32)
+  # The order with each level's new columns sorted (a chunk of a dense block touches few cache lines).
+  seg = jnp.searchsorted(lev_arr, jnp.arange(d, dtype=jnp.int32), side="right")
+  order_blk = jnp.sort(seg * d + P.order) % d
+  n_sums = 3 if mode == "certified" else 2
+
+  def advance(S: _State, move, l, buckets: tuple[int, ...]) -> _State:
+    """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1."""
+    nl = l + 1
+    union = jnp.any(move, axis=0)
+
+    def compact(cap):
+      """(idx, gather index, mask (B, cap)) of the moving arms in a buffer of `cap` (None: all n)."""
+      if cap == n:
+        return None, None, move
+      idx = jnp.nonzero(union, size=cap, fill_value=n)[0]
+      gi = jnp.minimum(idx, n - 1)
+      return idx, gi, move[:, gi] & (idx < n)[None]
+
+    def finish(S: _State, cap, idx, gi, m, new, add) -> _State:
+      """Writes the moved arms' sums (added to their running sums if `add`) and bounds at level nl."""
+      if cap == n:
+        old = lambda a: a  # noqa: E731
+        put = lambda a, v: jnp.where(m, v, a)  # noqa: E731
+      else:
+        old = lambda a: a[:, gi]  # noqa: E731
+        put = lambda a, v: a.at[:, idx].set(jnp.where(m, v, a[:, gi]), mode="drop")  # noqa: E731
+      if add:
+        new = tuple(old(s) + p for s, p in zip(S.sums, new))
+      est, a1, a2 = derive(new, nl)
+      return _State(sums=tuple(put(s, v) for s, v in zip(S.sums, new)), est=put(S.est, est),
+                    aux1=put(S.aux1, a1), aux2=put(S.aux2, a2), lvl=S.lvl)
+
+    def coef_of(cols, ok):
+      """Coefficients (B, C) of the chunk's columns: certified (x, x tail, x^2 tail); paper (a, b)."""
+      xb = X[:, cols]
+      if mode == "certified":
+        tb = P.tail[cols] & ok
+        return jnp.where(ok, xb, 0.0), jnp.where(tb, xb, 0.0), jnp.where(tb, xb * xb, 0.0)
+      a, b = _paper_coef(xb, P.keys[cols], P.logw[cols], P.t[nl], P.m_eff[nl], P.nnz, cfg.order)
+      return jnp.where(ok, a, 0.0), jnp.where(ok, b, 0.0)
+
+    def block_branch(cap):
+      """Reads the new columns (certified) or the level's prefix (paper) in chunks of C columns."""
+      def run(S: _State) -> _State:
+        idx, gi, m = compact(cap)
+        start = jnp.where(l >= 0, lev_arr[jnp.maximum(l, 0)], 0) if mode == "certified" else jnp.int32(0)
+        stop = lev_arr[nl]
+
+        def body(i, acc):
+          p = start + i * C + jnp.arange(C)
+          ok = p < stop
+          cols = order_blk[jnp.minimum(p, d - 1)]
+          coef = coef_of(cols, ok)
+          if cap == n:
+            blk = At[cols]  # (C, n): contiguous rows of A^T
+            prods = [_vm(V, blk) for V in coef[:-1]] + [_vm(coef[-1], jnp.square(blk.astype(ct)))]
+          else:
+            blk = A[gi[:, None], cols[None, :]]  # (cap, C)
+            prods = [_mv(blk, V) for V in coef[:-1]] + [_mv(jnp.square(blk.astype(ct)), coef[-1])]
+          return tuple(a + v for a, v in zip(acc, prods))
+
+        n_chunks = (stop - start + C - 1) // C
+        acc = tuple(jnp.zeros((B, cap), ct) for _ in range(n_sums))
+        new = jax.lax.fori_loop(0, n_chunks, body, acc)
+        return finish(S, cap, idx, gi, m, new, add=mode == "certified")
+
+      return run
+
+    def top_branch(cap):
+      """The last level: full rows (every arm there is exact)."""
+      def run(S: _State) -> _State:
+        idx, gi, m = compact(cap)
+        seen = _full_dot(A, X) if cap == n else _mv(A[gi], X)
+        zero = jnp.zeros_like(seen)
+        new = (seen, zero, zero) if mode == "certified" else (seen, zero)
+        return finish(S, cap, idx, gi, m, new, add=False)
+
+      return run
+
+    def dispatch(make):
+      if len(buckets) == 1:
+        return make(buckets[0])
+      which = jnp.sum(jnp.asarray(buckets) >= jnp.sum(union)) - 1
+      return lambda S: jax.lax.switch(which, [make(c) for c in buckets], S)
+
+    if L == 1:
+      S = dispatch(top_branch)(S)
+    else:
+      S = jax.lax.cond(nl == L - 1, dispatch(top_branch), dispatch(block_branch), S)
+    return S._replace(lvl=jnp.where(move, nl, S.lvl))
 
   def samples_of(lvl):
-    return jnp.sum(P.m_eff[lvl]).astype(jnp.int32)
+    return jnp.sum(P.m_eff[lvl], axis=1).astype(jnp.int32)
 
   # ---- warm-up: every arm, first m0 coordinates of the order, read from the (m0, n) slab.
-  cols0 = P.order[: cfg.warmup]
-  slab = At[cols0]  # (m0, n)
-  est, aux1, aux2 = _level_stats(slab.T, jnp.int32(0), P._replace(
-      x=P.x[cols0], pos=P.pos[cols0], tail=P.tail[cols0], keys=P.keys[cols0], logw=P.logw[cols0]), beta, log_b, cfg)
-  lvl = jnp.zeros((n,), jnp.int32)
-  s_warm = samples_of(lvl)
+  zeros = jnp.zeros((B, n), ct)
+  S = _State(sums=(zeros,) * n_sums, est=zeros, aux1=zeros, aux2=zeros, lvl=jnp.full((B, n), -1, jnp.int32))
+  S = advance(S, jnp.ones((B, n), bool), jnp.int32(-1), (n,))
+  s_warm = samples_of(S.lvl)
 
-  def eliminate(alive, est, aux1, aux2):
-    lo, hi = _bounds(est, aux1, aux2, fudge_b, log_b, mode)
+  def eliminate(alive, S: _State):
+    lo, hi = _bounds(S.est, S.aux1, S.aux2, fudge_b, log_b, mode)
     lcb = jnp.where(alive, lo, -jnp.inf)
-    return alive & (hi >= _kth_largest(lcb, k))
+    return alive & (hi >= _kth_largest(lcb, k)[:, None])
 
-  alive = eliminate(jnp.ones((n,), bool), est, aux1, aux2)
+  # ---- top-k identification: round l moves the survivors from level l to l + 1.
+  alive = eliminate(jnp.ones((B, n), bool), S)
+  done = (jnp.sum(alive, axis=1) <= k) | (P.top_level <= 0)
 
-  def done(state):
-    level, alive = state[0], state[1]
-    return (jnp.sum(alive) <= k) | (level >= P.top_level)
+  def round_cond(c):
+    l, _, _, done, _ = c
+    return (l < L - 1) & ~jnp.all(done)
 
-  def make_body(cap):
-    def body(state):
-      level, alive, est, aux1, aux2, lvl, rounds = state
-      nl = level + 1
-      if cap == n:
-        e, a1, a2 = _level_stats(A, nl, P, beta, log_b, cfg)
-        est, aux1, aux2 = (jnp.where(alive, u, v) for u, v in ((e, est), (a1, aux1), (a2, aux2)))
-        lvl = jnp.where(alive, nl, lvl)
-      else:
-        idx = jax.lax.top_k(alive.astype(jnp.int32), cap)[1]
-        valid = alive[idx]
-        e, a1, a2 = _level_stats(A[idx], nl, P, beta, log_b, cfg)
-        est = est.at[idx].set(jnp.where(valid, e, est[idx]))
-        aux1 = aux1.at[idx].set(jnp.where(valid, a1, aux1[idx]))
-        aux2 = aux2.at[idx].set(jnp.where(valid, a2, aux2[idx]))
-        lvl = lvl.at[idx].set(jnp.where(valid, nl, lvl[idx]))
-      alive = eliminate(alive, est, aux1, aux2)
-      return nl, alive, est, aux1, aux2, lvl, rounds + 1
+  def round_body(c):
+    l, S, alive, done, rounds = c
+    S = advance(S, alive & ~done[:, None], l, cfg.caps)
+    alive = jnp.where(done[:, None], alive, eliminate(alive, S))
+    rounds = rounds + (~done).astype(jnp.int32)
+    done = done | (jnp.sum(alive, axis=1) <= k) | (P.top_level <= l + 1)
+    return l + 1, S, alive, done, rounds
 
-    return body
-
-  state = (jnp.int32(0), alive, est, aux1, aux2, lvl, jnp.int32(0))
-  for p, cap in enumerate(cfg.caps):
-    nxt = cfg.caps[p + 1] if p + 1 < len(cfg.caps) else 0
-
-    def cond(s, nxt=nxt):
-      return (~done(s)) & (jnp.sum(s[1]) > nxt)
-
-    state = jax.lax.while_loop(cond, make_body(cap), state)
-  _, alive, est, aux1, aux2, lvl, rounds = state
-  s_elim = samples_of(lvl)
+  _, S, alive, done, rounds = jax.lax.while_loop(
+      round_cond, round_body, (jnp.int32(0), S, alive, done, jnp.zeros((B,), jnp.int32)))
+  s_elim = samples_of(S.lvl)
 
   # ---- winners.
-  win = jax.lax.top_k(jnp.where(alive, est, -jnp.inf), k)[1]
-  is_win = jnp.zeros((n,), bool).at[win].set(True)
+  win = jax.lax.top_k(jnp.where(alive, S.est, -jnp.inf), k)[1]  # (B, k)
   if cfg.exact_winners:
-    win_logits = beta * (A[win] @ x)
-    est = est.at[win].set(win_logits)
+    win_logits = beta * jnp.einsum("bkd,bd->bk", A[win].astype(ct), X)
+    est = S.est.at[bidx, win].set(win_logits)
     if mode == "certified":
-      aux1 = aux1.at[win].set(win_logits)
-      aux2 = aux2.at[win].set(win_logits)
+      aux1 = S.aux1.at[bidx, win].set(win_logits)
+      aux2 = S.aux2.at[bidx, win].set(win_logits)
     else:
-      aux1 = aux1.at[win].set(0.0)
-    lvl = lvl.at[win].set(jnp.maximum(P.top_level, lvl[win]))
-  s_win = samples_of(lvl)
+      aux1, aux2 = S.aux1.at[bidx, win].set(0.0), S.aux2
+    lvl = S.lvl.at[bidx, win].set(jnp.maximum(P.top_level, S.lvl[bidx, win]))
+    S = S._replace(est=est, aux1=aux1, aux2=aux2, lvl=lvl)
+  s_win = samples_of(S.lvl)
 
   # ---- partition function: refine the arms whose width still matters.
   log_ratio = jnp.log1p(eps) - jnp.log1p(-eps)
   zc = cfg.z_capacity
-
-  others = jnp.arange(n)[None, :] != win[:, None]  # (k, n)
+  z_buckets = _buckets(min(n, B * zc), k)
+  others = jnp.arange(n)[None, None, :] != win[:, :, None]  # (B, k, n)
 
   def prob_bounds(lo, hi):
-    """Per winner w: bounds on log p_w from mu_w in [lo_w, hi_w] and Z_-w = sum_{i != w} e^mu_i.
+    """Per query and winner w: bounds on log p_w from mu_w in [lo_w, hi_w] and Z_-w = sum_{i != w} e^mu_i.
 
-    p_w = e^mu_w / (e^mu_w + Z_-w) grows with mu_w and falls with Z_-w. Returns (k,) log p_lo,
+    p_w = e^mu_w / (e^mu_w + Z_-w) grows with mu_w and falls with Z_-w. Returns (B, k) log p_lo,
     log p_hi and log(e^lo_w + Z_-w,hi) (the denominator of p_lo).
     """
-    lzp_hi = jax.nn.logsumexp(jnp.where(others, hi[None], -jnp.inf), axis=1)
-    lzp_lo = jax.nn.logsumexp(jnp.where(others, lo[None], -jnp.inf), axis=1)
-    lo_w, hi_w = lo[win], hi[win]
+    lzp_hi = jax.nn.logsumexp(jnp.where(others, hi[:, None], -jnp.inf), axis=2)
+    lzp_lo = jax.nn.logsumexp(jnp.where(others, lo[:, None], -jnp.inf), axis=2)
+    lo_w, hi_w = jnp.take_along_axis(lo, win, 1), jnp.take_along_axis(hi, win, 1)
     den_lo = jnp.logaddexp(lo_w, lzp_hi)
     return lo_w - den_lo, hi_w - jnp.logaddexp(hi_w, lzp_lo), den_lo
 
-  def z_status(est, aux1, aux2, lvl):
-    lo, hi = _bounds(est, aux1, aux2, fudge_z, log_z_term, mode)
+  def z_status(S: _State):
+    lo, hi = _bounds(S.est, S.aux1, S.aux2, fudge_z, log_z_term, mode)
     lp_lo, lp_hi, den_lo = prob_bounds(lo, hi)
     gaps = lp_hi - lp_lo
-    j = jnp.argmax(gaps)
-    ok = gaps[j] <= log_ratio
-    deficit = gaps[j] - log_ratio  # in log units, for the worst winner
+    j = jnp.argmax(gaps, axis=1)[:, None]
+    pick = lambda a: jnp.take_along_axis(a, j, 1)[:, 0]  # noqa: E731
+    ok = pick(gaps) <= log_ratio
+    deficit = pick(gaps) - log_ratio  # in log units, for the worst winner
     # First-order effect of each arm's interval on that gap: (e^hi_i - e^lo_i) / (e^lo_w + Z_-w,hi) for
     # the other arms, (hi_w - lo_w)(1 - p_lo) for the winner itself (a dominant winner's error cancels).
-    w = win[j]
-    width = jnp.exp(hi - den_lo[j]) * -jnp.expm1(-(hi - lo))
-    width = width.at[w].set((hi[w] - lo[w]) * -jnp.expm1(lp_lo[j]))
-    refinable = (lvl < P.top_level) & (hi > lo)
+    w = pick(win)[:, None]
+    width = jnp.exp(hi - pick(den_lo)[:, None]) * -jnp.expm1(-(hi - lo))
+    own = (jnp.take_along_axis(hi, w, 1) - jnp.take_along_axis(lo, w, 1)) * -jnp.expm1(pick(lp_lo)[:, None])
+    width = width.at[bidx, w].set(own)
+    refinable = (S.lvl < P.top_level) & (hi > lo)
     return ok, deficit, jnp.where(refinable, width, -1.0)
 
-  def z_cond(s):
-    est, aux1, aux2, lvl, ok, deficit, score = s
-    return (~ok) & jnp.any(score > 0)
+  def z_active(ok, score):
+    return (~ok) & jnp.any(score > 0, axis=1)
 
-  def z_body(s):
-    est, aux1, aux2, lvl, ok, deficit, score = s
+  def z_cond(c):
+    _, ok, _, score = c
+    return jnp.any(z_active(ok, score))
+
+  def z_body(c):
+    S, ok, deficit, score = c
     top, idx = jax.lax.top_k(score, zc)
-    before = jnp.cumsum(top) - top  # widths of the wider arms already chosen
-    valid = (top > 0) & ((before < deficit) | (jnp.arange(zc) == 0))
-    nl = jnp.minimum(lvl[idx] + 1, L - 1)
-    e, a1, a2 = _level_stats(A[idx], nl, P, beta, log_z_term, cfg)
-    est = est.at[idx].set(jnp.where(valid, e, est[idx]))
-    aux1 = aux1.at[idx].set(jnp.where(valid, a1, aux1[idx]))
-    aux2 = aux2.at[idx].set(jnp.where(valid, a2, aux2[idx]))
-    lvl = lvl.at[idx].set(jnp.where(valid, nl, lvl[idx]))
-    ok, deficit, score = z_status(est, aux1, aux2, lvl)
-    return est, aux1, aux2, lvl, ok, deficit, score
+    before = jnp.cumsum(top, axis=1) - top  # widths of the wider arms already chosen
+    valid = (top > 0) & ((before < deficit[:, None]) | (jnp.arange(zc) == 0)[None]) & z_active(ok, score)[:, None]
+    move = jnp.zeros((B, n), bool).at[bidx, idx].set(valid)
+    lvl0 = S.lvl
 
-  ok, deficit, score = z_status(est, aux1, aux2, lvl)
-  est, aux1, aux2, lvl, ok, deficit, score = jax.lax.while_loop(
-      z_cond, z_body, (est, aux1, aux2, lvl, ok, deficit, score))
-  s_all = samples_of(lvl)
+    def level_body(c):
+      l, S = c
+      ml = move & (lvl0 == l)
+      return l + 1, jax.lax.cond(jnp.any(ml), lambda S: advance(S, ml, l, z_buckets), lambda S: S, S)
 
-  lo, hi = _bounds(est, aux1, aux2, fudge_z, log_z_term, mode)
+    lmin = jnp.min(jnp.where(move, lvl0, L))
+    _, S = jax.lax.while_loop(lambda c: c[0] < L - 1, level_body, (lmin, S))
+    return (S,) + z_status(S)
+
+  S, ok, _, _ = jax.lax.while_loop(z_cond, z_body, (S,) + z_status(S))
+  s_all = samples_of(S.lvl)
+
+  lo, hi = _bounds(S.est, S.aux1, S.aux2, fudge_z, log_z_term, mode)
   lp_lo, lp_hi, _ = prob_bounds(lo, hi)
   # The harmonic mean of the bounds is within a factor 1 +- eps of every p in [p_lo, p_hi] as soon as
   # p_hi / p_lo <= (1 + eps) / (1 - eps).
   log_p = jnp.log(2.0) + lp_lo + lp_hi - jnp.logaddexp(lp_lo, lp_hi)
-  log_z = jnp.logaddexp(jax.nn.logsumexp(lo), jax.nn.logsumexp(hi)) - jnp.log(2.0)
-  win_logits = 0.5 * (lo[win] + hi[win])
-  order_w = jnp.argsort(-win_logits)
-  win, win_logits, log_p = win[order_w], win_logits[order_w], log_p[order_w]
-  phase = jnp.stack([s_warm, s_elim - s_warm, s_win - s_elim, s_all - s_win]).astype(jnp.int32)
+  log_z = jnp.logaddexp(jax.nn.logsumexp(lo, axis=1), jax.nn.logsumexp(hi, axis=1)) - jnp.log(2.0)
+  win_logits = 0.5 * (jnp.take_along_axis(lo, win, 1) + jnp.take_along_axis(hi, win, 1))
+  order_w = jnp.argsort(-win_logits, axis=1)
+  win, win_logits, log_p = (jnp.take_along_axis(a, order_w, 1) for a in (win, win_logits, log_p))
+  phase = jnp.stack([s_warm, s_elim - s_warm, s_win - s_elim, s_all - s_win], axis=1).astype(jnp.int32)
   return AdaptiveResult(
       indices=win.astype(jnp.int32),
       probs=jnp.exp(log_p),
@@ -571,10 +787,18 @@ def _single_query(key, A, At, col_l1, col_max, x, eps, beta, fudge_b, fudge_z, c
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _batched(keys, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg):
-  fn = functools.partial(_single_query, cfg=cfg)
-  return jax.vmap(fn, in_axes=(0, None, None, None, None, 0, None, None, None, None))(
-      keys, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z
-  )
+  """Shared order: one group with keys[0]. Per-query orders: query i is a group of one with keys[i],
+  run one after another (`lax.map`: real control flow per query, no lock-step over the batch)."""
+  args = (A, At, col_l1, col_max)
+  scal = (eps, beta, fudge_b, fudge_z)
+  if cfg.shared_order or X.shape[0] == 1:
+    return _group(keys[0], *args, X, *scal, cfg)
+
+  def one(kx):
+    res = _group(kx[0], *args, kx[1][None], *scal, cfg)
+    return jax.tree.map(lambda a: a[0], res)
+
+  return jax.lax.map(one, (keys, X))
 
 
 def _scalar(name, value, check):
@@ -602,6 +826,7 @@ def adaptive_softmax(
     head_ratio: float = 1.5,
     growth: float = 2.0,
     z_capacity: int | None = None,
+    shared_order: bool = False,
     check_finite: bool = True,
 ) -> AdaptiveResult:
   r"""PAC top-k softmax of `beta * A x` by adaptive sampling.
@@ -642,6 +867,12 @@ def adaptive_softmax(
       the mean are read first, for every arm (> 0).
     growth: factor by which surviving arms' pulls grow per round (> 1).
     z_capacity: most arms refined per normalization round (default min(n, max(4k, 256))).
+    shared_order: a batch shares one coordinate order, drawn from `key` (one slab read for all
+      queries, rounds as small GEMMs over the union of the queries' surviving arms). Each query's
+      statement above still holds (its order is still a deterministic head and a uniformly random
+      tail, or a Gumbel-top-d order), but the queries' outcomes are no longer independent. The
+      order's weights use `max_q |x_qj|`; each query's bounds use its own `|x_qj|`. Default False:
+      one order per query, queries run one after another.
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).
 
@@ -689,13 +920,15 @@ def adaptive_softmax(
           f"fudge_bandit and fudge_z apply to mode='paper' only; got {fudge_bandit}, {fudge_z} with mode='certified'"
       )
   cfg = make_config(n, d, k=k, delta=delta, mode=mode, order=order, warmup=warmup, growth=growth,
-                    z_capacity=z_capacity, exact_winners=exact_winners, head_ratio=head_ratio)
+                    z_capacity=z_capacity, exact_winners=exact_winners, head_ratio=head_ratio,
+                    shared_order=bool(shared_order) and x.ndim == 2)
   single = x.ndim == 1
-  X = (x[None] if single else x).astype(prep.A.dtype)
+  ct = _compute_dtype(prep.A.dtype)  # 16-bit A: products and sums in float32
+  X = (x[None] if single else x).astype(ct)
   # A batch gets split(key, b)[i] for query i; a single query uses `key` itself, so that
-  # batched and per-query calls agree query by query.
-  keys = key[None] if single else jax.random.split(key, X.shape[0])
-  f = lambda v: jnp.asarray(v, prep.A.dtype)  # noqa: E731
+  # batched and per-query calls agree query by query. A shared order uses `key` itself.
+  keys = key[None] if (single or cfg.shared_order) else jax.random.split(key, X.shape[0])
+  f = lambda v: jnp.asarray(v, ct)  # noqa: E731
   res = _batched(keys, prep.A, prep.At, prep.col_l1, prep.col_max, X, f(epsilon), f(beta), f(fudge_bandit),
                  f(fudge_z), cfg)
   if single:

@@ -150,3 +150,62 @@ def families(n: int = 100, d: int = 1000) -> dict[str, Family]:
       "planted_k5": Family(lambda key: planted_problem(key, n, d, k=5), k=5),
       "warmup_1": Family(lambda key: planted_problem(key, n, d), options=(("warmup", 1),)),
   }
+
+
+def llm_head_problem(key: jax.Array, n: int, d: int, n_queries: int, *, top1: tuple[float, float] = (0.2, 0.6),
+                     logit_std: float = 3.0, x_spread: float = 0.8, massive: tuple[float, float] = (0.001, 25.0),
+                     col_spread: float = 0.3, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+  r"""An LLM-like output head `A` (n, d) and queries `X` (q, d) whose top-1 probability is prescribed.
+
+  Shaped after SmolLM2-135M's head and final-norm hidden states (measured on WikiText-2 windows: a few
+  hidden dimensions 10-27x the median |x_j|, column RMS of `A` log-normal with sd 0.29, logits with sd
+  3.1 over the vocabulary, median top-1 probability 0.32-0.375):
+
+  * `A_ij = s_j N(0, 1) / sqrt(d)`, column scales `s_j = exp(col_spread N(0, 1))`, `mean(s^2) = 1`;
+  * hidden dimensions with scales `r_j = exp(x_spread N(0, 1))`, a fraction `massive[0]` of them (at least
+    2) multiplied by `massive[1]` ("massive activations"), shared by all queries;
+  * query q is `x_q = c (r * g_q) + a_q A_t / |A_t|^2`, `g_q ~ N(0, I_d)`, t a random row: the
+    background logits `A_i x_q` have sd `logit_std` (c normalizes), and the target's boost `a_q` is
+    solved by bisection so that `softmax(A x_q)_t` equals `p_q ~ U(top1)` exactly, so the median top-1
+    probability is the midpoint of `top1` (0.4 by default).
+
+  Returns:
+    (A, X): (n, d) and (n_queries, d) arrays of `dtype` (the softmax is calibrated in float32).
+
+  Example:
+    >>> A, X = llm_head_problem(jax.random.key(0), 1000, 64, 8)
+    >>> A.shape, X.shape
+    ((1000, 64), (8, 64))
+  """
+  ks, ka, kg, kt, kp, kr, km = jax.random.split(key, 7)
+  s = jnp.exp(col_spread * jax.random.normal(ks, (d,)))
+  s = s / jnp.sqrt(jnp.mean(s * s))
+  A = jax.random.normal(ka, (n, d)) * (s / jnp.sqrt(d))
+  r = jnp.exp(x_spread * jax.random.normal(kr, (d,)))
+  n_massive = max(2, int(round(massive[0] * d)))
+  r = r.at[jax.random.permutation(km, d)[:n_massive]].multiply(massive[1])
+  c = logit_std / jnp.sqrt(jnp.mean((s * r) ** 2))  # sd of A_i . (c r g) is logit_std
+  G = c * r * jax.random.normal(kg, (n_queries, d))
+  t = jax.random.randint(kt, (n_queries,), 0, n)
+  p = jax.random.uniform(kp, (n_queries,), minval=top1[0], maxval=top1[1])
+  U = A[t] / jnp.sum(A[t] * A[t], axis=1, keepdims=True)  # (q, d): A_t . u = 1
+  C = G @ A.T  # (q, n) background logits
+  V = U @ A.T  # (q, n) effect of one unit of boost
+
+  def solve(c, v, t, p):
+    def log_pt(a):
+      mu = c + a * v
+      return mu[t] - jax.nn.logsumexp(mu)
+
+    def step(_, lohi):
+      lo, hi = lohi
+      mid = 0.5 * (lo + hi)
+      up = log_pt(mid) < jnp.log(p)
+      return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 60, step, (jnp.float32(-50.0), jnp.float32(100.0)))
+    return 0.5 * (lo + hi)
+
+  a = jax.vmap(solve)(C, V, t, p)
+  X = G + a[:, None] * U
+  return A.astype(dtype), X.astype(dtype)
