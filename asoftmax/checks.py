@@ -8,6 +8,11 @@ style of optax's `optax/_src/utils.py`:
   the array is concrete, never for a `jax.core.Tracer`;
 * Python numbers (`k`, `m`, `delta`, ...) are always checked.
 
+Under `jax.jit` the policy is a **validity flag in the result**, not `checkify`: a result computed from invalid
+values carries a NaN in a floating output (topk: k = 0 and certificate NaN for the row; rff: log q and losses
+NaN, sampled ids kept in range), and out-of-range ids in an update are dropped. Each function's docstring says
+which field carries the flag. `tests/test_bad_input.py` checks this contract for every public function.
+
 Floating means `jnp.issubdtype(dtype, jnp.floating)`, so bfloat16 and float16 are accepted wherever
 float32 is (numpy's own `issubdtype` rejects bfloat16).
 
@@ -149,6 +154,25 @@ def valid(v: Any, shape: Sequence[int], name: str = "valid") -> None:
     return
   if not np.asarray(v).any(axis=-1).all():
     raise ValueError(f"{name} has a row with no valid key (every key masked)")
+
+
+def index_array(name: str, value: Any, n: int, ndims: Sequence[int] | int | None = None) -> Any:
+  """Checks `value` is an integer array (of one of `ndims` dimensions) with entries in [0, n) when concrete.
+
+  Under `jax.jit` the range cannot be checked: callers drop or flag out-of-range ids (see their docstrings).
+  """
+  shape, dtype = _shape_dtype(name, value)
+  if ndims is not None:
+    ndims = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+    if len(shape) not in ndims:
+      raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {shape}")
+  if not jnp.issubdtype(dtype, jnp.integer) or np.dtype(dtype) == np.bool_:
+    raise ValueError(f"{name} must have an integer dtype, got {dtype}")
+  if not is_traced(value):
+    a = np.asarray(value)
+    if a.size and (a.min() < 0 or a.max() >= n):
+      raise ValueError(f"{name} must be in [0, {n}), got values in [{a.min()}, {a.max()}]")
+  return value
 
 
 # ------------------------------------------------------------------------------------------ numbers

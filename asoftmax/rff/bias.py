@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax import checks
@@ -102,6 +103,10 @@ def gradient_bias(key: jax.Array, logits: ArrayLike, log_q: ArrayLike, t, m: int
   """
   checks.floating_array("logits", logits, 1)
   checks.floating_array("log_q", log_q, 1, finite=False)
+  _check_log_q(log_q, logits.shape)
+  if getattr(t, "ndim", None) == 0 and jnp.issubdtype(t.dtype, jnp.integer):
+    t = int(t)  # a numpy / jax integer scalar
+  t = checks.int_in_range("t", t, 0, logits.shape[0] - 1)
   m = checks.pos_int("m", m)
   reps = checks.pos_int("reps", reps)
   chunk = reps if chunk is None else checks.pos_int("chunk", chunk)
@@ -110,7 +115,16 @@ def gradient_bias(key: jax.Array, logits: ArrayLike, log_q: ArrayLike, t, m: int
   return _gradient_bias(key, jnp.asarray(logits), jnp.asarray(log_q), t, m, reps, chunk)
 
 
-@jax.jit
+def _check_log_q(log_q, shape):
+  """log_q: the shape of the logits, log probabilities (<= 0, -inf allowed, no NaN when concrete)."""
+  if tuple(log_q.shape) != tuple(shape):
+    raise ValueError(f"log_q must have the logits' shape {tuple(shape)}, got {tuple(log_q.shape)}")
+  if not checks.is_traced(log_q):
+    a = np.asarray(log_q, np.float32)
+    if np.isnan(a).any() or (a > 1e-4).any():
+      raise ValueError("log_q must hold log probabilities (<= 0, no NaN)")
+
+
 def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> DistributionMetrics:
   """KL(p||q), TV(p,q), chi^2(p~||q~) on the negatives, entropy H(p) and top-1 p, per query.
 
@@ -120,8 +134,19 @@ def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> D
     t: [Q] int true classes (excluded from the negatives for chi^2).
 
   Returns:
-    DistributionMetrics of [Q] arrays.
+    DistributionMetrics of [Q] arrays (NaN, the jit validity flag, for a row whose t is out of range under jit).
   """
+  checks.floating_array("logits", logits, 2)
+  checks.floating_array("log_q", log_q, 2, finite=False)
+  _check_log_q(log_q, logits.shape)
+  checks.index_array("t", t, logits.shape[-1], 1)
+  if t.shape[0] != logits.shape[0]:
+    raise ValueError(f"t must have shape ({logits.shape[0]},), got {t.shape}")
+  return _distribution_metrics(jnp.asarray(logits), jnp.asarray(log_q), jnp.asarray(t))
+
+
+@jax.jit
+def _distribution_metrics(logits, log_q, t):
   logp = jax.nn.log_softmax(logits, -1)
   p = jnp.exp(logp)
   q = jnp.exp(log_q)
@@ -134,4 +159,5 @@ def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> D
   qt = qt / qt.sum(-1, keepdims=True)
   chi2 = jnp.sum(jnp.where(neg, pt**2 / qt, 0.0), -1) - 1.0
   ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), -1)
-  return DistributionMetrics(kl, tv, chi2, ent, p.max(-1))
+  bad = (t < 0) | (t >= logits.shape[-1])
+  return DistributionMetrics(*(jnp.where(bad, jnp.nan, v) for v in (kl, tv, chi2, ent, p.max(-1))))

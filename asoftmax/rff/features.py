@@ -27,8 +27,6 @@ Sec. 3 (feature map); Rahimi & Recht 2007. The choice nu < tau (a flatter, defen
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -76,9 +74,13 @@ def rff_features(x: ArrayLike, W: ArrayLike) -> jax.Array:
   """
   checks.finite("W", W, 2)
   checks.unit_rows("x", x)
-  if x.shape[-1] != W.shape[1]:
-    raise ValueError(f"x has dimension {x.shape[-1]} but W expects {W.shape[1]}")
+  _check_same_dim(x, W.shape[1], "W")
   return _rff(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))
+
+
+def _check_same_dim(x, d, what):
+  if x.shape[-1] != d:
+    raise ValueError(f"x has dimension {x.shape[-1]} but {what} has {d}")
 
 
 def rff_kernel(x: ArrayLike, y: ArrayLike, W: ArrayLike) -> jax.Array:
@@ -86,22 +88,34 @@ def rff_kernel(x: ArrayLike, y: ArrayLike, W: ArrayLike) -> jax.Array:
 
   Unbiased for $K_\nu$ with standard deviation $(1 - K_\nu^2)/\sqrt{2D}$; can be < 0.
   """
+  checks.unit_rows("y", y)
+  _check_same_dim(y, x.shape[-1], "y")
   return jnp.sum(rff_features(x, W) * rff_features(y, W), -1)
 
 
 def exact_kernel(x: ArrayLike, y: ArrayLike, nu: float) -> jax.Array:
-  r"""$K_\nu(x, y) = e^{-\nu\|x-y\|^2/2}$, the kernel the RFF estimate converges to."""
+  r"""$K_\nu(x, y) = e^{-\nu\|x-y\|^2/2}$, the kernel the RFF estimate converges to (x, y: finite [..., d])."""
+  checks.floating_array("x", x)
+  checks.floating_array("y", y)
+  _check_same_dim(y, x.shape[-1], "y")
+  nu = checks.pos_float("nu", nu)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   return jnp.exp(-0.5 * nu * jnp.sum((x - y) ** 2, -1))
 
 
-@functools.partial(jax.jit, static_argnames=())
 def quadratic_features(x: ArrayLike, alpha: float) -> jax.Array:
   r"""Blanc & Rendle (ICML 2018) quadratic kernel map $\phi(u) = [\sqrt\alpha\,\mathrm{vec}(uu^\top), 1]$.
 
-  $\phi(h)^\top\phi(c) = \alpha (h^\top c)^2 + 1 > 0$. Args: x [..., d]. Returns [..., d*d + 1].
+  $\phi(h)^\top\phi(c) = \alpha (h^\top c)^2 + 1 > 0$. Args: x [..., d] finite floating; alpha > 0.
+  Returns [..., d*d + 1].
   """
+  checks.floating_array("x", x)
+  return _quadratic_features(x, checks.pos_float("alpha", alpha))
+
+
+@jax.jit
+def _quadratic_features(x, alpha):
   x = jnp.asarray(x, jnp.float32)
   outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
   one = jnp.ones(x.shape[:-1] + (1,), jnp.float32)

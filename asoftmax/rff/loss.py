@@ -30,11 +30,35 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
+
+from asoftmax import checks
 
 
 def _norm(x):
   return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+def _check_common(h, class_vectors, targets, tau):
+  """h [B, d], class_vectors [n, d] finite floating; targets [B] ids in [0, n); tau > 0. Returns tau."""
+  checks.floating_array("h", h, 2)
+  checks.floating_array("class_vectors", class_vectors, 2)
+  if class_vectors.shape[1] != h.shape[1]:
+    raise ValueError(f"class_vectors has dimension {class_vectors.shape[1]}, h has {h.shape[1]}")
+  checks.index_array("targets", targets, class_vectors.shape[0], 1)
+  if targets.shape[0] != h.shape[0]:
+    raise ValueError(f"targets must have shape ({h.shape[0]},) (one per row of h), got {targets.shape}")
+  return checks.pos_float("tau", tau)
+
+
+def _flag_ids(loss, n, targets, ids=None):
+  """The jit validity flag: NaN loss for a row with an id outside [0, n) (gathers would clamp it silently)."""
+  bad = (targets < 0) | (targets >= n)
+  if ids is not None:
+    out = (ids < 0) | (ids >= n)
+    bad = bad | (out.any(-1) if ids.ndim == 2 else out.any())
+  return jnp.where(bad, jnp.nan, loss)
 
 
 def full_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike, tau: float) -> jax.Array:
@@ -45,10 +69,12 @@ def full_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike
     targets: [B] int class ids. tau: inverse temperature.
 
   Returns:
-    [B] float32 losses.
+    [B] float32 losses (NaN, the jit validity flag, for a row whose target is out of range under `jax.jit`).
   """
+  tau = _check_common(h, class_vectors, targets, tau)
   logits = tau * _norm(h) @ _norm(class_vectors).T
-  return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
+  loss = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
+  return _flag_ids(loss, class_vectors.shape[0], targets)
 
 
 def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike, ids: ArrayLike,
@@ -86,9 +112,20 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
   """
   if accidental_hits not in ("all", "last", "none"):
     raise ValueError(f"accidental_hits must be 'all', 'last' or 'none', got {accidental_hits!r}")
+  tau = _check_common(h, class_vectors, targets, tau)
+  checks.index_array("ids", ids, class_vectors.shape[0], (1, 2))
   ids = jnp.asarray(ids)
-  if ids.ndim not in (1, 2):
-    raise ValueError(f"ids must have shape [m] (shared) or [B, m] (per query), got {ids.shape}")
+  if ids.ndim == 2 and ids.shape[0] != h.shape[0]:
+    raise ValueError(f"ids must have shape [m] (shared) or [B, m] (per query) with B = {h.shape[0]}, got {ids.shape}")
+  o_shape = (h.shape[0], ids.shape[-1])
+  checks.floating_array("log_expected", log_expected, None, finite=False)
+  try:
+    np.broadcast_shapes(tuple(jnp.shape(log_expected)), o_shape)
+  except ValueError:
+    raise ValueError(f"log_expected of shape {jnp.shape(log_expected)} does not broadcast to {o_shape}") from None
+  _no_nan_or_neginf("log_expected", log_expected)
+  if log_expected_true is not None:
+    checks.floating_array("log_expected_true", log_expected_true, 1)
   hn = _norm(h)
   o_t = tau * jnp.sum(hn * _norm(class_vectors[targets]), -1)
   if ids.ndim == 1:
@@ -105,7 +142,16 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
     adj = jnp.where(hit, -jnp.inf, adj)
   x0 = o_t if log_expected_true is None else o_t - jax.lax.stop_gradient(log_expected_true)
   logits = jnp.concatenate([x0[:, None], adj], 1)
-  return jax.nn.logsumexp(logits, 1) - x0
+  return _flag_ids(jax.nn.logsumexp(logits, 1) - x0, class_vectors.shape[0], targets, ids)
+
+
+def _no_nan_or_neginf(name, x):
+  """log expected counts: +inf masks an entry; NaN and -inf (an expected count of 0) are invalid when concrete."""
+  if checks.is_traced(x):
+    return
+  a = np.asarray(x, np.float32)
+  if np.isnan(a).any() or np.isneginf(a).any():
+    raise ValueError(f"{name} contains NaN or -inf (a log expected count must be finite, or +inf to mask)")
 
 
 def sampled_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike, ids: ArrayLike,
@@ -133,5 +179,11 @@ def sampled_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayL
     >>> sampled_softmax_loss(h, C, t, ids, log_q, tau=5.0).shape
     (4,)
   """
+  checks.floating_array("log_q", log_q, (1, 2), finite=False)
+  _no_nan_or_neginf("log_q", log_q)
+  if jnp.shape(log_q) != jnp.shape(ids):
+    raise ValueError(f"log_q must have the shape of ids {jnp.shape(ids)}, got {jnp.shape(log_q)}")
+  if not checks.is_traced(log_q) and np.isposinf(np.asarray(log_q, np.float32)).any():
+    raise ValueError("log_q contains +inf (a log probability is <= 0)")
   m = jnp.shape(ids)[-1]
   return corrected_sampled_loss(h, class_vectors, targets, ids, jnp.asarray(log_q) + jnp.log(float(m)), tau)

@@ -44,7 +44,14 @@ def expected_count(log_q: jax.Array, num_tries: jax.Array, m: int, unique: bool)
 
   With replacement: $\log(m q)$. Without: $\log(1 - (1-q)^T)$, T = `num_tries` (broadcast against log_q's
   leading axis: [B] against [B, m], or a scalar), except $\log(m q)$ when T = m (TF's shortcut).
+  `log_q` must be a floating array of log probabilities (<= 0, -inf allowed; no NaN when concrete); m >= 1.
   """
+  checks.floating_array("log_q", log_q, None, finite=False)
+  if not checks.is_traced(log_q):
+    a = np.asarray(log_q, np.float32)
+    if np.isnan(a).any() or (a > 0).any():
+      raise ValueError("log_q must hold log probabilities (<= 0, no NaN)")
+  m = checks.pos_int("m", m)
   log_q = jnp.asarray(log_q)
   if not unique:
     return log_q + jnp.log(float(m))
@@ -149,6 +156,7 @@ def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shar
     (4,)
   """
   m = checks.pos_int("m", m)
+  checks.unit_rows("h", h, 2)
   if unique and num_classes is not None and m > num_classes:
     raise ValueError(f"m = {m} distinct classes requested but num_classes = {num_classes}")
   chunk = 2 * m if chunk is None else checks.pos_int("chunk", chunk)

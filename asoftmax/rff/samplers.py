@@ -58,7 +58,12 @@ class Sampler(NamedTuple):
 
 
 def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-  """x / ||x|| along `axis` (with a tiny epsilon)."""
+  """x / ||x|| along `axis` (with a tiny epsilon); x a non-empty floating array (finite when concrete)."""
+  checks.floating_array("x", x)
+  return _normalize(x, axis)
+
+
+def _normalize(x, axis=-1):
   return x / jnp.sqrt(jnp.sum(x * x, axis, keepdims=True) + 1e-12)
 
 
@@ -78,8 +83,28 @@ def _check_class_vectors(c):
 
 
 def _unique_ids(ids, n):
+  """Sorted unique ids padded with n; out-of-range ids (negative included, possible only under jit) become n."""
   flat = ids.reshape(-1).astype(jnp.int32)
+  flat = jnp.where((flat >= 0) & (flat < n), flat, n)
   return jnp.unique(flat, size=flat.shape[0], fill_value=n)
+
+
+def _check_update_args(ids, class_vectors, shape):
+  """ids: integer, in [0, n) when concrete; class_vectors: finite floating [n, d] like the sampler's."""
+  checks.index_array("ids", ids, shape[0])
+  checks.floating_array("class_vectors", class_vectors, 2)
+  if tuple(class_vectors.shape) != tuple(shape):
+    raise ValueError(f"class_vectors must have the sampler's shape {tuple(shape)}, got {tuple(class_vectors.shape)}")
+
+
+def _flag(ids, lq, n):
+  """The jit validity flag: a draw whose log q is not finite (a NaN / inf query) keeps an in-range id, log q NaN."""
+  ok = jnp.isfinite(lq)
+  return jnp.where(ok, jnp.clip(ids, 0, n - 1), n - 1).astype(jnp.int32), jnp.where(ok, lq, jnp.nan)
+
+
+def _check_h(h):
+  checks.unit_rows("h", h, 2)
 
 
 def _search(cdf, u):
@@ -112,6 +137,7 @@ def uniform_sampler(num_classes: int) -> Sampler:
     return _sample(state, key, h, m, bool(shared))
 
   def log_probs(state, h, shared=False):
+    _check_h(h)
     return state.log_q if shared else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "uniform")
@@ -125,6 +151,8 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
     counts: [n] nonnegative class frequencies (e.g. training-token counts).
     smoothing: pseudo-count (>= 0) so every class keeps q > 0 (needed for an unbiased Z estimate).
   """
+  if np.asarray(counts).dtype == np.bool_:
+    raise ValueError("counts must be numbers (class frequencies), got a bool array")
   counts = np.asarray(counts, np.float64)
   if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
     raise ValueError("counts must be a non-empty 1-D array of finite nonnegative numbers")
@@ -152,6 +180,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
     return _sample(state, key, h, m, bool(shared))
 
   def log_probs(state, h, shared=False):
+    _check_h(h)
     return state.log_q if shared else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "unigram")
@@ -168,7 +197,7 @@ def exact_sampler(tau: float) -> Sampler:
   tau = checks.pos_float("tau", tau)
 
   def init(class_vectors):
-    return ExactState(normalize(_check_class_vectors(class_vectors)))
+    return ExactState(_normalize(_check_class_vectors(class_vectors)))
 
   @functools.partial(jax.jit, static_argnames=("shared",))
   def _log_probs(state, h, shared=False):
@@ -184,18 +213,22 @@ def exact_sampler(tau: float) -> Sampler:
     cdf = jnp.cumsum(jnp.exp(lp2), -1)
     u = jax.random.uniform(key, (lp2.shape[0], m)) * cdf[:, -1:]
     ids = jax.vmap(_search)(cdf, u)
-    lq = jnp.take_along_axis(lp2, ids, 1)
+    ids, lq = _flag(ids, jnp.take_along_axis(lp2, ids, 1), state.class_vectors.shape[0])
     return (ids[0], lq[0]) if shared else (ids, lq)
 
   def sample(state, key, h, m, shared=False):
     m = _check_sample_args(h, m, state.class_vectors.shape[1], shared)
     return _sample(state, key, h, m, bool(shared))
 
-  @jax.jit
   def update(state, ids, class_vectors):
+    _check_update_args(ids, class_vectors, state.class_vectors.shape)
+    return _update(state, ids, class_vectors)
+
+  @jax.jit
+  def _update(state, ids, class_vectors):
     n = state.class_vectors.shape[0]
     uid = _unique_ids(ids, n)
-    new = normalize(class_vectors[jnp.minimum(uid, n - 1)])
+    new = _normalize(class_vectors[jnp.minimum(uid, n - 1)])
     return ExactState(state.class_vectors.at[uid].set(new, mode="drop"))
 
   def log_probs(state, h, shared=False):
@@ -243,7 +276,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   kappa = checks.pos_float("kappa", kappa, allow_zero=True)
 
   def init(class_vectors):
-    c = normalize(_check_class_vectors(class_vectors))
+    c = _normalize(_check_class_vectors(class_vectors))
     W = features_lib.init_rff(key, c.shape[1], D, nu)
     return RFFState(W=W, tree=tree_lib.build_tree(features_lib._rff(c, W), bucket=1))
 
@@ -254,19 +287,24 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
   def _sample(state, key, h, m, pre, shared):
     ids, logq, _ = tree_lib.tree_sample(key, _psi(state, h, shared), state.tree, m, kappa, pre)
+    ids, logq = _flag(ids, logq, state.tree.num_classes)
     return (ids[0], logq[0]) if shared else (ids, logq)
 
   def sample(state, key, h, m, shared=False):
     m = _check_sample_args(h, m, state.W.shape[1], shared)
     return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m), bool(shared))
 
-  @jax.jit
   def update(state, ids, class_vectors):
+    _check_update_args(ids, class_vectors, (state.tree.num_classes, state.W.shape[1]))
+    return _update(state, ids, class_vectors)
+
+  @jax.jit
+  def _update(state, ids, class_vectors):
     t = state.tree
     n, P = t.num_classes, t.num_buckets
     uid = _unique_ids(ids, n)
     valid = uid < n
-    new = features_lib._rff(normalize(class_vectors[jnp.minimum(uid, n - 1)]), state.W)
+    new = features_lib._rff(_normalize(class_vectors[jnp.minimum(uid, n - 1)]), state.W)
     old = t.nodes[P + jnp.minimum(uid, n - 1)]
     delta = jnp.where(valid[:, None], new - old, 0.0)
     return state.replace(tree=tree_lib.tree_update(t, jnp.where(valid, uid, P), delta))
@@ -304,7 +342,7 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
   sa = float(np.sqrt(alpha))
 
   def init(class_vectors):
-    c = normalize(_check_class_vectors(class_vectors))
+    c = _normalize(_check_class_vectors(class_vectors))
     n, d = c.shape
     P = tree_lib.num_buckets_for(n, b)
     cp = jnp.zeros((P * b, d), jnp.float32).at[:n].set(c).reshape(P, b, d)
@@ -326,7 +364,7 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     return jnp.where(members < n, jnp.log(_kernel(cm, h, shared)), -jnp.inf)
 
   def _psi(h, shared):
-    psi = features_lib.quadratic_features(h, alpha)
+    psi = features_lib._quadratic_features(h, alpha)
     return psi.mean(0, keepdims=True) if shared else psi
 
   @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
@@ -339,20 +377,25 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     j = jax.random.categorical(k2, lk, -1)
     ids = bids * b + j.astype(jnp.int32)
     lq = logq + jnp.take_along_axis(lk, j[..., None], -1)[..., 0]
+    ids, lq = _flag(ids, lq, state.tree.num_classes)
     return (ids[0], lq[0]) if shared else (ids, lq)
 
   def sample(state, key, h, m, shared=False):
     m = _check_sample_args(h, m, state.class_vectors.shape[1], shared)
     return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m), bool(shared))
 
-  @jax.jit
   def update(state, ids, class_vectors):
+    _check_update_args(ids, class_vectors, state.class_vectors.shape)
+    return _update(state, ids, class_vectors)
+
+  @jax.jit
+  def _update(state, ids, class_vectors):
     t = state.tree
     n, P = t.num_classes, t.num_buckets
     uid = _unique_ids(ids, n)
     valid = uid < n
     safe = jnp.minimum(uid, n - 1)
-    new = normalize(class_vectors[safe])
+    new = _normalize(class_vectors[safe])
     old = state.class_vectors[safe]
     douter = (new[:, :, None] * new[:, None, :] - old[:, :, None] * old[:, None, :]).reshape(uid.shape[0], -1)
     delta = jnp.concatenate([sa * douter, jnp.zeros((uid.shape[0], 1))], 1)

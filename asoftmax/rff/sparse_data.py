@@ -65,7 +65,16 @@ def load_sparse(path: str) -> SparseDataset:
 
 
 def precision_at_k(scores: np.ndarray, labels: sp.csr_matrix, k: int) -> float:
-  """Mean precision@k: fraction of the top-k scored labels that are true, averaged over points."""
+  """Mean precision@k: fraction of the top-k scored labels that are true, averaged over points.
+
+  scores: [N, L] finite floating; labels: [N, L] sparse 0/1; k in [1, L].
+  """
+  from asoftmax import checks
+
+  checks.floating_array("scores", scores, 2)
+  if tuple(labels.shape) != tuple(scores.shape):
+    raise ValueError(f"labels must have the shape of scores {scores.shape}, got {labels.shape}")
+  k = checks.int_in_range("k", k, 1, scores.shape[1])
   top = np.argsort(-scores, axis=1)[:, :k]
   lab = labels.toarray().astype(bool)
   return float(np.take_along_axis(lab, top, 1).sum(1).mean() / k)

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from asoftmax import checks
+
 
 @struct.dataclass
 class KernelTree:
@@ -85,7 +87,9 @@ def tree_from_buckets(bucket_sums: jax.Array, bucket_counts: jax.Array, num_clas
 
 
 def build_tree(leaf_features: jax.Array, bucket: int = 1) -> KernelTree:
-  """Builds the tree from per-class features [n, F] (bucket sums are formed here)."""
+  """Builds the tree from per-class features [n, F] (bucket sums are formed here; finite floating, bucket >= 1)."""
+  checks.floating_array("leaf_features", leaf_features, 2)
+  bucket = checks.pos_int("bucket", bucket)
   n, F = leaf_features.shape
   P = num_buckets_for(n, bucket)
   padded = jnp.zeros((P * bucket, F), jnp.float32).at[:n].set(leaf_features.astype(jnp.float32))
@@ -94,16 +98,40 @@ def build_tree(leaf_features: jax.Array, bucket: int = 1) -> KernelTree:
   return tree_from_buckets(sums, counts, n, bucket)
 
 
-@jax.jit
-def tree_update(tree: KernelTree, bucket_ids: jax.Array, delta: jax.Array) -> KernelTree:
-  """Adds delta [u, F] to bucket_ids [u] and all their ancestors (ids >= P are dropped).
+def _check_query_features(query_features, tree):
+  checks.floating_array("query_features", query_features, 2)
+  if query_features.shape[1] != tree.nodes.shape[1]:
+    raise ValueError(f"query_features has {query_features.shape[1]} features, the tree's nodes have "
+                     f"{tree.nodes.shape[1]}")
 
-  Duplicate bucket ids add up (use one row per changed class, each with its own delta).
+
+def _check_kappa(kappa):
+  """kappa >= 0 and finite (a traced kappa is passed through unchecked)."""
+  return kappa if checks.is_traced(kappa) else checks.pos_float("kappa", kappa, allow_zero=True)
+
+
+def tree_update(tree: KernelTree, bucket_ids: jax.Array, delta: jax.Array) -> KernelTree:
+  """Adds delta [u, F] to bucket_ids [u] and all their ancestors.
+
+  Duplicate bucket ids add up (use one row per changed class, each with its own delta). `bucket_ids` must lie in
+  [0, P) and `delta` be finite (ValueError when concrete); under `jax.jit` out-of-range ids (negative ones
+  included) are dropped, so the tree is never corrupted by them.
   """
+  checks.index_array("bucket_ids", bucket_ids, tree.num_buckets, 1)
+  checks.floating_array("delta", delta, 2)
+  if delta.shape != (bucket_ids.shape[0], tree.nodes.shape[1]):
+    raise ValueError(f"delta must have shape {(bucket_ids.shape[0], tree.nodes.shape[1])} (one row of F features "
+                     f"per bucket id), got {delta.shape}")
+  return _tree_update(tree, bucket_ids, delta)
+
+
+@jax.jit
+def _tree_update(tree, bucket_ids, delta):
   P = tree.num_buckets
   L = tree.depth
-  heap = (P + bucket_ids.astype(jnp.int32))[:, None] >> jnp.arange(L + 1, dtype=jnp.int32)[None, :]
-  heap = jnp.where((bucket_ids < P)[:, None], heap, 2 * P)  # out of range -> dropped
+  ok = (bucket_ids >= 0) & (bucket_ids < P)
+  heap = (P + jnp.where(ok, bucket_ids, 0).astype(jnp.int32))[:, None] >> jnp.arange(L + 1, dtype=jnp.int32)[None, :]
+  heap = jnp.where(ok[:, None], heap, 2 * P)  # out of range (negative included) -> dropped
   upd = jnp.broadcast_to(delta[:, None, :], heap.shape + delta.shape[-1:])
   nodes = tree.nodes.at[heap.reshape(-1)].add(upd.reshape(-1, delta.shape[-1]), mode="drop")
   return tree.replace(nodes=nodes)
@@ -114,7 +142,6 @@ def _floor(query_features, tree, kappa):
   return kappa * root / tree.num_classes + 1e-12  # [B]
 
 
-@functools.partial(jax.jit, static_argnames=("m", "precompute"))
 def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: int, kappa: float,
                 precompute: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
   r"""Draws m buckets per query by descending the tree; returns exact log path probabilities.
@@ -129,8 +156,17 @@ def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: 
       gathering node features per sample per level (cost O(m F log P)). Same distribution either way.
 
   Returns:
-    (bucket_ids [B, m] int32, log_q [B, m] float32, floor [B] float32).
+    (bucket_ids [B, m] int32, log_q [B, m] float32, floor [B] float32). Under `jax.jit` a query whose features are
+    not finite is flagged: its log_q is NaN and its ids point at the last real bucket.
   """
+  _check_query_features(query_features, tree)
+  m = checks.pos_int("m", m)
+  kappa = _check_kappa(kappa)
+  return _tree_sample(key, query_features, tree, m, kappa, bool(precompute))
+
+
+@functools.partial(jax.jit, static_argnames=("m", "precompute"))
+def _tree_sample(key, query_features, tree, m, kappa, precompute):
   B = query_features.shape[0]
   P = tree.num_buckets
   L = tree.depth
@@ -156,10 +192,11 @@ def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: 
 
   idx0 = jnp.ones((B, m), jnp.int32)
   idx, logq = jax.lax.fori_loop(0, L, body, (idx0, jnp.zeros((B, m), jnp.float32)))
-  return idx - P, logq, floor
+  ok = jnp.isfinite(query_features).all(-1)[:, None] & jnp.isfinite(logq)
+  last = -(-tree.num_classes // tree.bucket) - 1  # the last bucket holding a real class
+  return jnp.where(ok, idx - P, last), jnp.where(ok, logq, jnp.nan), floor
 
 
-@jax.jit
 def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) -> tuple[jax.Array, jax.Array]:
   """Dense bucket log-probabilities the sampler implies (product of branch probabilities), [B, P].
 
@@ -168,6 +205,13 @@ def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) ->
   Returns:
     (log_q [B, P], floor [B]).
   """
+  _check_query_features(query_features, tree)
+  kappa = _check_kappa(kappa)
+  return _tree_log_probs(query_features, tree, kappa)
+
+
+@jax.jit
+def _tree_log_probs(query_features, tree, kappa):
   P = tree.num_buckets
   L = tree.depth
   floor = _floor(query_features, tree, kappa)
@@ -182,13 +226,19 @@ def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) ->
   return acc, floor
 
 
-@jax.jit
 def leaf_clamped_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) -> jax.Array:
   r"""log of $q_j \propto \max(\psi^\top z_j, 0) + \bar\kappa\,\mathrm{count}(j)$ over buckets, [B, P].
 
   This is NOT what `tree_sample` draws when clamping is active (see the module docstring); it is the
   distribution a dense sampler clamping each leaf would draw, kept to measure the difference.
   """
+  _check_query_features(query_features, tree)
+  kappa = _check_kappa(kappa)
+  return _leaf_clamped_log_probs(query_features, tree, kappa)
+
+
+@jax.jit
+def _leaf_clamped_log_probs(query_features, tree, kappa):
   P = tree.num_buckets
   floor = _floor(query_features, tree, kappa)
   mass = jnp.maximum(query_features @ tree.nodes[P:].T, 0.0) + floor[:, None] * tree.counts[None, P:]
