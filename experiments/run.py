@@ -128,6 +128,13 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("results", stem)
 
 
+def stale_outputs(workdir: str) -> list[str]:
+  """The files of an earlier run that `execute` removes first: results.json, table.md and every plot."""
+  names = ("results.json", "table.md", "config.json")
+  return sorted(os.path.join(workdir, f) for f in os.listdir(workdir)
+                if f in names or f.endswith((".png", ".pdf", ".svg")))
+
+
 def execute(config, workdir: str, config_name: str = "") -> dict:
   """Runs `config.experiment` and writes config.json, results.json, table.md and plots.
 
@@ -146,11 +153,9 @@ def execute(config, workdir: str, config_name: str = "") -> dict:
 
   exp = registry.get(config.experiment)
   os.makedirs(workdir, exist_ok=True)
-  # A stale results.json from an earlier run must not survive a crash of this one.
-  for stale in ("results.json", "table.md"):
-    p = os.path.join(workdir, stale)
-    if os.path.exists(p):
-      os.remove(p)
+  # Outputs of an earlier run (results, table, plots) must not survive a crash of this one beside the new config.
+  for stale in stale_outputs(workdir):
+    os.remove(stale)
   results_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   rng = jax.random.key(config.seed)
   started = datetime.datetime.now(datetime.timezone.utc)
@@ -189,7 +194,10 @@ def main(argv):
     return
   workdir = _WORKDIR.value or default_workdir(name)
   logging.info("experiment %s -> %s", _CONFIG.value.experiment, workdir)
-  res = execute(_CONFIG.value, workdir, config_name=name)
+  try:
+    res = execute(_CONFIG.value, workdir, config_name=name)
+  except FileNotFoundError as e:  # a path the user gave does not exist: fail with the path, not "not run" rows
+    raise SystemExit(f"error: {e}") from None
   print(f"wrote {len(res['rows'])} rows to {workdir}/results.json, table.md")
 
 

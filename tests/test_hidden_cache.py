@@ -1,5 +1,7 @@
 """Tests for asoftmax.models.hidden_cache (cached, resumable Llama hidden states)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -21,7 +23,7 @@ def test_all_positions_match_forward_pass_and_resume(tmp_path, monkeypatch):
   np.testing.assert_allclose(X16.astype(np.float32), want, rtol=2e-3, atol=2e-3)
   # Interrupted after 2 windows: only the rest is recomputed.
   with np.load(path) as z:
-    np.savez(path, X=z["X"], done=np.int64(2), fingerprint=z["fingerprint"])
+    np.savez(path, X=z["X"], done=np.int64(2), fingerprint=z["fingerprint"], checksum=z["checksum"])
   calls = []
   real = llama.hidden_states
   monkeypatch.setattr(llama, "hidden_states", lambda params, c: calls.append(len(c)) or real(params, c))
@@ -50,3 +52,28 @@ def test_bad_arguments(tmp_path):
     hidden_cache.cached_hidden_states(p, ctx, str(tmp_path / "a.npz"), 0)
   with pytest.raises(ValueError, match="contexts"):
     hidden_cache.cached_hidden_states(p, ctx.astype(np.float32), str(tmp_path / "a.npz"), 1)
+
+
+def test_cache_keyed_by_weights_and_verified_on_load(tmp_path):
+  """Issue 14: a cache built with other weights is not reused; a truncated or corrupted file is rebuilt with a
+  warning naming it (before: other weights reused silently; truncation crashed with a traceback without the path)."""
+  p = _random_params()
+  ctx = np.random.default_rng(3).integers(0, p.config.vocab_size, size=(3, 4)).astype(np.int32)
+  path = str(tmp_path / "c.npz")
+  want = hidden_cache.cached_hidden_states(p, ctx, path, batch=3)
+  other = dataclasses.replace(p, final_norm=p.final_norm * 2.0)  # other weights, same shapes
+  got = hidden_cache.cached_hidden_states(other, ctx, path, batch=3)
+  assert not np.allclose(got, want)
+  np.testing.assert_allclose(got, np.asarray(llama.last_hidden_state(other, ctx)), rtol=1e-5, atol=1e-5)
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:  # truncated
+    f.write(data[: len(data) // 2])
+  with pytest.warns(UserWarning, match="c.npz"):
+    again = hidden_cache.cached_hidden_states(other, ctx, path, batch=3)
+  np.testing.assert_allclose(again, got, rtol=1e-6)
+  with np.load(path) as z:  # flipped values under a valid zip: the checksum catches them
+    np.savez(path, X=z["X"] + 1.0, done=z["done"], fingerprint=z["fingerprint"], checksum=z["checksum"])
+  with pytest.warns(UserWarning, match="checksum"):
+    again = hidden_cache.cached_hidden_states(other, ctx, path, batch=3)
+  np.testing.assert_allclose(again, got, rtol=1e-6)

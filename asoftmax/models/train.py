@@ -10,9 +10,11 @@ safetensors caching of trained weights (so a second run skips training).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+import warnings
 from typing import Callable
 
 import jax
@@ -130,21 +132,38 @@ def save_params(model: nnx.Module, path: str, metadata: dict | None = None) -> N
 
   tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _named_params(model).items()}
   with results.atomic_path(path) as tmp:
-    save_file(tensors, tmp, metadata={"info": json.dumps(metadata or {})})
+    save_file(tensors, tmp, metadata={"info": json.dumps(metadata or {}), "sha256": _tensors_sha256(tensors)})
+
+
+def _tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
+  """sha256 over the names, shapes, dtypes and bytes of the tensors (stored with the weights, verified on load)."""
+  h = hashlib.sha256()
+  for k in sorted(tensors):
+    a = np.ascontiguousarray(tensors[k])
+    h.update(f"{k}|{a.shape}|{a.dtype}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
 
 
 def load_params(model: nnx.Module, path: str) -> dict:
   """Loads a `save_params` file into `model` in place; returns the stored metadata.
 
   Raises:
-    ValueError: the file's tensor names or shapes do not match the model (e.g. a different architecture).
+    ValueError: naming `path`: the file cannot be read (truncated), has no checksum or fails it (flipped bytes),
+      or its tensor names or shapes do not match the model (e.g. a different architecture).
   """
   from safetensors import safe_open
   from safetensors.numpy import load_file
 
-  tensors = load_file(path)
-  with safe_open(path, "np") as f:
-    meta = json.loads((f.metadata() or {}).get("info", "{}"))
+  try:
+    tensors = load_file(path)
+    with safe_open(path, "np") as f:
+      header = f.metadata() or {}
+    meta = json.loads(header.get("info", "{}"))
+  except Exception as e:  # pylint: disable=broad-except -- SafetensorError, json errors, OSError, ...
+    raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {e})") from e
+  if header.get("sha256") != _tensors_sha256(tensors):
+    raise ValueError(f"weights file {path} has no checksum or fails it (corrupted or written by old code)")
   state = nnx.state(model, nnx.Param)
   expected = _named_params(model)
   if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
@@ -165,8 +184,8 @@ def train_or_load(model: nnx.Module, path: str, train_fn, *, retrain: bool = Fal
   if not retrain and os.path.exists(path):
     try:
       return load_params(model, path), True
-    except ValueError:
-      pass  # a different architecture/config: retrain and overwrite
+    except ValueError as e:  # corrupted, truncated, or another architecture: say which file, retrain, overwrite
+      warnings.warn(f"{e}; retraining and overwriting {path}")
   meta = train_fn()
   save_params(model, path, meta)
   return meta, False

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive, results
@@ -209,6 +210,8 @@ def run(config, workdir, rng) -> registry.Output:
         A, X = load_user_problem(config)
         base["model"] = config.user_model_name
     except FileNotFoundError as e:
+      if config.model != "smollm2":
+        raise  # a path the user gave does not exist: an error (the launcher exits non-zero naming it)
       for k in config.ks:
         for delta in config.deltas:
           rows.append({**base, "k": k, "delta": delta, "status": f"not run: {e}"})
@@ -234,8 +237,12 @@ def run(config, workdir, rng) -> registry.Output:
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
     row_cache = os.path.join(workdir, f"row_{dataset}_{mode}_k{k}_delta{delta}.json")
     if os.path.exists(row_cache):
-      with open(row_cache) as f:
-        cached = json.load(f)
+      try:
+        with open(row_cache) as f:
+          cached = json.load(f)
+      except (ValueError, OSError) as e:  # truncated or corrupt: say which file, then recompute the row
+        logging.warning("row cache %s is unreadable (%s); recomputing the row", row_cache, e)
+        cached = {}
       if cached.get("ident") == ident:
         rows.append(cached["row"])
         continue
