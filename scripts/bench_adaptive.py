@@ -97,6 +97,25 @@ def exact_ms(A, X, batch, repeats):
   return best
 
 
+def bench_one(name, A, X, k, repeats, **kw):
+  """Times `adaptive_softmax` on (A, X) (batch = len(X), one order per query) against the fastest exact path;
+  prints and returns one row (used by scripts/bench_adaptive_llm.py with its tuned fudge factors)."""
+  global K
+  K = k
+  prep = adaptive.prepare_matrix(A)
+  n, d = prep.A.shape
+  Xj = jnp.asarray(X, jnp.float32)
+  b = Xj.shape[0]
+  run = lambda i: adaptive.adaptive_softmax(  # noqa: E731
+      jax.random.key(1), prep, Xj[i % b] if b == 1 else Xj, k=k, check_finite=False, **kw)
+  frac = float(np.mean(np.asarray(run(0).samples))) / (n * d)
+  t_ada = _median_ms(lambda i: run(i).probs, repeats)
+  t_ex, how = exact_ms(prep.A, Xj, b, repeats)
+  print(f"{name} {n}x{d} batch {b}: samples {frac:.3f} of n d (gain {1 / frac:.2f}x), adaptive {t_ada:.1f} ms, "
+        f"exact [{how}] {t_ex:.1f} ms, exact / adaptive {t_ex / t_ada:.2f}", flush=True)
+  return dict(name=name, n=n, d=d, batch=b, samples=frac, adaptive_ms=t_ada, exact_ms=t_ex, exact_path=how)
+
+
 def smollm2_head(n_windows=4, window=128, first=16):
   """(A, X): SmolLM2's head (49152, 576) float32 and final-norm hidden states of WikiText-2 test windows."""
   from asoftmax.data import text

