@@ -42,7 +42,8 @@ def test_user_model_runs_end_to_end(tmp_path, monkeypatch):
   c.topk_deltas = (0.1,)
   res = run.execute(c, str(tmp_path / "out"))
   rows = res["rows"]
-  assert [(r["k"], r["delta"]) for r in rows] == [(1, 0.1), (2, 0.1)]
+  assert [(r["k"], r["delta"], r["mode"]) for r in rows] == [
+      (1, 0.1, "paper"), (1, 0.1, "certified"), (2, 0.1, "paper"), (2, 0.1, "certified")]
   for r in rows:
     assert r["status"] == "ok" and r["model"] == "toy" and (r["n"], r["d"]) == (300, 64)
     assert r["n_eval"] == 20 and len(r["samples"]) == 20
@@ -50,7 +51,7 @@ def test_user_model_runs_end_to_end(tmp_path, monkeypatch):
     assert r["gain"] == pytest.approx(300 * 64 / np.mean(r["samples"]), rel=1e-6)
     assert r["meets_target"] == (r["success"] >= 0.9)
   saved = json.loads((tmp_path / "out" / "results.json").read_text())
-  assert len(saved["rows"]) == 2
+  assert len(saved["rows"]) == 4
   # A second run reuses the cached rows (no tuning): same numbers.
   from asoftmax import adaptive
 
@@ -100,8 +101,8 @@ def test_hidden_state_cache_is_reused_and_resumed(tmp_path, monkeypatch):
   monkeypatch.setattr(llama, "last_hidden_state", lambda params, c: calls.append(len(c)) or real(params, c))
   np.testing.assert_array_equal(adaptive_llm.cached_hidden_states(p, ctx, path, batch=2), X)
   assert calls == []  # fully cached: no forward pass
-  with np.load(path) as z:  # simulate an interrupted run after 2 windows
-    partial = dict(X=z["X"], done=np.int64(2), fingerprint=z["fingerprint"])
+  with np.load(path) as z:  # simulate an interrupted run after 2 windows (a valid, checksummed partial cache)
+    partial = dict(X=z["X"], done=np.int64(2), fingerprint=z["fingerprint"], checksum=z["checksum"])
   np.savez(path, **partial)
   np.testing.assert_allclose(adaptive_llm.cached_hidden_states(p, ctx, path, batch=2), want, rtol=1e-5, atol=1e-5)
   assert calls == [2, 1]  # only windows 2..4 recomputed

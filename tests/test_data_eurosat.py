@@ -66,7 +66,8 @@ def test_experiment_rows_say_not_run_when_data_absent(tmp_path):
   import jax
 
   out = registry.get("adaptive_eurosat").run(config, str(tmp_path / "work"), jax.random.key(0))
-  assert len(out.rows) == len(config.ks) * len(config.deltas)
+  assert len(out.rows) == len(config.ks) * len(config.deltas) * len(config.modes)
+  assert {r["mode"] for r in out.rows} == set(config.modes)
   for r in out.rows:
     assert r["status"].startswith("not run: data not found at ")
     assert r["gain"] is None and r["success"] is None  # typed rows: every column present, no numbers
