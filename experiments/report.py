@@ -31,6 +31,7 @@ README_SNAPSHOTS = (
     ("docs/results/adaptive_families", "configs/adaptive/families.py"),
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
+    ("docs/results/adaptive_llm_issue11", "configs/adaptive/llm.py"),
     ("docs/results/adaptive_llm_tuned", "configs/adaptive/llm.py"),
     ("docs/results/topk_synthetic", "configs/topk/synthetic.py"),
     ("docs/results/topk_bert_n128_rerun", "configs/topk/bert.py"),
