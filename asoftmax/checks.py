@@ -104,6 +104,7 @@ def finite(name: str, x: Any, ndim: int | None = None) -> Any:
 def unit_rows(name: str, x: Any, ndim: int | None = None, atol: float = 1e-3) -> Any:
   """Checks `x` is a finite floating array whose rows (last axis) have unit L2 norm within `atol`."""
   floating_array(name, x, ndim)
+  atol = max(atol, 2.0 * float(jnp.finfo(x.dtype).eps))  # bfloat16 rounds a unit row to within ~2^-7
   if not is_traced(x):
     norms = np.linalg.norm(np.asarray(x, np.float64), axis=-1)
     bad = np.abs(norms - 1.0) > atol

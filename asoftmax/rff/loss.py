@@ -72,6 +72,7 @@ def full_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike
     [B] float32 losses (NaN, the jit validity flag, for a row whose target is out of range under `jax.jit`).
   """
   tau = _check_common(h, class_vectors, targets, tau)
+  h, class_vectors, targets = jnp.asarray(h), jnp.asarray(class_vectors), jnp.asarray(targets)
   logits = tau * _norm(h) @ _norm(class_vectors).T
   loss = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
   return _flag_ids(loss, class_vectors.shape[0], targets)
@@ -114,7 +115,7 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
     raise ValueError(f"accidental_hits must be 'all', 'last' or 'none', got {accidental_hits!r}")
   tau = _check_common(h, class_vectors, targets, tau)
   checks.index_array("ids", ids, class_vectors.shape[0], (1, 2))
-  ids = jnp.asarray(ids)
+  h, class_vectors, targets, ids = jnp.asarray(h), jnp.asarray(class_vectors), jnp.asarray(targets), jnp.asarray(ids)
   if ids.ndim == 2 and ids.shape[0] != h.shape[0]:
     raise ValueError(f"ids must have shape [m] (shared) or [B, m] (per query) with B = {h.shape[0]}, got {ids.shape}")
   o_shape = (h.shape[0], ids.shape[-1])

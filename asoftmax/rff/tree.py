@@ -203,7 +203,7 @@ def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) ->
   For analysis and tests; O(P F) per query. Padding buckets get -inf.
 
   Returns:
-    (log_q [B, P], floor [B]).
+    (log_q [B, P], floor [B]); under `jax.jit` a query with non-finite features gets a NaN row (the flag).
   """
   _check_query_features(query_features, tree)
   kappa = _check_kappa(kappa)
@@ -223,7 +223,8 @@ def _tree_log_probs(query_features, tree, kappa):
   acc = jnp.zeros((query_features.shape[0], P), jnp.float32)
   for s in range(L):
     acc = acc + logbranch[:, leaf >> s]
-  return acc, floor
+  ok = jnp.isfinite(query_features).all(-1, keepdims=True)  # the jit validity flag: NaN rows
+  return jnp.where(ok, acc, jnp.nan), floor
 
 
 def leaf_clamped_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) -> jax.Array:
@@ -242,4 +243,5 @@ def _leaf_clamped_log_probs(query_features, tree, kappa):
   P = tree.num_buckets
   floor = _floor(query_features, tree, kappa)
   mass = jnp.maximum(query_features @ tree.nodes[P:].T, 0.0) + floor[:, None] * tree.counts[None, P:]
-  return jnp.log(mass) - jnp.log(mass.sum(-1, keepdims=True))
+  ok = jnp.isfinite(query_features).all(-1, keepdims=True)  # the jit validity flag: NaN rows
+  return jnp.where(ok, jnp.log(mass) - jnp.log(mass.sum(-1, keepdims=True)), jnp.nan)
