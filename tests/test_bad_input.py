@@ -256,7 +256,8 @@ register("adaptive.tune_fudge",
 
 # ---- topk
 _LG = Arr(min_ndim=1, neginf=True)  # logits: (..., N), -inf = masked key
-register("topk.tail_mass", build=lambda r: dict(logits=_logits(r, Q, N), valid=None), kinds={"logits": _LG},
+register("topk.tail_mass", build=lambda r: dict(logits=_logits(r, Q, N), valid=None),
+         kinds={"logits": Arr(min_ndim=1, neginf=True, matched=False)},
          jit=("logits",))
 register("topk.tail_bounds", build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool)),
          kinds={"logits": _LG, "valid": Mask()}, jit=("logits",))
@@ -299,12 +300,12 @@ def _values(r):
 register("topk.output_error",
          build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool), values=_values(r),
                               k=np.full((Q,), 3)),
-         kinds={"logits": _LG, "valid": Mask(), "values": Arr((2,)), "k": Ids(N + 1)},
+         kinds={"logits": _LG, "valid": Mask(), "values": Arr((2,), matched=False), "k": Ids(N + 1)},
          jit=("logits", "values"))
 register("topk.certified_topk_attention",
          build=lambda r: dict(q=r.normal(size=(Q, D_)).astype(np.float32), keys=r.normal(size=(N, D_)).astype(
              np.float32), values=_values(r), mask=None, epsilon=0.1),
-         kinds={"q": Arr(min_ndim=2), "keys": Arr(min_ndim=2), "values": Arr(min_ndim=2), "epsilon": Num("unit"),
+         kinds={"q": Arr(min_ndim=2), "keys": Arr(min_ndim=2), "values": Arr(min_ndim=2, matched=False), "epsilon": Num("unit"),
                 "method": Choice(), "scale": Num("pos")},
          jit=("q", "keys", "values", "epsilon"))
 
@@ -359,6 +360,7 @@ def _loose_upper(x):  # "bounds that do not bound": every cell bound 5 below its
 
 register("topk.mc_search", build=_mc_build,
          kinds={"logits": _LG, "upper": Arr(min_ndim=2), "epsilon": Num("unit")},
+         ok={"upper": {"+inf"}},  # an infinite cell bound is a valid (loose) bound: that cell is always opened
          jit=("logits", "upper"))
 
 
