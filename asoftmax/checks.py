@@ -136,8 +136,9 @@ def logits(s: Any, name: str = "logits") -> None:
     raise ValueError(f"{name} contains +inf")
 
 
-def valid(v: Any, shape: Sequence[int], name: str = "valid") -> None:
-  """`v` (or None) must be boolean, broadcastable to `shape`, with at least one True key per row when concrete."""
+def valid(v: Any, shape: Sequence[int], name: str = "valid", against: str = "logits") -> None:
+  """`v` (or None) must be boolean, broadcastable to `shape` (the shape of `against`), with at least one True key per
+  row when concrete."""
   if v is None:
     return
   vshape = getattr(v, "shape", None)
@@ -148,9 +149,10 @@ def valid(v: Any, shape: Sequence[int], name: str = "valid") -> None:
   try:
     np.broadcast_shapes(tuple(vshape), tuple(shape))
   except ValueError:
-    raise ValueError(f"{name} of shape {tuple(vshape)} does not broadcast to {tuple(shape)}") from None
+    raise ValueError(
+        f"{name} of shape {tuple(vshape)} does not broadcast to {against}'s shape {tuple(shape)}") from None
   if len(vshape) == 0 or vshape[-1] != shape[-1]:
-    raise ValueError(f"{name} must have a key axis of size {shape[-1]}, got shape {tuple(vshape)}")
+    raise ValueError(f"{name} must have a key axis of size {shape[-1]} ({against}'s), got shape {tuple(vshape)}")
   if is_traced(v):
     return
   if not np.asarray(v).any(axis=-1).all():
@@ -173,6 +175,22 @@ def index_array(name: str, value: Any, n: int, ndims: Sequence[int] | int | None
     a = np.asarray(value)
     if a.size and (a.min() < 0 or a.max() >= n):
       raise ValueError(f"{name} must be in [0, {n}), got values in [{a.min()}, {a.max()}]")
+  return value
+
+
+def int_array(name: str, value: Any, lo: int, hi: int | None = None, *, shape: Sequence[int] | None = None) -> Any:
+  """Checks `value` is an integer array (of `shape`, if given) with entries in [lo, hi] when concrete (hi None: no
+  upper end). Under `jax.jit` the range cannot be checked: callers flag or clip (see their docstrings)."""
+  vshape, dtype = _shape_dtype(name, value)
+  if shape is not None and tuple(vshape) != tuple(shape):
+    raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(vshape)}")
+  if not jnp.issubdtype(dtype, jnp.integer) or np.dtype(dtype) == np.bool_:
+    raise ValueError(f"{name} must have an integer dtype, got {dtype}")
+  if not is_traced(value):
+    a = np.asarray(value)
+    if a.size and (a.min() < lo or (hi is not None and a.max() > hi)):
+      top = "inf" if hi is None else hi
+      raise ValueError(f"{name} must be in [{lo}, {top}], got values in [{a.min()}, {a.max()}]")
   return value
 
 
