@@ -63,12 +63,12 @@ def test_divergence_identities():
   direct = jax.jit(topk.truncated_divergences)(s, valid, k)
   tau = np.asarray(topk.tail_mass(s, valid))[np.arange(200), k - 1]
   cf = topk.divergences(tau)
-  np.testing.assert_allclose(direct["tv"], tau, atol=2e-6)
-  np.testing.assert_allclose(direct["kl"], cf.kl, atol=2e-5, rtol=1e-4)
-  np.testing.assert_allclose(direct["chi2"], cf.chi2, atol=5e-5, rtol=1e-3)
-  np.testing.assert_allclose(direct["hellinger2"], cf.hellinger2, atol=5e-6)
+  np.testing.assert_allclose(direct.tv, tau, atol=2e-6)
+  np.testing.assert_allclose(direct.kl, cf.kl, atol=2e-5, rtol=1e-4)
+  np.testing.assert_allclose(direct.chi2, cf.chi2, atol=5e-5, rtol=1e-3)
+  np.testing.assert_allclose(direct.hellinger2, cf.hellinger2, atol=5e-6)
   # TV = 1 - exp(-KL) exactly (Theorem 4.3), and it beats Pinsker.
-  np.testing.assert_allclose(topk.tv_from_kl(direct["kl"]), direct["tv"], atol=2e-6)
+  np.testing.assert_allclose(topk.tv_from_kl(direct.kl), direct.tv, atol=2e-6)
   assert (np.asarray(cf.tv) <= np.sqrt(np.asarray(cf.kl) / 2) + 1e-6).all()
 
 
@@ -96,15 +96,15 @@ def test_certified_k_minimal_and_within_budget(eps):
   s, valid = _random_rows(rng, 400, 64, ties=True, mask=True)
   out = topk.certified_k(s, valid, eps)
   tau = _np_tail(s, valid)
-  k = np.asarray(out.k["exact"])
+  k = np.asarray(out.exact.k)
   rows = np.arange(len(k))
   assert (tau[rows, k - 1] <= eps + 1e-6).all()
   assert ((k == 1) | (tau[rows, np.maximum(k - 2, 0)] > eps - 1e-6)).all()  # smallest such k
   for m in topk.METHODS:
-    km = np.asarray(out.k[m])
+    km = np.asarray(getattr(out, m).k)
     assert (km >= k).all() and (km <= valid.sum(-1)).all(), m
-    assert (np.asarray(out.tv[m]) <= eps + 1e-6).all(), m
-    assert (np.asarray(out.tv[m]) <= np.asarray(out.certificate[m]) + 1e-5).all(), m
+    assert (np.asarray(getattr(out, m).tv) <= eps + 1e-6).all(), m
+    assert (np.asarray(getattr(out, m).tv) <= np.asarray(getattr(out, m).certificate) + 1e-5).all(), m
 
 
 def test_blockwise_bounds_bracket_tail():
@@ -202,8 +202,8 @@ def test_certified_topk_attention_matches_reference():
     logits = np.einsum("bhqd,bhnd->bhqn", q, K) / np.sqrt(8)
     e = topk.output_error(logits, mask, V, o.k, with_diam=False)
     np.testing.assert_allclose(o.out, e.attn_k, atol=1e-5)
-    assert (np.asarray(e.tau) <= 0.01 + 1e-6).all()
-    assert (np.asarray(e.tau) <= np.asarray(o.certificate) + 1e-6).all()
+    assert (np.asarray(e.tail_mass) <= 0.01 + 1e-6).all()
+    assert (np.asarray(e.tail_mass) <= np.asarray(o.certificate) + 1e-6).all()
     assert (np.asarray(o.probs)[1, ..., 40:] == 0).all()
   # vmapped inside jit: same result
   f = jax.jit(jax.vmap(lambda a, b, c: topk.topk_probs(jnp.einsum("qd,nd->qn", a, b) / np.sqrt(8), None, 0.01)[1]))
@@ -216,7 +216,7 @@ def test_gaussian_rule_matches_simulation_at_2e5():
   s = jax.random.normal(jax.random.key(8), (1, n))
   for sigma in (0.5, 1.0, 2.0):
     for eps in (0.1, 0.01):
-      k = float(topk.certified_k(s * sigma, None, eps).k["exact"][0]) / n
+      k = float(topk.certified_k(s * sigma, None, eps).exact.k[0]) / n
       pred = float(topk.predicted_keep_fraction(sigma, eps))
       np.testing.assert_allclose(pred, norm.sf(sigma + norm.ppf(eps)), rtol=1e-5)
       assert abs(k - pred) < 0.01, (sigma, eps, k, pred)

@@ -84,8 +84,8 @@ def test_certified_k_at_common_offset_1e4():
   r = np.random.default_rng(0)
   s = (r.normal(size=(400, 256)) * 2 + 1e4).astype(np.float32)
   c = topk.certified_k(s, None, 0.01)
-  for m in c.k:
-    worst[m] = max(_np_tail_at(s[i], c.k[m][i]) for i in range(len(s)))
+  for m in topk.METHODS:
+    worst[m] = max(_np_tail_at(s[i], getattr(c, m).k[i]) for i in range(len(s)))
   assert all(w <= 0.01 for w in worst.values()), worst
 
 
@@ -110,9 +110,9 @@ def test_certified_k_at_exact_ties_not_below_exact():
     for eps in (tau, np.nextafter(np.float32(tau), 1), np.nextafter(np.float32(tau), 0)):
       c = certify(padded, valid, jnp.float32(eps))
       for m in ("single_gap", "exact_head", "multi_gap"):
-        if int(c.k[m][0]) < int(c.k["exact"][0]) or _np_tail_at(s, c.k[m][0]) > eps:
+        if int(getattr(c, m).k[0]) < int(c.exact.k[0]) or _np_tail_at(s, getattr(c, m).k[0]) > eps:
           bad.append((seed, m))
-      if _np_tail_at(s, c.k["exact"][0]) > eps:
+      if _np_tail_at(s, c.exact.k[0]) > eps:
         bad.append((seed, "exact"))
   assert not bad, bad[:5]
 

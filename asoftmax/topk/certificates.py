@@ -20,10 +20,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax import checks
-from asoftmax.topk import tail as tail_lib
+from asoftmax.topk import _core
+
+__all__ = ["METHODS", "BlockStats", "Bounds", "CertifiedHead", "CertifiedK", "TailInterval", "block_minmax",
+           "blockwise_bounds", "certified_k", "tail_bounds"]
 
 METHODS = ("exact", "single_gap", "exact_head", "multi_gap")
 
@@ -37,7 +41,7 @@ class Bounds(NamedTuple):
 
 
 def _bounds_from_sorted(ss: jax.Array, n: jax.Array, which=("single_gap", "exact_head", "multi_gap")) -> Bounds:
-  ss = tail_lib.shift_by_max(ss)  # every bound is shift-invariant; O(1) magnitudes keep float32 accurate
+  ss = _core.shift_by_max(ss)  # every bound is shift-invariant; O(1) magnitudes keep float32 accurate
   N = ss.shape[-1]
   kk = jnp.arange(1, N + 1)
   nn = n[..., None]
@@ -72,71 +76,120 @@ def _bounds_from_sorted(ss: jax.Array, n: jax.Array, which=("single_gap", "exact
 
 @jax.jit
 def _tail_bounds(logits, valid):
-  r = tail_lib._sort_rows(logits, valid)
-  return _bounds_from_sorted(r.s, r.n)
+  r = _core.sort_rows(logits, valid)
+  bad = _core.bad_rows(logits, valid)
+  return Bounds(*(_core.flag(bad, x) for x in _bounds_from_sorted(r.s, r.n)))
 
 
 def tail_bounds(logits: ArrayLike, valid: ArrayLike | None = None) -> Bounds:
   r"""The three ordered-logit certificates $B_k \ge \tau_k$ for every $k$.
 
   Args:
-    logits: (..., N) float logits; $-\infty$ marks a masked key.
+    logits: (..., N) float logits; $-\infty$ marks a masked key (bfloat16 / float16 computed in float32).
     valid: optional bool mask broadcastable to `logits`.
 
   Returns:
     `Bounds(single_gap, exact_head, multi_gap)`, each (..., N) with entry `k-1` bounding $\tau_k$.
-    Always `multi_gap <= exact_head <= single_gap` and each is `>= tail_mass(logits, valid)`.
+    Always `multi_gap <= exact_head <= single_gap` and each is `>= tail_mass(logits, valid)`. Under `jax.jit` a
+    row with a NaN or +inf logit, or no valid key, is NaN (outside jit such input raises `ValueError`).
+
+  Example:
+    >>> b = tail_bounds(jnp.log(jnp.array([0.5, 0.3, 0.2])))
+    >>> np.asarray(b.exact_head, float).round(4)  # bounds on the tail masses 0.5, 0.2, 0
+    array([0.5455, 0.2   , 0.    ])
   """
-  checks.logits(logits)
-  checks.valid(valid, logits.shape)
-  tail_lib._check_rows_nonempty(logits, valid)
-  return _tail_bounds(jnp.asarray(logits), None if valid is None else jnp.asarray(valid))
+  _core.check_logits(logits, valid)
+  return _tail_bounds(_core.as_float(logits), None if valid is None else jnp.asarray(valid))
+
+
+class CertifiedHead(NamedTuple):
+  """The certified head size of one method, per row (all (...,) arrays).
+
+  Attributes:
+    k: int32 head size; 0 for a row flagged invalid under `jax.jit`.
+    tv: realised tail mass $\\tau_k$ = TV(P, P_hat) at that k (float32; NaN on a flagged row).
+    certificate: the method's bound at that k (for "exact", the tail mass itself; NaN on a flagged row).
+  """
+
+  k: jax.Array
+  tv: jax.Array
+  certificate: jax.Array
 
 
 class CertifiedK(NamedTuple):
-  """Certified head size per row for each method in `METHODS` (all (...,) arrays).
+  """Certified head sizes per row, one `CertifiedHead` per method of `METHODS` (None where not requested).
 
-  k: dict method -> int32 head size; tv: dict method -> realised tail mass tau at that k (= TV(P, P_hat));
-  certificate: dict method -> the bound at that k (for "exact", the exact tail mass); n: valid keys per row.
+  Read a method by attribute (`ck.exact.k`, `ck.multi_gap.tv`) or by name (`getattr(ck, method)`).
+
+  Attributes:
+    exact, single_gap, exact_head, multi_gap: `CertifiedHead` or None.
+    n: (...,) int32 valid keys per row.
   """
 
-  k: dict
-  tv: dict
-  certificate: dict
+  exact: CertifiedHead
+  single_gap: CertifiedHead | None
+  exact_head: CertifiedHead | None
+  multi_gap: CertifiedHead | None
   n: jax.Array
+
+  # Read-only views in the shape of the former dict API ({method: array}), for callers not yet moved to
+  # `ck.<method>.k`; they are not pytree leaves.
+  @property
+  def k(self) -> dict:
+    """{method: head size} over the computed methods (prefer `ck.<method>.k`)."""
+    return {m: getattr(self, m).k for m in METHODS if getattr(self, m) is not None}
+
+  @property
+  def tv(self) -> dict:
+    """{method: realised tail mass} over the computed methods (prefer `ck.<method>.tv`)."""
+    return {m: getattr(self, m).tv for m in METHODS if getattr(self, m) is not None}
+
+  @property
+  def certificate(self) -> dict:
+    """{method: certificate} over the computed methods (prefer `ck.<method>.certificate`)."""
+    return {m: getattr(self, m).certificate for m in METHODS if getattr(self, m) is not None}
 
 
 def _first_leq(b: jax.Array, eps) -> jax.Array:
   return (1 + jnp.argmax(b <= eps, -1)).astype(jnp.int32)
 
 
-def _certified_k_impl(logits, valid, epsilon, methods=METHODS) -> CertifiedK:
-  log_t, r = tail_lib._log_tail(logits, valid)
-  tau = jnp.exp(log_t)
+def certified_k_traced(logits: jax.Array, valid: jax.Array | None, epsilon, methods=METHODS) -> CertifiedK:
+  """Traceable core of `certified_k` (no argument checks); flags bad rows and an invalid epsilon (k = 0, NaN)."""
+  log_t, r = _core.log_tail(logits, valid)
+  tail = jnp.exp(log_t)
   bound_names = [m for m in methods if m != "exact"]
   b = _bounds_from_sorted(r.s, r.n, bound_names) if bound_names else None
   # Rounding margin: the exact rule compares the float tail with eps / (1 + m), so the true tail is <= eps; the
   # certificates compare with eps / (1 + m)^2, so where a bound equals the tail in exact arithmetic (ties, a flat
   # tail) rounding cannot put k_cert below k_exact.
-  m = tail_lib.rounding_margin(logits.shape[-1], tau.dtype)
+  m = _core.rounding_margin(logits.shape[-1], tail.dtype)
   eps_exact = epsilon / (1.0 + m)
   eps_cert = eps_exact / (1.0 + m)
-  ks = {"exact": (1 + jnp.sum(tau > eps_exact, -1)).astype(jnp.int32)}
-  certs = {"exact": tau}
+  ks = {"exact": (1 + jnp.sum(tail > eps_exact, -1)).astype(jnp.int32)}
+  certs = {"exact": tail}
   for name in bound_names:
     bk = getattr(b, name)
     ks[name] = _first_leq(bk, eps_cert)
     certs[name] = bk
+  ok = ~_core.bad_rows(logits, valid) & _core.eps_ok(epsilon)
   at = lambda x, k: jnp.take_along_axis(x, (k - 1)[..., None], -1)[..., 0]
-  return CertifiedK(
-      k=ks,
-      tv={m: at(tau, ks[m]) for m in ks},
-      certificate={m: at(certs[m], ks[m]) for m in ks},
-      n=r.n,
-  )
+  heads = {name: CertifiedHead(jnp.where(ok, ks[name], 0), jnp.where(ok, at(tail, ks[name]), jnp.nan),
+                               jnp.where(ok, at(certs[name], ks[name]), jnp.nan)) for name in ks}
+  return CertifiedK(**{name: heads.get(name) for name in METHODS}, n=r.n)
 
 
-_certified_k = jax.jit(_certified_k_impl, static_argnames=("methods",))
+_certified_k = jax.jit(certified_k_traced, static_argnames=("methods",))
+
+
+def check_methods(methods) -> tuple[str, ...]:
+  """`methods` as a tuple of names from `METHODS` (ValueError naming `methods` otherwise)."""
+  if isinstance(methods, str):
+    methods = (methods,)
+  methods = tuple(methods)
+  if not methods or any(m not in METHODS for m in methods):
+    raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {methods}")
+  return methods
 
 
 def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
@@ -147,36 +200,60 @@ def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
   certificate-only: $k_B = \min\{k : B_k \le \epsilon\} \ge k_\epsilon$, so $\tau_{k_B} \le \epsilon$ is guaranteed.
 
   Float rounding: logits are shifted by their row max, the exact rule compares the float32 tail with
-  $\epsilon/(1+m)$ and the certificates with $\epsilon/(1+m)^2$, $m$ = `tail.rounding_margin(N)` ($\approx 3\cdot
-  10^{-5}$ at N = 256). So the true tail mass at every returned k is $\le \epsilon$, and $k_B \ge k_\epsilon$
-  even where a bound is tight (exact ties); $k_\epsilon$ can exceed the infinitely precise oracle by one when
-  $\tau_k \in (\epsilon/(1+m), \epsilon]$.
+  $\epsilon/(1+m)$ and the certificates with $\epsilon/(1+m)^2$, $m$ = the rounding margin
+  ($\approx 3\cdot 10^{-5}$ at N = 256). So the true tail mass at every returned k is $\le \epsilon$, and
+  $k_B \ge k_\epsilon$ even where a bound is tight (exact ties); $k_\epsilon$ can exceed the infinitely precise
+  oracle by one when $\tau_k \in (\epsilon/(1+m), \epsilon]$.
 
   Args:
-    logits: (..., N) float logits ($-\infty$ = masked). valid: optional bool mask broadcastable to logits.
+    logits: (..., N) float logits ($-\infty$ = masked; bfloat16 / float16 computed in float32).
+    valid: optional bool mask broadcastable to logits.
     epsilon: TV budget in (0, 1).
     methods: which of `METHODS` to compute ("exact" is always included).
 
   Returns:
-    `CertifiedK` with dicts keyed by the requested methods.
+    `CertifiedK`: a `CertifiedHead(k, tv, certificate)` per requested method. Under `jax.jit` a row with a NaN or
+    +inf logit or no valid key, and every row when a traced epsilon is outside (0, 1), gets k = 0 and tv and
+    certificate NaN (outside jit such input raises `ValueError`).
 
   Example:
-    >>> out = certified_k(jax.random.normal(key, (4, 128)) * 2, None, 0.01)
-    >>> out.k["exact"], out.k["multi_gap"]
+    >>> ck = certified_k(jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), None, 0.1)
+    >>> ck.exact.k, ck.exact.tv.round(4), ck.single_gap.k
+    (Array([3], dtype=int32), Array([0.05], dtype=float32), Array([4], dtype=int32))
   """
   checks.epsilon(epsilon)
-  checks.logits(logits)
-  checks.valid(valid, logits.shape)
-  tail_lib._check_rows_nonempty(logits, valid)
-  methods = tuple(methods)
-  if any(m not in METHODS for m in methods):
-    raise ValueError(f"methods must be a subset of {METHODS}, got {methods}")
-  return _certified_k(jnp.asarray(logits), None if valid is None else jnp.asarray(valid), epsilon, methods)
+  _core.check_logits(logits, valid)
+  methods = check_methods(methods)
+  return _certified_k(_core.as_float(logits), None if valid is None else jnp.asarray(valid), epsilon, methods)
+
+
+class TailInterval(NamedTuple):
+  """Lower and upper bounds on the tail mass, each (...,)."""
+
+  lower: jax.Array
+  upper: jax.Array
 
 
 @jax.jit
+def _blockwise_bounds(lo, hi, sz, in_head, ex):
+  head = in_head & (sz > 0)
+  tailb = (~in_head) & (sz > 0)
+  lsz = jnp.log(jnp.maximum(sz, 1).astype(lo.dtype))
+  h_lo, h_hi = lsz + lo, lsz + hi
+  if ex is not None:
+    h_lo = jnp.where(jnp.isnan(ex), h_lo, ex)
+    h_hi = jnp.where(jnp.isnan(ex), h_hi, ex)
+  lse = lambda x, m: jax.nn.logsumexp(jnp.where(m, x, -jnp.inf), -1)
+  t_lo, t_hi = lse(lsz + lo, tailb), lse(lsz + hi, tailb)
+  H_lo, H_hi = lse(h_lo, head), lse(h_hi, head)
+  used = sz > 0
+  bad = jnp.any(used & (jnp.isnan(lo) | jnp.isnan(hi) | (lo == jnp.inf) | (hi == jnp.inf) | (lo > hi)), -1)
+  flag = lambda x: jnp.where(bad, jnp.nan, x)
+  return TailInterval(flag(jax.nn.sigmoid(t_lo - H_hi)), flag(jax.nn.sigmoid(t_hi - H_lo)))
+
+
 def blockwise_bounds(log_lower: ArrayLike, log_upper: ArrayLike, sizes: ArrayLike, in_head: ArrayLike,
-                     log_head_exact: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
+                     log_head_exact: ArrayLike | None = None) -> TailInterval:
   r"""Blockwise lower and upper bounds on the tail mass (paper eq. 4.4, spec Sec. 3).
 
   With $\ell_b \le s_j \le u_b$ on block $B_b$, head blocks $\mathcal H$ and tail blocks $\mathcal T$:
@@ -184,50 +261,94 @@ def blockwise_bounds(log_lower: ArrayLike, log_upper: ArrayLike, sizes: ArrayLik
   \le \frac{\sum_{\mathcal T}|B_b|e^{u_b}}{\sum_{\mathcal H}|B_b|e^{\ell_b} + \sum_{\mathcal T}|B_b|e^{u_b}}$.
 
   Args:
-    log_lower, log_upper: (..., M) per-block logit bounds $\ell_b$, $u_b$.
-    sizes: (..., M) number of keys per block (0 = empty block, ignored).
+    log_lower, log_upper: (..., M) per-block logit bounds $\ell_b \le u_b$ ($-\infty$ allowed; no NaN, no $+\infty$).
+    sizes: (..., M) int number of keys per block, >= 0 (0 = empty block, ignored).
     in_head: (..., M) bool, True for head blocks.
     log_head_exact: optional (..., M) exact $\log \sum_{j \in B_b} e^{s_j}$ for scored head blocks; replaces both
-      bounds of head blocks (NaN or absent entries fall back to the bounds).
+      bounds of head blocks (NaN entries fall back to the bounds).
 
   Returns:
-    (tau_lower, tau_upper), each (...,).
+    `TailInterval(lower, upper)`, each (...,). Under `jax.jit` a row whose non-empty blocks have NaN or $+\infty$
+    bounds, or $\ell_b > u_b$, is NaN (outside jit such input raises `ValueError`).
+
+  Example:
+    >>> lo = jnp.log(jnp.array([0.5, 0.2]))
+    >>> b = blockwise_bounds(lo, lo, jnp.array([1, 1]), jnp.array([True, False]))  # exact: tail 0.2 / 0.7
+    >>> b.lower.round(4), b.upper.round(4)
+    (Array(0.2857, dtype=float32), Array(0.2857, dtype=float32))
   """
-  lo, hi = jnp.asarray(log_lower), jnp.asarray(log_upper)
-  sz = jnp.asarray(sizes)
-  head = jnp.asarray(in_head) & (sz > 0)
-  tailb = (~jnp.asarray(in_head)) & (sz > 0)
-  lsz = jnp.log(jnp.maximum(sz, 1).astype(lo.dtype))
-  h_lo, h_hi = lsz + lo, lsz + hi
+  checks.logits(log_lower, "log_lower")
+  checks.logits(log_upper, "log_upper")
+  shape = tuple(log_lower.shape)
+  if tuple(log_upper.shape) != shape:
+    raise ValueError(f"log_lower and log_upper must have the same shape, got {shape} and {tuple(log_upper.shape)}")
+  checks.int_array("sizes", sizes, 0, None, shape=shape)
+  ih = getattr(in_head, "dtype", None)
+  if ih is None or np.dtype(ih) != np.bool_ or tuple(in_head.shape) != shape:
+    raise ValueError(f"in_head must be a bool array of shape {shape}, got {getattr(in_head, 'shape', in_head)!r}")
   if log_head_exact is not None:
-    ex = jnp.asarray(log_head_exact)
-    h_lo = jnp.where(jnp.isnan(ex), h_lo, ex)
-    h_hi = jnp.where(jnp.isnan(ex), h_hi, ex)
-  lse = lambda x, m: jax.nn.logsumexp(jnp.where(m, x, -jnp.inf), -1)
-  t_lo, t_hi = lse(lsz + lo, tailb), lse(lsz + hi, tailb)
-  H_lo, H_hi = lse(h_lo, head), lse(h_hi, head)
-  return jax.nn.sigmoid(t_lo - H_hi), jax.nn.sigmoid(t_hi - H_lo)
+    checks.floating_array("log_head_exact", log_head_exact, finite=False)
+    if tuple(log_head_exact.shape) != shape:
+      raise ValueError(f"log_head_exact must have shape {shape}, got {tuple(log_head_exact.shape)}")
+  if not checks.is_traced(log_lower, log_upper, sizes):
+    used = np.asarray(sizes) > 0
+    if (used & (np.asarray(log_lower, np.float32) > np.asarray(log_upper, np.float32))).any():
+      raise ValueError("log_lower must be <= log_upper in every non-empty block")
+  ex = None if log_head_exact is None else _core.as_float(log_head_exact)
+  return _blockwise_bounds(_core.as_float(log_lower), _core.as_float(log_upper), jnp.asarray(sizes),
+                           jnp.asarray(in_head), ex)
+
+
+class BlockStats(NamedTuple):
+  """Per-block statistics of the logits, each (..., M): the inputs of `blockwise_bounds`.
+
+  Attributes:
+    log_lower, log_upper: min and max valid logit of the block (0 for an empty block).
+    sizes: int32 number of valid keys in the block.
+    log_exact: exact log-sum-exp of the block's valid logits (-inf for an empty block).
+  """
+
+  log_lower: jax.Array
+  log_upper: jax.Array
+  sizes: jax.Array
+  log_exact: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks",))
-def block_minmax(logits: ArrayLike, valid: ArrayLike, block_of_key: ArrayLike, num_blocks: int):
-  """Per-block min, max, size and exact log-sum-exp of the logits (inputs to `blockwise_bounds`).
-
-  Args:
-    logits: (..., N); valid: bool broadcastable; block_of_key: (N,) int in [0, num_blocks).
-
-  Returns:
-    (log_lower, log_upper, sizes, log_exact), each (..., M). Empty blocks have sizes 0.
-  """
-  logits = jnp.asarray(logits)
-  v = jnp.broadcast_to(tail_lib._effective_valid(logits, jnp.asarray(valid)), logits.shape)
-  memb = jax.nn.one_hot(jnp.asarray(block_of_key), num_blocks, dtype=bool)  # (N, M)
+def _block_minmax(logits, valid, block_of_key, num_blocks):
+  v = _core.effective_valid(logits, valid)
+  memb = jax.nn.one_hot(block_of_key, num_blocks, dtype=bool)  # (N, M)
   m = v[..., :, None] & memb  # (..., N, M)
   x = logits[..., :, None]
   lower = jnp.min(jnp.where(m, x, jnp.inf), -2)
   upper = jnp.max(jnp.where(m, x, -jnp.inf), -2)
-  sizes = jnp.sum(m, -2)
+  sizes = jnp.sum(m, -2).astype(jnp.int32)
   exact = jax.nn.logsumexp(jnp.where(m, x, -jnp.inf), -2)
-  lower = jnp.where(sizes > 0, lower, 0.0)
-  upper = jnp.where(sizes > 0, upper, 0.0)
-  return lower, upper, sizes, exact
+  bad = _core.bad_rows(logits, valid)[..., None]
+  lower = jnp.where(bad, jnp.nan, jnp.where(sizes > 0, lower, 0.0))
+  upper = jnp.where(bad, jnp.nan, jnp.where(sizes > 0, upper, 0.0))
+  return BlockStats(lower, upper, sizes, jnp.where(bad, jnp.nan, exact))
+
+
+def block_minmax(logits: ArrayLike, valid: ArrayLike | None, block_of_key: ArrayLike, num_blocks: int) -> BlockStats:
+  """Per-block min, max, size and exact log-sum-exp of the logits (inputs to `blockwise_bounds`).
+
+  Args:
+    logits: (..., N) float logits ($-\\infty$ = masked). valid: optional bool mask broadcastable to `logits`.
+    block_of_key: (N,) int block of each key, in [0, num_blocks).
+    num_blocks: M >= 1.
+
+  Returns:
+    `BlockStats(log_lower, log_upper, sizes, log_exact)`, each (..., M). Empty blocks have sizes 0. Under
+    `jax.jit` a row with a NaN or +inf logit or no valid key is NaN.
+
+  Example:
+    >>> st = block_minmax(jnp.array([[3.0, 1.0, 0.0, 2.0]]), None, jnp.array([0, 0, 1, 1]), 2)
+    >>> st.log_lower, st.log_upper, st.sizes
+    (Array([[1., 0.]], dtype=float32), Array([[3., 2.]], dtype=float32), Array([[2, 2]], dtype=int32))
+  """
+  num_blocks = checks.pos_int("num_blocks", num_blocks)
+  _core.check_logits(logits, valid)
+  checks.int_array("block_of_key", block_of_key, 0, num_blocks - 1, shape=(logits.shape[-1],))
+  return _block_minmax(_core.as_float(logits), None if valid is None else jnp.asarray(valid),
+                       jnp.asarray(block_of_key), num_blocks)

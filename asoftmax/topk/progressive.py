@@ -46,7 +46,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax import checks
-from asoftmax.topk import tail as tail_lib
+from asoftmax.topk import _core
+
+__all__ = ["Basis", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys", "progressive_search",
+           "rotate_queries"]
 
 
 class Basis(NamedTuple):
@@ -114,7 +117,23 @@ def _fit_one(keys, queries, kvalid, qvalid):
   return Basis(v[:, ::-1], mu)
 
 
+def _check_vectors(name, x):
+  """(..., L, d) finite floating vectors."""
+  checks.floating_array(name, x)
+  if x.ndim < 2:
+    raise ValueError(f"{name} must have shape (..., L, d), got {tuple(x.shape)}")
+
+
 @jax.jit
+def _fit_basis(keys, queries, kv, qv):
+  lead = keys.shape[:-2]
+  kv = jnp.broadcast_to(kv, keys.shape[:-1]).reshape((-1, keys.shape[-2]))
+  qv = jnp.broadcast_to(qv, queries.shape[:-1]).reshape((-1, queries.shape[-2]))
+  out = jax.vmap(_fit_one)(keys.reshape((-1,) + keys.shape[-2:]), queries.reshape((-1,) + queries.shape[-2:]), kv,
+                           qv)
+  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+
+
 def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_valid: ArrayLike) -> Basis:
   r"""Fits the per-head basis on held-out keys and queries (never on the text it is evaluated on).
 
@@ -122,22 +141,30 @@ def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_v
   E[qq^\top]/E\|q\|^2$.
 
   Args:
-    keys: (..., N, d) held-out keys; queries: (..., Q, d) held-out queries (leading dims = heads).
-    key_valid: (..., N) bool; query_valid: (..., Q) bool.
+    keys: (..., N, d) held-out keys; queries: (..., Q, d) held-out queries (leading dims = heads, equal for both).
+      Finite floating (computed in float32).
+    key_valid: (..., N) bool; query_valid: (..., Q) bool; at least one True per head.
 
   Returns:
     `Basis(rotation (..., d, d), key_mean (..., d))`; `rotation` is orthogonal.
 
   Example:
-    >>> b = fit_basis(K, Qs, jnp.ones(K.shape[:-1], bool), jnp.ones(Qs.shape[:-1], bool))
+    >>> K = jax.random.normal(jax.random.key(0), (64, 8))
+    >>> b = fit_basis(K, K, jnp.ones(64, bool), jnp.ones(64, bool))
+    >>> bool(jnp.allclose(b.rotation.T @ b.rotation, jnp.eye(8), atol=1e-5))
+    True
   """
-  keys, queries = jnp.asarray(keys, jnp.float32), jnp.asarray(queries, jnp.float32)
-  lead = keys.shape[:-2]
-  kv = jnp.broadcast_to(jnp.asarray(key_valid), keys.shape[:-1]).reshape((-1, keys.shape[-2]))
-  qv = jnp.broadcast_to(jnp.asarray(query_valid), queries.shape[:-1]).reshape((-1, queries.shape[-2]))
-  out = jax.vmap(_fit_one)(keys.reshape((-1,) + keys.shape[-2:]), queries.reshape((-1,) + queries.shape[-2:]), kv,
-                           qv)
-  return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
+  _check_vectors("keys", keys)
+  _check_vectors("queries", queries)
+  if keys.shape[-1] != queries.shape[-1] or keys.shape[:-2] != queries.shape[:-2]:
+    raise ValueError(f"keys and queries must have the same leading dims and last dim d, got {tuple(keys.shape)} "
+                     f"and {tuple(queries.shape)}")
+  checks.valid(key_valid, keys.shape[:-1], "key_valid", against="keys[..., 0]")
+  checks.valid(query_valid, queries.shape[:-1], "query_valid", against="queries[..., 0]")
+  if key_valid is None or query_valid is None:
+    raise ValueError("key_valid and query_valid must be bool arrays, got None")
+  return _fit_basis(jnp.asarray(keys, jnp.float32), jnp.asarray(queries, jnp.float32), jnp.asarray(key_valid),
+                    jnp.asarray(query_valid))
 
 
 def _blocks(x, edges):
@@ -145,7 +172,13 @@ def _blocks(x, edges):
   return jnp.stack([jnp.linalg.norm(x[..., a:b], axis=-1) for a, b in zip(starts, edges)], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("blocks",))
+def _check_basis_dim(name, x, basis):
+  _check_vectors(name, x)
+  d = basis.rotation.shape[-1]
+  if x.shape[-1] != d:
+    raise ValueError(f"{name} must have last dim d = {d} (the basis'), got shape {tuple(x.shape)}")
+
+
 def prepare_keys(keys: ArrayLike, basis: Basis, blocks: tuple[int, ...]) -> PreparedKeys:
   r"""Rotates and centres keys, $\tilde k = R^\top(k - \mu)$, and stores their block norms and guard norms.
 
@@ -157,9 +190,20 @@ def prepare_keys(keys: ArrayLike, basis: Basis, blocks: tuple[int, ...]) -> Prep
   Returns:
     `PreparedKeys`. Cost: $d^2 + 2d$ multiply-adds per key, paid once when the key is written (or free when $R$
     is folded into $W_k$), not per query.
+
+  Example:
+    >>> K = jax.random.normal(jax.random.key(0), (16, 4))
+    >>> pk = prepare_keys(K, fit_basis(K, K, jnp.ones(16, bool), jnp.ones(16, bool)), (2, 4))
+    >>> pk.keys.shape, pk.block_norms.shape
+    ((16, 4), (16, 2))
   """
-  keys = jnp.asarray(keys)
+  _check_basis_dim("keys", keys, basis)
   edges = _stage_edges(blocks, keys.shape[-1])
+  return _prepare_keys(_core.as_float(keys), basis, edges)
+
+
+@functools.partial(jax.jit, static_argnames=("edges",))
+def _prepare_keys(keys, basis, edges):
   mu = basis.key_mean[..., None, :]
   kt = jnp.einsum("...nd,...de->...ne", keys - mu, basis.rotation, precision="highest")
   nu = (jnp.linalg.norm(keys, axis=-1) + jnp.linalg.norm(kt, axis=-1)
@@ -167,10 +211,27 @@ def prepare_keys(keys: ArrayLike, basis: Basis, blocks: tuple[int, ...]) -> Prep
   return PreparedKeys(kt, _blocks(kt, edges), nu)
 
 
-@jax.jit
 def rotate_queries(queries: ArrayLike, basis: Basis) -> jax.Array:
-  r"""$\tilde q = R^\top q$ (..., Q, d) (free when $R$ is folded into $W_q$)."""
-  return jnp.einsum("...qd,...de->...qe", jnp.asarray(queries), basis.rotation, precision="highest")
+  r"""$\tilde q = R^\top q$ (..., Q, d) (free when $R$ is folded into $W_q$).
+
+  Args:
+    queries: (..., Q, d) finite floating queries (bfloat16 / float16 computed in float32). basis: `Basis`.
+
+  Returns:
+    (..., Q, d) rotated queries. Under `jax.jit` NaN entries propagate to the query's row.
+
+  Example:
+    >>> b = Basis(jnp.eye(2)[::-1], jnp.zeros(2))
+    >>> rotate_queries(jnp.array([[1.0, 2.0]]), b)
+    Array([[2., 1.]], dtype=float32)
+  """
+  _check_basis_dim("queries", queries, basis)
+  return _rotate_queries(_core.as_float(queries), basis)
+
+
+@jax.jit
+def _rotate_queries(queries, basis):
+  return jnp.einsum("...qd,...de->...qe", queries, basis.rotation, precision="highest")
 
 
 _BISECT_STEPS = 40
@@ -251,7 +312,7 @@ def _one_query(qt, qnorm, kt, block_norms, guard_max, valid, eps_search, eps_fin
   up = jnp.where(fs, hi_full[order], -jnp.inf)
   dn = jnp.where(fs, lo_full[order], -jnp.inf)
   r_j = jnp.logaddexp(log_r, jax.lax.cumlogsumexp(up))
-  a_incl = tail_lib.rcumlogsumexp(dn)
+  a_incl = _core.rcumlogsumexp(dn)
   a_post = jnp.concatenate([a_incl[1:], jnp.full((1,), -jnp.inf, dn.dtype)])
   ok = (jax.nn.sigmoid(r_j - a_post) <= eps_final) & fs
   j_star = jnp.sum(jnp.cumprod(ok.astype(jnp.int32)))
@@ -277,7 +338,7 @@ def _progressive(q_rot, prepared, valid, epsilon, scale, search_fraction, stages
   edges = _stage_edges(stages, d)
   norm_edges = _stage_edges(norm_stages, d)
   N = prepared.keys.shape[-2]
-  m = tail_lib.rounding_margin(N, q_rot.dtype)
+  m = _core.rounding_margin(N, q_rot.dtype)
   eps_final = epsilon / (1.0 + m) ** 2
   eps_search = search_fraction * eps_final
   lead = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2])
@@ -298,7 +359,9 @@ def _progressive(q_rot, prepared, valid, epsilon, scale, search_fraction, stages
   rs = lambda x: x.reshape(lead + x.shape[1:])
   dims = rs(dims)
   head = rs(head)
-  return ProgressiveResult(head, rs(hl), rs(k), rs(cert), dims, jnp.sum(dims == d, -1).astype(jnp.int32),
+  ok = _core.eps_ok(epsilon)  # a traced epsilon outside (0, 1): every query flagged (k = 0, certificate NaN)
+  k, cert = jnp.where(ok, rs(k), 0), jnp.where(ok, rs(cert), jnp.nan)
+  return ProgressiveResult(head, rs(hl), k, cert, dims, jnp.sum(dims == d, -1).astype(jnp.int32),
                            jnp.sum(dims, -1).astype(jnp.int32), rs(macs))
 
 
@@ -324,37 +387,38 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     valid key gets k = 0 and certificate NaN.
 
   Raises:
-    ValueError: bad epsilon, stages, blocks, search_fraction, scale or shapes; non-finite inputs or a query with no valid key (when
-      concrete).
+    ValueError: bad epsilon, stages, blocks, search_fraction, scale (must be > 0) or shapes; non-finite inputs or a
+      query with no valid key (when concrete).
 
   Example:
-    >>> basis = fit_basis(K_heldout, Q_heldout, kv, qv)
-    >>> pk = prepare_keys(K, basis, (8, 16, 32))
-    >>> r = progressive_search(rotate_queries(Qs, basis), pk, None, 0.1, 32 ** -0.5, (8, 16, 32))
-    >>> r.k, r.macs / (K.shape[-2] * 32)    # head sizes, multiply-adds relative to dense scoring
+    >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    >>> K, Qs = jax.random.normal(k1, (64, 8)) * 2, jax.random.normal(k2, (4, 8))
+    >>> held = jax.random.normal(k3, (64, 8)) * 2  # held-out keys (and, here, queries) for the basis
+    >>> basis = fit_basis(held, held, jnp.ones(64, bool), jnp.ones(64, bool))
+    >>> pk = prepare_keys(K, basis, (4, 8))
+    >>> r = progressive_search(rotate_queries(Qs, basis), pk, None, 0.1, 8 ** -0.5, (4, 8))
+    >>> bool((r.certificate <= 0.1).all()), r.k.shape  # head sizes; r.macs / (64 * 8): cost vs dense scoring
+    (True, (4,))
   """
   checks.epsilon(epsilon)
-  q_rot = jnp.asarray(q_rot) if not checks.is_traced(q_rot) else q_rot
-  if getattr(q_rot, "ndim", 0) < 2:
-    raise ValueError(f"q_rot must have shape (..., Q, d), got {getattr(q_rot, 'shape', None)}")
+  checks.floating_array("q_rot", q_rot, finite=False)
+  if q_rot.ndim < 2:
+    raise ValueError(f"q_rot must have shape (..., Q, d), got {tuple(q_rot.shape)}")
   d = q_rot.shape[-1]
   if prepared.keys.ndim < 2 or prepared.keys.shape[-1] != d or prepared.keys.shape[-2] == 0:
-    raise ValueError(f"prepared.keys must have shape (..., N >= 1, {d}), got {tuple(prepared.keys.shape)}")
+    raise ValueError(f"q_rot has d = {d} but prepared.keys must have shape (..., N >= 1, d), got "
+                     f"{tuple(prepared.keys.shape)}")
   edges = _stage_edges(stages, d)
   blocks = edges if blocks is None else _stage_edges(blocks, d)
   if not set(edges) <= set(blocks):
     raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges}")
   if prepared.block_norms.shape[-1] != len(blocks):
     raise ValueError(f"prepared.block_norms has {prepared.block_norms.shape[-1]} blocks, blocks= has {len(blocks)}")
-  search_fraction = float(search_fraction)
-  if not 0.0 < search_fraction <= 1.0:
+  search_fraction = checks.pos_float("search_fraction", search_fraction)
+  if not search_fraction <= 1.0:
     raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
-  try:
-    scale = float(scale)
-  except TypeError:
-    raise ValueError(f"scale must be a finite nonzero number, got {scale!r}") from None
-  if not np.isfinite(scale) or scale == 0.0:
-    raise ValueError(f"scale must be a finite nonzero number, got {scale!r}")
+  scale = checks.pos_float("scale", scale)
+  q_rot = _core.as_float(q_rot)
   N = prepared.keys.shape[-2]
   lshape = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2]) + (q_rot.shape[-2], N)
   checks.valid(valid, lshape)
@@ -362,6 +426,6 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
   if not checks.is_traced(q_rot, *prepared):
     for name, x in (("q_rot", q_rot), ("prepared.keys", prepared.keys), ("prepared.block_norms",
                                                                           prepared.block_norms)):
-      if not np.isfinite(np.asarray(x)).all():
+      if not np.isfinite(np.asarray(x, np.float32)).all():
         raise ValueError(f"{name} must be finite")
   return _progressive(q_rot, prepared, v, epsilon, scale, search_fraction, tuple(edges), tuple(blocks))

@@ -23,7 +23,9 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax import checks
-from asoftmax.topk import tail as tail_lib
+from asoftmax.topk import _core
+
+__all__ = ["Cells", "SearchResult", "cell_upper_bounds", "chunk_cells", "kmeans_cells", "mc_search"]
 
 
 class Cells(NamedTuple):
@@ -74,20 +76,19 @@ def _kmeans_one(keys, valid, rng, num_cells, iters):
   return _finish_cells(keys, valid, assign, num_cells)
 
 
+def _check_keys(keys, valid, num_cells) -> int:
+  """keys (..., N, d) finite floating, valid (..., N) bool with a valid key per head, 1 <= num_cells <= N."""
+  checks.floating_array("keys", keys)
+  if keys.ndim < 2:
+    raise ValueError(f"keys must have shape (..., N, d), got {tuple(keys.shape)}")
+  checks.valid(valid, keys.shape[:-1], against="keys[..., 0]")
+  if valid is None:
+    raise ValueError("valid must be a bool array of shape (..., N), got None")
+  return checks.int_in_range("num_cells", num_cells, 1, keys.shape[-2])
+
+
 @functools.partial(jax.jit, static_argnames=("num_cells", "iters"))
-def kmeans_cells(keys: ArrayLike, valid: ArrayLike, rng: jax.Array, num_cells: int, iters: int = 10) -> Cells:
-  """k-means cells over the keys of one or many heads (Lloyd's algorithm, `iters` rounds, `lax.fori_loop`).
-
-  Args:
-    keys: (..., N, d) float key vectors. valid: (..., N) bool. rng: a PRNG key (split over leading dims).
-    num_cells: M, the number of cells (e.g. ceil(sqrt(N))). Requires M <= number of valid keys per head.
-    iters: Lloyd iterations.
-
-  Returns:
-    `Cells` with leading dims of `keys`.
-  """
-  keys = jnp.asarray(keys)
-  valid = jnp.broadcast_to(jnp.asarray(valid), keys.shape[:-1])
+def _kmeans_cells(keys, valid, rng, num_cells, iters):
   lead = keys.shape[:-2]
   flat_k = keys.reshape((-1,) + keys.shape[-2:])
   flat_v = valid.reshape((-1, keys.shape[-2]))
@@ -96,19 +97,35 @@ def kmeans_cells(keys: ArrayLike, valid: ArrayLike, rng: jax.Array, num_cells: i
   return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), out)
 
 
-@functools.partial(jax.jit, static_argnames=("num_cells",))
-def chunk_cells(keys: ArrayLike, valid: ArrayLike, num_cells: int) -> Cells:
-  """Contiguous chunks of ceil(N / M) keys as cells (positions 0..c-1, c..2c-1, ...).
+def kmeans_cells(keys: ArrayLike, valid: ArrayLike, rng: jax.Array, num_cells: int, iters: int = 10) -> Cells:
+  """k-means cells over the keys of one or many heads (Lloyd's algorithm, `iters` rounds, `lax.fori_loop`).
 
   Args:
-    keys: (..., N, d) float; valid: (..., N) bool; num_cells: M.
+    keys: (..., N, d) float key vectors (bfloat16 / float16 computed in float32). valid: (..., N) bool.
+    rng: a PRNG key (split over leading dims).
+    num_cells: M, the number of cells (e.g. ceil(sqrt(N))), 1 <= M <= N. With fewer than M valid keys in a head
+      the extra cells stay empty.
+    iters: Lloyd iterations, >= 1.
 
   Returns:
     `Cells` with leading dims of `keys`.
+
+  Example:
+    >>> K = jnp.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+    >>> c = kmeans_cells(K, jnp.ones(4, bool), jax.random.key(0), 2, iters=3)
+    >>> sorted(c.sizes.tolist())
+    [2, 2]
   """
-  keys = jnp.asarray(keys)
-  N = keys.shape[-2]
+  num_cells = _check_keys(keys, valid, num_cells)
+  iters = checks.pos_int("iters", iters)
+  keys = _core.as_float(keys)
   valid = jnp.broadcast_to(jnp.asarray(valid), keys.shape[:-1])
+  return _kmeans_cells(keys, valid, rng, num_cells, iters)
+
+
+@functools.partial(jax.jit, static_argnames=("num_cells",))
+def _chunk_cells(keys, valid, num_cells):
+  N = keys.shape[-2]
   c = -(-N // num_cells)
   assign = jnp.arange(N) // c
   f = lambda k, v: _finish_cells(k, v, assign, num_cells)
@@ -117,8 +134,26 @@ def chunk_cells(keys: ArrayLike, valid: ArrayLike, num_cells: int) -> Cells:
   return f(keys, valid)
 
 
-@jax.jit
-def cell_upper_bounds(queries: ArrayLike, cells: Cells, scale: ArrayLike) -> jax.Array:
+def chunk_cells(keys: ArrayLike, valid: ArrayLike, num_cells: int) -> Cells:
+  """Contiguous chunks of ceil(N / M) keys as cells (positions 0..c-1, c..2c-1, ...).
+
+  Args:
+    keys: (..., N, d) float (bfloat16 / float16 computed in float32); valid: (..., N) bool; num_cells: M in [1, N].
+
+  Returns:
+    `Cells` with leading dims of `keys`.
+
+  Example:
+    >>> c = chunk_cells(jnp.arange(8.0).reshape(4, 2), jnp.ones(4, bool), 2)
+    >>> c.cell_of_key, c.sizes
+    (Array([0, 0, 1, 1], dtype=int32), Array([2, 2], dtype=int32))
+  """
+  num_cells = _check_keys(keys, valid, num_cells)
+  keys = _core.as_float(keys)
+  return _chunk_cells(keys, jnp.broadcast_to(jnp.asarray(valid), keys.shape[:-1]), num_cells)
+
+
+def cell_upper_bounds(queries: ArrayLike, cells: Cells, scale: float) -> jax.Array:
   r"""$U_j(q) = (q \cdot c_j + \|q\| r_j)\cdot \mathrm{scale}$, an upper bound on every logit in cell $j$.
 
   Args:
@@ -127,9 +162,24 @@ def cell_upper_bounds(queries: ArrayLike, cells: Cells, scale: ArrayLike) -> jax
   Returns:
     (..., Q, M) float; $-\infty$ for empty cells. Each entry includes a float32 rounding guard
     $2(d+4)u\,\|q\|(\|c_j\| + r_j)\,|\mathrm{scale}|$, so it bounds logits computed in float32 as
-    $\mathrm{fl}(q\cdot k)\cdot\mathrm{scale}$ even when keys sit far from the origin.
+    $\mathrm{fl}(q\cdot k)\cdot\mathrm{scale}$ even when keys sit far from the origin. Under `jax.jit` a
+    query with a NaN or infinite entry, or a traced scale <= 0, gives NaN bounds.
+
+  Example:
+    >>> cells = chunk_cells(jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.ones(2, bool), 2)
+    >>> cell_upper_bounds(jnp.array([[2.0, 0.0]]), cells, 0.5).round(4)  # logits 1 and 0 (+ a rounding guard)
+    Array([[1., 0.]], dtype=float32)
   """
-  q = jnp.asarray(queries)
+  checks.floating_array("queries", queries)
+  d = cells.centres.shape[-1]
+  if queries.ndim < 2 or queries.shape[-1] != d:
+    raise ValueError(f"queries must have shape (..., Q, {d}) (d from cells.centres), got {tuple(queries.shape)}")
+  scale = _core.check_scale(scale)
+  return _cell_upper_bounds(_core.as_float(queries), cells, scale)
+
+
+@jax.jit
+def _cell_upper_bounds(q, cells, scale):
   qn = jnp.linalg.norm(q, axis=-1)[..., None]
   cn = jnp.linalg.norm(cells.centres, axis=-1)[..., None, :]
   u = (jnp.einsum("...qd,...md->...qm", q, cells.centres, precision="highest")
@@ -138,7 +188,8 @@ def cell_upper_bounds(queries: ArrayLike, cells: Cells, scale: ArrayLike) -> jax
   # ~d u |q| |x|, both in q.c here and in the caller's q.k (|k| <= |c| + r); 2 (d + 4) u |q| (|c| + r) covers both.
   d = q.shape[-1]
   guard = 2.0 * (d + 4) * (jnp.finfo(u.dtype).eps / 2) * qn * (cn + cells.radii[..., None, :]) * jnp.abs(scale)
-  return jnp.where(cells.sizes[..., None, :] > 0, u + guard, -jnp.inf)
+  ok = jnp.all(jnp.isfinite(q), -1, keepdims=True) & (scale > 0)
+  return jnp.where(ok, jnp.where(cells.sizes[..., None, :] > 0, u + guard, -jnp.inf), jnp.nan)
 
 
 class SearchResult(NamedTuple):
@@ -166,7 +217,7 @@ class SearchResult(NamedTuple):
 
 def _mc_search_impl(logits, valid, upper, cell_of_key, sizes, epsilon) -> SearchResult:
   M = upper.shape[-1]
-  v = jnp.broadcast_to(tail_lib._effective_valid(logits, valid), logits.shape)
+  v = _core.effective_valid(logits, valid) & ~jnp.isnan(logits)
   s = jnp.where(v, logits, -jnp.inf)
   log_z = jax.nn.logsumexp(s, -1)
   memb = jax.nn.one_hot(cell_of_key, M, dtype=s.dtype)  # (..., N, M), shared by the queries of a head
@@ -180,17 +231,17 @@ def _mc_search_impl(logits, valid, upper, cell_of_key, sizes, epsilon) -> Search
   ns = jnp.take_along_axis(sizes_b, order, -1)
   log_ub = jnp.where(ns > 0, jnp.log(jnp.maximum(ns, 1).astype(s.dtype)) + jnp.where(ns > 0, us, 0.0), -jnp.inf)
   log_s = jax.lax.cumlogsumexp(ls, axis=ls.ndim - 1)  # scored mass after opening r = 1..M cells
-  incl = tail_lib.rcumlogsumexp(log_ub)
+  incl = _core.rcumlogsumexp(log_ub)
   log_r = jnp.concatenate([incl[..., 1:], jnp.full_like(incl[..., :1], -jnp.inf)], -1)
-  tau_hat = jax.nn.sigmoid(log_r - log_s)  # R / (S + R)
+  tail_hat = jax.nn.sigmoid(log_r - log_s)  # R / (S + R)
   # Stop at epsilon / (1 + m)^2 (m = tail.rounding_margin): float32 rounding of the sums cannot then push the
   # realised TV above epsilon when the certificate is tight (R ~ 0).
-  mrg = tail_lib.rounding_margin(logits.shape[-1], s.dtype)
+  mrg = _core.rounding_margin(logits.shape[-1], s.dtype)
   eps_stop = epsilon / (1.0 + mrg) ** 2
-  r_star = (1 + jnp.argmax(tau_hat <= eps_stop, -1)).astype(jnp.int32)
+  r_star = (1 + jnp.argmax(tail_hat <= eps_stop, -1)).astype(jnp.int32)
   at = lambda x: jnp.take_along_axis(x, (r_star - 1)[..., None], -1)[..., 0]
   keys_scored = at(jnp.cumsum(ns, -1))
-  cert = at(tau_hat)
+  cert = at(tail_hat)
   log_r_star, log_s_star = at(log_r), at(log_s)
   # Which keys were scored: their cell's position in the opening order is < r_star.
   pos = jnp.argsort(order, -1)  # (..., Q, M) position of each cell
@@ -201,7 +252,7 @@ def _mc_search_impl(logits, valid, upper, cell_of_key, sizes, epsilon) -> Search
   tv = jnp.exp(jnp.minimum(log_unscored - log_z, 0.0))
   # Pruned head: top-k scored keys; certificate (known scored tail + R) / (S + R).
   ssc = -jnp.sort(-jnp.where(scored, s, -jnp.inf), -1)
-  t_incl = tail_lib.rcumlogsumexp(ssc)
+  t_incl = _core.rcumlogsumexp(ssc)
   log_tk = jnp.concatenate([t_incl[..., 1:], jnp.full_like(t_incl[..., :1], -jnp.inf)], -1)
   log_tot = jnp.logaddexp(log_s_star, log_r_star)
   cert_k = jnp.exp(jnp.minimum(jnp.logaddexp(log_tk, log_r_star[..., None]) - log_tot[..., None], 0.0))
@@ -213,9 +264,13 @@ def _mc_search_impl(logits, valid, upper, cell_of_key, sizes, epsilon) -> Search
   u_key = jnp.take_along_axis(upper, jnp.broadcast_to(jnp.expand_dims(jnp.minimum(cell_of_key, M - 1), -2),
                                                       s.shape), -1)
   bound_ok = jnp.all(~v | (s <= u_key), -1)
+  # Validity flag (values unseen under jit): NaN / +inf logits, no valid key, or epsilon outside (0, 1).
+  ok = ~_core.bad_rows(logits, valid) & _core.eps_ok(epsilon)
+  bound_ok = bound_ok & ok
   nan = jnp.asarray(jnp.nan, cert.dtype)
-  return SearchResult(r_star, keys_scored.astype(jnp.int32), centroid_evals, jnp.where(bound_ok, cert, nan), tv,
-                      k_pruned, jnp.where(bound_ok, atk(cert_k), nan), tv_pruned)
+  return SearchResult(r_star, keys_scored.astype(jnp.int32), centroid_evals, jnp.where(bound_ok, cert, nan),
+                      jnp.where(ok, tv, nan), k_pruned, jnp.where(bound_ok, atk(cert_k), nan),
+                      jnp.where(ok, tv_pruned, nan))
 
 
 _mc_search = jax.jit(_mc_search_impl)
@@ -234,23 +289,29 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
 
   Returns:
     `SearchResult`; on termination $\mathrm{TV}(P, \hat P) \le$ certificate $\le \epsilon/(1+m)^2$
-    (Theorem 7.2; $m$ = `tail.rounding_margin(N)` absorbs float32 rounding). Under `jax.jit`, a query whose
-    `upper` fails to bound some logit of its cell gets certificate (and certificate_pruned) NaN.
+    (Theorem 7.2; $m$, the rounding margin of `certified_k`, absorbs float32 rounding). Under `jax.jit`, a query
+    whose `upper` fails to bound some logit of its cell gets certificate (and certificate_pruned) NaN; a query with
+    a NaN or +inf logit or no valid key, and every query when a traced epsilon is outside (0, 1), also gets tv and
+    tv_pruned NaN.
 
   Raises:
     ValueError: bad epsilon / shapes, a row with no valid key, or (concrete inputs) an `upper` entry below a valid
       logit of its cell: such an `upper` would make the certificate meaningless.
   """
   checks.epsilon(epsilon)
-  checks.logits(logits)
-  checks.valid(valid, logits.shape)
+  _core.check_logits(logits, valid)
+  if logits.ndim < 2:
+    raise ValueError(f"logits must have shape (..., Q, N), got {tuple(logits.shape)}")
+  checks.floating_array("upper", upper, finite=False)
   if tuple(upper.shape[:-1]) != tuple(logits.shape[:-1]) or upper.shape[-1] != cells.sizes.shape[-1]:
-    raise ValueError(f"upper must have shape {tuple(logits.shape[:-1]) + (cells.sizes.shape[-1],)}, "
-                     f"got {tuple(upper.shape)}")
+    raise ValueError(f"upper must have shape {tuple(logits.shape[:-1]) + (cells.sizes.shape[-1],)} (logits' rows "
+                     f"x cells), got {tuple(upper.shape)}")
+  if not checks.is_traced(upper) and np.isnan(np.asarray(upper, np.float32)).any():
+    raise ValueError("upper contains NaN")
   if tuple(cells.cell_of_key.shape) != tuple(logits.shape[:-2]) + (logits.shape[-1],):
-    raise ValueError(f"cells.cell_of_key must have shape {tuple(logits.shape[:-2]) + (logits.shape[-1],)}, "
-                     f"got {tuple(cells.cell_of_key.shape)}")
-  tail_lib._check_rows_nonempty(logits, valid)
+    raise ValueError(f"cells.cell_of_key has shape {tuple(cells.cell_of_key.shape)} but logits of shape "
+                     f"{tuple(logits.shape)} need {tuple(logits.shape[:-2]) + (logits.shape[-1],)}")
+  logits, upper = _core.as_float(logits), _core.as_float(upper)
   v = jnp.ones(logits.shape, bool) if valid is None else jnp.asarray(valid)
   if not checks.is_traced(logits, upper, v, cells.cell_of_key):
     s = np.asarray(logits)
@@ -263,4 +324,4 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
       i = np.argwhere(bad)[0]
       raise ValueError(f"upper does not bound the logits of its cell: logit {s[tuple(i)]!r} > upper "
                        f"{u_key[tuple(i)]!r} at index {tuple(int(j) for j in i)} (use cell_upper_bounds)")
-  return _mc_search(jnp.asarray(logits), v, jnp.asarray(upper), cells.cell_of_key, cells.sizes, epsilon)
+  return _mc_search(logits, v, upper, cells.cell_of_key, cells.sizes, epsilon)

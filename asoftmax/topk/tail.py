@@ -2,7 +2,7 @@ r"""Tail mass and the divergences it determines (Tzachristas et al., arXiv:2512.
 
 For one row of logits $s_1..s_n$ (masked keys excluded) with $P = \mathrm{softmax}(s)$, keeping the $k$ largest
 logits (head $H_k$) and renormalising gives $\hat P$. Everything here is a function of the tail mass
-$\tau_k = \sum_{i \notin H_k} P_i$:
+$\tau_k = \sum_{i \notin H_k} P_i$ (in code always `tail_mass`; `tau` is the rff inverse temperature):
 
 * $\mathrm{TV}(P, \hat P) = \tau_k$ (Lemma 4.1);
 * $\mathrm{KL}(\hat P \| P) = -\log(1 - \tau_k)$, so $\mathrm{TV} = 1 - e^{-\mathrm{KL}}$ (Theorem 4.3);
@@ -14,94 +14,55 @@ for $\epsilon$ down to $10^{-3}$ and below.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax import checks
+from asoftmax.topk import _core
+from asoftmax.topk._core import SortedRows
+
+__all__ = ["Divergences", "SortedRows", "divergences", "sort_rows", "tail_mass", "truncated_divergences",
+           "tv_from_kl"]
 
 
-class SortedRows(NamedTuple):
-  r"""Logits sorted in descending order with masked keys last.
+def _valid(valid):
+  return None if valid is None else jnp.asarray(valid)
 
-  Attributes:
-    s: (..., N) float, sorted logits $s_{(1)} \ge \dots \ge s_{(N)}$; masked keys are $-\infty$ at the end.
-    order: (..., N) int32, `s = take_along_axis(logits, order, -1)`.
-    n: (...,) int32, number of valid keys per row.
-    log_z: (...,) float, $\log Z = \mathrm{logsumexp}(s)$.
+
+@jax.jit
+def _sort_rows(logits, valid):
+  r = _core.sort_rows(logits, valid)
+  return r._replace(log_z=_core.flag(_core.bad_rows(logits, valid), r.log_z))
+
+
+def sort_rows(logits: ArrayLike, valid: ArrayLike | None = None) -> SortedRows:
+  r"""Sorts each row of logits in descending order, masked keys last.
+
+  Args:
+    logits: (..., N) float logits; $-\infty$ marks a masked key.
+    valid: optional bool mask broadcastable to `logits`.
+
+  Returns:
+    `SortedRows(s, order, n, log_z)`. Under `jax.jit` a row with a NaN or +inf logit, or no valid key, gets
+    `log_z` NaN (outside jit such input raises `ValueError`).
+
+  Example:
+    >>> r = sort_rows(jnp.array([[0.0, 2.0, 1.0]]))
+    >>> r.s, r.order
+    (Array([[2., 1., 0.]], dtype=float32), Array([[1, 2, 0]], dtype=int32))
   """
-
-  s: jax.Array
-  order: jax.Array
-  n: jax.Array
-  log_z: jax.Array
-
-
-def _effective_valid(logits: jax.Array, valid: jax.Array | None) -> jax.Array:
-  v = logits > -jnp.inf
-  if valid is not None:
-    v = v & valid
-  return v
-
-
-def rcumlogsumexp(x: jax.Array) -> jax.Array:
-  r"""Reverse cumulative log-sum-exp along the last axis: out[..., j] = log sum_{i >= j} exp(x[..., i])."""
-  return jnp.flip(jax.lax.cumlogsumexp(jnp.flip(x, -1), axis=x.ndim - 1), -1)
-
-
-def _sort_rows(logits, valid) -> SortedRows:
-  logits = jnp.asarray(logits)
-  v = _effective_valid(logits, None if valid is None else jnp.asarray(valid))
-  v = jnp.broadcast_to(v, logits.shape)
-  s = jnp.where(v, logits, -jnp.inf)
-  order = jnp.argsort(-s, axis=-1, stable=True).astype(jnp.int32)
-  ss = jnp.take_along_axis(s, order, -1)
-  n = jnp.sum(v, -1).astype(jnp.int32)
-  return SortedRows(ss, order, n, jax.nn.logsumexp(ss, -1))
-
-
-sort_rows = jax.jit(_sort_rows)
-
-
-def shift_by_max(ss: jax.Array) -> jax.Array:
-  """Sorted rows minus their first (largest) entry, so exp/log-sum-exp run at O(1) magnitudes; -inf stays -inf.
-
-  A common offset of 1e4 leaves float32 log-sums with absolute errors of ~1e-3 nats (a relative error of 1e-3 on
-  the tail mass); after the shift the errors are ~1e-7 nats. Rows with no finite entry are left at -inf.
-  """
-  top = ss[..., :1]
-  return ss - jnp.where(jnp.isfinite(top), top, 0.0)
-
-
-def rounding_margin(num_keys: int, dtype=jnp.float32) -> float:
-  r"""Relative safety margin $m$ for comparing a float tail mass (or a bound on it) with $\epsilon$.
-
-  A computed tail mass $\tilde\tau$ of a row of `num_keys` shifted logits satisfies
-  $|\tilde\tau - \tau| \le m\,\tau$ with $m = 64\,u\,\lceil\log_2 N + 1\rceil$ ($u$ = unit roundoff; a
-  log-sum-exp scan of depth $O(\log N)$ over values of magnitude $O(\log N + |\log\epsilon|)$); measured errors
-  are 10-100x smaller (tests/test_topk_library.py). Stopping rules compare with $\epsilon/(1+m)$ so that the true
-  tail mass of the chosen head is $\le \epsilon$.
-  """
-  u = float(jnp.finfo(dtype).eps) / 2
-  return 64.0 * u * (math.ceil(math.log2(max(int(num_keys), 2))) + 1)
-
-
-def _log_tail(logits, valid):
-  r = _sort_rows(logits, valid)
-  ss = shift_by_max(r.s)
-  # log tau_k for k = 1..N: log sum_{j > k} exp(s_(j)) - log Z, on logits shifted by the row max.
-  incl = rcumlogsumexp(ss)  # log sum_{j >= k}
-  log_t = jnp.concatenate([incl[..., 1:], jnp.full_like(incl[..., :1], -jnp.inf)], -1) - incl[..., :1]
-  return jnp.minimum(log_t, 0.0), r
+  _core.check_logits(logits, valid)
+  return _sort_rows(_core.as_float(logits), _valid(valid))
 
 
 @jax.jit
 def _tail_mass(logits, valid):
-  log_t, _ = _log_tail(logits, valid)
-  return jnp.exp(log_t)
+  log_t, _ = _core.log_tail(logits, valid)
+  return _core.flag(_core.bad_rows(logits, valid), jnp.exp(log_t))
 
 
 def tail_mass(logits: ArrayLike, valid: ArrayLike | None = None) -> jax.Array:
@@ -112,34 +73,26 @@ def tail_mass(logits: ArrayLike, valid: ArrayLike | None = None) -> jax.Array:
 
   Args:
     logits: (..., N) float logits (already scaled, e.g. $q \cdot k / \sqrt{d_h}$); $-\infty$ marks a masked key.
+      bfloat16 / float16 are computed in float32.
     valid: optional bool mask broadcastable to `logits`; False keys are excluded (as if $-\infty$).
 
   Returns:
-    (..., N) float array; entry `k - 1` is $\tau_k$.
+    (..., N) float array; entry `k - 1` is $\tau_k$. Under `jax.jit` a row with a NaN or +inf logit, or no valid
+    key, is NaN (outside jit such input raises `ValueError`).
 
   Example:
-    >>> tail_mass(jnp.log(jnp.array([0.5, 0.3, 0.2])))  # [0.5, 0.2, 0.0]
+    >>> np.asarray(tail_mass(jnp.log(jnp.array([0.5, 0.3, 0.2]))), float).round(4)
+    array([0.5, 0.2, 0. ])
   """
-  checks.logits(logits)
-  checks.valid(valid, logits.shape)
-  _check_rows_nonempty(logits, valid)
-  return _tail_mass(jnp.asarray(logits), None if valid is None else jnp.asarray(valid))
-
-
-def _check_rows_nonempty(logits, valid):
-  if checks.is_traced(logits, valid):
-    return
-  import numpy as np
-
-  v = np.asarray(logits) > -np.inf
-  if valid is not None:
-    v = v & np.asarray(valid)
-  if not v.any(axis=-1).all():
-    raise ValueError("valid/logits: a row has no valid key (all masked or -inf)")
+  _core.check_logits(logits, valid)
+  return _tail_mass(_core.as_float(logits), _valid(valid))
 
 
 class Divergences(NamedTuple):
-  """Closed forms in the tail mass tau (spec Sec. 2). All arrays have tau's shape."""
+  """TV, KL, chi^2 and squared Hellinger distance between P and its top-k truncation P_hat (spec Sec. 2).
+
+  All arrays have the shape of the tail mass they were computed from (one entry per row).
+  """
 
   tv: jax.Array
   kl: jax.Array
@@ -148,45 +101,73 @@ class Divergences(NamedTuple):
 
 
 @jax.jit
-def divergences(tau: ArrayLike) -> Divergences:
-  r"""TV, KL, $\chi^2$ and squared Hellinger between $P$ and its top-$k$ truncation $\hat P$, from $\tau$.
+def _divergences(t):
+  bad = ~((t >= 0) & (t < 1))  # NaN included
+  d = Divergences(t, -jnp.log1p(-t), t / (1.0 - t), 1.0 - jnp.sqrt(1.0 - t))
+  return Divergences(*(_core.flag(bad, x) for x in d))
+
+
+def divergences(tail_mass: ArrayLike) -> Divergences:
+  r"""TV, KL, $\chi^2$ and squared Hellinger between $P$ and its top-$k$ truncation $\hat P$, from the tail mass.
 
   $\mathrm{TV} = \tau$, $\mathrm{KL}(\hat P\|P) = -\log(1-\tau)$, $\chi^2(\hat P\|P) = \tau/(1-\tau)$,
-  $H^2 = 1 - \sqrt{1-\tau}$ (paper Lemma 4.1, Theorem 4.3; spec Sec. 2).
+  $H^2 = 1 - \sqrt{1-\tau}$ with $\tau$ = `tail_mass` (paper Lemma 4.1, Theorem 4.3; spec Sec. 2).
 
   Args:
-    tau: float array of tail masses in [0, 1).
+    tail_mass: float array (any shape) of tail masses $\tau \in [0, 1)$, e.g. from `tail_mass`.
 
   Returns:
-    `Divergences(tv, kl, chi2, hellinger2)`.
+    `Divergences(tv, kl, chi2, hellinger2)`, each of `tail_mass`'s shape. Under `jax.jit` an entry outside [0, 1)
+    or NaN gives NaN (outside jit it raises `ValueError`).
+
+  Example:
+    >>> d = divergences(jnp.array([0.2, 0.5]))
+    >>> np.asarray(d.kl, float).round(4), np.asarray(d.chi2, float).round(4)  # -log(1 - tau), tau / (1 - tau)
+    (array([0.2231, 0.6931]), array([0.25, 1.  ]))
   """
-  tau = jnp.asarray(tau)
-  return Divergences(tau, -jnp.log1p(-tau), tau / (1.0 - tau), 1.0 - jnp.sqrt(1.0 - tau))
+  tail_mass = _core.as_float_array("tail_mass", tail_mass)
+  checks.floating_array("tail_mass", tail_mass)
+  if not checks.is_traced(tail_mass):
+    t = np.asarray(tail_mass, np.float32)
+    if not ((t >= 0) & (t < 1)).all():
+      raise ValueError(f"tail_mass must be in [0, 1), got values in [{float(t.min())}, {float(t.max())}]")
+  return _divergences(_core.as_float(tail_mass))
 
 
 @jax.jit
+def _tv_from_kl(kl):
+  return jnp.where(kl >= 0, -jnp.expm1(-kl), jnp.nan)
+
+
 def tv_from_kl(kl: ArrayLike) -> jax.Array:
-  r"""$\mathrm{TV} = 1 - e^{-\mathrm{KL}(\hat P\|P)}$ (Theorem 4.3), computed as `-expm1(-kl)`."""
-  return -jnp.expm1(-jnp.asarray(kl))
+  r"""$\mathrm{TV} = 1 - e^{-\mathrm{KL}(\hat P\|P)}$ (Theorem 4.3), computed as `-expm1(-kl)`.
+
+  Args:
+    kl: float array (any shape) of KL divergences $\ge 0$; $+\infty$ gives TV = 1.
+
+  Returns:
+    TV, `kl`'s shape. Under `jax.jit` a negative or NaN entry gives NaN (outside jit it raises `ValueError`).
+
+  Example:
+    >>> tv_from_kl(jnp.array([0.0, jnp.log(2.0), jnp.inf]))
+    Array([0. , 0.5, 1. ], dtype=float32)
+  """
+  kl = _core.as_float_array("kl", kl)
+  checks.floating_array("kl", kl, finite=False)
+  if not checks.is_traced(kl):
+    a = np.asarray(kl, np.float32)
+    if (np.isnan(a) | (a < 0)).any():
+      raise ValueError("kl must be >= 0 (NaN and negative entries are not divergences)")
+  return _tv_from_kl(_core.as_float(kl))
 
 
 @jax.jit
-def truncated_divergences(logits: ArrayLike, valid: ArrayLike, k: ArrayLike) -> dict:
-  """TV, KL, chi^2, Hellinger^2 computed directly from P and P_hat (no closed form), for checking the identities.
-
-  Args:
-    logits: (..., N) float; valid: bool broadcastable; k: (...,) int, head size per row (1 <= k <= n).
-
-  Returns:
-    dict of (...,) arrays: tv = 1/2 sum |P - P_hat|, kl = sum P_hat log(P_hat / P), chi2 = sum P_hat^2 / P - 1,
-    hellinger2 = 1 - sum sqrt(P P_hat).
-  """
-  logits = jnp.asarray(logits)
-  v = jnp.broadcast_to(_effective_valid(logits, jnp.asarray(valid)), logits.shape)
+def _truncated_divergences(logits, valid, k):
+  r = _core.sort_rows(logits, valid)
+  v = _core.effective_valid(logits, valid) & ~jnp.isnan(logits)
   s = jnp.where(v, logits, -jnp.inf)
-  r = _sort_rows(logits, valid)
   rank = jnp.argsort(r.order, -1)
-  head = (rank < jnp.asarray(k)[..., None]) & v
+  head = (rank < k[..., None]) & v
   logp = s - r.log_z[..., None]
   p = jnp.exp(logp)
   log_zh = jax.nn.logsumexp(jnp.where(head, s, -jnp.inf), -1)
@@ -196,4 +177,29 @@ def truncated_divergences(logits: ArrayLike, valid: ArrayLike, k: ArrayLike) -> 
   kl = jnp.sum(jnp.where(head, ph * (logph - logp), 0.0), -1)
   chi2 = jnp.sum(jnp.where(head, ph * jnp.exp(logph - logp), 0.0), -1) - 1.0
   hel = 1.0 - jnp.sum(jnp.where(head, jnp.exp(0.5 * (logp + logph)), 0.0), -1)
-  return dict(tv=tv, kl=kl, chi2=chi2, hellinger2=hel)
+  bad = _core.bad_rows(logits, valid) | (k < 1) | (k > logits.shape[-1])
+  return Divergences(*(jnp.where(bad, jnp.nan, x) for x in (tv, kl, chi2, hel)))
+
+
+def truncated_divergences(logits: ArrayLike, valid: ArrayLike | None, k: ArrayLike) -> Divergences:
+  r"""TV, KL, $\chi^2$, $H^2$ computed directly from $P$ and $\hat P$ (no closed form), to check the identities.
+
+  tv = $\frac12\sum|P - \hat P|$, kl = $\sum \hat P\log(\hat P/P)$, chi2 = $\sum \hat P^2/P - 1$,
+  hellinger2 = $1 - \sum\sqrt{P\hat P}$; `divergences(tail_mass)` gives the same numbers in closed form.
+
+  Args:
+    logits: (..., N) float logits ($-\infty$ = masked). valid: optional bool mask broadcastable to `logits`.
+    k: (...,) int head size per row, 1 <= k <= N (a k above the row's valid-key count n keeps all n keys).
+
+  Returns:
+    `Divergences`, each (...,). Under `jax.jit` a row with NaN / +inf logits, no valid key or k outside [1, N] is
+    NaN (outside jit such input raises `ValueError`).
+
+  Example:
+    >>> d = truncated_divergences(jnp.log(jnp.array([0.5, 0.3, 0.2])), None, jnp.array(2))
+    >>> round(float(d.tv), 4), round(float(d.kl), 4)  # tail mass 0.2: TV = 0.2, KL = -log(0.8)
+    (0.2, 0.2231)
+  """
+  _core.check_logits(logits, valid)
+  _core.check_k(k, tuple(logits.shape[:-1]), logits.shape[-1])
+  return _truncated_divergences(_core.as_float(logits), _valid(valid), jnp.asarray(k))

@@ -213,8 +213,8 @@ def _analyse(out, mask, n, config, rng, bar, bases=None):
       for eps in config.epsilons:
         ck = topk.certified_k(logits, kvalid, eps)
         for meth in topk.METHODS:
-          add((eps, meth, "k"), ck.k[meth], qv)
-          add((eps, meth, "tv"), ck.tv[meth], qv)
+          add((eps, meth, "k"), getattr(ck, meth).k, qv)
+          add((eps, meth, "tv"), getattr(ck, meth).tv, qv)
         for c in cells:
           r = topk.mc_search(logits, kvalid, uppers[c], cells[c], eps)
           add((eps, c, "keys_scored"), r.keys_scored, qv)
@@ -236,8 +236,8 @@ def _analyse(out, mask, n, config, rng, bar, bases=None):
           add((eps, "progressive", "keys_full"), pr.keys_full, qv)
           add((eps, "progressive", "partial_dims"), pr.partial_dims, qv)
           add((eps, "progressive", "certificate"), pr.certificate, qv)
-        e = topk.output_error(logits, kvalid, v, ck.k["exact"], with_diam=config.with_diam)
-        for f in ("err", "tau", "identity_residual", "b_norm", "b_diam", "b_var", "b_min"):
+        e = topk.output_error(logits, kvalid, v, ck.exact.k, with_diam=config.with_diam)
+        for f in ("err", "tail_mass", "identity_residual", "b_norm", "b_diam", "b_var", "b_min"):
           add((eps, "error", f), getattr(e, f), qv)
         add((eps, "gaussian"), topk.gaussian_prediction(logits, kvalid, eps), qv)
         bar.update(1)

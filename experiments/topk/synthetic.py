@@ -46,18 +46,18 @@ def run(config, workdir, rng):
     logits = jax.random.normal(jax.random.fold_in(rng, ci), (r, n)) * sigma
     for eps in config.epsilons:
       ck = topk.certified_k(logits, None, eps)
-      k = np.asarray(ck.k["exact"]) / n
+      k = np.asarray(ck.exact.k) / n
       pred = float(topk.predicted_keep_fraction(sigma, eps))
       row = {
           "sigma": float(sigma), "n": int(n), "epsilon": float(eps), "rows": int(r),
           "k_over_n": float(k.mean()), "k_over_n_std": float(k.std()),
           "predicted": pred, "diff": float(k.mean() - pred),
           "n_vs_exp_sigma2": float(n / np.exp(sigma**2)),
-          "tv_max": float(np.max(ck.tv["exact"])),
+          "tv_max": float(np.max(ck.exact.tv)),
       }
       for m in ("exact_head", "multi_gap", "single_gap"):
-        row[f"k_{m}_over_n"] = float(np.mean(np.asarray(ck.k[m]) / n))
-        row[f"tv_max_{m}"] = float(np.max(ck.tv[m]))
+        row[f"k_{m}_over_n"] = float(np.mean(np.asarray(getattr(ck, m).k) / n))
+        row[f"tv_max_{m}"] = float(np.max(getattr(ck, m).tv))
       rows.append(RULE.row(**row))
   notes = {
       "rule": "predicted k_eps/n = Phi_c(sigma + Phi^-1(eps)) (paper's asymptotic Gaussian rule; spec Sec. 5)",
