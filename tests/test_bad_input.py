@@ -280,8 +280,8 @@ register("topk.gaussian_tail_mass",
 register("topk.predicted_keep_fraction",
          build=lambda r: dict(sigma=np.abs(_logits(r, Q)) + 0.5, epsilon=np.float32(0.1)),
          kinds={"sigma": Arr(min_ndim=0, matched=False), "epsilon": Num("unit")}, jit=("sigma",))
-register("topk.divergences", build=lambda r: dict(tau=r.uniform(0.01, 0.5, size=(Q,)).astype(np.float32)),
-         kinds={"tau": Arr(min_ndim=0, matched=False)}, jit=("tau",))
+register("topk.divergences", build=lambda r: dict(tail_mass=r.uniform(0.01, 0.5, size=(Q,)).astype(np.float32)),
+         kinds={"tail_mass": Arr(min_ndim=0, matched=False)}, jit=("tail_mass",))
 register("topk.tv_from_kl", build=lambda r: dict(kl=r.uniform(0.01, 0.5, size=(Q,)).astype(np.float32)),
          kinds={"kl": Arr(min_ndim=0, matched=False, posinf=True)}, jit=("kl",))
 register("topk.truncated_divergences",
@@ -392,7 +392,9 @@ def _prog_build(r):
 
 register("topk.progressive_search", build=_prog_build,
          kinds={"q_rot": Arr(min_ndim=2), "epsilon": Num("unit"), "scale": Num("pos"),
-                "search_fraction": Num("unit")}, jit=("q_rot",))
+                "search_fraction": Num("unit")},
+         ok={"search_fraction": {"1"}},  # (0, 1]: 1 leaves the whole budget to the search, none to pruning
+         jit=("q_rot",))
 
 # ---- rff
 _H = Arr((2,))  # [B, d] unit queries
@@ -680,26 +682,12 @@ KNOWN_FAILING = {
     "adaptive.default_warmup", "adaptive.exact_logits_batched", "adaptive.gaussian_problem", "adaptive.make_config",
     "adaptive.planted_problem", "adaptive.softmax_topk", "adaptive.success_mask", "adaptive.toy_problem",
     "adaptive.tune_and_evaluate", "adaptive.tune_fudge",
-    # asoftmax/topk: helpers without argument checks (NaN / int / bool arrays, wrong sizes, scale <= 0, bad ids).
-    "topk.block_minmax", "topk.blockwise_bounds", "topk.cell_upper_bounds", "topk.certified_k",
-    "topk.certified_topk_attention", "topk.chunk_cells", "topk.divergences", "topk.fit_basis",
-    "topk.gaussian_prediction", "topk.gaussian_tail_mass", "topk.head_mask", "topk.kmeans_cells", "topk.mc_search",
-    "topk.output_error", "topk.predicted_keep_fraction", "topk.prepare_keys", "topk.progressive_search",
-    "topk.rotate_queries", "topk.row_sigma", "topk.sort_rows", "topk.tail_bounds", "topk.tail_mass",
-    "topk.topk_probs", "topk.truncated_divergences", "topk.tv_from_kl",
 }
 
 
-# Half precision rejected (topk): attention's keys/values ("must have a floating dtype, got bfloat16");
-# gaussian_tail_mass (jax's ndtri has no bfloat16/float16 kernel).
-KNOWN_FAILING_DTYPE = {"topk.certified_topk_attention", "topk.gaussian_tail_mass"}
-# NaN logits under jit are read as masked keys, or a traced epsilon outside (0, 1) is used as is: a finite,
-# unflagged result (topk).
-KNOWN_FAILING_JIT = {
-    "topk.certified_k", "topk.certified_topk_attention", "topk.gaussian_prediction", "topk.head_mask",
-    "topk.mc_search", "topk.output_error", "topk.row_sigma", "topk.sort_rows", "topk.tail_bounds", "topk.tail_mass",
-    "topk.topk_probs", "topk.truncated_divergences",
-}
+# Half precision rejected; NaN input under jit not flagged (none left: topk fixed both, issue 14).
+KNOWN_FAILING_DTYPE: set[str] = set()
+KNOWN_FAILING_JIT: set[str] = set()
 
 
 def _params(names, known=frozenset(), slow=False):
