@@ -218,3 +218,81 @@ def test_attention_ignores_garbage_in_masked_value_slots():
   o = topk.certified_topk_attention(q, K, V, mask, 0.05)
   np.testing.assert_allclose(np.asarray(o.out), np.asarray(ref.out), atol=1e-6)
   np.testing.assert_array_equal(np.asarray(o.k), np.asarray(ref.k))
+
+
+def _rows(seed=0, q=4, n=16):
+  return (np.random.default_rng(seed).normal(size=(q, n)) * 2).astype(np.float32)
+
+
+def test_nan_logits_under_jit_flag_their_row_only():
+  """A NaN logit in row 1, traced. Before: the NaN was read as a masked key and row 1 got a finite k and
+  certificate (and tail_mass a finite row). Now that row is flagged (k = 0, NaN) and the other rows are unchanged."""
+  s = _rows()
+  ref = topk.certified_k(s, None, 0.05)
+  bad = s.copy()
+  bad[1, 3] = np.nan
+  ck = jax.jit(lambda x: topk.certified_k(x, None, 0.05))(bad)
+  for m in topk.METHODS:
+    h, r = getattr(ck, m), getattr(ref, m)
+    assert int(h.k[1]) == 0 and np.isnan(float(h.certificate[1])) and np.isnan(float(h.tv[1])), m
+    np.testing.assert_array_equal(np.asarray(h.k)[[0, 2, 3]], np.asarray(r.k)[[0, 2, 3]])
+  t = np.asarray(jax.jit(topk.tail_mass)(bad))
+  assert np.isnan(t[1]).all()  # all NaN: XLA:CPU turns exp(where(p, nan, x)) into finite garbage, so flag last
+  np.testing.assert_allclose(t[[0, 2, 3]], np.asarray(topk.tail_mass(s))[[0, 2, 3]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [-0.5, 0.0, 1.0, float("nan")])
+def test_traced_epsilon_outside_unit_interval_is_flagged(eps):
+  """Before: certified_k(..., epsilon=-0.5) under jit certified k = 1 for every row; attention with epsilon = -1
+  returned k = 17 with 16 keys. Now every row has k = 0 and a NaN certificate."""
+  s = _rows()
+  ck = jax.jit(lambda e: topk.certified_k(s, None, e))(jnp.float32(eps))
+  assert (np.asarray(ck.exact.k) == 0).all() and np.isnan(np.asarray(ck.multi_gap.certificate)).all()
+  r = np.random.default_rng(1)
+  q, K, V = (r.normal(size=sh).astype(np.float32) for sh in ((3, 8), (16, 8), (16, 2)))
+  o = jax.jit(lambda e: topk.certified_topk_attention(q, K, V, None, e))(jnp.float32(eps))
+  assert (np.asarray(o.k) == 0).all() and np.isnan(np.asarray(o.certificate)).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_kv_cache_is_accepted_and_computed_in_float32(dtype):
+  """Before: "keys must have a floating dtype, got bfloat16" (float16 was already accepted). Now half-precision
+  keys/values give the result of the same (rounded) numbers in float32."""
+  r = np.random.default_rng(2)
+  q, K, V = (r.normal(size=sh).astype(np.float32) for sh in ((3, 8), (32, 8), (32, 4)))
+  Kh, Vh = jnp.asarray(K, dtype), jnp.asarray(V, dtype)
+  o = topk.certified_topk_attention(q, Kh, Vh, None, 0.05)
+  ref = topk.certified_topk_attention(q, np.asarray(Kh, np.float32), np.asarray(Vh, np.float32), None, 0.05)
+  assert o.out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(o.k), np.asarray(ref.k))
+  np.testing.assert_allclose(np.asarray(o.out), np.asarray(ref.out), rtol=1e-6, atol=1e-6)
+
+
+def test_results_are_typed_pytrees():
+  """CertifiedK and truncated_divergences returned dicts (issue 13); now NamedTuples that pass through jit."""
+  s = _rows()
+  ck = jax.jit(lambda x: topk.certified_k(x, None, 0.1, ("exact", "multi_gap")))(s)
+  assert isinstance(ck, topk.CertifiedK) and isinstance(ck.multi_gap, topk.CertifiedHead) and ck.single_gap is None
+  assert set(ck.k) == {"exact", "multi_gap"}  # read-only dict view for old callers
+  d = topk.truncated_divergences(s, None, np.asarray(ck.exact.k))
+  assert isinstance(d, topk.Divergences)
+  np.testing.assert_allclose(np.asarray(d.tv), np.asarray(ck.exact.tv), atol=2e-6)
+
+
+def test_bad_arguments_name_themselves():
+  """A few of the cases tests/test_bad_input.py enumerates, spelled out (each was accepted or unclear before)."""
+  s = _rows()
+  cases = [
+      (lambda: topk.head_mask(s, None, np.full(4, 17)), "k"),
+      (lambda: topk.output_error(s, None, np.full((16, 2), np.nan, np.float32), np.full(4, 2)), "values"),
+      (lambda: topk.chunk_cells(np.zeros((16, 4), np.float32), np.ones(16, bool), 0), "num_cells"),
+      (lambda: topk.cell_upper_bounds(np.zeros((2, 4), np.float32),
+                                      topk.chunk_cells(np.eye(4, dtype=np.float32), np.ones(4, bool), 2), -1.0),
+       "scale"),
+      (lambda: topk.blockwise_bounds(s, s - 1.0, np.ones((4, 16), np.int32), np.zeros((4, 16), bool)), "log_lower"),
+      (lambda: topk.gaussian_tail_mass(np.float32(1.5), np.float32(1.0)), "kept_fraction"),
+      (lambda: topk.tv_from_kl(np.float32(-0.1)), "kl"),
+  ]
+  for call, name in cases:
+    with pytest.raises(ValueError, match=name):
+      call()
