@@ -17,6 +17,7 @@ import numpy as np
 from asoftmax.data import eurosat
 from experiments import registry
 from experiments.adaptive import classification
+from experiments.adaptive import paper as paper_numbers
 
 
 def write_generated_folder(root: str, n_per_class: int, n_classes: int = 10, size: int = 64, seed: int = 0) -> str:
@@ -54,11 +55,26 @@ def run(config, workdir, rng) -> registry.Output:
   return registry.Output(rows=rows, notes=notes)
 
 
+def readme_row(res: dict):
+  """The shared classification README row, plus the classifier's test accuracy and the sparsity of x (each beside
+  the paper's VGG-19 figure where `paper.py` has one)."""
+  rows = classification.readme_row(res, "AdaptiveSoftmax Table 1, EuroSAT (k = 1)")
+  model, sp = res.get("notes", {}).get("model"), res.get("notes", {}).get("query_sparsity")
+  if not isinstance(model, dict) or "test_accuracy" not in model or not isinstance(sp, dict):
+    return rows
+  acc = paper_numbers.CLASSIFICATION["eurosat"].get("accuracy")
+  r = rows[0]
+  ours = (f"{r.ours}; {model.get('name', 'model')} test accuracy {100 * model['test_accuracy']:.1f} %, x: "
+          f"{sp['nnz_mean']:.0f} of d = {sp['d']} nonzero")
+  paper = r.paper + (f"; VGG-19 accuracy {100 * acc:.1f} %" if acc else "")
+  return [r._replace(ours=ours, paper=paper)]
+
+
 EXPERIMENT = registry.Experiment(
     name="adaptive_eurosat",
     run=run,
     tables=classification.TABLES,
-    readme=lambda res: classification.readme_row(res, "AdaptiveSoftmax Table 1, EuroSAT (k = 1)"),
+    readme=readme_row,
     plot=classification.plot_samples,
     title="AdaptiveSoftmax on a EuroSAT CNN's final layer (paper Table 1), epsilon = 0.3",
 )
