@@ -65,6 +65,7 @@ _MODULES = {
     "adaptive_llm": "experiments.adaptive.llm",
     "adaptive_mnist": "experiments.adaptive.mnist", "adaptive_eurosat": "experiments.adaptive.eurosat",
     "topk_synthetic": "experiments.topk.synthetic", "topk_bert": "experiments.topk.bert",
+    "topk_decoder": "experiments.topk.decoder",
 }
 
 

@@ -213,7 +213,7 @@ def rope_interleaved(x: jax.Array, positions: jax.Array, theta: float) -> jax.Ar
   return out.reshape(x.shape)
 
 
-def _block(h: jax.Array, layer: dict, cfg: LlamaConfig) -> jax.Array:
+def _block(h: jax.Array, layer: dict, cfg: LlamaConfig, attention=None):
   b, t, _ = h.shape
   H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
   a = rms_norm(h, layer["attn_norm"], cfg.norm_eps)
@@ -226,13 +226,17 @@ def _block(h: jax.Array, layer: dict, cfg: LlamaConfig) -> jax.Array:
   s = jnp.einsum("bqgrh,bkgh->bgrqk", q, k) / jnp.sqrt(jnp.float32(hd))
   mask = jnp.tril(jnp.ones((t, t), bool))
   s = jnp.where(mask, s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
+  if attention is None:
+    p, aux = jax.nn.softmax(s, axis=-1), ()
+  else:
+    p, aux = attention(s.reshape(b, H, t, t), mask)
+    p = p.reshape(s.shape)
   o = jnp.einsum("bgrqk,bkgh->bqgrh", p, v).reshape(b, t, H * hd)
   h = h + jnp.einsum("bti,oi->bto", o, layer["wo"])
   m = rms_norm(h, layer["ffn_norm"], cfg.norm_eps)
   g = jnp.einsum("btd,fd->btf", m, layer["w_gate"])
   u = jnp.einsum("btd,fd->btf", m, layer["w_up"])
-  return h + jnp.einsum("btf,df->btd", jax.nn.silu(g) * u, layer["w_down"])
+  return h + jnp.einsum("btf,df->btd", jax.nn.silu(g) * u, layer["w_down"]), aux
 
 
 def _check_tokens(params: LlamaParams, tokens) -> None:
@@ -251,10 +255,48 @@ def _hidden_states(params: LlamaParams, tokens: jax.Array) -> jax.Array:
   layers = {f: getattr(params, f) for f in _BLOCK_NAMES}
 
   def step(h, layer):
-    return _block(h, layer, cfg), None
+    return _block(h, layer, cfg)[0], None
 
   h, _ = jax.lax.scan(step, h, layers)
   return rms_norm(h, params.final_norm, cfg.norm_eps)
+
+
+@functools.partial(jax.jit, static_argnames=("attention",))
+def _hidden_states_with(params: LlamaParams, tokens: jax.Array, attention):
+  cfg = params.config
+  h = params.embed[tokens]
+  layers = {f: getattr(params, f) for f in _BLOCK_NAMES}
+  h, aux = jax.lax.scan(lambda h, layer: _block(h, layer, cfg, attention), h, layers)
+  return rms_norm(h, params.final_norm, cfg.norm_eps), aux
+
+
+def hidden_states_with_attention(params: LlamaParams, tokens: ArrayLike, attention):
+  r"""Final-norm hidden states with a replaced attention-probability function in every layer (jitted).
+
+  The hook for sparse / top-k attention: in every block the causal softmax is replaced by
+  `attention(logits, mask) -> (probs, aux)`, and `aux` is collected per layer (stacked by `lax.scan`), so a
+  caller can record, e.g., the head size each query kept, one layer at a time, without storing attention maps.
+
+  Args:
+    params: LlamaParams.
+    tokens: (b, t) int token ids.
+    attention: a hashable callable (a module-level function or a `functools.partial` kept alive by the caller:
+      it is a static jit argument, a new object recompiles). It receives `logits` (b, H, t, t) float32, the
+      scaled scores $q\cdot k/\sqrt{hd}$ with $-\infty$ above the diagonal, and `mask` (t, t) bool (causal),
+      and returns `probs` (b, H, t, t), rows summing to 1 over allowed keys, and `aux`, any pytree of arrays.
+
+  Returns:
+    (hidden, aux): (b, t, d) final-norm hidden states and `aux` with a leading layer axis L.
+
+  Example:
+    >>> f = lambda s, m: (jax.nn.softmax(s, -1), ())                            # doctest: +SKIP
+    >>> h, _ = hidden_states_with_attention(params, tokens, f)  # = hidden_states  # doctest: +SKIP
+  """
+  tokens = jnp.asarray(tokens)
+  _check_tokens(params, tokens)
+  if not callable(attention):
+    raise ValueError(f"attention must be callable (logits, mask) -> (probs, aux), got {attention!r}")
+  return _hidden_states_with(params, tokens, attention)
 
 
 def hidden_states(params: LlamaParams, tokens: ArrayLike) -> jax.Array:

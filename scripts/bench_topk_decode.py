@@ -1,0 +1,121 @@
+"""Wall-clock of certified top-k *decode* attention against dense attention, same process (issue 15 part 3).
+
+One query against an n-key cache, d_h = 64, n in {2048, ..., 32768}. Each method is one jitted function from the
+query (and the cache) to the attention output, timed as the median of `--repeats` (>= 5) calls after a compile
+call and a warm-up call:
+
+* dense: softmax(q K^T / sqrt(d)) V, jitted (the fastest honest exact path: two matrix-vector products);
+* sorted oracle: `topk.certified_topk_attention(..., "exact")` (sort, exact tail mass, masked head);
+* multi_gap: the same with the logit-only multi-gap certificate;
+* bisection oracle: `topk.decode.threshold_topk_probs` (the oracle head without sorting: 30 bisection passes);
+* progressive: `topk.progressive_search` (the library's certified search; basis fitted on a held-out draw of
+  the same head, keys prepared once as when they enter the cache) + attention over the certified head.
+
+Besides time, it prints the head size k/n (same for both oracles) and the progressive search's multiply-adds
+relative to dense scoring (n d) and its fraction of keys fully scored. Keys and values are synthetic (Gaussian with
+a decaying spectrum plus an offset, as a learned head's keys are far from isotropic; a temperature `--tau`
+sets how peaked attention is): SmolLM2's context is 8,192 tokens, so a real 32,768-key cache does not exist here.
+
+    JAX_PLATFORMS=cpu python scripts/bench_topk_decode.py                      # all n, eps = 0.01, 7 repeats
+    JAX_PLATFORMS=cpu python scripts/bench_topk_decode.py --ns 2048 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asoftmax import topk
+from asoftmax.topk import decode
+
+
+def _head(rng, n, d, tau):
+  spec = np.exp(-np.arange(d) / (d / 6))
+  A = rng.normal(size=(d, d)) * spec[None]
+  K = rng.normal(size=(n, d)) @ A.T + 0.5
+  V = rng.normal(size=(n, d))
+  q = (rng.normal(size=(1, d)) @ A.T) * tau
+  return K.astype(np.float32), V.astype(np.float32), q.astype(np.float32), A
+
+
+def _time(f, *args, repeats):
+  jax.block_until_ready(f(*args))  # compile
+  jax.block_until_ready(f(*args))  # warm-up
+  ts = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--ns", default="2048,4096,8192,16384,32768")
+  ap.add_argument("--d", type=int, default=64)
+  ap.add_argument("--epsilon", type=float, default=0.01)
+  ap.add_argument("--tau", type=float, default=0.25, help="query scale (smaller = flatter attention)")
+  ap.add_argument("--repeats", type=int, default=7)
+  ap.add_argument("--stages", default="16,64")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args()
+  if args.repeats < 5:
+    raise SystemExit("--repeats must be >= 5 (median of at least 5 timed runs)")
+  stages = tuple(int(s) for s in args.stages.split(","))
+  d, eps = args.d, args.epsilon
+  scale = d ** -0.5
+  dev = jax.devices()[0]
+  print(f"device: {dev.device_kind} ({jax.default_backend()}; {os.cpu_count()} CPUs visible, {platform.processor() or 'cpu'}), "
+        f"jax {jax.__version__}; no GPU in this task")
+  print(f"d_h = {d}, epsilon = {eps}, tau = {args.tau}, progressive stages {stages}, median of {args.repeats} "
+        "after compile + warm-up; times in ms")
+
+  dense = jax.jit(lambda q, K, V: jax.nn.softmax((q @ K.T) * scale, -1) @ V)
+  sorted_exact = jax.jit(lambda q, K, V: topk.certified_topk_attention(q, K, V, None, eps, "exact").out)
+  multi_gap = jax.jit(lambda q, K, V: topk.certified_topk_attention(q, K, V, None, eps, "multi_gap").out)
+
+  @jax.jit
+  def bisection(q, K, V):
+    p, _, _ = decode.threshold_topk_probs((q @ K.T) * scale, None, eps, row_block=1)
+    return p @ V
+
+  @jax.jit
+  def progressive(q_rot, pk, V):
+    r = topk.progressive_search(q_rot, pk, None, eps, scale, stages)
+    return jax.nn.softmax(r.head_logits, -1) @ V, r.macs, r.keys_full
+
+  cols = ("n", "dense", "sorted oracle", "multi_gap", "bisection oracle", "progressive", "k/n",
+          "prog. MACs/dense", "prog. full keys/n", "max |out - dense|")
+  print(" | ".join(cols))
+  for n in (int(x) for x in args.ns.split(",")):
+    rng = np.random.default_rng(args.seed + n)
+    K, V, q, A = _head(rng, n, d, args.tau)
+    held_K = (rng.normal(size=(min(n, 4096), d)) @ A.T + 0.5).astype(np.float32)
+    held_q = ((rng.normal(size=(256, d)) @ A.T) * args.tau).astype(np.float32)
+    basis = topk.fit_basis(held_K, held_q, np.ones(len(held_K), bool), np.ones(len(held_q), bool))
+    pk = topk.prepare_keys(K, basis, stages)  # once per cache entry, not per query
+    qr = topk.rotate_queries(q, basis)  # folded into W_q in a deployment
+    Kj, Vj, qj = jnp.asarray(K), jnp.asarray(V), jnp.asarray(q)
+    t = {"dense": _time(dense, qj, Kj, Vj, repeats=args.repeats),
+         "sorted": _time(sorted_exact, qj, Kj, Vj, repeats=args.repeats),
+         "multi_gap": _time(multi_gap, qj, Kj, Vj, repeats=args.repeats),
+         "bisection": _time(bisection, qj, Kj, Vj, repeats=args.repeats),
+         "progressive": _time(progressive, qr, pk, Vj, repeats=args.repeats)}
+    ref = np.asarray(dense(qj, Kj, Vj))
+    _, macs, full = progressive(qr, pk, Vj)
+    k = int(decode.threshold_heads((q @ K.T) * scale, None, (eps,)).k[0, 0])
+    err = max(float(np.abs(np.asarray(f(qj, Kj, Vj)) - ref).max()) for f in (sorted_exact, bisection))
+    print(f"{n} | " + " | ".join(f"{1e3 * t[m]:.3f}" for m in ("dense", "sorted", "multi_gap", "bisection",
+                                                                  "progressive"))
+          + f" | {k / n:.4f} | {float(macs[0]) / (n * d):.3f} | {float(full[0]) / n:.3f} | {err:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
