@@ -102,7 +102,7 @@ def _attention(q, keys, values, mask, epsilon, scale, method):
   clean = jnp.where(v & jnp.isfinite(logits), logits, -jnp.inf)
   probs, k, cert = topk_probs_traced(clean, mask, epsilon, method)
   out = jnp.einsum("...qn,...nd->...qd", probs, jnp.where(finite_v[..., None], values, 0.0).astype(probs.dtype))
-  row_ok = row_ok & (k > 0) & jnp.all(jnp.isfinite(out), -1)
+  row_ok = row_ok & (k > 0) & jnp.all(jnp.isfinite(out), -1) & (scale > 0)  # a traced scale is checked here
   return AttentionOutput(out, jnp.where(row_ok, k, 0), jnp.where(row_ok, cert, jnp.nan), probs)
 
 
@@ -120,7 +120,7 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
       may hold anything (NaN included).
     epsilon: TV budget in (0, 1).
     method: "exact", "single_gap", "exact_head" or "multi_gap".
-    scale: positive logit scale; default 1/sqrt(d).
+    scale: positive logit scale; default 1/sqrt(d). (A traced scale <= 0 flags every row.)
 
   Returns:
     `AttentionOutput(out, k, certificate, probs)`; the output error obeys `output_error` bounds. Under `jax.jit`
@@ -148,7 +148,7 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
                      f"{values.shape}") from None
   lshape = tuple(lead) + (q.shape[-2], keys.shape[-2])
   checks.valid(mask, lshape, "mask", against="attention logits")
-  scale = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else checks.pos_float("scale", scale)
+  scale = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else _core.check_scale(scale)
   _core.check_finite_at_used_keys("keys", keys, mask, lshape)
   _core.check_finite_at_used_keys("values", values, mask, lshape)
   return _attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
