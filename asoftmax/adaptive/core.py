@@ -173,7 +173,13 @@ def default_warmup(n: int, d: int, delta: float, min_warmup: int = 32) -> int:
   """Warm-up pulls per arm: `d * V0`, `V0 = 1 / (17 log(6 n / delta))`, in [min_warmup, d/10].
 
   Never more than d; never less than min(min_warmup, d).
+
+  Raises:
+    ValueError: `n`, `d` or `min_warmup` not an integer >= 1, or `delta` not in (0, 1).
   """
+  n, d = checks.pos_int("n", n), checks.pos_int("d", d)
+  delta = checks.open_unit("delta", delta)
+  min_warmup = checks.pos_int("min_warmup", min_warmup)
   v0 = 1.0 / (17.0 * math.log(6.0 * n / delta))
   m0 = max(min_warmup, math.ceil(d * v0))
   m0 = min(m0, max(min_warmup, math.ceil(0.1 * d)))
@@ -200,8 +206,14 @@ def make_config(
   """Builds the static schedule (pull levels, survivor buffers) for an (n, d) problem.
 
   Raises:
-    ValueError: `warmup` not an integer in [1, d], `growth <= 1`, unknown `mode`/`order`.
+    ValueError: `n`, `d` not integers >= 1, `k` not in [1, n], `delta` not in (0, 1), `warmup` not an
+      integer in [1, d], `growth <= 1`, `min_cap` < 1, `cap_ratio` < 2, unknown `mode`/`order`.
   """
+  n, d = checks.pos_int("n", n), checks.pos_int("d", d)
+  k = checks.int_in_range("k", k, 1, n)
+  delta = checks.open_unit("delta", delta)
+  min_cap = checks.pos_int("min_cap", min_cap)
+  cap_ratio = checks.pos_int("cap_ratio", cap_ratio, lo=2)
   checks.one_of("mode", mode, MODES)
   checks.one_of("order", order, ORDERS)
   m0 = default_warmup(n, d, delta) if warmup is None else checks.int_in_range("warmup", warmup, 1, d)

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from asoftmax import checks
+
 
 class ExactResult(NamedTuple):
   """Exact top-k softmax.
@@ -44,12 +46,33 @@ def softmax_topk(A, x, k: int = 1, beta: float = 1.0) -> ExactResult:
 
   Returns:
     ExactResult with leading batch axis iff `x` is 2-D.
+
+  Raises:
+    ValueError: naming the argument: `A` not a finite floating (n, d) array, `x` not a finite floating (d,) or
+      (b, d) array, `k` not an integer in [1, n], `beta` not a positive finite number. Inside the user's
+      `jax.jit` the values of traced arrays are not checked; a NaN there gives NaN probabilities.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from asoftmax import adaptive
+    >>> A = jnp.eye(3)
+    >>> r = adaptive.softmax_topk(A, jnp.array([0.0, 2.0, 1.0]), k=2)
+    >>> r.indices.tolist()
+    [1, 2]
   """
-  A = getattr(A, "A", A)
+  A = checks.floating_array("A", getattr(A, "A", A), 2)
+  x = checks.floating_array("x", x, (1, 2))
+  n, d = A.shape
+  if x.shape[-1] != d:
+    raise ValueError(f"x has shape {tuple(x.shape)} but A has shape {(n, d)}: x must be (d,) or (b, d) with d={d}")
+  k = checks.int_in_range("k", k, 1, n)
+  beta = beta if checks.is_traced(beta) else checks.positive("beta", beta)
+  A = jnp.asarray(A)
   x = jnp.asarray(x)
   single = x.ndim == 1
   X = x[None] if single else x
-  out = _softmax_topk(jnp.asarray(A), X.astype(A.dtype), k, jnp.asarray(beta, A.dtype))
+  ct = jnp.promote_types(A.dtype, jnp.float32)  # 16-bit inputs: logits and softmax in float32
+  out = _softmax_topk(A.astype(ct), X.astype(ct), k, jnp.asarray(beta, ct))
   if single:
     out = jax.tree.map(lambda a: a[0], out)
   return out

@@ -11,6 +11,13 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from asoftmax import checks
+
+
+def _sizes(n, d) -> tuple[int, int]:
+  """Checks the problem sizes: integers n >= 1 arms, d >= 1 coordinates."""
+  return checks.pos_int("n", n), checks.pos_int("d", d)
+
 
 def toy_problem(key: jax.Array, n: int, d: int) -> tuple[jax.Array, jax.Array]:
   """Paper Fig. 2(a) "toy": `A_ij ~ N(0, s^2)` with `s = 1/(sqrt(10) d)`, row 0 shifted by +1/d,
@@ -19,6 +26,7 @@ def toy_problem(key: jax.Array, n: int, d: int) -> tuple[jax.Array, jax.Array]:
   The spec writes the noise as N(0, 1/(sqrt(10) d)); we read the second argument as the
   standard deviation (numpy's `scale`), which is what makes row 0 a clear winner.
   """
+  n, d = _sizes(n, d)
   A = jax.random.normal(key, (n, d)) / (jnp.sqrt(10.0) * d)
   A = A.at[0].add(1.0 / d)
   return A, jnp.ones((d,), jnp.float32)
@@ -29,6 +37,7 @@ def gaussian_problem(key: jax.Array, n: int, d: int) -> tuple[jax.Array, jax.Arr
 
   Then `mu_0 = sum_j |A_0j| ~ sqrt(2d/pi)` stands out while the other logits are ~N(0, 1).
   """
+  n, d = _sizes(n, d)
   A = jax.random.normal(key, (n, d)) / jnp.sqrt(d)
   return A, jnp.sign(A[0])
 
@@ -45,6 +54,8 @@ def planted_problem(
   Returns:
     (A, x): (n, d) float32 and (d,) float32.
   """
+  n, d = _sizes(n, d)
+  k = checks.int_in_range("k", k, 1, n)
   kx, ka, km, kt = jax.random.split(key, 4)
   x = jax.random.normal(kx, (d,))
   A = noise * jax.random.normal(ka, (n, d)) / jnp.sqrt(d)

@@ -18,19 +18,44 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp
 
-from asoftmax import stats
+from asoftmax import checks, stats
 from asoftmax.adaptive.core import AdaptiveResult, adaptive_softmax, prepare_matrix
 from asoftmax.adaptive.exact import ExactResult, softmax_topk
 
 
 def exact_logits_batched(A, X, beta: float = 1.0, chunk: int = 256) -> np.ndarray:
-  """(b, n) exact logits, computed in chunks of queries (host numpy float32)."""
-  A = jnp.asarray(getattr(A, "A", A))
+  """(b, n) exact logits `beta * X A^T`, computed in chunks of queries (host numpy float32).
+
+  Args:
+    A: (n, d) finite floating matrix (or a PreparedMatrix).
+    X: (b, d) finite floating queries.
+    beta: inverse temperature, positive.
+    chunk: queries per jitted product.
+
+  Raises:
+    ValueError: naming the argument (shape, dtype, NaN/inf, beta <= 0, chunk < 1).
+  """
+  A = checks.floating_array("A", getattr(A, "A", A), 2)
+  X = checks.floating_array("X", X, 2)
+  if X.shape[1] != A.shape[1]:
+    raise ValueError(f"X has shape {tuple(X.shape)} but A has shape {tuple(A.shape)}: X must be (b, {A.shape[1]})")
+  beta = checks.positive("beta", beta)
+  chunk = checks.pos_int("chunk", chunk)
+  ct = jnp.promote_types(A.dtype, jnp.float32)
+  A = jnp.asarray(A, ct)
   out = []
   f = jax.jit(lambda A, Xc: beta * (Xc @ A.T))
   for i in range(0, X.shape[0], chunk):
-    out.append(np.asarray(f(A, jnp.asarray(X[i : i + chunk], A.dtype))))
+    out.append(np.asarray(f(A, jnp.asarray(X[i : i + chunk], ct)), np.float32))
   return np.concatenate(out, 0)
+
+
+def _queries(name: str, X, d: int):
+  """Checks `X` is a finite floating (b, d) query matrix; returns it unchanged."""
+  checks.floating_array(name, X, 2)
+  if X.shape[1] != d:
+    raise ValueError(f"{name} has shape {tuple(X.shape)} but A has {d} columns: {name} must be (b, {d})")
+  return X
 
 
 def success_mask(res: AdaptiveResult, logits: np.ndarray, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +69,20 @@ def success_mask(res: AdaptiveResult, logits: np.ndarray, epsilon: float) -> tup
   Returns:
     (identified, success): (b,) bool arrays. identified = the top-k index *set* is right;
     success = identified and every returned probability within `epsilon * p`.
+
+  Raises:
+    ValueError: `logits` not a finite floating (b, n) array matching `res` (b queries, n >= k arms), or
+      `epsilon` not in (0, 1).
   """
-  logits = np.asarray(logits, np.float64)
   idx = np.asarray(res.indices)
+  checks.floating_array("logits", logits, 2)
+  if idx.ndim != 2:
+    raise ValueError(f"res must be a batched result with indices (b, k), got shape {idx.shape}")
+  if logits.shape[0] != idx.shape[0] or logits.shape[1] < idx.shape[1] or logits.shape[1] <= int(idx.max()):
+    raise ValueError(f"logits must be (b, n) = ({idx.shape[0]}, n) with every returned index < n, got shape "
+                     f"{tuple(logits.shape)}")
+  epsilon = checks.open_unit("epsilon", epsilon)
+  logits = np.asarray(logits, np.float64)
   k = idx.shape[1]
   true_top = np.argpartition(-logits, k - 1, axis=1)[:, :k] if k < logits.shape[1] else np.tile(np.arange(k), (len(idx), 1))
   # A tie at the k-th place makes either choice correct: compare logit values, not ids.
@@ -128,6 +164,13 @@ def tune_fudge(
     (fudge_bandit, fudge_z).
   """
   prep = prepare_matrix(A)
+  X_tune = _queries("X_tune", X_tune, prep.A.shape[1])
+  k = checks.int_in_range("k", k, 1, prep.A.shape[0])
+  epsilon, delta = checks.open_unit("epsilon", epsilon), checks.open_unit("delta", delta)
+  margin, lo, hi = checks.positive("margin", margin), checks.positive("lo", lo), checks.positive("hi", hi)
+  if not lo <= hi:
+    raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
+  iters = checks.pos_int("iters", iters)
   X_tune = jnp.asarray(X_tune)
   if logits is None:
     logits = exact_logits_batched(prep, X_tune, beta)
@@ -220,9 +263,13 @@ def tune_and_evaluate(
   """
   prep = prepare_matrix(A)
   n, d = prep.A.shape
-  X = np.asarray(X)
-  if not 0 < n_tune < X.shape[0]:
-    raise ValueError(f"n_tune must be in (0, {X.shape[0]}), got {n_tune}")
+  X = np.asarray(_queries("X", X, d))
+  if X.shape[0] < 2:
+    raise ValueError(f"X must hold at least 2 queries (tuning + held out), got shape {X.shape}")
+  n_tune = checks.int_in_range("n_tune", n_tune, 1, X.shape[0] - 1)
+  k = checks.int_in_range("k", k, 1, n)
+  epsilon, delta = checks.open_unit("epsilon", epsilon), checks.open_unit("delta", delta)
+  batch = checks.pos_int("batch", batch)
   k_tune, k_eval = jax.random.split(key)
   logits = exact_logits_batched(prep, X, beta)
   mode = kwargs.pop("mode", "paper")
