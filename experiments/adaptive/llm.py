@@ -30,6 +30,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 from absl import logging
+from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive, results
@@ -151,7 +152,7 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
                                   warmup=warmup, mode="paper", check_finite=False)
   ident, ok = adaptive.success_mask(res, logits, epsilon)
   lg = logits.astype(np.float64)
-  lz = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+  lz = logsumexp(lg, axis=1)
   p_true = np.exp(np.take_along_axis(lg, np.asarray(res.indices), 1) - lz[:, None])
   samples = np.asarray(res.samples).astype(np.int64)
   succ = int(ok.sum())
@@ -170,7 +171,7 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
 def _lm_quality(A: np.ndarray, X: np.ndarray, targets: np.ndarray) -> dict:
   """Exact next-token quality of the windows: top-1 accuracy and perplexity of the targets."""
   logits = adaptive.exact_logits_batched(A, X)
-  lz = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  lz = logsumexp(np.asarray(logits, np.float64), axis=1)
   nll = lz - logits[np.arange(len(targets)), targets]
   return {"top1_accuracy": float((logits.argmax(1) == targets).mean()), "perplexity": float(np.exp(nll.mean()))}
 
