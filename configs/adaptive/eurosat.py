@@ -49,7 +49,7 @@ def get_config(arg=None):
 
   # Training (optax AdamW, warm-up + cosine schedule, the 8 flips/rotations of the square); weights cached in
   # the workdir with their sha256 (a file that fails it is reported by name and retrained).
-  c.epochs = 10.0
+  c.epochs = 18.0
   c.max_steps = 0  # 0 = no cap
   c.batch_size = 128
   c.learning_rate = 2e-3
