@@ -149,3 +149,29 @@ def test_bad_input_raises(kwargs, match):
   opts = {k: v for k, v in kwargs.items() if k not in ("A", "x")}
   with pytest.raises(ValueError, match=match):
     adaptive.adaptive_softmax(jax.random.key(0), args["A"], args["x"], **opts)
+
+
+@pytest.mark.parametrize("n_tune,delta", [(60, 0.05), (100, 0.05), (200, 0.1), (1000, 0.01), (300, 0.01)])
+def test_binomial_tuning_rule_bounds_the_failure_rate(n_tune, delta):
+  """With `confidence`, the allowed tuning failures f are the most whose one-sided Clopper-Pearson bound keeps
+  the success rate >= 1 - delta, and f + 1 would not (the margin rule allowed 1 of 60 at delta = 5%: on SmolLM2
+  that overfit, 224/240 held out)."""
+  from asoftmax.adaptive import tuning
+
+  f = tuning.max_tuning_failures(n_tune, delta, confidence=0.95)
+  assert f >= 0
+  assert stats.binomial_lower_bound(n_tune - f, n_tune, 0.95) >= 1 - delta
+  assert stats.binomial_lower_bound(n_tune - f - 1, n_tune, 0.95) < 1 - delta
+  assert tuning.max_tuning_failures(60, 0.05) == 1 and tuning.max_tuning_failures(60, 0.05, confidence=0.95) == 0
+
+
+def test_binomial_tuning_rule_too_few_queries_keeps_theory():
+  """Too few tuning queries for the bound (f < 0): -1, and tune_fudge then never shrinks a radius below theory."""
+  from asoftmax.adaptive import tuning
+
+  assert tuning.max_tuning_failures(100, 0.01, confidence=0.95) == -1
+  n, d = 60, 400
+  A, x = adaptive.planted_problem(jax.random.key(3), n, d, k=1)
+  X = x[None] + 0.05 * jax.random.normal(jax.random.key(4), (10, d))
+  fb, fz = adaptive.tune_fudge(jax.random.key(5), A, X, k=1, delta=0.01, confidence=0.95, iters=2)
+  assert fb >= 1.0 and fz >= 1.0

@@ -96,6 +96,41 @@ def success_mask(res: AdaptiveResult, logits: np.ndarray, epsilon: float) -> tup
   return identified, identified & close
 
 
+def max_tuning_failures(n_tune: int, delta: float, *, margin: float = 0.5, confidence: float | None = None) -> int:
+  """How many of `n_tune` tuning queries may fail at the tuned fudge factors.
+
+  Two rules:
+  * margin (default, `confidence=None`): `floor(margin * delta * n_tune)`, a fixed fraction of delta.
+  * binomial (`confidence` in (0, 1)): the largest f such that the one-sided Clopper-Pearson lower bound on the
+    success probability, at `confidence`, from `n_tune - f` successes in `n_tune` is still >= 1 - delta. This
+    ties the allowance to what the tuning set can show: 0 of 60 at delta = 5 % (the margin rule allows 1, which
+    overfit on SmolLM2: 224/240 held out), 1 of 100, 12 of 200 at delta = 10 % (the margin rule: 10).
+
+  Args:
+    n_tune: number of tuning queries, >= 1.
+    delta: target failure probability in (0, 1).
+    margin: the margin rule's fraction of delta, > 0.
+    confidence: the binomial rule's confidence, or None for the margin rule.
+
+  Returns:
+    f >= 0, or -1 when even 0 failures cannot show a failure rate <= delta (binomial rule; too few queries).
+
+  Example:
+    >>> from asoftmax.adaptive.tuning import max_tuning_failures
+    >>> max_tuning_failures(60, 0.05), max_tuning_failures(60, 0.05, confidence=0.95)
+    (1, 0)
+  """
+  n_tune = checks.pos_int("n_tune", n_tune)
+  delta = checks.open_unit("delta", delta)
+  if confidence is None:
+    return int(math.floor(checks.positive("margin", margin) * delta * n_tune))
+  confidence = checks.open_unit("confidence", confidence)
+  f = -1
+  while f + 1 < n_tune and stats.binomial_lower_bound(n_tune - f - 1, n_tune, confidence) >= 1.0 - delta:
+    f += 1
+  return f
+
+
 def _search(evaluate: Callable[[float], int], max_failures: int, lo: float, hi: float, iters: int) -> float:
   """Smallest fudge in [lo, hi] (log-space bisection) with evaluate(fudge) <= max_failures.
 
@@ -132,6 +167,7 @@ def tune_fudge(
     delta: float = 0.1,
     beta: float = 1.0,
     margin: float = 0.5,
+    confidence: float | None = None,
     lo: float = 1e-3,
     hi: float = 64.0,
     iters: int = 8,
@@ -155,6 +191,9 @@ def tune_fudge(
     k, epsilon, delta, beta, **kwargs: as in `adaptive_softmax`.
     margin: fraction of delta allowed as tuning-failure rate. When `margin * delta * n_tune < 1` the
       tuning set cannot reveal a delta-rate violation, and factors are not shrunk below 1.
+    confidence: None (the margin rule) or the confidence of the binomial rule of `max_tuning_failures`: at most
+      as many tuning failures as keep the Clopper-Pearson bound on success >= 1 - delta. When even 0 failures
+      cannot, factors are not shrunk below 1 and the widening search allows none.
     lo: smallest fudge considered.
     hi: largest fudge considered (> 1 widens the theoretical radii).
     iters: bisection steps per factor.
@@ -174,12 +213,13 @@ def tune_fudge(
   X_tune = jnp.asarray(X_tune)
   if logits is None:
     logits = exact_logits_batched(prep, X_tune, beta)
-  max_fail = int(math.floor(margin * delta * X_tune.shape[0]))
-  if margin * delta * X_tune.shape[0] < 1.0:
+  max_fail = max_tuning_failures(X_tune.shape[0], delta, margin=margin, confidence=confidence)
+  if max_fail < 0 or (confidence is None and margin * delta * X_tune.shape[0] < 1.0):
     # Too few tuning queries to see a delta-rate violation (e.g. 100 queries at delta = 1 %): shrinking
     # the radii below theory would overfit (measured on SmolLM2: 0/100 tuning failures, 5/200 held out).
     # Keep the theoretical radius or wider.
     lo = 1.0
+    max_fail = max(max_fail, 0)
   if kwargs.pop("mode", "paper") != "paper":
     raise ValueError("tune_fudge tunes mode='paper' only (certified mode has no fudge factors)")
   run = lambda fb, fz: adaptive_softmax(  # noqa: E731
@@ -243,6 +283,7 @@ def tune_and_evaluate(
     beta: float = 1.0,
     batch: int = 256,
     progress: Callable[[int, int], None] | bool | None = None,
+    tune_confidence: float | None = None,
     **kwargs,
 ) -> TuneResult:
   """The paper's protocol: tune fudge factors on X[:n_tune], evaluate on X[n_tune:].
@@ -255,6 +296,7 @@ def tune_and_evaluate(
     batch: evaluation batch size (queries per jitted call).
     progress: optional `progress(done, total)` called after every evaluation batch (held-out queries done);
       a bool is accepted and ignored (the library draws no progress bars).
+    tune_confidence: None (the margin rule) or the binomial rule's confidence (`tune_fudge`'s `confidence`).
     k, epsilon, delta, beta, **kwargs: as in `adaptive_softmax`.
 
   Returns:
@@ -275,7 +317,7 @@ def tune_and_evaluate(
   mode = kwargs.pop("mode", "paper")
   if mode == "paper":
     fb, fz = tune_fudge(k_tune, prep, X[:n_tune], k=k, epsilon=epsilon, delta=delta, beta=beta,
-                        logits=logits[:n_tune], **kwargs)
+                        logits=logits[:n_tune], confidence=tune_confidence, **kwargs)
   else:  # certified: no tuning at all; the held-out split is the same as paper mode's.
     fb = fz = 1.0
   kwargs["mode"] = mode

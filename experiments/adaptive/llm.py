@@ -59,7 +59,7 @@ class LLMRow(NamedTuple):
 TABLE = tables.Table("gain", LLMRow, hidden=(
     "model", "meets_target", "phase_samples_mean", "n", "d", "epsilon", "n_tune", "n_eval", "success_hi", "identified", "max_rel_error",
     "samples_mean", "samples_median", "samples_std", "naive", "fudge_bandit", "fudge_z", "samples", "wall_s",
-    "tuned", "note"))
+    "tuned", "tune_rule", "note"))
 
 
 def closest_paper_model(n: int, d: int, dataset: str) -> dict | None:
@@ -231,6 +231,7 @@ def run(config, workdir, rng) -> registry.Output:
     # config.warmup was chosen for SmolLM2 (d = 576); a head with d <= warmup would read every product in the
     # warm-up, so it is clipped to d / 4 there (0 = the algorithm's default rule).
     d_head = prep.A.shape[1]
+    tune_conf = float(config.get("tune_confidence", 0.0)) if mode == "paper" else 0.0
     warmup = (min(config.warmup, max(1, d_head // 4)) if config.warmup >= d_head else config.warmup) or None
     # Both modes get the same key and the same held-out windows X[n_tune:].
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, di), k), int(round(delta * 1e6)))
@@ -239,6 +240,7 @@ def run(config, workdir, rng) -> registry.Output:
     ident = {"model": base["model"], "dataset": dataset, "k": k, "delta": delta, "epsilon": config.epsilon,
              "n_tune": config.n_tune, "tune": bool(config.tune), "beta": config.beta, "order": config.order, "seed": config.seed,
              "warmup": warmup, "mode": mode, "matrix": matrix_hash[dataset], "format": 2,
+             **({"tune_confidence": tune_conf} if tune_conf else {}),
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
     row_cache = os.path.join(workdir, f"row_{dataset}_{mode}_k{k}_delta{delta}.json")
     if os.path.exists(row_cache):
@@ -259,7 +261,7 @@ def run(config, workdir, rng) -> registry.Output:
     if config.tune or mode == "certified":
       r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
                                      beta=config.beta, order=config.order, progress=False,
-                                     warmup=warmup, mode=mode)
+                                     warmup=warmup, mode=mode, tune_confidence=tune_conf or None)
     else:
       r = evaluate_untuned(key, prep, X[config.n_tune:], k=k, epsilon=config.epsilon, delta=delta, beta=config.beta,
                            order=config.order, warmup=warmup)
@@ -273,6 +275,7 @@ def run(config, workdir, rng) -> registry.Output:
         "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
         "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
         "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and mode == "paper",
+        "tune_rule": (f"binomial {tune_conf:g}" if tune_conf else "margin 0.5") if mode == "paper" else "",
         "status": "ok",
     }
     if k == 1 and paper is not None and mode == "paper":
