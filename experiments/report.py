@@ -36,6 +36,7 @@ README_SNAPSHOTS = (
     ("docs/results/topk_synthetic", "configs/topk/synthetic.py"),
     ("docs/results/topk_bert_n128_rerun", "configs/topk/bert.py"),
     ("docs/results/topk_bert", "configs/topk/bert.py"),
+    ("docs/results/topk_decoder", "configs/topk/decoder.py"),
     ("docs/results/rf_lm", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
     ("docs/results/rf_bias", "configs/rff/bias.py"),
