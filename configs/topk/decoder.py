@@ -11,11 +11,12 @@ in every layer (every position, and decoding the last tokens after a dense prefi
 
 Window: 2,048 tokens. The GGUF metadata gives a context length of 8,192; at 8,192 each layer's attention map is
 9 x 8192^2 floats (2.4 GB per array) and the bisection costs 16x more, beyond this CPU budget (2 shared cores,
-~30 min), so we use 2,048 (the context SmolLM2 was pre-trained at before its long-context stage).
+~30 min), so we use 2,048.
 Windows: `num_windows` spread evenly over wiki.test.tokens (tokenized with the GGUF tokenizer, as in
 experiments/adaptive/llm.py).
 
-Time (CPU, 2 cores shared with other jobs, nice 10): full run ~30 min (2 windows, ~13 min each); smoke ~20 s.
+Time (measured, CPU, 2 cores shared with other agents' jobs, nice 10): full run 29.4 min (2 windows, 14-16 min
+each); smoke ~20 s. Results: docs/results/topk_decoder, docs/topk.md.
 """
 
 import ml_collections
@@ -53,6 +54,7 @@ def get_config(arg=None):
   if a["variant"] == "smoke":
     c.data_dir = ""
     c.model = "random"
+    c.epsilons = (0.1, 0.01)  # fewer compiles (each epsilon is a static argument of the hooked forward)
     c.window = 64
     c.num_windows = 2
     c.oracle_stride = 2
