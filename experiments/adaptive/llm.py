@@ -239,7 +239,7 @@ def run(config, workdir, rng) -> registry.Output:
       matrix_hash[dataset] = hashlib.sha1(np.ascontiguousarray(np.asarray(prep.A), np.float32).tobytes()).hexdigest()[:16]
     ident = {"model": base["model"], "dataset": dataset, "k": k, "delta": delta, "epsilon": config.epsilon,
              "n_tune": config.n_tune, "tune": bool(config.tune), "beta": config.beta, "order": config.order, "seed": config.seed,
-             "warmup": warmup, "mode": mode, "matrix": matrix_hash[dataset], "format": 2,
+             "warmup": warmup, "mode": mode, "matrix": matrix_hash[dataset], "format": 3,
              **({"tune_confidence": tune_conf} if tune_conf else {}),
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
     row_cache = os.path.join(workdir, f"row_{dataset}_{mode}_k{k}_delta{delta}.json")
