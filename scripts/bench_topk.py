@@ -90,7 +90,7 @@ def main():
     t_multi = _time(cert["multi_gap"], qj, Kj, Vj, repeats=args.repeats)
     t_prog = _time(progressive, qr, pk, Vj, repeats=args.repeats)
     _, macs = progressive(qr, pk, Vj)
-    k_exact = int(topk.certified_k(np.asarray(dense_logits := (q @ K.T) * scale), None, eps).k["exact"][0])
+    k_exact = int(topk.certified_k(np.asarray(dense_logits := (q @ K.T) * scale), None, eps).exact.k[0])
     del dense_logits
     print(f"{n:>6} {1e3 * t_dense:>9.3f} {1e3 * t_exact:>9.3f} {1e3 * t_multi:>12.3f} {1e3 * t_prog:>14.3f} "
           f"{float(macs[0]) / (n * d):>16.3f} {k_exact / n:>9.4f}", flush=True)

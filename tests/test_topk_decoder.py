@@ -84,7 +84,7 @@ def test_threshold_heads_agree_with_library_certified_k():
   x, valid = x[:150], valid[:150]  # tie-free rows
   r = decode.threshold_heads(x, valid, EPS)
   for j, eps in enumerate(EPS):
-    lib = np.asarray(topk.certified_k(x, valid, eps, ("exact",)).k["exact"])
+    lib = np.asarray(topk.certified_k(x, valid, eps, ("exact",)).exact.k)
     diff = np.asarray(r.k[:, j]) - lib
     # Differences come only from the two rounding margins (ours 4(N+4)u, the library's 64u(log2 N + 1)).
     assert np.sum(diff != 0) <= 3 and np.all(np.abs(diff) <= 1), diff
@@ -196,5 +196,5 @@ def test_bisection_oracle_on_smollm2_attention_equals_the_float64_sorted_oracle(
     k = np.asarray(decode.threshold_heads(S, valid, (eps,)).k[..., 0])
     k64 = _oracle64(S.reshape(-1, 1024), np.broadcast_to(valid, S.shape).reshape(-1, 1024), eps / (1 + m))
     np.testing.assert_array_equal(k.reshape(-1), k64)
-    lib = np.asarray(topk.certified_k(S, valid, eps, ("exact",)).k["exact"])
+    lib = np.asarray(topk.certified_k(S, valid, eps, ("exact",)).exact.k)
     assert np.all(k >= lib) and np.all(k - lib <= 1)

@@ -273,7 +273,7 @@ def test_results_are_typed_pytrees():
   s = _rows()
   ck = jax.jit(lambda x: topk.certified_k(x, None, 0.1, ("exact", "multi_gap")))(s)
   assert isinstance(ck, topk.CertifiedK) and isinstance(ck.multi_gap, topk.CertifiedHead) and ck.single_gap is None
-  assert set(ck.k) == {"exact", "multi_gap"}  # read-only dict view for old callers
+  assert ck.exact.k.shape == ck.multi_gap.k.shape == s.shape[:-1] and not hasattr(ck, "k")  # one name per idea
   d = topk.truncated_divergences(s, None, np.asarray(ck.exact.k))
   assert isinstance(d, topk.Divergences)
   np.testing.assert_allclose(np.asarray(d.tv), np.asarray(ck.exact.tv), atol=2e-6)

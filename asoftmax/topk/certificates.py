@@ -132,23 +132,6 @@ class CertifiedK(NamedTuple):
   multi_gap: CertifiedHead | None
   n: jax.Array
 
-  # Read-only views in the shape of the former dict API ({method: array}), for callers not yet moved to
-  # `ck.<method>.k`; they are not pytree leaves.
-  @property
-  def k(self) -> dict:
-    """{method: head size} over the computed methods (prefer `ck.<method>.k`)."""
-    return {m: getattr(self, m).k for m in METHODS if getattr(self, m) is not None}
-
-  @property
-  def tv(self) -> dict:
-    """{method: realised tail mass} over the computed methods (prefer `ck.<method>.tv`)."""
-    return {m: getattr(self, m).tv for m in METHODS if getattr(self, m) is not None}
-
-  @property
-  def certificate(self) -> dict:
-    """{method: certificate} over the computed methods (prefer `ck.<method>.certificate`)."""
-    return {m: getattr(self, m).certificate for m in METHODS if getattr(self, m) is not None}
-
 
 def _first_leq(b: jax.Array, eps) -> jax.Array:
   return (1 + jnp.argmax(b <= eps, -1)).astype(jnp.int32)

@@ -157,8 +157,8 @@ def _stats_attention(logits, mask, *, epsilons, oracle_stride, stride, iters, ro
   sub, vsub = logits[:, :, rows, :], mask[rows]
   ck = [topk.certified_k(sub, vsub, e, ("exact", "multi_gap")) for e in epsilons]
   aux = dict(k=th.k, tv=th.tv,
-             cert_k=jnp.stack([c.k["multi_gap"] for c in ck], -1), cert_tv=jnp.stack([c.tv["multi_gap"] for c in ck], -1),
-             sorted_k=jnp.stack([c.k["exact"] for c in ck], -1))
+             cert_k=jnp.stack([c.multi_gap.k for c in ck], -1), cert_tv=jnp.stack([c.multi_gap.tv for c in ck], -1),
+             sorted_k=jnp.stack([c.exact.k for c in ck], -1))
   return jax.nn.softmax(logits, -1), aux
 
 
