@@ -71,6 +71,8 @@ def trained_classifier(config, workdir: str, splits, progress=None) -> tuple[nnx
   tag = f"{config.model}_{'x'.join(map(str, config.channels))}_w{config.get('width', 0)}_n{len(splits.y_train)}"
   if config.get("blocks"):
     tag += "_b" + "x".join(map(str, config.blocks))
+  if config.get("loader") == "tfds":  # TensorFlow decodes JPEGs to other pixels than PIL: weights of their own
+    tag += "_tfds"
   tag += f"_e{config.epochs}_s{config.seed}" + (f"_m{config.max_steps}" if config.max_steps else "")
   path = os.path.join(workdir, tag + ".safetensors")
 
