@@ -52,6 +52,28 @@ def _case(kind, rng, N, d, Q):
   return K.astype(np.float32), q.astype(np.float32), held_K.astype(np.float32), held_q.astype(np.float32)
 
 
+def _np_macs(dims, d, stages, blocks):
+  """Cost model recount: d (query block norms) + per key: its coordinates + one product per norm block after the
+  first stage (computed once, when the key gets its first bound; later stages' bounds are suffix sums of them)."""
+  first_bound = sum(1 for b in (0,) + tuple(blocks[:-1]) if b >= stages[0])
+  return d + dims.sum(-1) + (dims > 0).sum(-1) * first_bound
+
+
+def test_multi_stage_bounds_are_counted_once():
+  """Stages (8, 16, 32) with blocks (8, 16, 32): a fully scored key costs 32 + 2 (the products ||q_b|| ||k_b|| for
+  blocks [8, 16) and [16, 32), computed at the first stage; the stage-16 bound is their suffix sum), not 32 + 3."""
+  rng = np.random.default_rng(11)
+  N, d, Q = 64, 32, 16
+  K, q, hK, hq = _case("gaussian", rng, N, d, Q)
+  basis = topk.fit_basis(hK, hq, np.ones(N, bool), np.ones(Q, bool))
+  stages = (8, 16, 32)
+  r = topk.progressive_search(topk.rotate_queries(q, basis), topk.prepare_keys(K, basis, stages), None, 1e-3,
+                              d ** -0.5, stages)
+  dims = np.asarray(r.dims)
+  assert (dims == d).any() and (dims < d).any()
+  np.testing.assert_array_equal(np.asarray(r.macs), d + dims.sum(-1) + 2 * N)
+
+
 @functools.lru_cache(maxsize=None)
 def _runner(stages, blocks, scale):
   """One jitted search per configuration (epsilon traced), shared by the parametrized cases."""
@@ -86,13 +108,7 @@ def test_certificate_holds_on_every_query(kind, d, stages, blocks):
       assert (dims[head] == d).all()  # the head is fully scored
       np.testing.assert_array_equal(np.asarray(r.partial_dims), dims.sum(-1))
       np.testing.assert_array_equal(np.asarray(r.keys_full), (dims == d).sum(-1))
-      # Cost model recount: d (query block norms) + per key and stage reached: width + later norm blocks.
-      edges = (0,) + tuple(stages)
-      macs = np.full(Q, d)
-      for lo, hi in zip(edges[:-1], edges[1:]):
-        later = sum(1 for b in (0,) + tuple(blocks[:-1]) if b >= hi)
-        macs += (dims >= hi).sum(-1) * (hi - lo + later)
-      np.testing.assert_array_equal(np.asarray(r.macs), macs)
+      np.testing.assert_array_equal(np.asarray(r.macs), _np_macs(dims, d, stages, blocks))
       # Head logits equal the reference logits up to a common per-query shift.
       hl = np.asarray(r.head_logits)
       shift = np.where(head, ref - hl, np.nan)

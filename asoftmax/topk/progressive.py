@@ -29,9 +29,10 @@ Float32 safety: every bound carries a guard $g = 2(d+4)u\,\|q\|\,\max_i\nu_i\,|\
 roundoff, $\nu_i = \|k_i\| + \|\tilde k_i\| + \|\mu\|$), which covers the rounding of the rotation, of our dot products and of
 the reference logits $\mathrm{fl}(q\cdot k_i)$ the realised TV is measured on, so it grows with the magnitudes.
 
-Cost model (multiply-adds per query, reported in `ProgressiveResult.macs`): $d$ for the query block norms; per key
-and stage it reaches: the stage's block width plus one per later norm block (the bound). Dense
-scoring costs $n d$. Sorting, comparisons and the bisection's exponentials and sums are not multiply-adds and
+Cost model (multiply-adds per query, reported in `ProgressiveResult.macs`): $d$ for the query block norms; per key:
+the coordinates it reaches, plus one product $\|\tilde q_b\|\|\tilde k_b\|$ per norm block after the first stage,
+computed once when the key gets its first bound (accumulated from the last block, so the bound of every later stage
+is one of the partial sums). Dense scoring costs $n d$. Sorting, comparisons and the bisection's exponentials and sums are not multiply-adds and
 are not counted (they are O(n) per query per bisection step, ~40 steps).
 """
 
@@ -324,8 +325,11 @@ def _one_query(qt, qnorm, kt, block_norms, guard_max, valid, eps_search, eps_fin
   # A tail mass below float32's smallest normal number would round to 0: report that number instead.
   cert = jnp.where(log_r > -jnp.inf, jnp.maximum(cert, jnp.finfo(cert.dtype).tiny), cert)
   dims = jnp.where(valid, jnp.asarray(edges, jnp.int32)[lv], 0)
-  nbound = after.sum(1).astype(np.int32)
-  per_stage = jnp.asarray(widths + nbound, jnp.int32)  # multiply-adds when a key reaches stage l
+  # Multiply-adds when a key reaches stage l: the stage's coordinates, plus, at the first stage only, one product
+  # per norm block after it (accumulated from the last block, so every later stage's bound is a partial sum of them).
+  per_stage = widths.copy()
+  per_stage[0] += int(after[0].sum())
+  per_stage = jnp.asarray(per_stage, jnp.int32)
   cum_cost = jnp.cumsum(per_stage)
   macs = d + jnp.sum(jnp.where(valid, cum_cost[lv], 0))
   head_logits = jnp.where(head, mid[:, -1], -jnp.inf)
