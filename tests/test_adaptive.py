@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from asoftmax import adaptive, stats
-from asoftmax.adaptive import core
+from asoftmax.adaptive import core, synthetic
 
 
 def _np_topk(A, x, k, beta=1.0):
@@ -175,3 +175,59 @@ def test_binomial_tuning_rule_too_few_queries_keeps_theory():
   X = x[None] + 0.05 * jax.random.normal(jax.random.key(4), (10, d))
   fb, fz = adaptive.tune_fudge(jax.random.key(5), A, X, k=1, delta=0.01, confidence=0.95, iters=2)
   assert fb >= 1.0 and fz >= 1.0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_paper_normalization_at_full_budget_equals_exact(k):
+  """Algorithm 2 (`normalization="paper"`) with every arm exact: log Z and the probabilities are exact."""
+  n, d = 40, 64
+  A = jax.random.normal(jax.random.key(0), (n, d)) / 4
+  x = jax.random.normal(jax.random.key(1), (d,))
+  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=k, warmup=d, mode="paper", normalization="paper")
+  idx, p, log_z = _np_topk(A, x, k)
+  np.testing.assert_array_equal(np.asarray(res.indices), idx)
+  np.testing.assert_allclose(np.asarray(res.probs), p, rtol=2e-5)
+  np.testing.assert_allclose(float(res.log_z), log_z, rtol=1e-5)
+
+
+def test_paper_normalization_refines_heavy_arms_only():
+  """Algorithm 2 gives extra pulls to the arms that carry the partition function's mass: with fudge_z -> 0 it
+  reads nothing after identification, with fudge_z = 1 it reads more, but far from every arm to the top."""
+  n, d = 300, 2000
+  key = jax.random.key(5)
+  A = jax.random.normal(key, (n, d)) / jnp.sqrt(d)
+  x = 2.0 * A[0] / jnp.linalg.norm(A[0]) ** 2 * 4.0 + 0.3 * jax.random.normal(jax.random.key(6), (d,))
+  kw = dict(mode="paper", normalization="paper", warmup=40)
+  none = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1e-9, **kw)
+  some = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1.0, **kw)
+  assert int(none.phase_samples[3]) == 0
+  assert int(some.phase_samples[3]) > 0
+  # Light arms need no pulls: far less than refining every arm to the top would read.
+  unread_after_identification = n * d - int(some.samples) + int(some.phase_samples[3])
+  assert int(some.phase_samples[3]) < 0.25 * unread_after_identification
+
+
+@pytest.mark.parametrize("family", ["llm_like", "heavy_tailed"])
+def test_paper_normalization_pac_success_over_distinct_queries(family):
+  """Paper mode with Algorithm 2 at fudge 1 (no tuning): success >= 1 - delta, one-sided 99 % Clopper-Pearson
+  lower bound over 300 distinct queries: an LLM-like head (flat softmax, top-1 p ~ U(0.2, 0.6), massive
+  activations) and Student-t(2.5) rows."""
+  delta, eps = 0.1, 0.3
+  if family == "llm_like":
+    A, X = synthetic.llm_head_problem(jax.random.key(7), 2000, 512, 300)
+  else:
+    A, _ = synthetic.heavy_tailed_problem(jax.random.key(8), 200, 1000, df=2.5)
+    X = jax.random.t(jax.random.key(9), 2.5, (300, 1000))
+  res = adaptive.adaptive_softmax(jax.random.key(10), A, X, epsilon=eps, delta=delta, mode="paper",
+                                  normalization="paper")
+  ident, ok = adaptive.success_mask(res, adaptive.exact_logits_batched(A, X), eps)
+  lower = stats.binomial_lower_bound(int(ok.sum()), ok.size, confidence=0.99)
+  assert lower >= 1 - delta, f"success {int(ok.sum())}/{ok.size} (identified {int(ident.sum())}), lower {lower:.3f}"
+
+
+def test_normalization_is_paper_mode_only_and_named():
+  A = jnp.ones((4, 3))
+  with pytest.raises(ValueError, match="normalization"):
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), normalization="paper")
+  with pytest.raises(ValueError, match="normalization"):
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), mode="paper", normalization="exactish")

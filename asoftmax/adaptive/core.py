@@ -44,32 +44,36 @@ Algorithm, per query:
    schedule (n, n/8, n/64, ...).
 3. **Winners.** With `exact_winners=True` (default) the k winners are computed exactly; otherwise
    they keep their interval and the normalization loop refines them like any other arm.
-4. **Partition function.** For each winner w, `p_w = e^mu_w / (e^mu_w + Z_-w)` with
+4. **Partition function.** Certified mode, and paper mode with `normalization="bracket"` (default): for each winner w, `p_w = e^mu_w / (e^mu_w + Z_-w)` with
    `Z_-w = sum_{i != w} e^mu_i` is bracketed by `[p_lo, p_hi]` from the arms' intervals; the returned
    `p_hat = 2 p_lo p_hi / (p_lo + p_hi)` is within a factor `1 +- eps` of every value in the bracket
    once `p_hi / p_lo <= (1 + eps) / (1 - eps)`. Until then the arms whose intervals widen the worst
    winner's bracket most move up one level, but only as many as are needed to cover the remaining
    deficit (an arm that cannot move the bracket by more than the slack left is not refined). A
    dominant winner's own error cancels in `p_w`, so it need not be computed exactly.
-   `log_z` is `log((Z_lo + Z_hi) / 2)`.
+   `log_z` is `log((Z_lo + Z_hi) / 2)`. Paper mode with `normalization="paper"`: the paper's Algorithm 2
+   (`_paper_normalization`): one target variance per arm from the first-pass estimates, the arms above
+   their target read further, `log Z = logsumexp(mu_hat)`.
 
 Samples are counted as distinct products read: arm i at level l has read `min(m_l, nnz(x))`
 products, winners `nnz(x)`. `phase_samples` splits the count into warm-up, elimination, winners and
 normalization (`PHASES`).
 
 Implementation (reads follow samples). Moving arms from level l to l + 1 reads only the columns
-`order[m_l : m_{l+1}]` of those arms, in chunks of at most 32 columns (each level's columns sorted,
-for locality): certified mode adds them to per-arm running sums (`seen`, tail sum, tail sum of
-squares); paper mode re-reads the level's prefix `order[:m_{l+1}]`, since its Horvitz-Thompson weights
-change with the level's threshold (at most twice the incremental reads with doubling levels). The
-moving arms are compacted into the smallest static buffer that holds them (n, n/8, ... in the
-elimination; z_capacity, z_capacity/8, ... in the normalization loop); with every arm moving the block
-is the contiguous slab `A^T[cols]`. The last level reads full rows (`A @ x` when every arm is there).
-No (n, d) array other than `A` and `A^T` is formed (tests/test_adaptive_perf.py reads the compiled
-program). A 16-bit `A` is read as stored and multiplied in float32. Rounds are `lax.while_loop`s with
-masks; a batch runs query by query (`lax.map`: each query's own control flow), or, with
-`shared_order=True`, as one group sharing one order (blocks read once for the union of the queries'
-moving arms, products as small GEMMs).
+`order[m_l : m_{l+1}]` of those arms (certified mode adds them to per-arm running sums `seen`, tail sum,
+tail sum of squares; paper mode re-reads the level's prefix `order[:m_{l+1}]`, since its Horvitz-Thompson
+weights change with the level's threshold: at most twice the incremental reads with doubling levels).
+Each round takes the cheapest of three read paths for its moving arms (`_READ_COST`, measured on XLA:CPU):
+the *slab* (the block's rows of `A^T`, contiguous, streamed into every arm's sums: one row at a time for
+one query, C rows as a small GEMM for a group), a *gather* of the (arms x columns) block into the smallest
+static buffer that holds the moving arms (n, n/8, ... in the elimination; z_capacity, z_capacity/8, ...
+in the normalization loop), or their *full rows* (contiguous; `A @ x` when every arm moves). Full rows
+are taken below the top level only with `exact_rows=True` (the arms become exact: more samples, less
+time); otherwise only once the level reads every useful coordinate. No (n, d) array other than `A` and
+`A^T` is formed (tests/test_adaptive_perf.py reads the compiled program). A 16-bit `A` is read as stored
+and multiplied in float32. Rounds are `lax.while_loop`s with masks; a batch runs query by query
+(`lax.map`: each query's own control flow), or, with `shared_order=True`, as one group sharing one order
+(blocks read once for the union of the queries' moving arms, products as small GEMMs).
 """
 
 from __future__ import annotations
@@ -87,8 +91,16 @@ from asoftmax import checks
 
 MODES = ("certified", "paper")
 ORDERS = ("importance", "uniform")
+NORMALIZATIONS = ("bracket", "paper")
 PHASES = ("warmup", "elimination", "winners", "normalization")
 KAPPA = 7.0 / 3.0 + 3.0 / math.sqrt(2.0)  # Bardenet & Maillard (2015), Theorem 4.3
+
+
+# Cost of one product read by each path of a round, relative to one product of the streamed `A @ x` (GEMV),
+# measured on XLA:CPU (32,000 x 4096 float32, 2 cores; scripts/bench_adaptive.py --micro): a row of A^T streamed
+# into every arm's sums ~2.5x, full rows of the moving arms gathered 32 at a time ~3.5x, an element gather of
+# (arms x columns) blocks ~25x. A round takes the cheapest path that holds its moving arms.
+_READ_COST = {"slab": 2.5, "rows": 3.5, "gather": 25.0}
 
 
 def _is_tracer(v) -> bool:
@@ -147,6 +159,9 @@ class AdaptiveConfig:
     exact_winners: compute the k winners exactly after identification.
     head_ratio: certified mode: coordinates with `w_j > head_ratio * mean(w)` form the head.
     shared_order: one coordinate order for the whole batch (else one per query).
+    normalization: paper mode's partition function: "bracket" (refine until the probability bracket from the
+      arms' intervals closes) or "paper" (Algorithm 2: target variances, point estimate).
+    exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
     c: constant in paper mode's union-bound log term.
   """
 
@@ -162,6 +177,8 @@ class AdaptiveConfig:
   exact_winners: bool = True
   head_ratio: float = 1.5
   shared_order: bool = False
+  normalization: str = "bracket"
+  exact_rows: bool = False
   c: float = 6.0
 
   @property
@@ -202,6 +219,8 @@ def make_config(
     exact_winners: bool = True,
     head_ratio: float = 1.5,
     shared_order: bool = False,
+    normalization: str = "bracket",
+    exact_rows: bool = False,
 ) -> AdaptiveConfig:
   """Builds the static schedule (pull levels, survivor buffers) for an (n, d) problem.
 
@@ -216,6 +235,7 @@ def make_config(
   cap_ratio = checks.pos_int("cap_ratio", cap_ratio, lo=2)
   checks.one_of("mode", mode, MODES)
   checks.one_of("order", order, ORDERS)
+  checks.one_of("normalization", normalization, NORMALIZATIONS)
   m0 = default_warmup(n, d, delta) if warmup is None else checks.int_in_range("warmup", warmup, 1, d)
   growth = checks.positive("growth", growth)
   if growth <= 1.0:
@@ -237,7 +257,7 @@ def make_config(
   return AdaptiveConfig(
       n=n, d=d, k=k, delta=float(delta), mode=mode, order=order, levels=tuple(levels), caps=tuple(caps),
       z_capacity=zc, exact_winners=bool(exact_winners), head_ratio=float(head_ratio),
-      shared_order=bool(shared_order),
+      shared_order=bool(shared_order), normalization=normalization, exact_rows=bool(exact_rows),
   )
 
 
@@ -575,7 +595,7 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
     var = beta * beta * _paper_finish(e, q, P.m_eff[nl], P.nnz, cfg.order)
     return beta * e, var, jnp.zeros_like(var)
 
-  C = min(32, max(8, levels[0]))  # columns per chunk of a round's block
+  C = min(32, max(8, levels[0]))  # columns per chunk of a gathered block
   lev_arr = jnp.asarray(levels, jnp.int32)
   # The order with each level's new columns sorted (a chunk of a dense block touches few cache lines).
   seg = jnp.searchsorted(lev_arr, jnp.arange(d, dtype=jnp.int32), side="right")
@@ -583,9 +603,14 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
   n_sums = 3 if mode == "certified" else 2
 
   def advance(S: _State, move, l, buckets: tuple[int, ...]) -> _State:
-    """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1."""
+    """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1, or to the top
+    level (exact) when reading their full rows is cheaper than their new columns (`_READ_COST`)."""
     nl = l + 1
     union = jnp.any(move, axis=0)
+    u = jnp.sum(union)
+    start = jnp.where(l >= 0, lev_arr[jnp.maximum(l, 0)], 0) if mode == "certified" else jnp.int32(0)
+    stop = lev_arr[nl]
+    top = L - 1
 
     def compact(cap):
       """(idx, gather index, mask (B, cap)) of the moving arms in a buffer of `cap` (None: all n)."""
@@ -595,8 +620,8 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
       gi = jnp.minimum(idx, n - 1)
       return idx, gi, move[:, gi] & (idx < n)[None]
 
-    def finish(S: _State, cap, idx, gi, m, new, add) -> _State:
-      """Writes the moved arms' sums (added to their running sums if `add`) and bounds at level nl."""
+    def finish(S: _State, cap, idx, gi, m, new, add, lev) -> _State:
+      """Writes the moved arms' sums (added to their running sums if `add`) and bounds at level lev."""
       if cap == n:
         old = lambda a: a  # noqa: E731
         put = lambda a, v: jnp.where(m, v, a)  # noqa: E731
@@ -605,7 +630,7 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
         put = lambda a, v: a.at[:, idx].set(jnp.where(m, v, a[:, gi]), mode="drop")  # noqa: E731
       if add:
         new = tuple(old(s) + p for s, p in zip(S.sums, new))
-      est, a1, a2 = derive(new, nl)
+      est, a1, a2 = derive(new, lev)
       return _State(sums=tuple(put(s, v) for s, v in zip(S.sums, new)), est=put(S.est, est),
                     aux1=put(S.aux1, a1), aux2=put(S.aux2, a2), lvl=S.lvl)
 
@@ -618,55 +643,90 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
       a, b = _paper_coef(xb, P.keys[cols], P.logw[cols], P.t[nl], P.m_eff[nl], P.nnz, cfg.order)
       return jnp.where(ok, a, 0.0), jnp.where(ok, b, 0.0)
 
-    def block_branch(cap):
-      """Reads the new columns (certified) or the level's prefix (paper) in chunks of C columns."""
-      def run(S: _State) -> _State:
+    def slab(S: _State):
+      """Every arm: the block's rows of A^T (contiguous). One query streams one row at a time into its sums
+      (no copy); a group multiplies C rows at a time as a small GEMM (B, C) @ (C, n)."""
+      if B == 1:
+        def body(j, acc):
+          col = order_blk[start + j]
+          row = jax.lax.dynamic_index_in_dim(At, col, keepdims=False).astype(ct)[None]  # (1, n)
+          coef = coef_of(col[None], jnp.ones((1,), bool))
+          prods = [V * row for V in coef[:-1]] + [coef[-1] * (row * row)]
+          return tuple(a + v for a, v in zip(acc, prods))
+
+        n_iter = stop - start
+      else:
+        def body(i, acc):
+          p = start + i * C + jnp.arange(C)
+          ok = p < stop
+          cols = order_blk[jnp.minimum(p, d - 1)]
+          coef = coef_of(cols, ok)
+          blk = At[cols]  # (C, n)
+          prods = [_vm(V, blk) for V in coef[:-1]] + [_vm(coef[-1], jnp.square(blk.astype(ct)))]
+          return tuple(a + v for a, v in zip(acc, prods))
+
+        n_iter = (stop - start + C - 1) // C
+      acc = tuple(jnp.zeros((B, n), ct) for _ in range(n_sums))
+      new = jax.lax.fori_loop(0, n_iter, body, acc)
+      return finish(S, n, None, None, move, new, mode == "certified", nl), nl
+
+    def gather(cap):
+      """The moving arms only: (cap x C) blocks of their new columns (certified) or the prefix (paper)."""
+      def run(S: _State):
         idx, gi, m = compact(cap)
-        start = jnp.where(l >= 0, lev_arr[jnp.maximum(l, 0)], 0) if mode == "certified" else jnp.int32(0)
-        stop = lev_arr[nl]
 
         def body(i, acc):
           p = start + i * C + jnp.arange(C)
           ok = p < stop
           cols = order_blk[jnp.minimum(p, d - 1)]
           coef = coef_of(cols, ok)
-          if cap == n:
-            blk = At[cols]  # (C, n): contiguous rows of A^T
-            prods = [_vm(V, blk) for V in coef[:-1]] + [_vm(coef[-1], jnp.square(blk.astype(ct)))]
-          else:
-            blk = A[gi[:, None], cols[None, :]]  # (cap, C)
-            prods = [_mv(blk, V) for V in coef[:-1]] + [_mv(jnp.square(blk.astype(ct)), coef[-1])]
+          blk = A[gi[:, None], cols[None, :]]  # (cap, C)
+          prods = [_mv(blk, V) for V in coef[:-1]] + [_mv(jnp.square(blk.astype(ct)), coef[-1])]
           return tuple(a + v for a, v in zip(acc, prods))
 
         n_chunks = (stop - start + C - 1) // C
         acc = tuple(jnp.zeros((B, cap), ct) for _ in range(n_sums))
         new = jax.lax.fori_loop(0, n_chunks, body, acc)
-        return finish(S, cap, idx, gi, m, new, add=mode == "certified")
+        return finish(S, cap, idx, gi, m, new, mode == "certified", nl), nl
 
       return run
 
-    def top_branch(cap):
-      """The last level: full rows (every arm there is exact)."""
-      def run(S: _State) -> _State:
+    def rows(cap):
+      """The moving arms' full rows (contiguous), R rows at a time: the arms become exact (top level)."""
+      def run(S: _State):
         idx, gi, m = compact(cap)
-        seen = _full_dot(A, X) if cap == n else _mv(A[gi], X)
+        if cap == n:
+          seen = _full_dot(A, X)
+        else:
+          R = min(cap, 32)
+          n_blk = -(-cap // R)
+
+          def body(i, out):
+            s0 = jnp.minimum(i * R, cap - R)
+            g = jax.lax.dynamic_slice_in_dim(gi, s0, R)
+            return jax.lax.dynamic_update_slice_in_dim(out, _mv(A[g], X), s0, axis=1)
+
+          n_live = jnp.minimum((u + R - 1) // R, n_blk)
+          seen = jax.lax.fori_loop(0, n_live, body, jnp.zeros((B, cap), ct))
         zero = jnp.zeros_like(seen)
         new = (seen, zero, zero) if mode == "certified" else (seen, zero)
-        return finish(S, cap, idx, gi, m, new, add=False)
+        return finish(S, cap, idx, gi, m, new, False, jnp.int32(top)), jnp.int32(top)
 
       return run
 
-    def dispatch(make):
-      if len(buckets) == 1:
-        return make(buckets[0])
-      which = jnp.sum(jnp.asarray(buckets) >= jnp.sum(union)) - 1
-      return lambda S: jax.lax.switch(which, [make(c) for c in buckets], S)
-
-    if L == 1:
-      S = dispatch(top_branch)(S)
-    else:
-      S = jax.lax.cond(nl == L - 1, dispatch(top_branch), dispatch(block_branch), S)
-    return S._replace(lvl=jnp.where(move, nl, S.lvl))
+    # Branches and their cost in units of one streamed product of `A @ x` (see _READ_COST).
+    small = [c for c in buckets if c < n]
+    ncols = (stop - start).astype(jnp.float32)
+    branches = [slab, rows(n)] + [gather(c) for c in small] + [rows(c) for c in small]
+    costs = [n * ncols * _READ_COST["slab"], jnp.float32(n * d)]
+    costs += [c * ncols * _READ_COST["gather"] for c in small] + [jnp.float32(c * d * _READ_COST["rows"]) for c in small]
+    # Full rows hold the same samples as the new columns once the level reads every useful coordinate; below
+    # that they make the arms exact (more samples, less time): only with `exact_rows`.
+    rows_ok = jnp.asarray(cfg.exact_rows) | (nl >= P.top_level)
+    fits = [True, rows_ok] + [u <= c for c in small] + [rows_ok & (u <= c) for c in small]
+    costs = jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
+    S2, lev = jax.lax.switch(jnp.argmin(costs), branches, S)
+    return S2._replace(lvl=jnp.where(move, lev, S.lvl))
 
   def samples_of(lvl):
     return jnp.sum(P.m_eff[lvl], axis=1).astype(jnp.int32)
@@ -692,10 +752,12 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
 
   def round_body(c):
     l, S, alive, done, rounds = c
-    S = advance(S, alive & ~done[:, None], l, cfg.caps)
+    # Survivors below the top are all at level l (a round may have made some exact: full rows were cheaper).
+    S = advance(S, alive & ~done[:, None] & (S.lvl == l), l, cfg.caps)
     alive = jnp.where(done[:, None], alive, eliminate(alive, S))
     rounds = rounds + (~done).astype(jnp.int32)
-    done = done | (jnp.sum(alive, axis=1) <= k) | (P.top_level <= l + 1)
+    all_exact = ~jnp.any(alive & (S.lvl < P.top_level), axis=1)
+    done = done | (jnp.sum(alive, axis=1) <= k) | (P.top_level <= l + 1) | all_exact
     return l + 1, S, alive, done, rounds
 
   _, S, alive, done, rounds = jax.lax.while_loop(
@@ -716,7 +778,10 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
     S = S._replace(est=est, aux1=aux1, aux2=aux2, lvl=lvl)
   s_win = samples_of(S.lvl)
 
-  # ---- partition function: refine the arms whose width still matters.
+  if mode == "paper" and cfg.normalization == "paper":
+    return _paper_normalization(S, P, advance, win, rounds, (s_warm, s_elim, s_win), samples_of, eps, fudge_z, cfg)
+
+  # ---- partition function (certified): refine the arms whose width still matters.
   log_ratio = jnp.log1p(eps) - jnp.log1p(-eps)
   zc = cfg.z_capacity
   z_buckets = _buckets(min(n, B * zc), k)
@@ -800,6 +865,76 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
   )
 
 
+def _paper_normalization(S: _State, P: _Plan, advance, win, rounds, phase_counts, samples_of, eps, fudge_z,
+                         cfg: AdaptiveConfig) -> AdaptiveResult:
+  r"""Paper mode's partition function: Algorithm 2 of Baharav et al. (2024), as in the authors' code.
+
+  From the first-pass estimates `mu_i` and variances `v_i` (fudge-scaled) of every arm, with
+  `C_i = sqrt(2 log(6n/delta') v_i)`, `alpha_i = e^{mu_i - C_i}`, `gamma_i = sqrt(alpha_i)` and
+  `delta' = delta / 2`, each arm gets a target variance
+
+    `V_i = min(sum(gamma) / (c gamma_i), sum(alpha) / (d alpha_i))`,
+    `c = 16 sqrt(2) log(6n/delta') sum(gamma)^2 / (eps sum(alpha))`, `d = 16 log(12/delta') / eps^2`,
+
+  so arms with a negligible share of the mass need no more pulls and the heavy ones are read until
+  their variance meets the target. Each arm then moves up the pull levels (one sweep over the levels, only
+  the arms still above their target) and `log Z = logsumexp(mu_hat)`: a point estimate whose error is the
+  sum of the arms' independent errors, not a worst-case bracket, so it is a confidence statement only as
+  far as the variance estimates are (the fudge factor is tuned, like the bandit one).
+  """
+  n, k, L = cfg.n, cfg.k, len(cfg.levels)
+  B = S.est.shape[0]
+  ct = S.est.dtype
+  s_warm, s_elim, s_win = phase_counts
+  dprime = cfg.delta / 2.0
+  lt = math.log(6.0 * n / dprime)
+
+  def targets(S: _State):
+    v = fudge_z * S.aux1
+    log_alpha = S.est - jnp.sqrt(2.0 * lt * v)
+    log_gamma = 0.5 * log_alpha
+    lse_a = jax.nn.logsumexp(log_alpha, axis=1, keepdims=True)
+    lse_g = jax.nn.logsumexp(log_gamma, axis=1, keepdims=True)
+    log_c = math.log(16.0 * math.sqrt(2.0) * lt) - jnp.log(eps) + 2.0 * lse_g - lse_a
+    log_d = math.log(16.0 * math.log(12.0 / dprime)) - 2.0 * jnp.log(eps)
+    return jnp.minimum(lse_g - log_c - log_gamma, lse_a - log_d - log_alpha)  # (B, n) log target variance
+
+  log_v1 = targets(S)
+
+  def needy(S: _State):
+    v = fudge_z * S.aux1
+    return (S.lvl < P.top_level) & (v > 0) & (jnp.log(jnp.maximum(v, jnp.finfo(ct).tiny)) > log_v1)
+
+  z_buckets = _buckets(min(n, B * cfg.z_capacity), k)
+
+  def level_body(c):
+    l, S = c
+    ml = needy(S) & (S.lvl == l)
+    return l + 1, jax.lax.cond(jnp.any(ml), lambda S: advance(S, ml, l, z_buckets), lambda S: S, S)
+
+  need0 = needy(S)
+  lmin = jnp.min(jnp.where(need0, S.lvl, L))
+  _, S = jax.lax.while_loop(lambda c: c[0] < L - 1, level_body, (lmin, S))
+  s_all = samples_of(S.lvl)
+
+  log_z = jax.nn.logsumexp(S.est, axis=1)
+  win_logits = jnp.take_along_axis(S.est, win, 1)
+  log_p = win_logits - log_z[:, None]
+  order_w = jnp.argsort(-win_logits, axis=1)
+  win, win_logits, log_p = (jnp.take_along_axis(a, order_w, 1) for a in (win, win_logits, log_p))
+  phase = jnp.stack([s_warm, s_elim - s_warm, s_win - s_elim, s_all - s_win], axis=1).astype(jnp.int32)
+  return AdaptiveResult(
+      indices=win.astype(jnp.int32),
+      probs=jnp.exp(log_p),
+      log_z=log_z,
+      samples=s_all,
+      phase_samples=phase,
+      logits=win_logits,
+      certified=~jnp.any(needy(S), axis=1),
+      rounds=rounds,
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _batched(keys, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg):
   """Shared order: one group with keys[0]. Per-query orders: query i is a group of one with keys[i],
@@ -842,6 +977,8 @@ def adaptive_softmax(
     growth: float = 2.0,
     z_capacity: int | None = None,
     shared_order: bool = False,
+    normalization: str = "bracket",
+    exact_rows: bool = False,
     check_finite: bool = True,
 ) -> AdaptiveResult:
   r"""PAC top-k softmax of `beta * A x` by adaptive sampling.
@@ -888,6 +1025,14 @@ def adaptive_softmax(
       tail, or a Gumbel-top-d order), but the queries' outcomes are no longer independent. The
       order's weights use `max_q |x_qj|`; each query's bounds use its own `|x_qj|`. Default False:
       one order per query, queries run one after another.
+    normalization: paper mode's partition function. "bracket" (default): every arm whose interval still
+      moves a winner's probability bracket is refined until `p_hi / p_lo <= (1 + eps) / (1 - eps)`.
+      "paper": the paper's Algorithm 2 (as in the authors' code): one target variance per arm from the
+      first-pass estimates (heavy arms are read further, light ones not), then `log Z = logsumexp(mu_hat)`;
+      `fudge_z` scales the variances.
+    exact_rows: when True, a round reads the full rows of its moving arms (they become exact) whenever
+      that costs less wall-clock than their new columns (`_READ_COST`): more samples, less time on
+      hardware where gathers are slow. False (default): reads follow the algorithm's samples.
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).
 
@@ -936,7 +1081,10 @@ def adaptive_softmax(
       )
   cfg = make_config(n, d, k=k, delta=delta, mode=mode, order=order, warmup=warmup, growth=growth,
                     z_capacity=z_capacity, exact_winners=exact_winners, head_ratio=head_ratio,
-                    shared_order=bool(shared_order) and x.ndim == 2)
+                    shared_order=bool(shared_order) and x.ndim == 2, normalization=normalization,
+                    exact_rows=exact_rows)
+  if normalization != "bracket" and mode != "paper":
+    raise ValueError(f"normalization={normalization!r} applies to mode='paper' only (got mode={mode!r})")
   single = x.ndim == 1
   ct = _compute_dtype(prep.A.dtype)  # 16-bit A: products and sums in float32
   X = (x[None] if single else x).astype(ct)
