@@ -9,6 +9,8 @@ checkpoint via --config.model_dir. Beyond the paper: sentence-embedding drift wi
 
     ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/topk/bert.py \
         --workdir results/topk_bert
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/topk/bert.py:search \
+        --workdir results/topk_bert_search   # issue 15: search-cost table, n = 256, 8 sequences
     python -m experiments.run --config configs/topk/bert.py:smoke --workdir /tmp/topk_bert_smoke
     ... --config.model_dir=/path/to/bert-base-uncased   # config.json, model.safetensors, tokenizer.json/vocab.txt
 
@@ -16,7 +18,8 @@ Data: `<data_dir>/wikitext-2/wiki.test.tokens`, packed into num_sequences sequen
 data_dir the built-in sentences (padded) are used.
 
 Time (measured, CPU, 2 cores shared with other jobs): full run 42 min (n=128 analysis + drift ~7 min; n=256
-analysis ~27 min + embedding drift ~8 min; 116 rows); smoke 19 s.
+analysis ~27 min + embedding drift ~8 min; 116 rows), 33 min in the re-run of e3b1652; search 8.3 min on one core
+(docs/results/topk_bert_search); smoke 19 s.
 """
 
 import ml_collections
