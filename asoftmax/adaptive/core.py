@@ -97,10 +97,10 @@ KAPPA = 7.0 / 3.0 + 3.0 / math.sqrt(2.0)  # Bardenet & Maillard (2015), Theorem 
 
 
 # Cost of one product read by each path of a round, relative to one product of the streamed `A @ x` (GEMV),
-# measured on XLA:CPU (32,000 x 4096 float32, 2 cores; scripts/bench_adaptive.py --micro): a row of A^T streamed
-# into every arm's sums ~2.5x, full rows of the moving arms gathered 32 at a time ~3.5x, an element gather of
-# (arms x columns) blocks ~25x. A round takes the cheapest path that holds its moving arms.
-_READ_COST = {"slab": 2.5, "rows": 3.5, "gather": 25.0}
+# measured on XLA:CPU (`python scripts/bench_adaptive.py --micro`: 32,000 x 4096 float32): a row of A^T streamed
+# into every arm's sums 2.7x, full rows of the moving arms gathered 32 at a time 2.6x, an element gather of
+# (arms x 32 columns) blocks 55-160x (1 and 2 cores). A round takes the cheapest path that holds its moving arms.
+_READ_COST = {"slab": 2.7, "rows": 2.6, "gather": 100.0}
 
 
 def _is_tracer(v) -> bool:
