@@ -850,19 +850,20 @@ def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: Ada
   log_p = jnp.log(2.0) + lp_lo + lp_hi - jnp.logaddexp(lp_lo, lp_hi)
   log_z = jnp.logaddexp(jax.nn.logsumexp(lo, axis=1), jax.nn.logsumexp(hi, axis=1)) - jnp.log(2.0)
   win_logits = 0.5 * (jnp.take_along_axis(lo, win, 1) + jnp.take_along_axis(hi, win, 1))
+  return _result(win, win_logits, log_p, log_z, (s_warm, s_elim, s_win, s_all), ok, rounds)
+
+
+def _result(win, win_logits, log_p, log_z, counts, ok, rounds) -> AdaptiveResult:
+  """Assembles the result of a group: winners sorted by logit, samples split by phase.
+
+  counts: cumulative samples (B,) after warm-up, elimination, winners and normalization.
+  """
   order_w = jnp.argsort(-win_logits, axis=1)
   win, win_logits, log_p = (jnp.take_along_axis(a, order_w, 1) for a in (win, win_logits, log_p))
+  s_warm, s_elim, s_win, s_all = counts
   phase = jnp.stack([s_warm, s_elim - s_warm, s_win - s_elim, s_all - s_win], axis=1).astype(jnp.int32)
-  return AdaptiveResult(
-      indices=win.astype(jnp.int32),
-      probs=jnp.exp(log_p),
-      log_z=log_z,
-      samples=s_all,
-      phase_samples=phase,
-      logits=win_logits,
-      certified=ok,
-      rounds=rounds,
-  )
+  return AdaptiveResult(indices=win.astype(jnp.int32), probs=jnp.exp(log_p), log_z=log_z, samples=s_all,
+                        phase_samples=phase, logits=win_logits, certified=ok, rounds=rounds)
 
 
 def _paper_normalization(S: _State, P: _Plan, advance, win, rounds, phase_counts, samples_of, eps, fudge_z,
@@ -920,19 +921,8 @@ def _paper_normalization(S: _State, P: _Plan, advance, win, rounds, phase_counts
   log_z = jax.nn.logsumexp(S.est, axis=1)
   win_logits = jnp.take_along_axis(S.est, win, 1)
   log_p = win_logits - log_z[:, None]
-  order_w = jnp.argsort(-win_logits, axis=1)
-  win, win_logits, log_p = (jnp.take_along_axis(a, order_w, 1) for a in (win, win_logits, log_p))
-  phase = jnp.stack([s_warm, s_elim - s_warm, s_win - s_elim, s_all - s_win], axis=1).astype(jnp.int32)
-  return AdaptiveResult(
-      indices=win.astype(jnp.int32),
-      probs=jnp.exp(log_p),
-      log_z=log_z,
-      samples=s_all,
-      phase_samples=phase,
-      logits=win_logits,
-      certified=~jnp.any(needy(S), axis=1),
-      rounds=rounds,
-  )
+  return _result(win, win_logits, log_p, log_z, (s_warm, s_elim, s_win, s_all), ~jnp.any(needy(S), axis=1),
+                 rounds)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
