@@ -208,6 +208,9 @@ def main():
   ap.add_argument("--n_tune", type=int, default=64, help="tuning queries (paper variants), disjoint from the held-out ones")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--micro", action="store_true", help="only the per-product cost of the read paths")
+  ap.add_argument("--fudge", default=None, metavar="FB,FZ",
+                  help="use these fudge factors for the paper variants instead of tuning them (say where they came "
+                       "from: e.g. a CPU tuning run of the same head and queries)")
   args = ap.parse_args()
   dev = jax.devices()[0]
   print(f"jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '')} x{len(jax.devices())}, "
@@ -233,16 +236,25 @@ def main():
       for variant in args.variants:
         mode, opts, tuned = VARIANTS[variant]
         kw = dict(k=K, epsilon=EPSILON, delta=DELTA, mode=mode, check_finite=False, **opts)
-        if tuned:
+        if tuned and args.fudge:
+          fb, fz = (float(v) for v in args.fudge.split(","))
+          kw.update(fudge_bandit=fb, fudge_z=fz)
+          notes.append(f"{head} {dtype} {variant}: fudge_bandit {fb:.3g}, fudge_z {fz:.3g} (given by --fudge, not tuned)")
+        elif tuned:
+          t0 = time.perf_counter()
           fb, fz = tuning.tune_fudge(jax.random.key(2), prep, jnp.asarray(X_tune, jnp.float32), confidence=0.95,
                                      logits=X_tune.astype(np.float64) @ Av.T,
                                      **{a: v for a, v in kw.items() if a != "check_finite"})
           kw.update(fudge_bandit=fb, fudge_z=fz)
+          print(f"  ({head} {dtype} {variant}: tuning {time.perf_counter() - t0:.1f} s)", flush=True)
           notes.append(f"{head} {dtype} {variant}: fudge_bandit {fb:.3g}, fudge_z {fz:.3g} "
                        f"(tuned on {args.n_tune} queries, binomial rule at 95 %)")
         run = lambda x, **o: adaptive.adaptive_softmax(jax.random.key(1), prep, x, **kw, **o)  # noqa: E731
         # Success and samples over the held-out queries, one order per query.
-        res = run(Xj[: args.n_queries])
+        t0 = time.perf_counter()
+        res = jax.block_until_ready(run(Xj[: args.n_queries]))
+        print(f"  ({head} {dtype} {variant}: held-out batch of {args.n_queries}, compile + run "
+              f"{time.perf_counter() - t0:.1f} s)", flush=True)
         _, ok = adaptive.success_mask(res, logits[: args.n_queries], EPSILON)
         frac = float(np.mean(np.asarray(res.samples))) / (n * d)
         for b in args.batch:
