@@ -74,11 +74,10 @@ def render_table(res: dict, exp: registry.Experiment) -> str:
     lines += ["", f"**Provenance:** {res['provenance']}"]
   lines.append("")
   specs = experiment_tables(exp)
-  for t in specs:
+  shown = [t for t in specs if any(r.get("table") == t.name for r in rows)]  # a section head only if several
+  for t in shown:
     mine = [r for r in rows if r.get("table") == t.name]
-    if not mine:
-      continue
-    if len(specs) > 1 or t.title:
+    if len(shown) > 1 or t.title:
       lines += [f"## {t.title or t.name}", ""]
     lines.append(tables.markdown_table(mine, t.columns))
   notes = res.get("notes") or {}

