@@ -39,6 +39,7 @@ README_SNAPSHOTS = (
     ("docs/results/topk_decoder", "configs/topk/decoder.py"),
     ("docs/results/rf_lm", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
+    ("docs/results/rf_lm_smollm2_plateau", "configs/rff/lm.py"),  # variant :plateau
     ("docs/results/rf_bias", "configs/rff/bias.py"),
     ("docs/results/rf_classification", "configs/rff/classification.py"),
 )
