@@ -40,6 +40,7 @@ README_SNAPSHOTS = (
     ("docs/results/rf_lm", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2_plateau", "configs/rff/lm.py"),  # variant :plateau
+    ("docs/results/rf_lm_smollm2_plateau_exact", "configs/rff/lm.py"),  # variant :plateau, samplers=(exact,)
     ("docs/results/rf_bias", "configs/rff/bias.py"),
     ("docs/results/rf_classification", "configs/rff/classification.py"),
 )
