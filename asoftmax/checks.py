@@ -266,6 +266,21 @@ def pos_int(name: str, v: Any, lo: int = 1) -> int:
   return int(v)
 
 
+def boolean(name: str, value: Any) -> bool:
+  """Checks `value` is a bool (Python or numpy; a concrete 0-d bool array too) and returns it as a Python bool.
+
+  A truthy object such as the string "yes", 1 or None is rejected: a typo must not silently switch an option on.
+  A traced value is rejected too (boolean options choose code paths, so they must be static).
+  """
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if is_traced(value):
+    raise ValueError(f"{name} must be a Python bool (a static option), got a traced value")
+  if getattr(value, "shape", None) == () and np.dtype(getattr(value, "dtype", object)) == np.bool_:
+    return bool(value)
+  raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+
+
 def one_of(name: str, value: Any, choices) -> Any:
   """Checks `value` is one of `choices`."""
   if value not in choices:

@@ -63,3 +63,13 @@ def test_numbers_always_checked():
 def test_not_an_array():
   with pytest.raises(ValueError, match="x must be an array, got list"):
     checks.floating_array("x", [1.0, 2.0])
+
+
+def test_boolean_rejects_truthy_non_bools():
+  assert checks.boolean("flag", True) is True and checks.boolean("flag", np.bool_(False)) is False
+  assert checks.boolean("flag", np.array(True)) is True
+  for bad in ("yes", "False", 1, 0, None, 1.0, np.array([True])):
+    with pytest.raises(ValueError, match="flag must be a bool"):
+      checks.boolean("flag", bad)
+  with pytest.raises(ValueError, match="flag must be a Python bool"):
+    jax.jit(lambda b: checks.boolean("flag", b))(True)

@@ -269,3 +269,80 @@ def test_shared_rff_negatives_estimate_each_query_partition_function_without_bia
     est = w.sum(1)
     Z = e[b].sum() - e[b, t[b]]
     assert abs(est.mean() - Z) <= 4 * est.std() / np.sqrt(R), (b, est.mean(), Z)
+
+
+# ------------------------------------------------------------------------------------------- no hangs (issue 18)
+# Each trigger used to make `draw_negatives(..., unique=True)` loop forever (Ctrl-C could not stop it). They run in
+# one subprocess with a timeout, each reporting as it ends, so a regression fails here instead of hanging the suite.
+_HANG_SCRIPT = r'''
+import os, threading, jax, jax.numpy as jnp, numpy as np
+from asoftmax import rff
+
+def _run(name, fn):
+  try:
+    neg = fn()
+    ids, lq, le = (np.asarray(x) for x in (neg.ids, neg.log_q, neg.log_expected))
+    inrange = bool((ids >= 0).all() and (ids < 12).all())
+    flagged = bool(np.isnan(lq).any() and np.isnan(le).any())
+    print("RESULT", name, "flagged" if flagged and inrange else f"unflagged ids={ids.tolist()}", flush=True)
+  except ValueError as e:
+    print("RESULT", name, "ValueError:", str(e).replace("\n", " "), flush=True)
+  except Exception as e:
+    print("RESULT", name, "other:", type(e).__name__, str(e)[:200].replace("\n", " "), flush=True)
+
+def report(name, fn, timeout=30):
+  t = threading.Thread(target=_run, args=(name, fn), daemon=True)  # a hung XLA loop cannot be interrupted
+  t.start()
+  t.join(timeout)
+  if t.is_alive():
+    print("RESULT", name, f"hang: > {timeout} s", flush=True)
+    os._exit(1)  # the hung loop keeps a core busy: give up on the rest
+
+h = rff.normalize(jax.random.normal(jax.random.key(0), (3, 4)))
+C = rff.normalize(jax.random.normal(jax.random.key(1), (12, 4)))
+uni = rff.uniform_sampler(12)
+zero = rff.unigram_sampler(np.array([5.0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), smoothing=0.0)
+rf = rff.rff_sampler(jax.random.key(2), 8, 1.0)
+rst = rf.init(C)
+key = jax.random.key(3)
+report("m_gt_n", lambda: rff.draw_negatives(uni, uni.init(), key, h, 13, unique=True))
+report("zero_mass", lambda: rff.draw_negatives(zero, zero.init(), key, h, 4, unique=True, num_classes=12))
+report("zero_mass_shared", lambda: rff.draw_negatives(zero, zero.init(), key, h, 4, shared=True, unique=True))
+report("zero_mass_jit", lambda: jax.jit(lambda st: rff.draw_negatives(zero, st, key, h, 4, unique=True))(zero.init()))
+bad = np.asarray(h).copy(); bad[1, 0] = np.nan
+report("nan_query_jit", lambda: jax.jit(lambda hh: rff.draw_negatives(rf, rst, key, hh, 4, unique=True))(bad))
+report("nan_query_jit_shared",
+       lambda: jax.jit(lambda hh: rff.draw_negatives(rf, rst, key, hh, 4, shared=True, unique=True))(bad))
+os._exit(0)
+'''
+
+_HANG_CASES = {"m_gt_n": "m", "zero_mass": "m", "zero_mass_shared": "m", "zero_mass_jit": None,
+               "nan_query_jit": None, "nan_query_jit_shared": None}
+
+
+@pytest.fixture(scope="module")
+def hang_report():
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  try:
+    out = subprocess.run([sys.executable, "-c", _HANG_SCRIPT], capture_output=True, text=True, timeout=240,
+                         env=env).stdout
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+  return {l.split(" ", 2)[1]: l.split(" ", 2)[2] for l in out.splitlines() if l.startswith("RESULT ")}, out
+
+
+@pytest.mark.parametrize("case", sorted(_HANG_CASES))
+def test_unique_draws_never_hang(case, hang_report):
+  """A set of m distinct classes that cannot be drawn gives a ValueError naming m (concrete input) or a flagged
+  result (log q and log expected count NaN, ids in range) -- never an endless rejection loop."""
+  results, out = hang_report
+  assert case in results, f"{case} not reached (an earlier case hung); subprocess output:\n{out[-2000:]}"
+  verdict = results[case]
+  arg = _HANG_CASES[case]
+  if verdict.startswith("ValueError"):
+    assert arg is not None and arg in verdict.split(":", 1)[1], verdict
+  else:
+    assert verdict == "flagged", verdict

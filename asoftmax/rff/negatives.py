@@ -16,6 +16,8 @@ Tries are drawn in chunks of `chunk` (vectorised over the chunk) inside a `lax.w
 try counts only if its class is not already kept and not equal to an earlier try of the chunk, so the kept
 set and T are exactly those of the one-at-a-time loop on the same stream of tries (`unique_from_stream`).
 `shared=True` draws one set for the whole batch (ids [m]); per query, each query runs its own loop (vmapped).
+The loop is bounded (`max_tries`, and it stops at the first flagged try): a set it cannot complete -- fewer than m
+classes with q > 0, or a NaN query under `jax.jit` -- comes back flagged (log q NaN), never as an endless loop.
 """
 
 from __future__ import annotations
@@ -93,55 +95,89 @@ def unique_from_stream(tries: jax.Array, try_log_q: jax.Array, m: int, kept: jax
   return kept, kept_log_q, jnp.minimum(rank[-1], m), used.astype(jnp.int32)
 
 
-def _unique_loop(draw, key, m, chunk):
-  """Runs the rejection loop for one stream; draw(key, K) -> (ids [K], log_q [K])."""
+def _unique_loop(draw, key, m, chunk, max_tries, n):
+  """Runs the rejection loop for one stream; draw(key, K) -> (ids [K], log_q [K]).
+
+  The loop is bounded: it stops after `max_tries` tries (checked once per chunk) or at the first flagged try (log q
+  NaN: a NaN / inf query, see `samplers._flag`). A set that is then still incomplete, or built from flagged tries,
+  is flagged: log q NaN for the whole set, its empty slots hold class n - 1 (in range).
+  """
 
   def cond(c):
-    return c[2] < m
+    kept, klq, count, tries, key, bad = c
+    return (count < m) & (tries < max_tries) & ~bad
 
   def body(c):
-    kept, klq, count, tries, key = c
+    kept, klq, count, tries, key, bad = c
     key, sub = jax.random.split(key)
     ids, lq = draw(sub, chunk)
     kept, klq, count, used = unique_from_stream(ids, lq, m, kept, klq, count)
-    return kept, klq, count, tries + used, key
+    return kept, klq, count, tries + used, key, bad | jnp.any(jnp.isnan(lq))
 
-  init = (jnp.full((m,), -1, jnp.int32), jnp.zeros((m,), jnp.float32), jnp.int32(0), jnp.int32(0), key)
-  kept, klq, _, tries, _ = jax.lax.while_loop(cond, body, init)
-  return kept, klq, tries
+  init = (jnp.full((m,), -1, jnp.int32), jnp.zeros((m,), jnp.float32), jnp.int32(0), jnp.int32(0), key,
+          jnp.array(False))
+  kept, klq, count, tries, _, bad = jax.lax.while_loop(cond, body, init)
+  ok = (count >= m) & ~bad
+  kept = jnp.where(kept >= 0, kept, n - 1).astype(jnp.int32)
+  return kept, jnp.where(ok, klq, jnp.nan), tries
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
-def _draw(sampler, state, key, h, m, shared, unique, chunk):
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
+def _draw(sampler, state, key, h, m, shared, unique, chunk, max_tries, n):
   B = h.shape[0]
   if not unique:
     ids, lq = sampler.sample(state, key, h, m, shared=shared)
     tries = jnp.full(() if shared else (B,), m, jnp.int32)
     return Negatives(ids, lq, expected_count(lq, tries, m, False), tries)
   if shared:
-    ids, lq, tries = _unique_loop(lambda k, K: sampler.sample(state, k, h, K, shared=True), key, m, chunk)
+    ids, lq, tries = _unique_loop(lambda k, K: sampler.sample(state, k, h, K, shared=True), key, m, chunk,
+                                  max_tries, n)
   else:
     def one(k, hb):
-      return _unique_loop(lambda kk, K: tuple(x[0] for x in sampler.sample(state, kk, hb[None], K)), k, m, chunk)
+      return _unique_loop(lambda kk, K: tuple(x[0] for x in sampler.sample(state, kk, hb[None], K)), k, m, chunk,
+                          max_tries, n)
     ids, lq, tries = jax.vmap(one)(jax.random.split(key, B), h)
   return Negatives(ids, lq, expected_count(lq, tries, m, True), tries)
 
 
+def _sampler_classes(sampler, state, h) -> int:
+  """n, the number of classes the sampler draws from (the shape of its shared proposal; nothing is computed)."""
+  return int(jax.eval_shape(functools.partial(sampler.log_probs, shared=True), state, h).shape[-1])
+
+
+def _positive_classes(state) -> int | None:
+  """For a query-independent proposal with concrete state (uniform, unigram): the classes with q > 0; else None."""
+  log_q = getattr(state, "log_q", None)
+  if log_q is None or getattr(state, "cdf", None) is None or checks.is_traced(log_q):
+    return None
+  return int(np.isfinite(np.asarray(log_q, np.float32)).sum())
+
+
 def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shared: bool = False,
-                   unique: bool = False, chunk: int | None = None, num_classes: int | None = None) -> Negatives:
+                   unique: bool = False, chunk: int | None = None, num_classes: int | None = None,
+                   max_tries: int | None = None) -> Negatives:
   """Draws m negatives per query (or one set for the batch) with or without replacement.
 
   Args:
     sampler: a `samplers.Sampler`. state: its state. key: PRNG key.
     h: [B, d] unit-norm queries.
-    m: classes per set (>= 1); with `unique=True` m must not exceed the number of classes.
-    shared: one set of m classes for the whole batch (ids [m]) instead of one per query ([B, m]).
-    unique: without replacement (TF's rejection rule and expected counts, see module docstring).
+    m: classes per set (>= 1); with `unique=True` m must not exceed the number of classes (n, read from the
+      sampler's state) nor, for a query-independent proposal (uniform, unigram), the classes with q > 0.
+    shared: one set of m classes for the whole batch (ids [m]) instead of one per query ([B, m]). A bool.
+    unique: without replacement (TF's rejection rule and expected counts, see module docstring). A bool.
     chunk: tries drawn per loop iteration when unique (default 2m).
-    num_classes: n, to check m <= n when unique (recommended).
+    num_classes: optional n; if given it must equal the sampler's number of classes.
+    max_tries: the rejection loop's bound when unique (default max(1000 m, 10,000) tries; checked once per chunk).
 
   Returns:
     `Negatives(ids, log_q, log_expected, num_tries)`; pass `log_expected` to `loss.corrected_sampled_loss`.
+    With `unique=True` a set that could not be completed -- the loop hit `max_tries` (e.g. fewer than m classes
+    have q > 0 under a traced state) or a try was flagged (a NaN / inf query under `jax.jit`) -- is flagged:
+    `log_q` and `log_expected` NaN for the whole set, ids in range (empty slots hold class n - 1).
+
+  Raises:
+    ValueError: m, chunk, max_tries not positive integers; shared / unique not bools; h not unit rows (concrete);
+      with `unique=True`, m > n or (concrete state) m > the classes with q > 0; num_classes != n.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np
@@ -157,8 +193,19 @@ def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shar
   """
   m = checks.pos_int("m", m)
   checks.unit_rows("h", h, 2)
-  if unique and num_classes is not None and m > num_classes:
-    raise ValueError(f"m = {m} distinct classes requested but num_classes = {num_classes}")
+  shared = checks.boolean("shared", shared)
+  unique = checks.boolean("unique", unique)
   chunk = 2 * m if chunk is None else checks.pos_int("chunk", chunk)
-  return _draw(sampler, state, key, h, m, bool(shared), bool(unique), chunk)
+  max_tries = max(1000 * m, 10_000) if max_tries is None else checks.pos_int("max_tries", max_tries)
+  n = _sampler_classes(sampler, state, h)
+  if num_classes is not None and checks.pos_int("num_classes", num_classes) != n:
+    raise ValueError(f"num_classes = {num_classes} but the sampler draws from n = {n} classes")
+  if unique:
+    if m > n:
+      raise ValueError(f"m = {m} distinct classes requested but the sampler has only n = {n} classes")
+    pos = _positive_classes(state)
+    if pos is not None and m > pos:
+      raise ValueError(f"m = {m} distinct classes requested but the proposal gives q > 0 to only {pos} of {n} "
+                       "classes (zero counts with smoothing = 0)")
+  return _draw(sampler, state, key, h, m, shared, unique, chunk, max_tries, n)
 
