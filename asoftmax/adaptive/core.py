@@ -1,79 +1,74 @@
 r"""AdaptiveSoftmax: bandit-based PAC top-k softmax of `beta * A x`.
 
-Implements Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation" (NeurIPS 2024),
-Algorithm 1 (best-arm identification, here for the top-k *set*) and Algorithm 2 (adaptive estimate of
-the partition function), restated in `shared/papers/adaptive_softmax.md`, in two modes.
+Implements Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation" (NeurIPS 2024):
+Algorithm 1 (best-arm identification by successive elimination, here for the top-k *set*) and
+Algorithm 2 (adaptive estimate of the partition function), in two modes that differ only in the
+interval they put around an arm's estimate (`_intervals`).
 
 Arms are the rows of `A` (n of them); "pulling" arm i on coordinate j reads one product `A_ij x_j`
-(one *sample*). Every arm of one query reads the coordinates in one shared order, so "arm i after m
-pulls" is a prefix of that order. Per arm and pull level the algorithm keeps an estimate of
-`mu_i = beta * A_i . x` and an interval `[lo_i, hi_i]`:
+(one *sample*). Every arm of one query reads the coordinates in one shared order, so "arm i at level l"
+has read a prefix of that order: `levels[l]` products (`min(levels[l], nnz(x))`).
 
-* **mode="certified"** (default): intervals valid for *every* `A` and `x`, no tuning.
-  The order is a deterministic *head* (coordinates whose range weight `w_j = |x_j| M_j`,
-  `M_j = max_i |A_ij|`, exceeds `head_ratio` times the mean) read first, then the remaining
-  *tail* coordinates in a uniformly random order (sampling without replacement). After m pulls an
-  arm knows its head part exactly and has `m_t = m - h` tail products, each in `[-R, R]` with
-  `R = max_{j in tail} w_j` (a bound computed from `x` and the precomputed column maxima, with no
-  extra reads of `A`). Its interval is the intersection of
-  - the empirical Bernstein-Serfling bound for sampling without replacement (Bardenet & Maillard
-    2015, "Concentration inequalities for sampling without replacement", Bernoulli 21(3),
-    Theorem 4.3): with probability >= 1 - 5 delta', one-sided,
-    `mean_hat - mean <= sigma_hat sqrt(2 rho_m log(1/delta') / m) + kappa (2R) log(1/delta') / m`,
-    `kappa = 7/3 + 3/sqrt(2)`, `rho_m = 1 - (m-1)/N` (m <= N/2) or `(1 - m/N)(1 + 1/m)`, scaled
-    by the tail size N; and
-  - the deterministic bound `|unread part| <= sum_{j unread} w_j`, which holds always.
-  One union bound over n arms x L pull levels x 2 sides (`delta' = delta / (10 n L)`) makes
-  *every* interval the algorithm ever uses hold simultaneously with probability >= 1 - delta, so
-  identification and normalization share the whole delta. A float32 rounding margin
-  `2 u sqrt(d) beta sum_j w_j` (u the unit roundoff) widens every interval.
-* **mode="paper"**: the paper's radius `r_i = sqrt(2 * fudge * var_i * log(c n L / delta'))` around
-  a Horvitz-Thompson estimate, coordinates in Gumbel-top-d order with weights
-  `|x_j| * sum_i |A_ij|` (importance, conditional inclusion probabilities given the (m+1)-th key,
-  Kool et al. 2019) or uniform; `var_i` is *estimated*, so the radius is a confidence interval only
-  for sub-Gaussian products. Fudge factors (tuned on training queries, `tuning.tune_fudge`) scale
-  the variance. This is the mode of the paper's tables.
+**The order (sampling scheme).** Each query's order is a deterministic *head* followed by a *tail*
+read in a uniformly random order (sampling without replacement):
 
-Algorithm, per query:
+* head: the (at most `head_size`) coordinates whose range weight `w_j = |x_j| M_j`,
+  `M_j = max_i |A_ij|`, exceeds a threshold `tau >= head_ratio * mean(w)`; every arm reads them
+  exactly in the warm-up. They are found without sorting d: the largest `w` within the blocks of 256
+  coordinates with the largest block maxima (`_head`).
+* tail: the other useful coordinates (`x_j != 0`, `M_j > 0`) in the order of a uniformly random
+  permutation `pi` drawn **once** in `prepare_matrix` (A^T stored in that order, so a run of positions is
+  a contiguous read), started at a uniformly random position drawn from each call's key (a cyclic shift).
+  For any `x` chosen independently of `pi`, the tail coordinates appear in a uniformly random order
+  (a uniform random permutation stays uniform under any shift and restricted to any subset fixed
+  before it is drawn), which is all the intervals below need. Outcomes of calls on one prepared matrix
+  are not independent of each other; `prepare_matrix(A, key=...)` redraws `pi`. A call costs a few O(d)
+  passes over `x` (weights, block maxima, counts) plus the products it reads: no sort, no d random draws.
 
-1. **Warm-up.** Every arm reads the first `warmup` coordinates of the order (one `(m0, n)` slab of
-   `A^T`).
-2. **Top-k identification** (successive elimination). Keep the arms whose upper bound reaches the
-   k-th largest lower bound; double the pulls of the survivors until k remain or pulls reach
-   `nnz(x)` (then the arm is exact). Survivors are compacted into a fixed-size buffer from a static
-   schedule (n, n/8, n/64, ...).
-3. **Winners.** With `exact_winners=True` (default) the k winners are computed exactly; otherwise
-   they keep their interval and the normalization loop refines them like any other arm.
-4. **Partition function.** Certified mode, and paper mode with `normalization="bracket"` (default): for each winner w, `p_w = e^mu_w / (e^mu_w + Z_-w)` with
-   `Z_-w = sum_{i != w} e^mu_i` is bracketed by `[p_lo, p_hi]` from the arms' intervals; the returned
-   `p_hat = 2 p_lo p_hi / (p_lo + p_hi)` is within a factor `1 +- eps` of every value in the bracket
-   once `p_hi / p_lo <= (1 + eps) / (1 - eps)`. Until then the arms whose intervals widen the worst
-   winner's bracket most move up one level, but only as many as are needed to cover the remaining
-   deficit (an arm that cannot move the bracket by more than the slack left is not refined). A
-   dominant winner's own error cancels in `p_w`, so it need not be computed exactly.
-   `log_z` is `log((Z_lo + Z_hi) / 2)`. Paper mode with `normalization="paper"`: the paper's Algorithm 2
-   (`_paper_normalization`): one target variance per arm from the first-pass estimates, the arms above
-   their target read further, `log Z = logsumexp(mu_hat)`.
+**Intervals** (`_intervals`), from the head sum, the tail sum and sum of squares of the `m` tail
+products read, the tail size `N`, and `R = tau` (every tail product is in `[-R, R]`):
 
-Samples are counted as distinct products read: arm i at level l has read `min(m_l, nnz(x))`
-products, winners `nnz(x)`. `phase_samples` splits the count into warm-up, elimination, winners and
+* **mode="certified"** (default): valid for *every* `A` and `x` (independent of `pi`), no tuning. The
+  intersection of the Hoeffding-Serfling bound (Bardenet & Maillard 2015, "Concentration inequalities for
+  sampling without replacement", Bernoulli 21(3), Corollary 2.5) and the empirical Bernstein-Serfling
+  bound (ibid., Theorem 4.3: with probability >= 1 - 5 delta', one-sided,
+  `mean_hat - mean <= sigma_hat sqrt(2 rho_m log(1/delta') / m) + kappa (2R) log(1/delta') / m`,
+  `kappa = 7/3 + 3/sqrt(2)`) scaled by N, with the deterministic bound `|unread part| <= sum_{unread} w_j`.
+  One union bound over n arms x L levels x 2 sides (`delta' = delta / (10 n L)`) makes *every* interval
+  the algorithm may use hold at once with probability >= 1 - delta, so identification and normalization
+  share the whole delta. A float32 rounding margin `2 u sqrt(d) beta sum_j w_j` widens every interval.
+* **mode="paper"**: the paper's radius `r = sqrt(2 fudge var log(c n L / delta'))` around the same
+  estimate, `var` the *estimated* variance of the tail estimate (finite-population corrected sample
+  variance, `N^2 (1 - m/N) s^2 / m`): a confidence interval only for sub-Gaussian products. Fudge
+  factors tuned on training queries (`tuning.tune_fudge`) scale the variance. The paper orders
+  coordinates by Gumbel-top-d importance weights (Horvitz-Thompson estimate); here the weight is spent
+  on the deterministic head instead, which needs no per-call sort.
+
+Algorithm, per query (one function per step below):
+
+1. `_warm_up`: every arm reads the head and the first tail coordinates (`levels[0]` products).
+2. `_eliminate` (Algorithm 1): keep the arms whose upper bound reaches the k-th largest lower bound;
+   the survivors move up one level per round (pulls x `growth`) until k remain or they are exact.
+3. `_winners`: with `exact_winners=True` (default) the k winners are computed exactly.
+4. Partition function: `_bracket_normalization` (certified mode; paper mode's default): for each winner w,
+   `p_w = e^mu_w / (e^mu_w + Z_-w)` is bracketed from the arms' intervals and the arms that widen the
+   worst bracket most move up until `p_hi / p_lo <= (1 + eps) / (1 - eps)`; the returned
+   `p_hat = 2 p_lo p_hi / (p_lo + p_hi)` is then within `1 +- eps` of every value in the bracket.
+   `_paper_normalization` (`normalization="paper"`): Algorithm 2, target variances from the first-pass
+   estimates, point estimate `log Z = logsumexp(mu_hat)`.
+
+Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
+products; exact arms `nnz(x)`. `phase_samples` splits them into warm-up, elimination, winners and
 normalization (`PHASES`).
 
-Implementation (reads follow samples). Moving arms from level l to l + 1 reads only the columns
-`order[m_l : m_{l+1}]` of those arms (certified mode adds them to per-arm running sums `seen`, tail sum,
-tail sum of squares; paper mode re-reads the level's prefix `order[:m_{l+1}]`, since its Horvitz-Thompson
-weights change with the level's threshold: at most twice the incremental reads with doubling levels).
-Each round takes the cheapest of three read paths for its moving arms (`_READ_COST`, measured on XLA:CPU):
-the *slab* (the block's rows of `A^T`, contiguous, streamed into every arm's sums: one row at a time for
-one query, C rows as a small GEMM for a group), a *gather* of the (arms x columns) block into the smallest
-static buffer that holds the moving arms (n, n/8, ... in the elimination; z_capacity, z_capacity/8, ...
-in the normalization loop), or their *full rows* (contiguous; `A @ x` when every arm moves). Full rows
-are taken below the top level only with `exact_rows=True` (the arms become exact: more samples, less
-time); otherwise only once the level reads every useful coordinate. No (n, d) array other than `A` and
-`A^T` is formed (tests/test_adaptive_perf.py reads the compiled program). A 16-bit `A` is read as stored
-and multiplied in float32. Rounds are `lax.while_loop`s with masks; a batch runs query by query
-(`lax.map`: each query's own control flow), or, with `shared_order=True`, as one group sharing one order
-(blocks read once for the union of the queries' moving arms, products as small GEMMs).
+Reads (`_advance`): moving arms from level l to l + 1 reads only their next tail coordinates (running
+sums, never a re-read). Each move takes the cheapest of three read paths by a measured cost model
+(`_READ_COST`): the *slab* (the positions' rows of the stored `A^T`, every arm, a small GEMV/GEMM per chunk),
+an element *gather* of the moving arms' new columns (the arms compacted into the smallest static buffer that
+holds them: n, n/8, ...), or their *full rows* (`A @ x`, the arms become exact; below the top level only with
+`exact_rows=True`). No (n, d) array other than `A` and `A^T` is formed (tests/test_adaptive_perf.py reads the
+compiled program). A 16-bit `A` is read as stored and multiplied in float32. Rounds are `lax.while_loop`s with
+masks; a batch runs query by query (`lax.map`), or, with `shared_order=True`, as one group sharing one order.
 """
 
 from __future__ import annotations
@@ -94,12 +89,12 @@ ORDERS = ("importance", "uniform")
 NORMALIZATIONS = ("bracket", "paper")
 PHASES = ("warmup", "elimination", "winners", "normalization")
 KAPPA = 7.0 / 3.0 + 3.0 / math.sqrt(2.0)  # Bardenet & Maillard (2015), Theorem 4.3
-
+HEAD_BLOCK = 256  # about this many coordinates per block when the head is searched by block maxima (`_head`)
 
 # Cost of one product read by each path of a round, relative to one product of the streamed `A @ x` (GEMV),
-# measured on XLA:CPU (`python scripts/bench_adaptive.py --micro`: 32,000 x 4096 float32): a row of A^T streamed
-# into every arm's sums 2.7x, full rows of the moving arms gathered 32 at a time 2.6x, an element gather of
-# (arms x 32 columns) blocks 55-160x (1 and 2 cores). A round takes the cheapest path that holds its moving arms.
+# measured on XLA:CPU (`python scripts/bench_adaptive.py --micro`: 32,000 x 4096 float32): rows of A^T read
+# into every arm's sums 2.7x, full rows of the moving arms 2.6x, an element gather of (arms x 32 columns)
+# blocks 55-160x (1 and 2 cores). A round takes the cheapest path that holds its moving arms.
 _READ_COST = {"slab": 2.7, "rows": 2.6, "gather": 100.0}
 
 
@@ -107,42 +102,82 @@ def _is_tracer(v) -> bool:
   return isinstance(v, jax.core.Tracer)
 
 
+# ============================================================================================ the matrix
 class PreparedMatrix(NamedTuple):
-  """A matrix made ready for repeated AdaptiveSoftmax calls (validated once).
+  """A matrix made ready for repeated AdaptiveSoftmax calls (validated once; the tail order drawn once).
 
   Attributes:
-    A: (n, d) the matrix, row-major (rows are contiguous: gathers of surviving arms).
-    At: (d, n) its transpose, materialized (columns contiguous: the warm-up slab).
-    col_l1: (d,) column L1 norms `sum_i |A_ij|` (paper mode's importance weights).
-    col_max: (d,) column maxima `M_j = max_i |A_ij|` (certified mode's range bounds).
+    A: (n, d) the matrix, row-major (rows contiguous: full rows and gathers of surviving arms).
+    At: (d, n) its transpose with rows in the order `perm`: `At[p] = A[:, perm[p]]` (a run of positions
+      of the order is a contiguous block of rows).
+    perm: (d,) int32 coordinate at each position of the order (a uniformly random permutation).
+    inv: (d,) int32 position of each coordinate (`inv[perm[p]] = p`).
+    col_l1: (d,) column L1 norms `sum_i |A_ij|`.
+    col_max: (d,) column maxima `M_j = max_i |A_ij|` (the range bounds).
   """
 
   A: jax.Array
   At: jax.Array
+  perm: jax.Array
+  inv: jax.Array
   col_l1: jax.Array
   col_max: jax.Array
 
 
-def prepare_matrix(A) -> PreparedMatrix:
-  """Validates `A` (2-D, floating, non-empty; finite when concrete) and precomputes `A^T` and column norms.
+def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
+  """Validates `A` (2-D, floating, non-empty; finite when concrete), draws the tail order, stores `A^T` in it.
+
+  Args:
+    A: (n, d) floating matrix (or a `PreparedMatrix`, returned as is).
+    key: PRNG key of the coordinate order `pi` (default `jax.random.key(0)`). Every call on the returned
+      matrix reads tail coordinates in `pi` order from a random start: its guarantee holds for queries chosen
+      independently of `pi`. Prepare again with another key to redraw it.
 
   Works on traced arrays too (inside the user's `jax.jit`), where the value check is skipped.
+
+  Example:
+    >>> import jax
+    >>> from asoftmax import adaptive
+    >>> prep = adaptive.prepare_matrix(jax.numpy.ones((3, 5)))
+    >>> prep.At.shape, sorted(prep.perm.tolist())
+    ((5, 3), [0, 1, 2, 3, 4])
   """
   if isinstance(A, PreparedMatrix):
     return A
+  key = jax.random.key(0) if key is None else _check_key("key", key)
   if _is_tracer(A):
     if A.ndim != 2 or not jnp.issubdtype(A.dtype, jnp.floating) or 0 in A.shape:
       raise ValueError(f"A must be a non-empty 2-D floating array, got shape {A.shape} dtype {A.dtype}")
-    At = A.T
   else:
     checks.floating_array("A", A, (2,))
+  d = A.shape[1]
+  perm = jax.random.permutation(key, d).astype(jnp.int32)
+  inv = jnp.zeros((d,), jnp.int32).at[perm].set(jnp.arange(d, dtype=jnp.int32))
+  if _is_tracer(A) or _is_tracer(perm):
     A = jnp.asarray(A)
-    At = jnp.asarray(np.ascontiguousarray(np.asarray(A).T))
+    At = A.T[perm]
+  else:
+    A_np = np.asarray(A)
+    At = jnp.asarray(np.ascontiguousarray(A_np.T[np.asarray(perm)]))
+    A = jnp.asarray(A)
   ct = _compute_dtype(A.dtype)
   absA = jnp.abs(A)
-  return PreparedMatrix(A=A, At=At, col_l1=jnp.sum(absA, axis=0, dtype=ct), col_max=jnp.max(absA, axis=0).astype(ct))
+  return PreparedMatrix(A=A, At=At, perm=perm, inv=inv, col_l1=jnp.sum(absA, axis=0, dtype=ct),
+                        col_max=jnp.max(absA, axis=0).astype(ct))
 
 
+def _check_key(name, key):
+  """A PRNG key (new-style `jax.random.key` or legacy uint32[2]); anything else is a named error."""
+  dt = getattr(key, "dtype", None)
+  if dt is not None and jnp.issubdtype(dt, jax.dtypes.prng_key) and key.ndim == 0:
+    return key
+  if dt is not None and dt == jnp.uint32 and tuple(key.shape) == (2,):
+    return key
+  raise ValueError(f"{name} must be a PRNG key from jax.random.key(seed), got {type(key).__name__} "
+                   f"{getattr(key, 'shape', '')} {dt if dt is not None else ''}".rstrip())
+
+
+# ============================================================================================ config
 @dataclasses.dataclass(frozen=True)
 class AdaptiveConfig:
   """Static configuration of one AdaptiveSoftmax call (hashable: it is a jit static argument).
@@ -152,15 +187,15 @@ class AdaptiveConfig:
     k: size of the top set.
     delta: failure probability (total).
     mode: "certified" or "paper".
-    order: "importance" or "uniform" (paper: the Gumbel weights; certified: with or without a head).
-    levels: pull counts per level, increasing, the last equal to d.
+    order: "importance" (a head of dominant coordinates, then the tail) or "uniform" (no head).
+    levels: products per arm at each level, increasing, the last equal to d.
     caps: survivor-buffer sizes of the elimination phases, decreasing, caps[0] = n.
     z_capacity: most arms refined per round of the partition-function loop.
     exact_winners: compute the k winners exactly after identification.
-    head_ratio: certified mode: coordinates with `w_j > head_ratio * mean(w)` form the head.
+    head_ratio: a head coordinate has `w_j > head_ratio * mean(w)` (and more).
+    head_size: most head coordinates (at most the warm-up).
     shared_order: one coordinate order for the whole batch (else one per query).
-    normalization: paper mode's partition function: "bracket" (refine until the probability bracket from the
-      arms' intervals closes) or "paper" (Algorithm 2: target variances, point estimate).
+    normalization: paper mode's partition function: "bracket" or "paper" (Algorithm 2).
     exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
     c: constant in paper mode's union-bound log term.
   """
@@ -176,6 +211,7 @@ class AdaptiveConfig:
   z_capacity: int
   exact_winners: bool = True
   head_ratio: float = 1.5
+  head_size: int = 64
   shared_order: bool = False
   normalization: str = "bracket"
   exact_rows: bool = False
@@ -184,6 +220,16 @@ class AdaptiveConfig:
   @property
   def warmup(self) -> int:
     return self.levels[0]
+
+  @property
+  def n_head(self) -> int:
+    """Static capacity of the head: at most half the warm-up (0 with `order="uniform"`)."""
+    return 0 if self.order == "uniform" else min(self.head_size, self.levels[0] // 2, self.d)
+
+  @property
+  def chunk(self) -> int:
+    """Tail coordinates read per step of a read loop: about 64k products per step on the slab, 16..256."""
+    return int(min(256, max(16, 2 ** int(math.log2(max(1, 65536 // self.n))))))
 
 
 def default_warmup(n: int, d: int, delta: float, min_warmup: int = 32) -> int:
@@ -218,6 +264,7 @@ def make_config(
     z_capacity: int | None = None,
     exact_winners: bool = True,
     head_ratio: float = 1.5,
+    head_size: int = 64,
     shared_order: bool = False,
     normalization: str = "bracket",
     exact_rows: bool = False,
@@ -226,16 +273,20 @@ def make_config(
 
   Raises:
     ValueError: `n`, `d` not integers >= 1, `k` not in [1, n], `delta` not in (0, 1), `warmup` not an
-      integer in [1, d], `growth <= 1`, `min_cap` < 1, `cap_ratio` < 2, unknown `mode`/`order`.
+      integer in [1, d], `growth <= 1`, `min_cap` < 1, `cap_ratio` < 2, `head_size` < 0, unknown
+      `mode`/`order`/`normalization`, a boolean option that is not a bool.
   """
   n, d = checks.pos_int("n", n), checks.pos_int("d", d)
   k = checks.int_in_range("k", k, 1, n)
   delta = checks.open_unit("delta", delta)
   min_cap = checks.pos_int("min_cap", min_cap)
   cap_ratio = checks.pos_int("cap_ratio", cap_ratio, lo=2)
+  head_size = checks.pos_int("head_size", head_size, lo=0)
   checks.one_of("mode", mode, MODES)
   checks.one_of("order", order, ORDERS)
   checks.one_of("normalization", normalization, NORMALIZATIONS)
+  for name, v in (("exact_winners", exact_winners), ("shared_order", shared_order), ("exact_rows", exact_rows)):
+    _check_bool(name, v)
   m0 = default_warmup(n, d, delta) if warmup is None else checks.int_in_range("warmup", warmup, 1, d)
   growth = checks.positive("growth", growth)
   if growth <= 1.0:
@@ -244,9 +295,7 @@ def make_config(
   levels = [m0]
   while levels[-1] < d:
     levels.append(int(min(d, max(levels[-1] + 1, math.ceil(levels[-1] * growth)))))
-  caps = [n]
-  while caps[-1] // cap_ratio >= max(2 * k, min_cap):
-    caps.append(caps[-1] // cap_ratio)
+  caps = _buckets(n, k, cap_ratio, min_cap)
   if z_capacity is None:
     # Each round of the normalization loop scans all n arms (bounds, top-k of the widths), so few arms per
     # round means many O(n) rounds. Measured on SmolLM2's head (n = 49152, d = 576, paper mode, fudge_bandit
@@ -255,10 +304,24 @@ def make_config(
   else:
     zc = min(n, checks.int_in_range("z_capacity", z_capacity, 1, 2**31 - 1))
   return AdaptiveConfig(
-      n=n, d=d, k=k, delta=float(delta), mode=mode, order=order, levels=tuple(levels), caps=tuple(caps),
-      z_capacity=zc, exact_winners=bool(exact_winners), head_ratio=float(head_ratio),
+      n=n, d=d, k=k, delta=float(delta), mode=mode, order=order, levels=tuple(levels), caps=caps,
+      z_capacity=zc, exact_winners=bool(exact_winners), head_ratio=float(head_ratio), head_size=head_size,
       shared_order=bool(shared_order), normalization=normalization, exact_rows=bool(exact_rows),
   )
+
+
+def _check_bool(name, v):
+  if not isinstance(v, (bool, np.bool_)):
+    raise ValueError(f"{name} must be True or False, got {v!r}")
+  return bool(v)
+
+
+def _buckets(top: int, k: int, ratio: int = 8, min_cap: int = 16) -> tuple[int, ...]:
+  """Static buffer sizes top, top/8, top/64, ... down to max(2k, min_cap)."""
+  caps = [top]
+  while caps[-1] // ratio >= max(2 * k, min_cap):
+    caps.append(caps[-1] // ratio)
+  return tuple(caps)
 
 
 class AdaptiveResult(NamedTuple):
@@ -266,14 +329,14 @@ class AdaptiveResult(NamedTuple):
 
   Attributes:
     indices: (..., k) int32 top-k arms, by estimated logit descending.
-    probs: (..., k) their estimated softmax probabilities.
+    probs: (..., k) their estimated softmax probabilities (NaN: the call's inputs were invalid under jit).
     log_z: (...,) estimated log partition function.
     samples: (...,) int32 products `A_ij x_j` read in all.
     phase_samples: (..., 4) int32 products read per phase, in the order of `PHASES`
       (warm-up, elimination, winners, normalization); sums to `samples`.
     logits: (..., k) the winners' logits (exact with `exact_winners=True`, else interval midpoints).
-    certified: (...,) bool: the normalization loop met its stopping rule (it always does unless a
-      level cap is hit; in certified mode this is the statement that holds with prob >= 1 - delta).
+    certified: (...,) bool: the normalization loop met its stopping rule on valid inputs (in certified
+      mode this is the statement that holds with prob >= 1 - delta).
     rounds: (...,) int32 elimination rounds run.
   """
 
@@ -287,111 +350,156 @@ class AdaptiveResult(NamedTuple):
   rounds: jax.Array
 
 
-# ---------------------------------------------------------------------------------------------
-# Building blocks. A *group* is B queries that share one coordinate order: B = 1 on the default
-# per-query path (queries run one after another under `lax.map`), B = batch with `shared_order`.
-# All shapes are static; per-arm state is (B, n).
-# ---------------------------------------------------------------------------------------------
-
-
 def _compute_dtype(dtype):
   """Accumulation dtype: float32 for 16-bit storage (bf16 / f16 heads), else the storage dtype."""
   return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
+# ============================================================================================ the plan
+# A *group* is B queries that share one order: B = 1 on the default per-query path (queries run one after
+# another under `lax.map`), B = batch with `shared_order`. The order's weights use `a_j = max_q |X_qj|`;
+# every bound uses each query's own `w_qj = |X_qj| M_j`.
+
+
 class _Plan(NamedTuple):
-  """Constants of a group of queries sharing one coordinate order. L = number of levels.
+  """Per-call constants of a group (B queries, L levels, H head slots). O(d) to build, no sort."""
 
-  In a group plan (`_make_group_plan`) the per-query fields `x`, `unread`, `rng`, `margin` carry a
-  leading B axis; in a single-query plan (`_make_plan`, used by `_level_stats`) they do not.
-  """
-
-  x: jax.Array  # (B, d) queries
-  order: jax.Array  # (d,) coordinates in reading order
-  pos: jax.Array  # (d,) position of each coordinate in the order
-  keys: jax.Array  # (d,) paper mode: perturbed log-weights `log w_j + g_j`; certified: sort keys
-  logw: jax.Array  # (d,) paper mode: log-weights `log w_j` (inclusion probabilities); certified: unused
-  t: jax.Array  # (L,) paper mode: thresholds
-  tail: jax.Array  # (d,) bool certified: coordinate is in the uniformly sampled tail
-  nnz: jax.Array  # () useful coordinates
-  m_eff: jax.Array  # (L,) products read per arm at each level, min(m_l, nnz)
-  m_tail: jax.Array  # (L,) certified: tail products read at each level
-  n_tail: jax.Array  # () certified: tail population size N
-  unread: jax.Array  # (B, L) certified: sum of w_j over coordinates not yet read at each level
-  rng: jax.Array  # (B,) certified: R = max_{tail} w_j
-  margin: jax.Array  # (B,) certified: float32 rounding margin (unscaled by beta)
+  X: jax.Array  # (B, d) queries (compute dtype)
+  offset: jax.Array  # () int32 position of the order where the tail reading starts (random per call)
+  head: jax.Array  # (H,) int32 head coordinates
+  head_ok: jax.Array  # (H,) bool slot holds a head coordinate
+  tau: jax.Array  # () a useful coordinate is in the tail iff a_j M_j <= tau
+  nnz: jax.Array  # (B,) int32 useful coordinates of each query
+  n_head: jax.Array  # (B,) int32 head coordinates useful to each query
+  n_tail: jax.Array  # (B,) int32 tail population N of each query
+  tail_w: jax.Array  # (B,) sum of w over each query's tail
+  rng: jax.Array  # (B,) R: every tail product lies in [-R, R]
+  margin: jax.Array  # (B,) float32 rounding margin (unscaled by beta)
+  need: jax.Array  # (L,) int32 tail coordinates (of the shared tail) read at each level
   top_level: jax.Array  # () first level that reads every useful coordinate
 
 
-def _make_group_plan(key, X, col_l1, col_max, cfg: AdaptiveConfig) -> _Plan:
-  """The order and per-level constants of B queries X (B, d) that share one order.
+def _block_size(d: int) -> int:
+  """Coordinates per block of the head search: a divisor of d near `HEAD_BLOCK` (no padding copy), else 256."""
+  if d <= HEAD_BLOCK:
+    return d
+  for delta in range(0, HEAD_BLOCK // 2):
+    for b in (HEAD_BLOCK - delta, HEAD_BLOCK + delta):
+      if d % b == 0:
+        return b
+  return HEAD_BLOCK
 
-  The order's weights use `a_j = max_q |X_qj|` (for B = 1: `|x_j|`); the certified bounds use each
-  query's own `w_qj = |X_qj| M_j` (range, unread mass, rounding margin).
+
+def _head(aw, cfg: AdaptiveConfig, mean):
+  """The head: `{j : aw_j > tau}` with at most H members, from block maxima, without sorting d.
+
+  Candidate thresholds `t_i = head_ratio * mean * 2^i`. The smallest t_i with at most H blocks whose maximum
+  exceeds it picks the candidate blocks (every coordinate above t_i lies in one of them); the smallest
+  t_i >= that with at most H coordinates of those blocks above it is tau. Such an i exists: at most
+  `nnz / (head_ratio 2^i)` coordinates exceed t_i. Cost: one pass for the block maxima (fused with the
+  weights), then O(H * block) work. Returns (head (H,) int32, ok (H,) bool, tau, max_j aw_j).
   """
+  H, d = cfg.n_head, cfg.d
+  if H == 0:
+    return jnp.zeros((0,), jnp.int32), jnp.zeros((0,), bool), jnp.asarray(jnp.inf, aw.dtype), jnp.max(aw)
+  b = _block_size(d)
+  nb = -(-d // b)
+  blocks = aw.reshape(nb, b) if nb * b == d else jnp.pad(aw, (0, nb * b - d)).reshape(nb, b)
+  bmax = jnp.max(blocks, axis=1)
+  n_t = int(min(60, math.ceil(math.log2(max(2.0, d / (cfg.head_ratio * H)))) + 2))
+  t = cfg.head_ratio * mean * jnp.exp2(jnp.arange(n_t, dtype=aw.dtype))  # (T,)
+  hb = min(H, nb)
+  nblk = jnp.sum(bmax[None, :] > t[:, None], axis=1)  # (T,) blocks above each threshold
+  i0 = jnp.argmax(nblk <= hb)
+  bsel = jnp.nonzero(bmax > t[i0], size=hb, fill_value=nb)[0]
+  cand = (bsel[:, None] * b + jnp.arange(b)[None]).reshape(-1)
+  in_range = (bsel[:, None] < nb).repeat(b, axis=1).reshape(-1) & (cand < d)
+  cand = jnp.minimum(cand, d - 1)
+  g = jnp.where(in_range, aw[cand], -1.0)
+  ncnt = jnp.sum(g[None, :] > t[:, None], axis=1)  # (T,) exact for i >= i0
+  i1 = jnp.argmax((jnp.arange(n_t) >= i0) & (ncnt <= H))
+  tau = t[i1]
+  sel = jnp.nonzero(g > tau, size=H, fill_value=0)[0]
+  ok = jnp.arange(H) < jnp.minimum(ncnt[i1], H)
+  return cand[sel].astype(jnp.int32), ok, tau, jnp.max(bmax)
+
+
+def _plan(offset, X, col_max, cfg: AdaptiveConfig) -> _Plan:
+  """The group's constants from its queries X (B, d): two fused O(d) passes (weights and their sums, block
+  maxima) and O(H * 256) for the head."""
   d = cfg.d
-  dt = X.dtype
-  levels = jnp.asarray(cfg.levels, jnp.int32)
-  absx = jnp.max(jnp.abs(X), axis=0)
-  useful = (absx != 0) & (col_max > 0)
-  nnz = jnp.sum(useful).astype(jnp.int32)
-  m_eff = jnp.minimum(levels, nnz)
-  top_level = jnp.argmax(m_eff >= nnz).astype(jnp.int32)
-  w = jnp.where(useful, absx * col_max, 0.0)
-  if cfg.mode == "paper":
-    if cfg.order == "importance":
-      logw = jnp.log(jnp.where(useful, absx * col_l1, 1.0))
-    else:
-      logw = jnp.zeros_like(absx)
-    g = jax.random.gumbel(key, absx.shape, dtype=dt)
-    keys = jnp.where(useful, logw + g, -jnp.inf)
-    sorted_keys = -jnp.sort(-keys)
-    t = jnp.where(levels < d, sorted_keys[jnp.minimum(levels, d - 1)], -jnp.inf)
-    order = jnp.argsort(-keys)
-    tail = useful
-    logw = jnp.where(useful, logw, -jnp.inf)
+  ct = X.dtype
+  useful_col = (col_max > 0).astype(ct)
+  if X.shape[0] == 1:  # 1-D passes: XLA:CPU reduces a (1, d) row far slower than a (d,) vector
+    aw = jnp.abs(X[0]) * col_max
+    total_q = jnp.sum(aw)[None]
+    nnz_q = jnp.sum((aw > 0).astype(ct))[None].astype(jnp.int32)
+    nnz_s = nnz_q[0]
+    mean = total_q[0] / jnp.maximum(nnz_s, 1).astype(ct)
   else:
-    if cfg.order == "importance":
-      mean_w = jnp.sum(w) / jnp.maximum(nnz, 1).astype(dt)
-      head = useful & (w > cfg.head_ratio * mean_w)
-    else:
-      head = jnp.zeros_like(useful)
-    wmax = jnp.maximum(jnp.max(w), jnp.finfo(dt).tiny)
-    u = jax.random.uniform(key, absx.shape, dtype=dt)
-    # Head first (by w descending), then the tail in uniformly random order, then zero-mass coords.
-    sort_key = jnp.where(head, -1.0 - w / wmax, jnp.where(useful, u, 2.0))
-    order = jnp.argsort(sort_key, stable=True)
-    keys = sort_key
-    logw = jnp.zeros_like(absx)
-    t = jnp.zeros((len(cfg.levels),), dt)
-    tail = useful & ~head
-  pos = jnp.zeros((d,), jnp.int32).at[order].set(jnp.arange(d, dtype=jnp.int32))
-  h = jnp.sum(useful & ~tail).astype(jnp.int32)
-  m_tail = jnp.clip(m_eff - h, 0, None)
-  wq = jnp.where(useful, jnp.abs(X) * col_max, 0.0)  # (B, d) each query's own range weights
-  cum_w = jnp.cumsum(wq[:, order], axis=1)
-  total_w = cum_w[:, -1]
-  unread = jnp.maximum(total_w[:, None] - cum_w[:, jnp.clip(levels - 1, 0, d - 1)], 0.0)
-  unread = jnp.where(m_eff >= nnz, 0.0, unread)
-  rng = jnp.max(jnp.where(tail, wq, 0.0), axis=1)
-  margin = 2.0 * jnp.finfo(dt).eps * math.sqrt(d) * total_w
-  return _Plan(
-      x=X, order=order, pos=pos, keys=keys, logw=logw, t=t, tail=tail, nnz=nnz, m_eff=m_eff, m_tail=m_tail,
-      n_tail=nnz - h, unread=unread, rng=rng, margin=margin, top_level=top_level,
-  )
+    aw = jnp.max(jnp.abs(X), axis=0) * col_max  # (d,) shared weights
+    total_q = jnp.abs(X) @ col_max  # (B,) as GEMVs
+    nnz_q = ((X != 0).astype(ct) @ useful_col).astype(jnp.int32)
+    nnz_s = jnp.sum((aw > 0).astype(ct)).astype(jnp.int32)
+    mean = jnp.sum(aw) / jnp.maximum(nnz_s, 1).astype(ct)
+  head, ok, tau, wmax = _head(aw, cfg, mean)
+  xh = jnp.where(ok[None], X[:, head], 0.0)
+  wh = jnp.abs(xh) * col_max[head][None]
+  n_head_q = jnp.sum(wh > 0, axis=1).astype(jnp.int32)
+  h_s = jnp.sum(ok).astype(jnp.int32)
+  n_tail_s = nnz_s - h_s
+  levels = jnp.asarray(cfg.levels, jnp.int32)
+  need = jnp.clip(levels - h_s, 0, n_tail_s)
+  top_level = jnp.argmax(levels >= nnz_s).astype(jnp.int32)
+  rng = jnp.minimum(tau, wmax) * jnp.ones_like(total_q)
+  margin = 2.0 * jnp.finfo(ct).eps * math.sqrt(d) * total_q
+  return _Plan(X=X, offset=jnp.asarray(offset, jnp.int32), head=head, head_ok=ok, tau=tau, nnz=nnz_q,
+               n_head=n_head_q, n_tail=nnz_q - n_head_q, tail_w=total_q - jnp.sum(wh, axis=1), rng=rng,
+               margin=margin, need=need, top_level=top_level)
 
 
-def _make_plan(key, x, col_l1, col_max, cfg: AdaptiveConfig) -> _Plan:
-  """Single-query plan (x (d,)): the group plan of one query with its B axis dropped."""
-  P = _make_group_plan(key, x[None], col_l1, col_max, cfg)
-  return P._replace(x=x, unread=P.unread[0], rng=P.rng[0], margin=P.margin[0])
+# ============================================================================================ arm state
+class _Arms(NamedTuple):
+  """Per-arm state of a group, each (B, n); the sums are unscaled by beta."""
+
+  lvl: jax.Array  # int32 level reached (-1: nothing read yet)
+  s_head: jax.Array  # sum of the head products (the whole product once the arm is exact)
+  s1: jax.Array  # sum of the tail products read
+  s2: jax.Array  # sum of their squares
+
+
+class _Levels(NamedTuple):
+  """What each level of the group's order holds, filled when a level is first read (L levels)."""
+
+  pos: jax.Array  # (L,) int32 position of the order just after the level's last tail coordinate
+  cnt: jax.Array  # (B, L) int32 tail products each query's arms hold at the level
+  wsum: jax.Array  # (B, L) sum of w over those tail coordinates
+
+
+def _init_levels(P: _Plan, cfg: AdaptiveConfig) -> _Levels:
+  """Empty tables, except levels >= top_level, which hold every useful coordinate (known without reading)."""
+  L = len(cfg.levels)
+  B = P.X.shape[0]
+  full = jnp.arange(L) >= P.top_level
+  return _Levels(pos=jnp.where(full, cfg.d, 0).astype(jnp.int32),
+                 cnt=jnp.where(full[None], P.n_tail[:, None], 0).astype(jnp.int32),
+                 wsum=jnp.where(full[None], P.tail_w[:, None], 0.0).astype(P.X.dtype) * jnp.ones((B, 1), P.X.dtype))
+
+
+def _samples(arms: _Arms, tabs: _Levels, P: _Plan):
+  """(B,) products read: arm i at level l holds its useful head coordinates and cnt[l] tail products."""
+  lvl = jnp.maximum(arms.lvl, 0)
+  per = P.n_head[:, None] + jnp.take_along_axis(tabs.cnt, lvl, axis=1)
+  return jnp.sum(jnp.where(arms.lvl >= 0, per, 0), axis=1).astype(jnp.int32)
 
 
 def _bounds_from_sums(seen, s1, s2, mt, N, unread, rng, margin, beta, log_term):
-  """(est, lo, hi) of `beta * A_i x` from an arm's sums (arrays broadcast together).
+  """Certified (est, lo, hi) of `beta * A_i x` from an arm's sums (arrays broadcast together).
 
-  seen: sum of the products read; s1, s2: sum and sum of squares of the tail products read; mt: tail
-  products read; N: tail population size; unread: sum of `w_j` over unread coordinates; rng: R.
+  seen: sum of every product read (head and tail); s1, s2: sum and sum of squares of the mt tail products
+  read; N: tail size; unread: sum of `w_j` over unread tail coordinates; rng: R; log_term: (log 1/delta_h,
+  log 1/delta_e) of Hoeffding-Serfling (Bardenet & Maillard 2015, Cor. 2.5) and empirical
+  Bernstein-Serfling (Thm 4.3); both hold, the interval is their intersection with the deterministic bound.
   """
   mt = mt.astype(seen.dtype)
   N = jnp.maximum(N, 1).astype(seen.dtype)
@@ -402,7 +510,6 @@ def _bounds_from_sums(seen, s1, s2, mt, N, unread, rng, margin, beta, log_term):
   rho = jnp.where(mt <= N / 2, 1.0 - (mt - 1.0) / N, (1.0 - mt / N) * (1.0 + 1.0 / mt1))
   rho = jnp.maximum(rho, 0.0)
   log_h, log_e = log_term
-  # Hoeffding-Serfling (B&M 2015, Cor. 2.5) and empirical Bernstein-Serfling (Thm 4.3); both hold.
   rad_h = N * (2.0 * rng) * jnp.sqrt(rho * log_h / (2.0 * mt1))
   rad_e = N * (jnp.sqrt(2.0 * var * rho * log_e / mt1) + KAPPA * (2.0 * rng) * log_e / mt1)
   rad = jnp.where(mt >= 2, jnp.minimum(rad_h, rad_e), jnp.where(mt >= 1, rad_h, jnp.inf))
@@ -412,93 +519,52 @@ def _bounds_from_sums(seen, s1, s2, mt, N, unread, rng, margin, beta, log_term):
   return beta * est, beta * lo, beta * hi
 
 
-def _certified_bounds(seen, s1, s2, lev, P: _Plan, beta, log_term):
-  """(est, lo, hi) of `beta * A_i x` from the prefix sums of one arm (or arms) at level(s) `lev`
-  (single-query plan)."""
-  return _bounds_from_sums(seen, s1, s2, P.m_tail[lev], P.n_tail, P.unread[lev], P.rng, P.margin, beta, log_term)
+def _paper_estimate(s_head, s1, s2, mt, N):
+  """Paper mode's (estimate, variance) of `A_i x`: head exact plus N times the tail sample mean, variance
+  `N^2 (1 - m/N) s^2 / m` (sampling without replacement; s^2 the unbiased sample variance). Fewer than two
+  tail products of a tail not yet read whole: infinite variance."""
+  m = mt.astype(s1.dtype)
+  Nf = jnp.maximum(N, 1).astype(s1.dtype)
+  m1 = jnp.maximum(m, 1.0)
+  mean = s1 / m1
+  s_sq = jnp.maximum(s2 - m * mean * mean, 0.0) / jnp.maximum(m - 1.0, 1.0)
+  var = Nf * Nf * jnp.maximum(1.0 - m / Nf, 0.0) * s_sq / m1
+  var = jnp.where((m < 2) & (mt < N), jnp.inf, var)
+  est = s_head + jnp.where(mt > 0, Nf * mean, 0.0)
+  return est, var
 
 
-def _paper_coef(x, keys, logw, t, m_eff, nnz, order):
-  """Column-space weights (a, b) for the HT estimate at threshold t: `sum_j A_ij a_j`, `sum_j A_ij^2 b_j`.
-
-  x, keys, logw: values of the coordinates concerned (x may carry a leading query axis).
-  """
-  incl = keys > t
-  if order == "importance":
-    # Conditional inclusion probability of coordinate j given the threshold t (the (m+1)-th largest
-    # key): P(log w_j + G_j > t) = 1 - exp(-exp(log w_j - t)), G_j ~ Gumbel (Kool et al. 2019).
-    pi = -jnp.expm1(-jnp.exp(jnp.where(incl, logw - t, 0.0)))
-    pi = jnp.where(incl, pi, 1.0)
-    a = jnp.where(incl, x / pi, 0.0)
-    b = jnp.where(incl, x * x * (1.0 - pi) / (pi * pi), 0.0)
-  else:
-    f = m_eff.astype(x.dtype) / jnp.maximum(nnz, 1).astype(x.dtype)
-    f = jnp.where(f > 0, f, 1.0)
-    a = jnp.where(incl, x / f, 0.0)
-    b = jnp.where(incl, x * x, 0.0)
-  return a, b
+def _arm_tables(arms: _Arms, tabs: _Levels, P: _Plan):
+  """Per arm: (tail products held, unread tail weight), both (B, n)."""
+  lvl = jnp.maximum(arms.lvl, 0)
+  mt = jnp.take_along_axis(tabs.cnt, lvl, axis=1)
+  ws = jnp.take_along_axis(tabs.wsum, lvl, axis=1)
+  unread = jnp.where(mt >= P.n_tail[:, None], 0.0, jnp.maximum(P.tail_w[:, None] - ws, 0.0))
+  return mt, unread
 
 
-def _paper_weights(P: _Plan, t, m_eff, order):
-  """`_paper_coef` over all d coordinates of a single-query plan."""
-  return _paper_coef(P.x, P.keys, P.logw, t, m_eff, P.nnz, order)
-
-
-def _paper_finish(est, q, m_eff, nnz, order):
-  """Turns (sum estimate, variance term) into the HT variance of the sum estimate."""
-  if order == "importance":
-    return jnp.maximum(q, 0.0)
-  m = jnp.maximum(m_eff, 1).astype(est.dtype)
-  N = jnp.maximum(nnz, 1).astype(est.dtype)
-  f = m / N
-  s1 = est * f  # sum of the m sampled products
-  s2 = (q - s1 * s1 / m) / jnp.maximum(m - 1.0, 1.0)
-  return jnp.maximum(N * N * (1.0 - f) * jnp.maximum(s2, 0.0) / m, 0.0)
-
-
-def _level_stats(rows, lev, P: _Plan, beta, log_term, cfg: AdaptiveConfig):
-  """Reference (not on the hot path): per-arm state (est, aux1, aux2) of full `rows` (r, d) at level
-  `lev` (scalar or (r,)) under a single-query plan, with d-long masked weights.
-
-  Certified: aux = (lo, hi). Paper: aux = (var, 0) (the radius depends on the phase's fudge).
-  """
-  levels = jnp.asarray(cfg.levels, jnp.int32)
-  vec = jnp.ndim(lev) > 0
-  x = P.x
+def _intervals(arms: _Arms, tabs: _Levels, P: _Plan, cfg: AdaptiveConfig, beta, fudge, log_term):
+  """(est, lo, hi) of `beta * A_i x` for every arm: the mode's interval rule (module docstring)."""
+  mt, unread = _arm_tables(arms, tabs, P)
+  N = P.n_tail[:, None]
   if cfg.mode == "certified":
-    inc = (P.pos[None] if vec else P.pos) < (levels[lev][:, None] if vec else levels[lev])
-    tinc = inc & (P.tail[None] if vec else P.tail)
-    a_seen = jnp.where(inc, x, 0.0)
-    a_tail = jnp.where(tinc, x, 0.0)
-    b_tail = jnp.where(tinc, x * x, 0.0)
-    if vec:
-      seen = jnp.sum(rows * a_seen, 1)
-      s1 = jnp.sum(rows * a_tail, 1)
-      s2 = jnp.sum(rows * rows * b_tail, 1)
-    else:
-      seen, s1, s2 = rows @ a_seen, rows @ a_tail, (rows * rows) @ b_tail
-    return _certified_bounds(seen, s1, s2, lev, P, beta, log_term)
-  t = P.t[lev][:, None] if vec else P.t[lev]
-  m = P.m_eff[lev][:, None] if vec else P.m_eff[lev]
-  a, b = _paper_weights(P, t, m, cfg.order)
-  if vec:
-    e, q = jnp.sum(rows * a, 1), jnp.sum(rows * rows * b, 1)
-  else:
-    e, q = rows @ a, (rows * rows) @ b
-  var = beta * beta * _paper_finish(e, q, P.m_eff[lev], P.nnz, cfg.order)
-  return beta * e, var, jnp.zeros_like(var)
+    return _bounds_from_sums(arms.s_head + arms.s1, arms.s1, arms.s2, mt, N, unread, P.rng[:, None],
+                             P.margin[:, None], beta, log_term)
+  est, var = _paper_estimate(arms.s_head, arms.s1, arms.s2, mt, N)
+  r = jnp.sqrt(2.0 * fudge * var * log_term)
+  return beta * est, beta * (est - r), beta * (est + r)
 
 
-def _bounds(est, aux1, aux2, fudge, log_term, mode):
-  if mode == "certified":
-    return aux1, aux2
-  r = jnp.sqrt(2.0 * fudge * aux1 * log_term)
-  return est - r, est + r
+# ============================================================================================ reads
+class _Group(NamedTuple):
+  """The arrays one group reads: the prepared matrix, the plan, and the call's scalars."""
 
-
-def _kth_largest(v, k):
-  """k-th largest along the last axis."""
-  return jax.lax.top_k(v, k)[0][..., k - 1]
+  A: jax.Array
+  At: jax.Array
+  perm: jax.Array
+  inv: jax.Array
+  col_max: jax.Array
+  P: _Plan
 
 
 def _mv(M, V):
@@ -513,7 +579,7 @@ def _mv(M, V):
 
 
 def _vm(V, S):
-  """(B, n) = V @ S for coefficients V (B, c) and a slab S (c, n) of A^T."""
+  """(B, n) = V @ S for coefficients V (B, c) and rows S (c, n) of A^T."""
   S = S.astype(V.dtype)
   if V.shape[0] == 1:
     return (V[0] @ S)[None]
@@ -541,316 +607,369 @@ def _full_dot(A, V, chunk: int = 4096):
   return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((V.shape[0], n), V.dtype))
 
 
-def _buckets(top: int, k: int, ratio: int = 8, min_cap: int = 16) -> tuple[int, ...]:
-  """Static buffer sizes top, top/8, top/64, ... (as `make_config`'s caps)."""
-  caps = [top]
-  while caps[-1] // ratio >= max(2 * k, min_cap):
-    caps.append(caps[-1] // ratio)
-  return tuple(caps)
+def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int):
+  """Reads the next `count` tail coordinates of the order from position `start` into every arm of `reader`.
 
-
-class _State(NamedTuple):
-  """Per-arm state of a group, each (B, n)."""
-
-  sums: tuple  # certified: (seen, s1, s2) running sums over the prefix read; paper: (e, q) at the level
-  est: jax.Array  # beta * estimate
-  aux1: jax.Array  # certified: lo; paper: variance
-  aux2: jax.Array  # certified: hi; paper: 0
-  lvl: jax.Array  # int32 level (-1: nothing read yet)
-
-
-def _group(key, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg: AdaptiveConfig) -> AdaptiveResult:
-  """AdaptiveSoftmax for B queries X (B, d) that share one coordinate order (drawn from `key`).
-
-  Each level's new columns are read only for the arms that move to it: a round of the elimination
-  or of the normalization loop gathers the (arms x new columns) block of A (certified mode adds it
-  to the running sums; paper mode re-reads the level's prefix, since its HT weights change with the
-  level's threshold), the arms compacted into the smallest static buffer that holds them. With
-  every arm moving, the block is the contiguous slab `A^T[cols]`. The last level reads full rows.
+  One step scans 4C positions (cyclic from the plan's offset), keeps the first tail coordinates (at most C, at
+  most what is still needed) and hands their rows/columns to `reader(rows, cols, V, V^2) -> (sum, sum of
+  squares)` over `width` arms. Returns (end position, (s1, s2) each (B, width), tail products per query (B,),
+  their w sum (B,)).
   """
-  n, k, d = cfg.n, cfg.k, cfg.d
+  P, d = g.P, cfg.d
+  X = P.X
   B = X.shape[0]
-  L = len(cfg.levels)
-  levels = cfg.levels
-  mode = cfg.mode
+  C = cfg.chunk
+  S = 4 * C
   ct = X.dtype
-  P = _make_group_plan(key, X, col_l1, col_max, cfg)
-  if mode == "certified":
-    # One union bound over n arms x L levels x 2 sides: each one-sided event gets delta / (2 n L),
-    # half to Hoeffding-Serfling (delta_h = delta / (4 n L)) and half to empirical Bernstein-Serfling
-    # (which fails with prob. 5 delta_e, delta_e = delta / (20 n L)).
-    log_b = log_z_term = (jnp.asarray(math.log(4.0 * n * L / cfg.delta), ct),
-                          jnp.asarray(math.log(20.0 * n * L / cfg.delta), ct))
-  else:
-    log_b = log_z_term = jnp.asarray(math.log(cfg.c * n * L / (cfg.delta / 2)), ct)
-  bidx = jnp.arange(B)[:, None]
 
-  def derive(sums, nl):
-    """(est, aux1, aux2) of arms at level nl (static) from their sums (each (B, r))."""
-    if mode == "certified":
-      seen, s1, s2 = sums
-      return _bounds_from_sums(seen, s1, s2, P.m_tail[nl], P.n_tail, P.unread[:, nl, None], P.rng[:, None],
-                               P.margin[:, None], beta, log_b)
-    e, q = sums
-    var = beta * beta * _paper_finish(e, q, P.m_eff[nl], P.nnz, cfg.order)
-    return beta * e, var, jnp.zeros_like(var)
+  def cond(c):
+    p, got = c[0], c[1]
+    return (got < count) & (p < d)
 
-  C = min(32, max(8, levels[0]))  # columns per chunk of a gathered block
-  lev_arr = jnp.asarray(levels, jnp.int32)
-  # The order with each level's new columns sorted (a chunk of a dense block touches few cache lines).
-  seg = jnp.searchsorted(lev_arr, jnp.arange(d, dtype=jnp.int32), side="right")
-  order_blk = jnp.sort(seg * d + P.order) % d
-  n_sums = 3 if mode == "certified" else 2
+  def body(c):
+    p, got, s1, s2, cnt, ws = c
+    pos = p + jnp.arange(S, dtype=jnp.int32)
+    sidx = (P.offset + jnp.minimum(pos, d - 1)) % d
+    coord = g.perm[sidx]
+    aw = jnp.max(jnp.abs(X[:, coord]), axis=0) * g.col_max[coord]
+    flag = (pos < d) & (aw > 0) & (aw <= P.tau)
+    lim = jnp.minimum(C, count - got)
+    take = flag & (jnp.cumsum(flag) <= lim)
+    k = jnp.sum(take).astype(jnp.int32)
+    sel = jnp.nonzero(take, size=C, fill_value=0)[0]
+    ok = jnp.arange(C) < k
+    cols = coord[sel]
+    V = jnp.where(ok[None], X[:, cols], 0.0)
+    a, b = reader(sidx[sel], cols, V, V * V)
+    w = jnp.abs(V) * g.col_max[cols][None]
+    p_next = jnp.where(k == lim, p + sel[jnp.maximum(k - 1, 0)] + 1, p + S)
+    return (p_next, got + k, s1 + a, s2 + b, cnt + jnp.sum(V != 0, axis=1).astype(jnp.int32),
+            ws + jnp.sum(w, axis=1))
 
-  def advance(S: _State, move, l, buckets: tuple[int, ...]) -> _State:
-    """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1, or to the top
-    level (exact) when reading their full rows is cheaper than their new columns (`_READ_COST`)."""
-    nl = l + 1
-    union = jnp.any(move, axis=0)
-    u = jnp.sum(union)
-    start = jnp.where(l >= 0, lev_arr[jnp.maximum(l, 0)], 0) if mode == "certified" else jnp.int32(0)
-    stop = lev_arr[nl]
-    top = L - 1
+  z = jnp.zeros((B, width), ct)
+  init = (start, jnp.int32(0), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), ct))
+  p, _, s1, s2, cnt, ws = jax.lax.while_loop(cond, body, init)
+  return p, (s1, s2), cnt, ws
 
-    def compact(cap):
-      """(idx, gather index, mask (B, cap)) of the moving arms in a buffer of `cap` (None: all n)."""
+
+def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l, buckets):
+  """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1: their next tail
+  coordinates (and the head at warm-up) by the cheapest read path, or their full rows when that is cheaper and
+  allowed (they become exact). Returns (arms, tables)."""
+  n, d = cfg.n, cfg.d
+  P = g.P
+  X = P.X
+  L = len(cfg.levels)
+  nl = l + 1
+  lc = jnp.maximum(l, 0)
+  start = jnp.where(l >= 0, tabs.pos[lc], 0)
+  count = P.need[nl] - jnp.where(l >= 0, P.need[lc], 0)
+  union = jnp.any(move, axis=0)
+  u = jnp.sum(union)
+
+  def compact(cap):
+    idx = jnp.nonzero(union, size=cap, fill_value=n)[0]
+    gi = jnp.minimum(idx, n - 1)
+    return idx, gi, move[:, gi] & (idx < n)[None]
+
+  def store(arms, tabs, cap, idx, gi, m, new, lev, add):
+    """Writes the moved arms' sums (added to their sums if `add`) at level lev."""
+    if cap == n:
+      old = lambda a: a  # noqa: E731
+      put = lambda a, v: jnp.where(m, v, a)  # noqa: E731
+    else:
+      old = lambda a: a[:, gi]  # noqa: E731
+      put = lambda a, v: a.at[:, idx].set(jnp.where(m, v, a[:, gi]), mode="drop")  # noqa: E731
+    fields = ("s_head", "s1", "s2")
+    if add:
+      new = tuple(old(getattr(arms, f)) + v for f, v in zip(fields, new))
+    upd = {f: put(getattr(arms, f), v) for f, v in zip(fields, new)}
+    return arms._replace(lvl=jnp.where(move, lev, arms.lvl), **upd), tabs
+
+  def record(tabs, p_end, cnt, ws):
+    base_c = jnp.where(l >= 0, tabs.cnt[:, lc], 0)
+    base_w = jnp.where(l >= 0, tabs.wsum[:, lc], 0.0)
+    return _Levels(pos=tabs.pos.at[nl].set(p_end), cnt=tabs.cnt.at[:, nl].set(base_c + cnt),
+                   wsum=tabs.wsum.at[:, nl].set(base_w + ws))
+
+  def slab(state):
+    arms, tabs = state
+    reader = lambda rows, cols, V, V2: (_vm(V, g.At[rows]), _vm(V2, jnp.square(g.At[rows].astype(V.dtype))))  # noqa: E731
+    p_end, (s1, s2), cnt, ws = _read_tail(g, cfg, start, count, reader, n)
+    head = jnp.zeros_like(s1)
+    if cfg.n_head:
+      vh = jnp.where(P.head_ok[None], X[:, P.head], 0.0)
+      head = jnp.where(l < 0, _vm(vh, g.At[g.inv[P.head]]), 0.0)
+    tabs = record(tabs, p_end, cnt, ws)
+    return store(arms, tabs, n, None, None, move, (head, s1, s2), nl, True)
+
+  def gather(cap):
+    def run(state):
+      arms, tabs = state
+      idx, gi, m = compact(cap)
+      reader = lambda rows, cols, V, V2: (lambda blk: (_mv(blk, V), _mv(jnp.square(blk.astype(V.dtype)), V2)))(  # noqa: E731
+          g.A[gi[:, None], cols[None, :]])
+      p_end, (s1, s2), cnt, ws = _read_tail(g, cfg, start, count, reader, cap)
+      tabs = record(tabs, p_end, cnt, ws)
+      return store(arms, tabs, cap, idx, gi, m, (jnp.zeros_like(s1), s1, s2), nl, True)
+    return run
+
+  def rows(cap):
+    def run(state):
+      arms, tabs = state
       if cap == n:
-        return None, None, move
-      idx = jnp.nonzero(union, size=cap, fill_value=n)[0]
-      gi = jnp.minimum(idx, n - 1)
-      return idx, gi, move[:, gi] & (idx < n)[None]
-
-    def finish(S: _State, cap, idx, gi, m, new, add, lev) -> _State:
-      """Writes the moved arms' sums (added to their running sums if `add`) and bounds at level lev."""
-      if cap == n:
-        old = lambda a: a  # noqa: E731
-        put = lambda a, v: jnp.where(m, v, a)  # noqa: E731
+        idx = gi = None
+        m = move
+        exact = _full_dot(g.A, X)
       else:
-        old = lambda a: a[:, gi]  # noqa: E731
-        put = lambda a, v: a.at[:, idx].set(jnp.where(m, v, a[:, gi]), mode="drop")  # noqa: E731
-      if add:
-        new = tuple(old(s) + p for s, p in zip(S.sums, new))
-      est, a1, a2 = derive(new, lev)
-      return _State(sums=tuple(put(s, v) for s, v in zip(S.sums, new)), est=put(S.est, est),
-                    aux1=put(S.aux1, a1), aux2=put(S.aux2, a2), lvl=S.lvl)
-
-    def coef_of(cols, ok):
-      """Coefficients (B, C) of the chunk's columns: certified (x, x tail, x^2 tail); paper (a, b)."""
-      xb = X[:, cols]
-      if mode == "certified":
-        tb = P.tail[cols] & ok
-        return jnp.where(ok, xb, 0.0), jnp.where(tb, xb, 0.0), jnp.where(tb, xb * xb, 0.0)
-      a, b = _paper_coef(xb, P.keys[cols], P.logw[cols], P.t[nl], P.m_eff[nl], P.nnz, cfg.order)
-      return jnp.where(ok, a, 0.0), jnp.where(ok, b, 0.0)
-
-    def slab(S: _State):
-      """Every arm: the block's rows of A^T (contiguous). One query streams one row at a time into its sums
-      (no copy); a group multiplies C rows at a time as a small GEMM (B, C) @ (C, n)."""
-      if B == 1:
-        def body(j, acc):
-          col = order_blk[start + j]
-          row = jax.lax.dynamic_index_in_dim(At, col, keepdims=False).astype(ct)[None]  # (1, n)
-          coef = coef_of(col[None], jnp.ones((1,), bool))
-          prods = [V * row for V in coef[:-1]] + [coef[-1] * (row * row)]
-          return tuple(a + v for a, v in zip(acc, prods))
-
-        n_iter = stop - start
-      else:
-        def body(i, acc):
-          p = start + i * C + jnp.arange(C)
-          ok = p < stop
-          cols = order_blk[jnp.minimum(p, d - 1)]
-          coef = coef_of(cols, ok)
-          blk = At[cols]  # (C, n)
-          prods = [_vm(V, blk) for V in coef[:-1]] + [_vm(coef[-1], jnp.square(blk.astype(ct)))]
-          return tuple(a + v for a, v in zip(acc, prods))
-
-        n_iter = (stop - start + C - 1) // C
-      acc = tuple(jnp.zeros((B, n), ct) for _ in range(n_sums))
-      new = jax.lax.fori_loop(0, n_iter, body, acc)
-      return finish(S, n, None, None, move, new, mode == "certified", nl), nl
-
-    def gather(cap):
-      """The moving arms only: (cap x C) blocks of their new columns (certified) or the prefix (paper)."""
-      def run(S: _State):
         idx, gi, m = compact(cap)
+        R = min(cap, 32)
+        n_blk = -(-cap // R)
 
-        def body(i, acc):
-          p = start + i * C + jnp.arange(C)
-          ok = p < stop
-          cols = order_blk[jnp.minimum(p, d - 1)]
-          coef = coef_of(cols, ok)
-          blk = A[gi[:, None], cols[None, :]]  # (cap, C)
-          prods = [_mv(blk, V) for V in coef[:-1]] + [_mv(jnp.square(blk.astype(ct)), coef[-1])]
-          return tuple(a + v for a, v in zip(acc, prods))
+        def body(i, out):
+          s0 = jnp.minimum(i * R, cap - R)
+          gg = jax.lax.dynamic_slice_in_dim(gi, s0, R)
+          return jax.lax.dynamic_update_slice_in_dim(out, _mv(g.A[gg], X), s0, axis=1)
 
-        n_chunks = (stop - start + C - 1) // C
-        acc = tuple(jnp.zeros((B, cap), ct) for _ in range(n_sums))
-        new = jax.lax.fori_loop(0, n_chunks, body, acc)
-        return finish(S, cap, idx, gi, m, new, mode == "certified", nl), nl
+        exact = jax.lax.fori_loop(0, jnp.minimum((u + R - 1) // R, n_blk), body,
+                                  jnp.zeros((X.shape[0], cap), X.dtype))
+      z = jnp.zeros_like(exact)
+      return store(arms, tabs, cap, idx, gi, m, (exact, z, z), P.top_level, False)
+    return run
 
-      return run
+  # Branches and their cost in units of one streamed product of `A @ x` (see _READ_COST).
+  small = [c for c in buckets if c < n]
+  ncols = count.astype(jnp.float32)
+  branches = [slab, rows(n)] + [gather(c) for c in small] + [rows(c) for c in small]
+  costs = [n * ncols * _READ_COST["slab"], jnp.float32(n * d)]
+  costs += [c * ncols * _READ_COST["gather"] for c in small] + [jnp.float32(c * d * _READ_COST["rows"]) for c in small]
+  rows_ok = jnp.asarray(cfg.exact_rows) | (nl >= P.top_level)
+  fits = [l >= -1, rows_ok & (l >= 0)] + [(u <= c) & (l >= 0) for c in small] + [rows_ok & (u <= c) & (l >= 0)
+                                                                                  for c in small]
+  del L
+  costs = jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
+  return jax.lax.switch(jnp.argmin(costs), branches, (arms, tabs))
 
-    def rows(cap):
-      """The moving arms' full rows (contiguous), R rows at a time: the arms become exact (top level)."""
-      def run(S: _State):
-        idx, gi, m = compact(cap)
-        if cap == n:
-          seen = _full_dot(A, X)
-        else:
-          R = min(cap, 32)
-          n_blk = -(-cap // R)
 
-          def body(i, out):
-            s0 = jnp.minimum(i * R, cap - R)
-            g = jax.lax.dynamic_slice_in_dim(gi, s0, R)
-            return jax.lax.dynamic_update_slice_in_dim(out, _mv(A[g], X), s0, axis=1)
+# ============================================================================================ the algorithm
+class _Ctx(NamedTuple):
+  """Scalars of one call: (beta, fudge_bandit, fudge_z, epsilon) and the union-bound log terms."""
 
-          n_live = jnp.minimum((u + R - 1) // R, n_blk)
-          seen = jax.lax.fori_loop(0, n_live, body, jnp.zeros((B, cap), ct))
-        zero = jnp.zeros_like(seen)
-        new = (seen, zero, zero) if mode == "certified" else (seen, zero)
-        return finish(S, cap, idx, gi, m, new, False, jnp.int32(top)), jnp.int32(top)
+  beta: jax.Array
+  fudge_b: jax.Array
+  fudge_z: jax.Array
+  eps: jax.Array
+  log_term: object  # certified: (log 1/delta_h, log 1/delta_e); paper: log(c n L / (delta / 2))
 
-      return run
 
-    # Branches and their cost in units of one streamed product of `A @ x` (see _READ_COST).
-    small = [c for c in buckets if c < n]
-    ncols = (stop - start).astype(jnp.float32)
-    branches = [slab, rows(n)] + [gather(c) for c in small] + [rows(c) for c in small]
-    costs = [n * ncols * _READ_COST["slab"], jnp.float32(n * d)]
-    costs += [c * ncols * _READ_COST["gather"] for c in small] + [jnp.float32(c * d * _READ_COST["rows"]) for c in small]
-    # Full rows hold the same samples as the new columns once the level reads every useful coordinate; below
-    # that they make the arms exact (more samples, less time): only with `exact_rows`.
-    rows_ok = jnp.asarray(cfg.exact_rows) | (nl >= P.top_level)
-    fits = [True, rows_ok] + [u <= c for c in small] + [rows_ok & (u <= c) for c in small]
-    costs = jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
-    S2, lev = jax.lax.switch(jnp.argmin(costs), branches, S)
-    return S2._replace(lvl=jnp.where(move, lev, S.lvl))
+def _log_term(cfg: AdaptiveConfig, dtype):
+  """The union bound's log terms. Certified: n arms x L levels x 2 sides, each one-sided event delta/(2nL),
+  half to Hoeffding-Serfling (delta / (4nL)) and half to empirical Bernstein-Serfling (fails w.p. 5 delta_e,
+  delta_e = delta / (20nL)). Paper: log(c n L / (delta / 2)) (the paper's radius, Sec. 3)."""
+  n, L = cfg.n, len(cfg.levels)
+  if cfg.mode == "certified":
+    return (jnp.asarray(math.log(4.0 * n * L / cfg.delta), dtype), jnp.asarray(math.log(20.0 * n * L / cfg.delta), dtype))
+  return jnp.asarray(math.log(cfg.c * n * L / (cfg.delta / 2)), dtype)
 
-  def samples_of(lvl):
-    return jnp.sum(P.m_eff[lvl], axis=1).astype(jnp.int32)
 
-  # ---- warm-up: every arm, first m0 coordinates of the order, read from the (m0, n) slab.
-  zeros = jnp.zeros((B, n), ct)
-  S = _State(sums=(zeros,) * n_sums, est=zeros, aux1=zeros, aux2=zeros, lvl=jnp.full((B, n), -1, jnp.int32))
-  S = advance(S, jnp.ones((B, n), bool), jnp.int32(-1), (n,))
-  s_warm = samples_of(S.lvl)
+def _warm_up(g: _Group, cfg: AdaptiveConfig):
+  """Algorithm 1, line 1: every arm reads the head and the first tail coordinates (levels[0] products)."""
+  B, n = g.P.X.shape[0], cfg.n
+  z = jnp.zeros((B, n), g.P.X.dtype)
+  arms = _Arms(lvl=jnp.full((B, n), -1, jnp.int32), s_head=z, s1=z, s2=z)
+  return _advance(g, cfg, arms, _init_levels(g.P, cfg), jnp.ones((B, n), bool), jnp.int32(-1), (n,))
 
-  def eliminate(alive, S: _State):
-    lo, hi = _bounds(S.est, S.aux1, S.aux2, fudge_b, log_b, mode)
-    lcb = jnp.where(alive, lo, -jnp.inf)
-    return alive & (hi >= _kth_largest(lcb, k)[:, None])
 
-  # ---- top-k identification: round l moves the survivors from level l to l + 1.
-  alive = eliminate(jnp.ones((B, n), bool), S)
-  done = (jnp.sum(alive, axis=1) <= k) | (P.top_level <= 0)
+def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
+  """Algorithm 1's elimination rule: keep the arms whose upper bound reaches the k-th largest lower bound."""
+  _, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
+  lcb = jnp.where(alive, lo, -jnp.inf)
+  kth = jax.lax.top_k(lcb, cfg.k)[0][:, cfg.k - 1]
+  return alive & (hi >= kth[:, None])
 
-  def round_cond(c):
-    l, _, _, done, _ = c
+
+def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
+  """Algorithm 1 (successive elimination, for a top-k set): round l moves the survivors from level l to l + 1
+  until k remain or every survivor is exact. Returns (arms, tables, alive, rounds)."""
+  B, n, L = g.P.X.shape[0], cfg.n, len(cfg.levels)
+  top = g.P.top_level
+  alive = _survivors(arms, tabs, jnp.ones((B, n), bool), g, cfg, ctx)
+  done = (jnp.sum(alive, axis=1) <= cfg.k) | (top <= 0)
+
+  def cond(c):
+    l, _, _, _, done, _ = c
     return (l < L - 1) & ~jnp.all(done)
 
-  def round_body(c):
-    l, S, alive, done, rounds = c
+  def body(c):
+    l, arms, tabs, alive, done, rounds = c
     # Survivors below the top are all at level l (a round may have made some exact: full rows were cheaper).
-    S = advance(S, alive & ~done[:, None] & (S.lvl == l), l, cfg.caps)
-    alive = jnp.where(done[:, None], alive, eliminate(alive, S))
+    arms, tabs = _advance(g, cfg, arms, tabs, alive & ~done[:, None] & (arms.lvl == l), l, cfg.caps)
+    alive = jnp.where(done[:, None], alive, _survivors(arms, tabs, alive, g, cfg, ctx))
     rounds = rounds + (~done).astype(jnp.int32)
-    all_exact = ~jnp.any(alive & (S.lvl < P.top_level), axis=1)
-    done = done | (jnp.sum(alive, axis=1) <= k) | (P.top_level <= l + 1) | all_exact
-    return l + 1, S, alive, done, rounds
+    all_exact = ~jnp.any(alive & (arms.lvl < top), axis=1)
+    done = done | (jnp.sum(alive, axis=1) <= cfg.k) | (top <= l + 1) | all_exact
+    return l + 1, arms, tabs, alive, done, rounds
 
-  _, S, alive, done, rounds = jax.lax.while_loop(
-      round_cond, round_body, (jnp.int32(0), S, alive, done, jnp.zeros((B,), jnp.int32)))
-  s_elim = samples_of(S.lvl)
+  _, arms, tabs, alive, _, rounds = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), arms, tabs, alive, done, jnp.zeros((B,), jnp.int32)))
+  return arms, tabs, alive, rounds
 
-  # ---- winners.
-  win = jax.lax.top_k(jnp.where(alive, S.est, -jnp.inf), k)[1]  # (B, k)
+
+def _winners(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs, alive):
+  """Algorithm 1's output: the k surviving arms with the largest estimates; with `exact_winners` their
+  products are computed exactly (Sec. 3: "the best arm is then computed exactly")."""
+  est, _, _ = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
+  win = jax.lax.top_k(jnp.where(alive, est, -jnp.inf), cfg.k)[1]  # (B, k)
   if cfg.exact_winners:
-    win_logits = beta * jnp.einsum("bkd,bd->bk", A[win].astype(ct), X)
-    est = S.est.at[bidx, win].set(win_logits)
-    if mode == "certified":
-      aux1 = S.aux1.at[bidx, win].set(win_logits)
-      aux2 = S.aux2.at[bidx, win].set(win_logits)
-    else:
-      aux1, aux2 = S.aux1.at[bidx, win].set(0.0), S.aux2
-    lvl = S.lvl.at[bidx, win].set(jnp.maximum(P.top_level, S.lvl[bidx, win]))
-    S = S._replace(est=est, aux1=aux1, aux2=aux2, lvl=lvl)
-  s_win = samples_of(S.lvl)
+    B = win.shape[0]
+    bidx = jnp.arange(B)[:, None]
+    exact = jnp.einsum("bkd,bd->bk", g.A[win].astype(g.P.X.dtype), g.P.X)
+    lvl = arms.lvl.at[bidx, win].set(jnp.maximum(g.P.top_level, arms.lvl[bidx, win]))
+    arms = _Arms(lvl=lvl, s_head=arms.s_head.at[bidx, win].set(exact), s1=arms.s1.at[bidx, win].set(0.0),
+                 s2=arms.s2.at[bidx, win].set(0.0))
+  return win, arms
 
-  if mode == "paper" and cfg.normalization == "paper":
-    return _paper_normalization(S, P, advance, win, rounds, (s_warm, s_elim, s_win), samples_of, eps, fudge_z, cfg)
 
-  # ---- partition function (certified): refine the arms whose width still matters.
-  log_ratio = jnp.log1p(eps) - jnp.log1p(-eps)
+def _refine(g: _Group, cfg: AdaptiveConfig, arms, tabs, move, buckets):
+  """Moves each arm in `move` up one level, level by level from the lowest (arms below the top only)."""
+  L = len(cfg.levels)
+  lvl0 = arms.lvl
+
+  def body(c):
+    l, arms, tabs = c
+    ml = move & (lvl0 == l)
+    arms, tabs = jax.lax.cond(jnp.any(ml), lambda s: _advance(g, cfg, s[0], s[1], ml, l, buckets), lambda s: s,
+                              (arms, tabs))
+    return l + 1, arms, tabs
+
+  lmin = jnp.min(jnp.where(move, lvl0, L))
+  _, arms, tabs = jax.lax.while_loop(lambda c: c[0] < L - 1, body, (lmin, arms, tabs))
+  return arms, tabs
+
+
+def _prob_bounds(lo, hi, win):
+  """Per query and winner w: bounds on log p_w from mu_w in [lo_w, hi_w] and Z_-w = sum_{i != w} e^mu_i.
+
+  p_w = e^mu_w / (e^mu_w + Z_-w) grows with mu_w and falls with Z_-w. Returns (B, k) log p_lo, log p_hi
+  and log(e^lo_w + Z_-w,hi) (the denominator of p_lo).
+  """
+  n = lo.shape[1]
+  others = jnp.arange(n)[None, None, :] != win[:, :, None]  # (B, k, n)
+  lzp_hi = jax.nn.logsumexp(jnp.where(others, hi[:, None], -jnp.inf), axis=2)
+  lzp_lo = jax.nn.logsumexp(jnp.where(others, lo[:, None], -jnp.inf), axis=2)
+  lo_w, hi_w = jnp.take_along_axis(lo, win, 1), jnp.take_along_axis(hi, win, 1)
+  den_lo = jnp.logaddexp(lo_w, lzp_hi)
+  return lo_w - den_lo, hi_w - jnp.logaddexp(hi_w, lzp_lo), den_lo
+
+
+def _bracket_normalization(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs, win):
+  """The partition function by closing each winner's probability bracket (certified; paper mode's default).
+
+  Until `p_hi / p_lo <= (1 + eps) / (1 - eps)` for every winner, the arms whose intervals widen the worst
+  winner's bracket most (first-order effect `(e^hi_i - e^lo_i) / (e^lo_w + Z_-w,hi)`; the winner's own
+  `(hi_w - lo_w)(1 - p_lo)`, since a dominant winner's error cancels in p_w) move up one level, only as many
+  as cover the remaining deficit. Returns (arms, tables, log p (B, k), log Z (B,), winner logits, ok (B,)).
+  """
+  B, n, k = g.P.X.shape[0], cfg.n, cfg.k
+  bidx = jnp.arange(B)[:, None]
+  log_ratio = jnp.log1p(ctx.eps) - jnp.log1p(-ctx.eps)
   zc = cfg.z_capacity
   z_buckets = _buckets(min(n, B * zc), k)
-  others = jnp.arange(n)[None, None, :] != win[:, :, None]  # (B, k, n)
 
-  def prob_bounds(lo, hi):
-    """Per query and winner w: bounds on log p_w from mu_w in [lo_w, hi_w] and Z_-w = sum_{i != w} e^mu_i.
-
-    p_w = e^mu_w / (e^mu_w + Z_-w) grows with mu_w and falls with Z_-w. Returns (B, k) log p_lo,
-    log p_hi and log(e^lo_w + Z_-w,hi) (the denominator of p_lo).
-    """
-    lzp_hi = jax.nn.logsumexp(jnp.where(others, hi[:, None], -jnp.inf), axis=2)
-    lzp_lo = jax.nn.logsumexp(jnp.where(others, lo[:, None], -jnp.inf), axis=2)
-    lo_w, hi_w = jnp.take_along_axis(lo, win, 1), jnp.take_along_axis(hi, win, 1)
-    den_lo = jnp.logaddexp(lo_w, lzp_hi)
-    return lo_w - den_lo, hi_w - jnp.logaddexp(hi_w, lzp_lo), den_lo
-
-  def z_status(S: _State):
-    lo, hi = _bounds(S.est, S.aux1, S.aux2, fudge_z, log_z_term, mode)
-    lp_lo, lp_hi, den_lo = prob_bounds(lo, hi)
+  def status(arms, tabs):
+    _, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_z, ctx.log_term)
+    lp_lo, lp_hi, den_lo = _prob_bounds(lo, hi, win)
     gaps = lp_hi - lp_lo
     j = jnp.argmax(gaps, axis=1)[:, None]
     pick = lambda a: jnp.take_along_axis(a, j, 1)[:, 0]  # noqa: E731
     ok = pick(gaps) <= log_ratio
-    deficit = pick(gaps) - log_ratio  # in log units, for the worst winner
-    # First-order effect of each arm's interval on that gap: (e^hi_i - e^lo_i) / (e^lo_w + Z_-w,hi) for
-    # the other arms, (hi_w - lo_w)(1 - p_lo) for the winner itself (a dominant winner's error cancels).
+    deficit = pick(gaps) - log_ratio
     w = pick(win)[:, None]
     width = jnp.exp(hi - pick(den_lo)[:, None]) * -jnp.expm1(-(hi - lo))
     own = (jnp.take_along_axis(hi, w, 1) - jnp.take_along_axis(lo, w, 1)) * -jnp.expm1(pick(lp_lo)[:, None])
     width = width.at[bidx, w].set(own)
-    refinable = (S.lvl < P.top_level) & (hi > lo)
+    refinable = (arms.lvl < g.P.top_level) & (hi > lo)
     return ok, deficit, jnp.where(refinable, width, -1.0)
 
-  def z_active(ok, score):
+  def active(ok, score):
     return (~ok) & jnp.any(score > 0, axis=1)
 
-  def z_cond(c):
-    _, ok, _, score = c
-    return jnp.any(z_active(ok, score))
-
-  def z_body(c):
-    S, ok, deficit, score = c
+  def body(c):
+    arms, tabs, ok, deficit, score = c
     top, idx = jax.lax.top_k(score, zc)
     before = jnp.cumsum(top, axis=1) - top  # widths of the wider arms already chosen
-    valid = (top > 0) & ((before < deficit[:, None]) | (jnp.arange(zc) == 0)[None]) & z_active(ok, score)[:, None]
+    valid = (top > 0) & ((before < deficit[:, None]) | (jnp.arange(zc) == 0)[None]) & active(ok, score)[:, None]
     move = jnp.zeros((B, n), bool).at[bidx, idx].set(valid)
-    lvl0 = S.lvl
+    arms, tabs = _refine(g, cfg, arms, tabs, move, z_buckets)
+    return (arms, tabs) + status(arms, tabs)
 
-    def level_body(c):
-      l, S = c
-      ml = move & (lvl0 == l)
-      return l + 1, jax.lax.cond(jnp.any(ml), lambda S: advance(S, ml, l, z_buckets), lambda S: S, S)
-
-    lmin = jnp.min(jnp.where(move, lvl0, L))
-    _, S = jax.lax.while_loop(lambda c: c[0] < L - 1, level_body, (lmin, S))
-    return (S,) + z_status(S)
-
-  S, ok, _, _ = jax.lax.while_loop(z_cond, z_body, (S,) + z_status(S))
-  s_all = samples_of(S.lvl)
-
-  lo, hi = _bounds(S.est, S.aux1, S.aux2, fudge_z, log_z_term, mode)
-  lp_lo, lp_hi, _ = prob_bounds(lo, hi)
+  arms, tabs, ok, _, _ = jax.lax.while_loop(lambda c: jnp.any(active(c[2], c[4])), body,
+                                            (arms, tabs) + status(arms, tabs))
+  _, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_z, ctx.log_term)
+  lp_lo, lp_hi, _ = _prob_bounds(lo, hi, win)
   # The harmonic mean of the bounds is within a factor 1 +- eps of every p in [p_lo, p_hi] as soon as
   # p_hi / p_lo <= (1 + eps) / (1 - eps).
   log_p = jnp.log(2.0) + lp_lo + lp_hi - jnp.logaddexp(lp_lo, lp_hi)
   log_z = jnp.logaddexp(jax.nn.logsumexp(lo, axis=1), jax.nn.logsumexp(hi, axis=1)) - jnp.log(2.0)
   win_logits = 0.5 * (jnp.take_along_axis(lo, win, 1) + jnp.take_along_axis(hi, win, 1))
-  return _result(win, win_logits, log_p, log_z, (s_warm, s_elim, s_win, s_all), ok, rounds)
+  return arms, tabs, log_p, log_z, win_logits, ok
+
+
+def _paper_normalization(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs, win):
+  r"""Paper mode's partition function: Algorithm 2 of Baharav et al. (2024), as in the authors' code.
+
+  From the first-pass estimates `mu_i` and variances `v_i` (fudge-scaled) of every arm, with
+  `C_i = sqrt(2 log(6n/delta') v_i)`, `alpha_i = e^{mu_i - C_i}`, `gamma_i = sqrt(alpha_i)` and
+  `delta' = delta / 2`, each arm gets a target variance
+
+    `V_i = min(sum(gamma) / (c gamma_i), sum(alpha) / (d alpha_i))`,
+    `c = 16 sqrt(2) log(6n/delta') sum(gamma)^2 / (eps sum(alpha))`, `d = 16 log(12/delta') / eps^2`,
+
+  the arms above their target move up the levels (one sweep) and `log Z = logsumexp(mu_hat)`: a point
+  estimate, a confidence statement only as far as the variance estimates are (the fudge factor is tuned).
+  Returns (arms, tables, log p, log Z, winner logits, ok).
+  """
+  n, k = cfg.n, cfg.k
+  B = g.P.X.shape[0]
+  ct = g.P.X.dtype
+  dprime = cfg.delta / 2.0
+  lt = math.log(6.0 * n / dprime)
+  beta = ctx.beta
+
+  def est_var(arms, tabs):
+    mt, _ = _arm_tables(arms, tabs, g.P)
+    est, var = _paper_estimate(arms.s_head, arms.s1, arms.s2, mt, g.P.n_tail[:, None])
+    return beta * est, ctx.fudge_z * beta * beta * var
+
+  est, v = est_var(arms, tabs)
+  log_alpha = est - jnp.sqrt(2.0 * lt * v)
+  log_gamma = 0.5 * log_alpha
+  lse_a = jax.nn.logsumexp(log_alpha, axis=1, keepdims=True)
+  lse_g = jax.nn.logsumexp(log_gamma, axis=1, keepdims=True)
+  log_c = math.log(16.0 * math.sqrt(2.0) * lt) - jnp.log(ctx.eps) + 2.0 * lse_g - lse_a
+  log_d = math.log(16.0 * math.log(12.0 / dprime)) - 2.0 * jnp.log(ctx.eps)
+  log_target = jnp.minimum(lse_g - log_c - log_gamma, lse_a - log_d - log_alpha)  # (B, n)
+
+  def needy(arms, tabs):
+    _, v = est_var(arms, tabs)
+    return (arms.lvl < g.P.top_level) & (v > 0) & (jnp.log(jnp.maximum(v, jnp.finfo(ct).tiny)) > log_target)
+
+  L = len(cfg.levels)
+  z_buckets = _buckets(min(n, B * cfg.z_capacity), k)
+
+  def body(c):
+    l, arms, tabs = c
+    ml = needy(arms, tabs) & (arms.lvl == l)
+    arms, tabs = jax.lax.cond(jnp.any(ml), lambda s: _advance(g, cfg, s[0], s[1], ml, l, z_buckets), lambda s: s,
+                              (arms, tabs))
+    return l + 1, arms, tabs
+
+  lmin = jnp.min(jnp.where(needy(arms, tabs), arms.lvl, L))
+  _, arms, tabs = jax.lax.while_loop(lambda c: c[0] < L - 1, body, (lmin, arms, tabs))
+  est, _ = est_var(arms, tabs)
+  log_z = jax.nn.logsumexp(est, axis=1)
+  win_logits = jnp.take_along_axis(est, win, 1)
+  return arms, tabs, win_logits - log_z[:, None], log_z, win_logits, ~jnp.any(needy(arms, tabs), axis=1)
 
 
 def _result(win, win_logits, log_p, log_z, counts, ok, rounds) -> AdaptiveResult:
@@ -866,83 +985,70 @@ def _result(win, win_logits, log_p, log_z, counts, ok, rounds) -> AdaptiveResult
                         phase_samples=phase, logits=win_logits, certified=ok, rounds=rounds)
 
 
-def _paper_normalization(S: _State, P: _Plan, advance, win, rounds, phase_counts, samples_of, eps, fudge_z,
-                         cfg: AdaptiveConfig) -> AdaptiveResult:
-  r"""Paper mode's partition function: Algorithm 2 of Baharav et al. (2024), as in the authors' code.
+def _group(key, prep: PreparedMatrix, X, ctx: _Ctx, cfg: AdaptiveConfig) -> AdaptiveResult:
+  """AdaptiveSoftmax for B queries X (B, d) sharing one order (its start drawn from `key`): the phases in turn."""
+  offset = jax.random.randint(key, (), 0, cfg.d, dtype=jnp.int32)
+  P = _plan(offset, X, prep.col_max, cfg)
+  g = _Group(A=prep.A, At=prep.At, perm=prep.perm, inv=prep.inv, col_max=prep.col_max, P=P)
+  arms, tabs = _warm_up(g, cfg)
+  s_warm = _samples(arms, tabs, P)
+  arms, tabs, alive, rounds = _eliminate(g, cfg, ctx, arms, tabs)
+  s_elim = _samples(arms, tabs, P)
+  win, arms = _winners(g, cfg, ctx, arms, tabs, alive)
+  s_win = _samples(arms, tabs, P)
+  if cfg.mode == "paper" and cfg.normalization == "paper":
+    arms, tabs, log_p, log_z, win_logits, ok = _paper_normalization(g, cfg, ctx, arms, tabs, win)
+  else:
+    arms, tabs, log_p, log_z, win_logits, ok = _bracket_normalization(g, cfg, ctx, arms, tabs, win)
+  s_all = _samples(arms, tabs, P)
+  finite_x = jnp.isfinite(P.margin)  # NaN/inf in a query reaches its weight sum (and every loop stays bounded)
+  log_p = jnp.where(finite_x[:, None], log_p, jnp.nan)
+  log_z = jnp.where(finite_x, log_z, jnp.nan)
+  return _result(win, win_logits, log_p, log_z, (s_warm, s_elim, s_win, s_all), ok & finite_x, rounds)
 
-  From the first-pass estimates `mu_i` and variances `v_i` (fudge-scaled) of every arm, with
-  `C_i = sqrt(2 log(6n/delta') v_i)`, `alpha_i = e^{mu_i - C_i}`, `gamma_i = sqrt(alpha_i)` and
-  `delta' = delta / 2`, each arm gets a target variance
 
-    `V_i = min(sum(gamma) / (c gamma_i), sum(alpha) / (d alpha_i))`,
-    `c = 16 sqrt(2) log(6n/delta') sum(gamma)^2 / (eps sum(alpha))`, `d = 16 log(12/delta') / eps^2`,
-
-  so arms with a negligible share of the mass need no more pulls and the heavy ones are read until
-  their variance meets the target. Each arm then moves up the pull levels (one sweep over the levels, only
-  the arms still above their target) and `log Z = logsumexp(mu_hat)`: a point estimate whose error is the
-  sum of the arms' independent errors, not a worst-case bracket, so it is a confidence statement only as
-  far as the variance estimates are (the fudge factor is tuned, like the bandit one).
-  """
-  n, k, L = cfg.n, cfg.k, len(cfg.levels)
-  B = S.est.shape[0]
-  ct = S.est.dtype
-  s_warm, s_elim, s_win = phase_counts
-  dprime = cfg.delta / 2.0
-  lt = math.log(6.0 * n / dprime)
-
-  def targets(S: _State):
-    v = fudge_z * S.aux1
-    log_alpha = S.est - jnp.sqrt(2.0 * lt * v)
-    log_gamma = 0.5 * log_alpha
-    lse_a = jax.nn.logsumexp(log_alpha, axis=1, keepdims=True)
-    lse_g = jax.nn.logsumexp(log_gamma, axis=1, keepdims=True)
-    log_c = math.log(16.0 * math.sqrt(2.0) * lt) - jnp.log(eps) + 2.0 * lse_g - lse_a
-    log_d = math.log(16.0 * math.log(12.0 / dprime)) - 2.0 * jnp.log(eps)
-    return jnp.minimum(lse_g - log_c - log_gamma, lse_a - log_d - log_alpha)  # (B, n) log target variance
-
-  log_v1 = targets(S)
-
-  def needy(S: _State):
-    v = fudge_z * S.aux1
-    return (S.lvl < P.top_level) & (v > 0) & (jnp.log(jnp.maximum(v, jnp.finfo(ct).tiny)) > log_v1)
-
-  z_buckets = _buckets(min(n, B * cfg.z_capacity), k)
-
-  def level_body(c):
-    l, S = c
-    ml = needy(S) & (S.lvl == l)
-    return l + 1, jax.lax.cond(jnp.any(ml), lambda S: advance(S, ml, l, z_buckets), lambda S: S, S)
-
-  need0 = needy(S)
-  lmin = jnp.min(jnp.where(need0, S.lvl, L))
-  _, S = jax.lax.while_loop(lambda c: c[0] < L - 1, level_body, (lmin, S))
-  s_all = samples_of(S.lvl)
-
-  log_z = jax.nn.logsumexp(S.est, axis=1)
-  win_logits = jnp.take_along_axis(S.est, win, 1)
-  log_p = win_logits - log_z[:, None]
-  return _result(win, win_logits, log_p, log_z, (s_warm, s_elim, s_win, s_all), ~jnp.any(needy(S), axis=1),
-                 rounds)
+def _valid_scalars(eps, beta, fudge_b, fudge_z):
+  """Traced scalars in range (eps in (0, 1), the others positive and finite)."""
+  fin = lambda v: jnp.isfinite(v)  # noqa: E731
+  return (eps > 0) & (eps < 1) & (beta > 0) & fin(beta) & (fudge_b > 0) & fin(fudge_b) & (fudge_z > 0) & fin(fudge_z)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _batched(keys, A, At, col_l1, col_max, X, eps, beta, fudge_b, fudge_z, cfg):
-  """Shared order: one group with keys[0]. Per-query orders: query i is a group of one with keys[i],
-  run one after another (`lax.map`: real control flow per query, no lock-step over the batch)."""
-  args = (A, At, col_l1, col_max)
-  scal = (eps, beta, fudge_b, fudge_z)
+def _batched(keys, prep: PreparedMatrix, X, eps, beta, fudge_b, fudge_z, cfg):
+  """Shared order: one group with keys[0]. Per-query orders: query i is a group of one with keys[i], run one
+  after another (`lax.map`: real control flow per query, no lock-step over the batch).
+
+  Invalid traced inputs (a scalar out of range, a non-finite query) run with neutral values and come back
+  flagged: probabilities and log Z NaN, `certified` False.
+  """
+  ok = _valid_scalars(eps, beta, fudge_b, fudge_z)
+  one = jnp.ones((), X.dtype)
+  ctx = _Ctx(beta=jnp.where(ok, beta, one), fudge_b=jnp.where(ok, fudge_b, one), fudge_z=jnp.where(ok, fudge_z, one),
+             eps=jnp.where(ok, eps, 0.5 * one), log_term=_log_term(cfg, X.dtype))
   if cfg.shared_order or X.shape[0] == 1:
-    return _group(keys[0], *args, X, *scal, cfg)
+    res = _group(keys[0], prep, X, ctx, cfg)
+  else:
+    res = jax.lax.map(lambda kx: jax.tree.map(lambda a: a[0], _group(kx[0], prep, kx[1][None], ctx, cfg)),
+                      (keys, X))
+  nan = jnp.asarray(jnp.nan, res.probs.dtype)
+  return res._replace(probs=jnp.where(ok, res.probs, nan), log_z=jnp.where(ok, res.log_z, nan),
+                      certified=res.certified & ok)
 
-  def one(kx):
-    res = _group(kx[0], *args, kx[1][None], *scal, cfg)
-    return jax.tree.map(lambda a: a[0], res)
 
-  return jax.lax.map(one, (keys, X))
+@jax.custom_jvp
+def _no_grad(x):
+  return x
+
+
+@_no_grad.defjvp
+def _no_grad_jvp(primals, tangents):
+  raise TypeError("adaptive_softmax is not differentiable: it returns sampled indices and probability "
+                  "estimates from data-dependent loops. Differentiate the exact softmax of the returned indices "
+                  "(e.g. jax.nn.log_softmax(beta * A @ x)[res.indices]) instead.")
 
 
 def _scalar(name, value, check):
-  """Checks a Python/concrete scalar with `check`; traced scalars pass through unchecked."""
+  """Checks a Python/concrete scalar with `check`; traced scalars pass through (checked by `_valid_scalars`)."""
   if _is_tracer(value):
     return value
   return check(name, value)
@@ -964,6 +1070,7 @@ def adaptive_softmax(
     warmup: int | None = None,
     exact_winners: bool = True,
     head_ratio: float = 1.5,
+    head_size: int = 64,
     growth: float = 2.0,
     z_capacity: int | None = None,
     shared_order: bool = False,
@@ -973,69 +1080,65 @@ def adaptive_softmax(
 ) -> AdaptiveResult:
   r"""PAC top-k softmax of `beta * A x` by adaptive sampling.
 
-  In `mode="certified"` (default), for every `A` and `x`, with probability >= 1 - delta over the
-  algorithm's own randomness, the returned index set is the top-k of `mu = beta * A x` and every
-  returned probability satisfies `|p_hat - p| <= epsilon * p`, where
-  `p_i = exp(mu_i) / sum_j exp(mu_j)` (empirical Bernstein-Serfling intervals with ranges from the
-  column maxima of `A`; see the module docstring). Up to float32 rounding of the sums: a margin of
-  `2 u sqrt(d)` times `beta * sum_j |x_j| max_i |A_ij|` is added to every interval.
+  In `mode="certified"` (default), for every `A` and every `x` chosen independently of the prepared order
+  (`prepare_matrix`), with probability >= 1 - delta over the order and the call's key, the returned index set
+  is the top-k of `mu = beta * A x` and every returned probability satisfies `|p_hat - p| <= epsilon * p`,
+  where `p_i = exp(mu_i) / sum_j exp(mu_j)` (empirical Bernstein-Serfling intervals with ranges from the column
+  maxima of `A`; see the module docstring). Up to float32 rounding of the sums: a margin of `2 u sqrt(d)`
+  times `beta * sum_j |x_j| max_i |A_ij|` is added to every interval.
 
   In `mode="paper"` the intervals are the paper's sub-Gaussian radii around an estimated variance,
   scaled by fudge factors tuned on training queries (`tuning.tune_fudge`): the guarantee then holds
   only as far as the tuning split represents the test queries.
 
+  Cost: two O(d) passes over `x` and O(256 * head_size) for the head, plus the products read (no sort
+  of the d coordinates, no d random draws); prepare `A` once (`prepare_matrix`) and pass the result.
+
   Args:
-    key: a `jax.random` key. A single query uses it directly; query i of a batch uses
-      `jax.random.split(key, b)[i]`.
-    A: (n, d) floating matrix, or a `PreparedMatrix` from `prepare_matrix(A)` (validate once,
-      reuse across calls: recommended for benchmarks).
+    key: a `jax.random.key`: the start of the tail order. A single query uses it directly; query i of a batch
+      uses `jax.random.split(key, b)[i]`.
+    A: (n, d) floating matrix, or a `PreparedMatrix` from `prepare_matrix(A)` (validate, transpose and order
+      once, reuse across calls: recommended). A raw `A` is prepared with the default order key on every call.
     x: (d,) query or (b, d) batch of queries, floating, finite.
     k: size of the top set, 1 <= k <= n.
     epsilon: multiplicative accuracy of the probabilities, in (0, 1).
     delta: failure probability, in (0, 1).
     beta: inverse temperature (> 0).
     mode: "certified" (valid for every input, no tuning) or "paper" (tuned sub-Gaussian radii).
-    order: "importance" or "uniform". Paper mode: Gumbel-top-d on `|x_j| sum_i |A_ij|`, or
-      uniform. Certified mode: a deterministic head of dominant coordinates then a uniform tail, or
-      uniform only.
+    order: "importance" (a head of dominant coordinates read first, then the uniformly ordered tail) or
+      "uniform" (no head).
     fudge_bandit: paper mode: multiplies the variance in the identification radii.
     fudge_z: paper mode: multiplies the variance in the normalization radii.
-    warmup: warm-up pulls per arm, an integer in [1, d] (default
-      `d / (17 log(6n/delta))` clipped to [32, d/10]). In certified mode any warm-up keeps the
-      guarantee.
-    exact_winners: compute the k winners exactly (default); otherwise their logits are estimated
-      to the accuracy the probabilities need.
-    head_ratio: certified mode: coordinates whose `|x_j| max_i |A_ij|` exceeds `head_ratio` times
-      the mean are read first, for every arm (> 0).
+    warmup: warm-up pulls per arm, an integer in [1, d] (default `d / (17 log(6n/delta))` clipped to
+      [32, d/10]). In certified mode any warm-up keeps the guarantee.
+    exact_winners: compute the k winners exactly (default); otherwise their logits are estimated to the
+      accuracy the probabilities need.
+    head_ratio: a head coordinate's `|x_j| max_i |A_ij|` exceeds `head_ratio` times the mean (> 0).
+    head_size: most head coordinates (>= 0; at most the warm-up is used).
     growth: factor by which surviving arms' pulls grow per round (> 1).
     z_capacity: most arms refined per normalization round (default min(n, max(4k, 4096))).
-    shared_order: a batch shares one coordinate order, drawn from `key` (one slab read for all
-      queries, rounds as small GEMMs over the union of the queries' surviving arms). Each query's
-      statement above still holds (its order is still a deterministic head and a uniformly random
-      tail, or a Gumbel-top-d order), but the queries' outcomes are no longer independent. The
-      order's weights use `max_q |x_qj|`; each query's bounds use its own `|x_qj|`. Default False:
-      one order per query, queries run one after another. The group's loops run until its last query
-      is done; with `mode="paper"` and `normalization="bracket"` each normalization round re-reads the
-      level prefixes of the union of the queries' moving arms for the whole batch (SmolLM2 head, 64
-      queries: 12.9 s against 0.27 s with `normalization="paper", exact_rows=True` on one CPU core,
-      README "Benchmarks"), so pair `shared_order` with those two options or with certified mode.
+    shared_order: a batch shares one order start and head, drawn from `key` (one slab read for all queries,
+      rounds as small GEMMs over the union of the queries' surviving arms). Each query's statement still
+      holds, but the queries' outcomes are not independent. The head uses `max_q |x_qj|`; each query's
+      bounds use its own `|x_qj|`. Default False: queries run one after another.
     normalization: paper mode's partition function. "bracket" (default): every arm whose interval still
       moves a winner's probability bracket is refined until `p_hi / p_lo <= (1 + eps) / (1 - eps)`.
-      "paper": the paper's Algorithm 2 (as in the authors' code): one target variance per arm from the
-      first-pass estimates (heavy arms are read further, light ones not), then `log Z = logsumexp(mu_hat)`;
-      `fudge_z` scales the variances.
+      "paper": the paper's Algorithm 2 (target variances from the first-pass estimates, then
+      `log Z = logsumexp(mu_hat)`); `fudge_z` scales the variances.
     exact_rows: when True, a round reads the full rows of its moving arms (they become exact) whenever
-      that costs less wall-clock than their new columns (`_READ_COST`): more samples, less time on
-      hardware where gathers are slow. False (default): reads follow the algorithm's samples.
+      that costs less wall-clock than their new columns (`_READ_COST`): more samples, less time.
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).
 
   Returns:
-    AdaptiveResult (a pytree of arrays); arrays carry a leading batch axis iff `x` is 2-D.
+    AdaptiveResult (a pytree of arrays); arrays carry a leading batch axis iff `x` is 2-D. Inside the user's
+    `jax.jit`, out-of-range traced scalars or a non-finite query give NaN `probs`/`log_z` and
+    `certified=False` for the queries concerned.
 
   Raises:
     ValueError: an argument is invalid (the message names it). Traced arrays (inside the user's
       `jax.jit`) get shape and dtype checks only.
+    TypeError: under `jax.grad`/`jax.jvp` (not differentiable).
 
   Example:
     >>> import jax
@@ -1047,6 +1150,7 @@ def adaptive_softmax(
     >>> int(res.samples) < 100 * 1000
     True
   """
+  key = _check_key("key", key)
   prep = prepare_matrix(A)
   n, d = prep.A.shape
   if getattr(x, "ndim", None) not in (1, 2):
@@ -1068,26 +1172,73 @@ def adaptive_softmax(
   fudge_bandit = _scalar("fudge_bandit", fudge_bandit, checks.positive)
   fudge_z = _scalar("fudge_z", fudge_z, checks.positive)
   checks.one_of("mode", mode, MODES)
+  for name, v in (("exact_winners", exact_winners), ("shared_order", shared_order), ("exact_rows", exact_rows),
+                  ("check_finite", check_finite)):
+    _check_bool(name, v)
   if mode == "certified" and not (_is_tracer(fudge_bandit) or _is_tracer(fudge_z)):
     if fudge_bandit != 1.0 or fudge_z != 1.0:
       raise ValueError(
           f"fudge_bandit and fudge_z apply to mode='paper' only; got {fudge_bandit}, {fudge_z} with mode='certified'"
       )
   cfg = make_config(n, d, k=k, delta=delta, mode=mode, order=order, warmup=warmup, growth=growth,
-                    z_capacity=z_capacity, exact_winners=exact_winners, head_ratio=head_ratio,
+                    z_capacity=z_capacity, exact_winners=exact_winners, head_ratio=head_ratio, head_size=head_size,
                     shared_order=bool(shared_order) and x.ndim == 2, normalization=normalization,
                     exact_rows=exact_rows)
   if normalization != "bracket" and mode != "paper":
     raise ValueError(f"normalization={normalization!r} applies to mode='paper' only (got mode={mode!r})")
   single = x.ndim == 1
   ct = _compute_dtype(prep.A.dtype)  # 16-bit A: products and sums in float32
-  X = (x[None] if single else x).astype(ct)
+  X = _no_grad((x[None] if single else x).astype(ct))
   # A batch gets split(key, b)[i] for query i; a single query uses `key` itself, so that
   # batched and per-query calls agree query by query. A shared order uses `key` itself.
   keys = key[None] if (single or cfg.shared_order) else jax.random.split(key, X.shape[0])
   f = lambda v: jnp.asarray(v, ct)  # noqa: E731
-  res = _batched(keys, prep.A, prep.At, prep.col_l1, prep.col_max, X, f(epsilon), f(beta), f(fudge_bandit),
-                 f(fudge_z), cfg)
+  res = _batched(keys, prep, X, f(epsilon), f(beta), f(fudge_bandit), f(fudge_z), cfg)
   if single:
     res = jax.tree.map(lambda a: a[0], res)
   return res
+
+
+# ============================================================================================ reference
+class _RefPlan(NamedTuple):
+  """A single-query plan with its whole order spelled out (reference and tests only: O(d log d))."""
+
+  P: _Plan
+  rank: jax.Array  # (d,) int32 rank of each tail coordinate in the order (d for non-tail coordinates)
+  head_mask: jax.Array  # (d,) bool
+  w: jax.Array  # (d,) range weights |x_j| M_j
+
+
+def _make_plan(key, x, col_l1, col_max, cfg: AdaptiveConfig) -> _RefPlan:
+  """Reference plan of one query x (d,): the order is a uniformly random permutation drawn from `key` (what a
+  prepared order started anywhere is, in distribution), spelled out for `_level_stats`."""
+  del col_l1
+  d = cfg.d
+  P = _plan(0, x[None], col_max, cfg)
+  head_mask = jnp.zeros((d,), bool).at[P.head].set(P.head_ok)
+  aw = jnp.abs(x) * col_max
+  tail = (aw > 0) & ~head_mask
+  perm = jax.random.permutation(key, d)
+  tail_in_order = tail[perm]
+  r = jnp.cumsum(tail_in_order) - 1
+  rank = jnp.full((d,), d, jnp.int32).at[perm].set(jnp.where(tail_in_order, r, d).astype(jnp.int32))
+  return _RefPlan(P=P, rank=rank, head_mask=head_mask, w=aw)
+
+
+def _level_stats(rows, lev, R: _RefPlan, beta, log_term, cfg: AdaptiveConfig):
+  """Reference (not on the hot path): (est, aux1, aux2) of full `rows` (r, d) at level `lev` under a reference
+  plan, from d-long masks. Certified: aux = (lo, hi). Paper: aux = (variance, 0)."""
+  P = R.P
+  x = P.X[0]
+  need = P.need[lev]
+  tail_read = R.rank < need
+  xh = jnp.where(R.head_mask, x, 0.0)
+  xt = jnp.where(tail_read, x, 0.0)
+  s_head, s1, s2 = rows @ xh, rows @ xt, (rows * rows) @ (xt * xt)
+  mt = jnp.sum(tail_read & (x != 0))
+  N = P.n_tail[0]
+  if cfg.mode == "certified":
+    unread = jnp.where(mt >= N, 0.0, jnp.maximum(P.tail_w[0] - jnp.sum(jnp.where(tail_read, R.w, 0.0)), 0.0))
+    return _bounds_from_sums(s_head + s1, s1, s2, mt, N, unread, P.rng[0], P.margin[0], beta, log_term)
+  est, var = _paper_estimate(s_head, s1, s2, mt, N)
+  return beta * est, beta * beta * var, jnp.zeros_like(var)
