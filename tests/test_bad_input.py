@@ -146,6 +146,28 @@ class Num:
 
 
 @dataclasses.dataclass
+class UnitTuple:
+  """A non-empty tuple of Python floats in (0, 1) (static: e.g. the epsilons of one pass)."""
+
+  def bad(self, x):
+    return [("empty", ()), ("0", (0.0,)), ("1.5", (1.5,)), ("nan", (math.nan,))]
+
+  def accepted(self, x):
+    return []
+
+
+@dataclasses.dataclass
+class Bool:
+  """A Python bool option: a truthy non-bool ("yes", 1, None) is invalid."""
+
+  def bad(self, x):
+    return [("str", "yes"), ("int", 1), ("none", None)]
+
+  def accepted(self, x):
+    return []
+
+
+@dataclasses.dataclass
 class Choice:
   def bad(self, x):
     return [("bogus", "bogus")]
@@ -171,6 +193,7 @@ class Entry:
   flag: Callable | None = None
   fn: Callable | None = None  # for sampler methods
   slow: bool = False  # compiles a large program (AdaptiveSoftmax): dtype and jit checks run under `-m slow`
+  jit_ok: dict[str, set] = dataclasses.field(default_factory=dict)  # {arg: {labels}} handled under jit (e.g. dropped)
 
 
 def _unit(rng, *shape):
@@ -302,7 +325,8 @@ def _values(r):
 register("topk.output_error",
          build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool), values=_values(r),
                               k=np.full((Q,), 3)),
-         kinds={"logits": _LG, "valid": Mask(), "values": Arr((2,), matched=False), "k": Ids(N + 1)},
+         kinds={"logits": _LG, "valid": Mask(), "values": Arr((2,), matched=False), "k": Ids(N + 1),
+                "with_diam": Bool()},
          jit=("logits", "values"))
 register("topk.certified_topk_attention",
          build=lambda r: dict(q=r.normal(size=(Q, D_)).astype(np.float32), keys=r.normal(size=(N, D_)).astype(
@@ -324,7 +348,8 @@ register("topk.blockwise_bounds", build=_blocks,
 register("topk.block_minmax",
          build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool),
                               block_of_key=np.arange(N) // 3, num_blocks=4),
-         kinds={"logits": _LG, "valid": Mask(), "block_of_key": Ids(4), "num_blocks": Int(1)})
+         kinds={"logits": _LG, "valid": Mask(), "block_of_key": Ids(4), "num_blocks": Int(1)},
+         jit=("logits", "valid"))
 
 
 def _keys(r):
@@ -332,11 +357,12 @@ def _keys(r):
 
 
 register("topk.chunk_cells", build=lambda r: dict(keys=_keys(r), valid=np.ones((N,), bool), num_cells=3),
-         kinds={"keys": Arr(min_ndim=2, matched=False), "valid": Mask(), "num_cells": Int(1, N)})
+         kinds={"keys": Arr(min_ndim=2, matched=False), "valid": Mask(), "num_cells": Int(1, N)},
+         jit=("keys", "valid"))
 register("topk.kmeans_cells",
          build=lambda r: dict(keys=_keys(r), valid=np.ones((N,), bool), rng=_key(), num_cells=3, iters=2),
          kinds={"keys": Arr(min_ndim=2, matched=False), "valid": Mask(), "num_cells": Int(1, N),
-                "iters": Int(1)})
+                "iters": Int(1)}, jit=("keys", "valid"))
 
 
 def _cells_build(r):
@@ -372,7 +398,8 @@ def _basis_build(r):
 
 
 register("topk.fit_basis", build=_basis_build,
-         kinds={"keys": Arr(min_ndim=2), "queries": Arr(min_ndim=2), "key_valid": Mask(), "query_valid": Mask()})
+         kinds={"keys": Arr(min_ndim=2), "queries": Arr(min_ndim=2), "key_valid": Mask(), "query_valid": Mask()},
+         jit=("keys", "queries", "key_valid", "query_valid"))
 
 
 def _basis(r):
@@ -380,7 +407,7 @@ def _basis(r):
 
 
 register("topk.prepare_keys", build=lambda r: dict(keys=_keys(r), basis=_basis(r), blocks=(2, 4)),
-         kinds={"keys": Arr(min_ndim=2)})
+         kinds={"keys": Arr(min_ndim=2)}, jit=("keys",))
 register("topk.rotate_queries", build=lambda r: dict(queries=r.normal(size=(Q, D_)).astype(np.float32),
                                                      basis=_basis(r)),
          kinds={"queries": Arr(min_ndim=2)}, jit=("queries",))
@@ -397,6 +424,15 @@ register("topk.progressive_search", build=_prog_build,
                 "search_fraction": Num("unit")},
          ok={"search_fraction": {"1"}},  # (0, 1]: 1 leaves the whole budget to the search, none to pruning
          jit=("q_rot",))
+
+register("topk.threshold_heads",
+         build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool), epsilons=(0.1, 0.01)),
+         kinds={"logits": _LG, "valid": Mask(), "epsilons": UnitTuple(), "iters": Int(1), "row_block": Int(1)},
+         jit=("logits", "valid"))
+register("topk.threshold_topk_probs",
+         build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool), epsilon=0.1),
+         kinds={"logits": _LG, "valid": Mask(), "epsilon": Num("unit"), "iters": Int(1), "row_block": Int(1)},
+         jit=("logits", "valid", "epsilon"))
 
 # ---- rff
 _H = Arr((2,))  # [B, d] unit queries
@@ -429,15 +465,17 @@ def _tree(r):
 
 
 register("rff.build_tree", build=lambda r: dict(leaf_features=np.asarray(rff.rff_features(_C(r), _W(r))), bucket=1),
-         kinds={"leaf_features": Arr((2,), matched=False), "bucket": Int(1)})
+         kinds={"leaf_features": Arr((2,), matched=False), "bucket": Int(1)}, jit=("leaf_features",))
 register("rff.tree_update",
          build=lambda r: dict(tree=_tree(r), bucket_ids=np.array([1, 5], np.int32),
                               delta=r.normal(size=(2, 16)).astype(np.float32)),
-         kinds={"bucket_ids": Ids(16), "delta": Arr((2,))}, ok={"bucket_ids": set()})
+         kinds={"bucket_ids": Ids(16), "delta": Arr((2,))}, ok={"bucket_ids": set()}, jit=("bucket_ids", "delta"),
+         jit_ok={"bucket_ids": {"-1", "n"}})  # out-of-range ids under jit are dropped (docstring)
 register("rff.tree_sample",
          build=lambda r: dict(key=_key(), query_features=np.asarray(rff.rff_features(_unit(r, Q, D_), _W(r))),
                               tree=_tree(r), m=4, kappa=0.01),
-         kinds={"query_features": Arr((2,)), "m": Int(1), "kappa": Num("nonneg")}, jit=("query_features",))
+         kinds={"query_features": Arr((2,)), "m": Int(1), "kappa": Num("nonneg"), "precompute": Bool()},
+         jit=("query_features",))
 register("rff.tree_log_probs",
          build=lambda r: dict(query_features=np.asarray(rff.rff_features(_unit(r, Q, D_), _W(r))), tree=_tree(r),
                               kappa=0.01),
@@ -469,12 +507,12 @@ register("rff.corrected_sampled_loss",
 register("rff.expected_count",
          build=lambda r: dict(log_q=np.full((Q, 4), -np.log(N), np.float32), num_tries=np.full((Q,), 6, np.int32),
                               m=4, unique=True),
-         kinds={"log_q": Arr(min_ndim=0, neginf=True, matched=False), "m": Int(1)}, jit=("log_q",))
+         kinds={"log_q": Arr(min_ndim=0, neginf=True, matched=False), "m": Int(1), "unique": Bool()}, jit=("log_q",))
 register("rff.gradient_bias",
          build=lambda r: dict(key=_key(), logits=_logits(r, N), log_q=np.full((N,), -np.log(N), np.float32), t=0, m=2,
                               reps=8),
          kinds={"logits": Arr((1,)), "log_q": Arr((1,), neginf=True), "t": Int(0, N - 1), "m": Int(1),
-                "reps": Int(1)})
+                "reps": Int(1)}, jit=("logits", "log_q"))
 register("rff.distribution_metrics",
          build=lambda r: dict(logits=_logits(r, Q, N), log_q=np.full((Q, N), -np.log(N), np.float32),
                               t=np.zeros((Q,), np.int32)),
@@ -518,10 +556,10 @@ _SAMPLERS = {
                         dict(counts=np.arange(1.0, N + 1).astype(np.float32), smoothing=1.0)),
     "exact_sampler": (_once("exact", lambda: rff.exact_sampler(2.0)), {"tau": Num("pos")}, dict(tau=2.0)),
     "rff_sampler": (_once("rff", lambda: rff.rff_sampler(_key(1), 8, 1.0)), {"num_features": Int(1), "nu": Num("pos"),
-                                                              "kappa": Num("nonneg")},
+                                                              "kappa": Num("nonneg"), "precompute": Bool()},
                     dict(key=_key(1), num_features=8, nu=1.0, kappa=0.01)),
     "quadratic_sampler": (_once("quadratic", lambda: rff.quadratic_sampler(4.0, 4)), {"alpha": Num("pos"), "bucket": Int(1),
-                                                                  "kappa": Num("nonneg")},
+                                                                  "kappa": Num("nonneg"), "precompute": Bool()},
                           dict(alpha=4.0, bucket=4, kappa=0.0)),
 }
 for _name, (_make, _kinds, _kw) in _SAMPLERS.items():
@@ -536,31 +574,35 @@ for _name, (_make, _kinds, _kw) in _SAMPLERS.items():
            kinds={"class_vectors": Arr((2,), matched=False)},
            ok={"class_vectors": {"nan", "+inf", "-inf", "rank+1", "rank-1", "empty", "size-1", "int", "bool"}}
            if _name in ("uniform_sampler", "unigram_sampler") else {},  # these ignore class vectors
-           call=lambda fn, kw, _make=_make: _make().init(**kw))
+           call=lambda fn, kw, _make=_make: _make().init(**kw),
+           jit=() if _name in ("uniform_sampler", "unigram_sampler") else ("class_vectors",))
   register(f"rff.{_name}.sample",
            build=lambda r, _state=_state: dict(zip(("sampler", "state"), _state(r)), key=_key(2), h=_unit(r, Q, D_),
                                                m=4),
-           kinds={"h": _H, "m": Int(1)},
+           kinds={"h": _H, "m": Int(1), "shared": Bool()},
            ok={"h": {"size-1"}} if _name in ("uniform_sampler", "unigram_sampler") else {},  # no class vectors
            call=lambda fn, kw: kw.pop("sampler").sample(**kw),
            jit=() if _name in ("uniform_sampler", "unigram_sampler") else ("h",))  # these ignore h
   register(f"rff.{_name}.update",
-           build=lambda r, _state=_state: dict(zip(("sampler", "state"), _state(r)), ids=np.array([1, 3], np.int32),
+           build=lambda r, _state=_state: dict(zip(("sampler", "state"), _state(r)), ids=np.array([1, 6], np.int32),
                                                class_vectors=_C(r)),
            kinds={"ids": Ids(N), "class_vectors": Arr((2,))},
            ok={k: {"nan", "+inf", "-inf", "rank+1", "rank-1", "empty", "size-1", "int", "bool", "-1", "n", "float"}
                for k in ("ids", "class_vectors")} if _name in ("uniform_sampler", "unigram_sampler") else {},
-           call=lambda fn, kw: kw.pop("sampler").update(kw["state"], kw["ids"], kw["class_vectors"]))
+           call=lambda fn, kw: kw.pop("sampler").update(kw["state"], kw["ids"], kw["class_vectors"]),
+           jit=() if _name in ("uniform_sampler", "unigram_sampler") else ("ids", "class_vectors"),
+           jit_ok={"ids": {"-1", "n"}})  # out-of-range ids under jit are dropped (the samplers' docstring)
   register(f"rff.{_name}.log_probs",
            build=lambda r, _state=_state: dict(zip(("sampler", "state"), _state(r)), h=_unit(r, Q, D_)),
-           kinds={"h": _H}, ok={"h": {"size-1"}} if _name in ("uniform_sampler", "unigram_sampler") else {},
+           kinds={"h": _H, "shared": Bool()},
+           ok={"h": {"size-1"}} if _name in ("uniform_sampler", "unigram_sampler") else {},
            call=lambda fn, kw: kw.pop("sampler").log_probs(**kw),
            jit=() if _name in ("uniform_sampler", "unigram_sampler") else ("h",))
-register("rff.draw_negatives",
-         build=lambda r: dict(sampler=_SAMPLERS["uniform_sampler"][0](), state=_SAMPLERS["uniform_sampler"][0]().init(),
-                              key=_key(),
-                              h=_unit(r, Q, D_), m=4, num_classes=N, unique=True),
-         kinds={"h": _H, "m": Int(1, N), "chunk": Int(1)}, ok={"h": {"size-1"}})
+register("rff.draw_negatives",  # a query-dependent proposal, so that a NaN query matters
+         build=lambda r: dict(sampler=_SAMPLERS["exact_sampler"][0](), state=_SAMPLERS["exact_sampler"][0]().init(_C(r)),
+                              key=_key(), h=_unit(r, Q, D_), m=4, num_classes=N, unique=True),
+         kinds={"h": _H, "m": Int(1, N), "chunk": Int(1), "max_tries": Int(1), "shared": Bool(),
+                "unique": Bool()}, jit=("h",))
 
 # Extra invalid values beyond what the kind derives ("bounds that do not bound").
 EXTRA = {("topk.mc_search", "upper"): _loose_upper}
@@ -653,7 +695,7 @@ def _default(name, arg):
     if d is not None:
       return d
   return {"warmup": 8, "mode": "certified", "method": "exact", "scale": 0.5, "search_fraction": 0.9,
-          "chunk": 8, "accidental_hits": "all"}.get(arg, 1)
+          "chunk": 8, "accidental_hits": "all", "shared": False, "precompute": False, "max_tries": 100}.get(arg, 1)
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -760,22 +802,124 @@ def test_invalid_values_flagged_under_jit(name, seed):
   call = _jitted(name, base, e.jit)
   failures = []
   for arg in e.jit:
-    kind = e.kinds.get(arg)
-    if isinstance(kind, Arr):
-      bads = [(l, v) for l, v in kind.bad(base[arg]) if l == "nan"]
-    elif isinstance(kind, Num):
-      bads = [(l, v) for l, v in kind.bad(base[arg]) if l in ("nan", "-0.5", "0", "1")]
-    else:
-      continue
-    for label, v in bads:
+    for label, v in _jit_bads(e, arg, base[arg]):
       kw = dict(base)
-      kw[arg] = np.asarray(v, np.float32)
+      kw[arg] = v
       try:
         res = call(kw)
       except ValueError:
         continue
       if not flag(res):
         failures.append(f"{arg}={label}: unflagged result under jit")
+  assert not failures, f"{name}: " + "; ".join(failures)
+
+
+def _jit_bads(e, arg, x):
+  """The invalid values of argument `arg` (value x) whose validity only a value check can see: NaN arrays, a mask
+  with no valid key, out-of-range ids, numbers out of range (as numpy arrays of the valid value's dtype)."""
+  kind = e.kinds.get(arg)
+  keep = {Arr: ("nan",), Num: ("nan", "-0.5", "0", "1"), Mask: ("none-valid",), Ids: ("-1", "n")}
+  labels = next((v for k, v in keep.items() if isinstance(kind, k)), ())
+  skip = e.jit_ok.get(arg, set())
+  dtype = np.float32 if isinstance(kind, (Arr, Num)) else None
+  return [(l, np.asarray(v, dtype)) for l, v in kind.bad(x) if l in labels and l not in skip] if labels else []
+
+
+# ---------------------------------------------------------------------------------------------- jit policy (topk, rff)
+# Every public topk / rff function is also run under `jax.jit` with its bad values: a traced array is checked by
+# `test_invalid_values_flagged_under_jit` (entries' `jit`), a traced number by `test_traced_numbers_...`, and a numpy
+# array closed over by the jitted function (concrete, but next to traced arguments) by `test_closed_over_...`.
+# A function that takes no array a caller could trace is listed here with the reason.
+NOT_TRACED = {
+    "rff.init_rff": "takes a PRNG key and Python numbers only (traced numbers: test_traced_numbers_...)",
+    "rff.load_sparse": "reads a file (a path)",
+    "rff.precision_at_k": "host-side metric on scipy.sparse labels",
+    "rff.uniform_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
+    "rff.unigram_sampler": "a factory of functions; counts are read on the host when the sampler is built",
+    "rff.exact_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
+    "rff.rff_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
+    "rff.quadratic_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
+    **{f"rff.{s}.{m}": "the proposal ignores the query / class vectors (query-independent)"
+       for s in ("uniform_sampler", "unigram_sampler") for m in ("init", "sample", "update", "log_probs")},
+}
+TOPK_RFF = [n for n in ALL if n.split(".")[0] in ("topk", "rff")]
+
+
+def test_every_topk_rff_function_runs_under_jit():
+  missing = [n for n in TOPK_RFF if not REGISTRY[n].jit and n not in NOT_TRACED]
+  stale = [n for n in NOT_TRACED if n not in TOPK_RFF or REGISTRY[n].jit]
+  assert not missing, f"topk/rff functions with neither a `jit` entry nor a NOT_TRACED reason: {missing}"
+  assert not stale, f"stale NOT_TRACED entries: {stale}"
+
+
+def _number_bads(kind):
+  if isinstance(kind, Num):
+    return [(l, np.float32(v)) for l, v in kind.bad(None)]
+  if isinstance(kind, Int):
+    return [(l, np.int32(v)) for l, v in kind.bad(None) if l in ("lo-1", "hi+1")]
+  return []
+
+
+@pytest.mark.parametrize("name", TOPK_RFF)
+def test_traced_numbers_rejected_or_flagged(name):
+  """A number argument passed as a traced value (e.g. `jax.jit(lambda e: f(..., epsilon=e))`): a ValueError naming
+  it (the number must be static), or a flagged result for every out-of-range value -- never a confident answer."""
+  e = REGISTRY[name]
+  base = e.build(np.random.default_rng(0))
+  flag = e.flag or _has_nan
+  failures = []
+  for arg, kind in e.kinds.items():
+    if arg in e.jit or not isinstance(kind, (Num, Int)):
+      continue
+    x0 = base[arg] if base.get(arg) is not None else _default(name, arg)
+    f = jax.jit(lambda x, arg=arg: _call(name, {**base, arg: x}))
+    dtype = np.float32 if isinstance(kind, Num) else np.int32
+    try:
+      res = _block(f(np.asarray(x0, dtype)))
+    except ValueError as err:
+      if arg not in str(err):
+        failures.append(f"{arg}: unclear ValueError: {str(err)[:100]}")
+      continue
+    except Exception as err:  # noqa: BLE001
+      failures.append(f"{arg}: {type(err).__name__}: {str(err)[:100]}")
+      continue
+    if flag(res):
+      failures.append(f"{arg}: a valid traced value gave a flagged result")
+    for label, v in _number_bads(kind):
+      try:
+        res = _block(f(v))
+      except ValueError:
+        continue
+      if not flag(res):
+        failures.append(f"{arg}={label}: unflagged result under jit")
+  assert not failures, f"{name}: " + "; ".join(failures)
+
+
+@pytest.mark.parametrize("name", [n for n in TOPK_RFF if REGISTRY[n].jit])
+def test_closed_over_numpy_bad_values_rejected_or_flagged(name):
+  """A bad numpy array closed over by the jitted function while the other arguments are traced: a ValueError naming
+  it (it is concrete, so it can be checked) or a flagged result."""
+  e = REGISTRY[name]
+  base = e.build(np.random.default_rng(0))
+  flag = e.flag or _has_nan
+  failures = []
+  for arg in e.jit:
+    traced = [a for a in e.jit if a != arg]
+    for label, v in _jit_bads(e, arg, base[arg]):
+      if isinstance(e.kinds[arg], Num):
+        continue  # a closed-over Python number is checked eagerly like any other
+      f = jax.jit(lambda *xs, arg=arg, v=v, traced=traced: _call(name, {**base, arg: v, **dict(zip(traced, xs))}))
+      try:
+        res = _block(f(*[jnp.asarray(base[a]) for a in traced]))
+      except ValueError as err:
+        if arg not in str(err):
+          failures.append(f"{arg}={label}: unclear ValueError: {str(err)[:100]}")
+        continue
+      except Exception as err:  # noqa: BLE001
+        failures.append(f"{arg}={label}: {type(err).__name__}: {str(err)[:100]}")
+        continue
+      if not flag(res):
+        failures.append(f"{arg}={label}: unflagged result")
   assert not failures, f"{name}: " + "; ".join(failures)
 
 

@@ -93,3 +93,18 @@ def test_distribution_metrics_rejects_bad_class_and_nan_log_q():
     rff.distribution_metrics(logits, lq, jnp.array([0, 5]))
   with pytest.raises(ValueError, match="log_q"):
     rff.distribution_metrics(logits, lq.at[0, 0].set(jnp.nan), jnp.array([0, 1]))
+
+
+def test_distribution_metrics_requires_a_normalised_log_q():
+  """A log q whose rows do not sum to 1 gives meaningless metrics (a negative KL): a ValueError naming log_q for
+  concrete input, NaN metrics for the row under jit."""
+  logits = jnp.array([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+  lq = jax.nn.log_softmax(logits, -1)
+  t = jnp.array([1, 2])
+  good = rff.distribution_metrics(logits, lq, t)
+  assert np.all(np.asarray(good.kl) >= -1e-6) and np.isfinite(np.asarray(good.kl)).all()
+  unnorm = lq.at[0].add(0.5)  # row 0 sums to e^0.5
+  with pytest.raises(ValueError, match="log_q"):
+    rff.distribution_metrics(logits, unnorm, t)
+  r = jax.jit(rff.distribution_metrics)(logits, unnorm, t)
+  assert np.isnan(np.asarray(r.kl)[0]) and np.isnan(np.asarray(r.tv)[0]) and np.isfinite(np.asarray(r.kl)[1])

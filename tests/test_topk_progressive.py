@@ -180,3 +180,49 @@ def test_bad_input_raises():
       topk.progressive_search(**{**ok, **bad})
   r = jax.jit(lambda v: topk.progressive_search(qr, pk, v, 0.1, 0.35, (4, 8)))(np.zeros((4, 20), bool))
   assert (np.asarray(r.k) == 0).all() and np.isnan(np.asarray(r.certificate)).all()
+
+
+def _small_problem():
+  rng = np.random.default_rng(5)
+  K = rng.normal(size=(20, 8)).astype(np.float32) * 2.0
+  q = rng.normal(size=(4, 8)).astype(np.float32)
+  b = topk.fit_basis(K, q, np.ones(20, bool), np.ones(4, bool))
+  return K, q, b, topk.prepare_keys(K, b, (4, 8)), topk.rotate_queries(q, b)
+
+
+def test_prepared_block_norms_are_checked_not_trusted():
+  """Zeroed, negative or shrunken block norms make the bounds too small (certificates below the true TV): concrete
+  input raises naming the field; under jit the result is flagged (k = 0, certificate NaN)."""
+  K, q, b, pk, qr = _small_problem()
+  run = jax.jit(lambda p: topk.progressive_search(qr, p, None, 0.1, 0.35, (4, 8)))
+  good = run(pk)
+  assert (np.asarray(good.k) > 0).all() and np.isfinite(np.asarray(good.certificate)).all()
+  bn = np.asarray(pk.block_norms)
+  for field, bad in [("block_norms", np.zeros_like(bn)), ("block_norms", -bn), ("block_norms", 0.5 * bn),
+                     ("guard_norm", np.zeros_like(np.asarray(pk.guard_norm)))]:
+    p = pk._replace(**{field: bad})
+    with pytest.raises(ValueError, match=f"prepared.{field}"):
+      topk.progressive_search(qr, p, None, 0.1, 0.35, (4, 8))
+    r = run(p)
+    assert (np.asarray(r.k) == 0).all() and np.isnan(np.asarray(r.certificate)).all(), field
+    assert not np.asarray(r.head).any()
+
+
+def test_basis_must_be_orthogonal():
+  """A user-built `Basis` whose rotation is not orthogonal changes every logit (q R R^T k != q k): rejected when
+  concrete (naming basis.rotation); under jit the rotated queries / prepared keys are NaN, so the search is flagged."""
+  K, q, b, pk, qr = _small_problem()
+  R = np.asarray(b.rotation)
+  for bad_R in (1.5 * R, R + 0.01 * np.random.default_rng(0).normal(size=R.shape).astype(np.float32)):
+    bad = topk.Basis(bad_R, b.key_mean)
+    with pytest.raises(ValueError, match="basis.rotation"):
+      topk.prepare_keys(K, bad, (4, 8))
+    with pytest.raises(ValueError, match="basis.rotation"):
+      topk.rotate_queries(q, bad)
+    qr_bad = jax.jit(topk.rotate_queries)(q, bad)
+    pk_bad = jax.jit(lambda k, bb: topk.prepare_keys(k, bb, (4, 8)))(K, bad)
+    assert np.isnan(np.asarray(qr_bad)).all() and np.isnan(np.asarray(pk_bad.block_norms)).all()
+    r = jax.jit(lambda p: topk.progressive_search(qr, p, None, 0.1, 0.35, (4, 8)))(pk_bad)
+    assert (np.asarray(r.k) == 0).all() and np.isnan(np.asarray(r.certificate)).all()
+  ok = jax.jit(topk.rotate_queries)(q, b)  # fit_basis's own rotation passes under jit too
+  np.testing.assert_allclose(np.asarray(ok), np.asarray(qr), atol=1e-5)

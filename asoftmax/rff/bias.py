@@ -104,6 +104,8 @@ def gradient_bias(key: jax.Array, logits: ArrayLike, log_q: ArrayLike, t, m: int
   checks.floating_array("logits", logits, 1)
   checks.floating_array("log_q", log_q, 1, finite=False)
   _check_log_q(log_q, logits.shape)
+  if checks.is_traced(t):
+    raise ValueError("t must be a Python int (static: the true class indexes the replicates), got a traced value")
   if getattr(t, "ndim", None) == 0 and jnp.issubdtype(t.dtype, jnp.integer):
     t = int(t)  # a numpy / jax integer scalar
   t = checks.int_in_range("t", t, 0, logits.shape[0] - 1)
@@ -130,11 +132,13 @@ def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> D
 
   Args:
     logits: [Q, n] float logits; p = softmax(logits).
-    log_q: [Q, n] float log-proposal.
+    log_q: [Q, n] float log-proposal; each row must be normalised: |logsumexp(log_q)| <= 1e-4 (the samplers'
+      `log_probs` are, to ~1e-6; half-precision input is allowed its rounding, see `_norm_tol`).
     t: [Q] int true classes (excluded from the negatives for chi^2).
 
   Returns:
-    DistributionMetrics of [Q] arrays (NaN, the jit validity flag, for a row whose t is out of range under jit).
+    DistributionMetrics of [Q] arrays. Under jit a row whose t is out of range or whose log q does not normalise is
+    NaN (the validity flag).
   """
   checks.floating_array("logits", logits, 2)
   checks.floating_array("log_q", log_q, 2, finite=False)
@@ -142,7 +146,23 @@ def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> D
   checks.index_array("t", t, logits.shape[-1], 1)
   if t.shape[0] != logits.shape[0]:
     raise ValueError(f"t must have shape ({logits.shape[0]},), got {t.shape}")
+  if not checks.is_traced(log_q):
+    a = np.asarray(log_q, np.float32).astype(np.float64)
+    lse = np.logaddexp.reduce(a, axis=-1)
+    eps = float(jnp.finfo(log_q.dtype).eps)
+    tol = np.maximum(1e-4, 4.0 * eps * (1.0 + np.where(np.isfinite(a), np.abs(a), 0.0).max(-1)))  # `_norm_tol`
+    if not (np.abs(lse) <= tol).all():
+      raise ValueError(f"log_q must be normalised per row (|logsumexp(log_q)| <= {float(tol.max()):.2g}), got "
+                       f"logsumexp in [{lse.min():.4g}, {lse.max():.4g}]")
   return _distribution_metrics(jnp.asarray(logits), jnp.asarray(log_q), jnp.asarray(t))
+
+
+def _norm_tol(log_q):
+  """Per row: the |logsumexp(log_q)| allowed, max(1e-4, 4 eps (1 + max |log q|)) with eps of log_q's dtype (float32
+  samplers reach ~1e-6 at n = 5e4; a bfloat16 log q is only good to ~eps |log q| per entry)."""
+  eps = float(jnp.finfo(log_q.dtype).eps)
+  big = jnp.max(jnp.where(jnp.isfinite(log_q), jnp.abs(log_q), 0.0), -1).astype(jnp.float32)
+  return jnp.maximum(1e-4, 4.0 * eps * (1.0 + big))
 
 
 @jax.jit
@@ -159,5 +179,6 @@ def _distribution_metrics(logits, log_q, t):
   qt = qt / qt.sum(-1, keepdims=True)
   chi2 = jnp.sum(jnp.where(neg, pt**2 / qt, 0.0), -1) - 1.0
   ent = -jnp.sum(jnp.where(p > 0, p * logp, 0.0), -1)
-  bad = (t < 0) | (t >= logits.shape[-1])
+  lse = jax.nn.logsumexp(log_q.astype(jnp.float32), -1)
+  bad = (t < 0) | (t >= logits.shape[-1]) | ~(jnp.abs(lse) <= _norm_tol(log_q))
   return DistributionMetrics(*(jnp.where(bad, jnp.nan, v) for v in (kl, tv, chi2, ent, p.max(-1))))

@@ -55,7 +55,7 @@ def expected_count(log_q: jax.Array, num_tries: jax.Array, m: int, unique: bool)
       raise ValueError("log_q must hold log probabilities (<= 0, no NaN)")
   m = checks.pos_int("m", m)
   log_q = jnp.asarray(log_q)
-  if not unique:
+  if not checks.boolean("unique", unique):
     return log_q + jnp.log(float(m))
   T = jnp.asarray(num_tries, jnp.float32)
   T = T.reshape(T.shape + (1,) * (log_q.ndim - T.ndim))

@@ -70,8 +70,7 @@ def _normalize(x, axis=-1):
 def _check_sample_args(h, m, d=None, shared=False):
   checks.unit_rows("h", h, 2)
   m = checks.pos_int("m", m)
-  if not isinstance(shared, (bool, np.bool_)):
-    raise ValueError(f"shared must be a bool, got {shared!r}")
+  checks.boolean("shared", shared)
   if d is not None and h.shape[-1] != d:
     raise ValueError(f"h has dimension {h.shape[-1]}, the sampler's class vectors have {d}")
   return m
@@ -138,7 +137,7 @@ def uniform_sampler(num_classes: int) -> Sampler:
 
   def log_probs(state, h, shared=False):
     _check_h(h)
-    return state.log_q if shared else jnp.broadcast_to(state.log_q, (h.shape[0], n))
+    return state.log_q if checks.boolean("shared", shared) else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "uniform")
 
@@ -181,7 +180,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
 
   def log_probs(state, h, shared=False):
     _check_h(h)
-    return state.log_q if shared else jnp.broadcast_to(state.log_q, (h.shape[0], n))
+    return state.log_q if checks.boolean("shared", shared) else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "unigram")
 
@@ -233,16 +232,26 @@ def exact_sampler(tau: float) -> Sampler:
 
   def log_probs(state, h, shared=False):
     checks.unit_rows("h", h, 2)
-    return _log_probs(state, h, bool(shared))
+    return _log_probs(state, h, checks.boolean("shared", shared))
 
   return Sampler(init, sample, update, log_probs, "exact")
 
 
 # ---------------------------------------------------------------------------------------------- kernel trees
+def _check_precompute(precompute):
+  """True, False or "auto"."""
+  if isinstance(precompute, str) and precompute == "auto":
+    return precompute
+  try:
+    return checks.boolean("precompute", precompute)
+  except ValueError:
+    raise ValueError(f"precompute must be True, False or 'auto', got {precompute!r}") from None
+
+
 def _auto_precompute(precompute, tree, m):
   if precompute == "auto":
     return tree.num_buckets <= m * max(tree.depth, 1)
-  return bool(precompute)
+  return precompute
 
 
 @struct.dataclass
@@ -274,6 +283,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   D = checks.pos_int("num_features (D)", num_features)
   nu = checks.pos_float("nu", nu)
   kappa = checks.pos_float("kappa", kappa, allow_zero=True)
+  precompute = _check_precompute(precompute)
 
   def init(class_vectors):
     c = _normalize(_check_class_vectors(class_vectors))
@@ -317,7 +327,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
 
   def log_probs(state, h, shared=False):
     checks.unit_rows("h", h, 2)
-    return _log_probs(state, h, bool(shared))
+    return _log_probs(state, h, checks.boolean("shared", shared))
 
   return Sampler(init, sample, update, log_probs, "rff")
 
@@ -339,6 +349,7 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
   alpha = checks.pos_float("alpha", alpha)
   b = checks.pos_int("bucket", bucket)
   kappa = checks.pos_float("kappa", kappa, allow_zero=True)
+  precompute = _check_precompute(precompute)
   sa = float(np.sqrt(alpha))
 
   def init(class_vectors):
@@ -419,6 +430,6 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
 
   def log_probs(state, h, shared=False):
     checks.unit_rows("h", h, 2)
-    return _log_probs(state, h, bool(shared))
+    return _log_probs(state, h, checks.boolean("shared", shared))
 
   return Sampler(init, sample, update, log_probs, "quadratic")

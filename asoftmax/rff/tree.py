@@ -139,7 +139,9 @@ def _tree_update(tree, bucket_ids, delta):
 
 def _floor(query_features, tree, kappa):
   root = jnp.maximum(query_features @ tree.nodes[1], 0.0)
-  return kappa * root / tree.num_classes + 1e-12  # [B]
+  floor = kappa * root / tree.num_classes + 1e-12  # [B]
+  # A traced kappa the eager check could not see: negative, NaN or inf flags every query (NaN floor -> NaN log q).
+  return jnp.where((kappa >= 0) & jnp.isfinite(kappa), floor, jnp.nan)
 
 
 def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: int, kappa: float,
@@ -152,17 +154,18 @@ def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: 
     tree: a `KernelTree` with F-dim node features.
     m: samples per query (static).
     kappa: defensive-floor rate (>= 0), see module docstring.
-    precompute: score all 2P nodes once per query ([B, 2P] matmul, cost O(P F) per query) instead of
+    precompute: a bool: score all 2P nodes once per query ([B, 2P] matmul, cost O(P F) per query) instead of
       gathering node features per sample per level (cost O(m F log P)). Same distribution either way.
 
   Returns:
     (bucket_ids [B, m] int32, log_q [B, m] float32, floor [B] float32). Under `jax.jit` a query whose features are
-    not finite is flagged: its log_q is NaN and its ids point at the last real bucket.
+    not finite is flagged: its log_q is NaN and its ids point at the last real bucket; a traced kappa < 0 (or NaN)
+    flags every query.
   """
   _check_query_features(query_features, tree)
   m = checks.pos_int("m", m)
   kappa = _check_kappa(kappa)
-  return _tree_sample(key, query_features, tree, m, kappa, bool(precompute))
+  return _tree_sample(key, query_features, tree, m, kappa, checks.boolean("precompute", precompute))
 
 
 @functools.partial(jax.jit, static_argnames=("m", "precompute"))

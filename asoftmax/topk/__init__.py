@@ -16,6 +16,7 @@ certificate / tail mass; see each docstring). bfloat16 and float16 are accepted 
 from asoftmax.topk.attention import AttentionOutput, TruncatedProbs, certified_topk_attention, topk_probs
 from asoftmax.topk.certificates import (METHODS, BlockStats, Bounds, CertifiedHead, CertifiedK, TailInterval,
                                         block_minmax, blockwise_bounds, certified_k, tail_bounds)
+from asoftmax.topk.decode import ThresholdHeads, threshold_heads, threshold_topk_probs
 from asoftmax.topk.gaussian import gaussian_prediction, gaussian_tail_mass, predicted_keep_fraction, row_sigma
 from asoftmax.topk.output_error import OutputError, head_mask, output_error
 from asoftmax.topk.progressive import (Basis, PreparedKeys, ProgressiveResult, fit_basis,
@@ -31,5 +32,5 @@ __all__ = [
     "divergences", "gaussian_prediction", "gaussian_tail_mass", "head_mask", "kmeans_cells", "mc_search",
     "output_error", "predicted_keep_fraction", "row_sigma", "sort_rows", "tail_bounds", "tail_mass", "topk_probs",
     "truncated_divergences", "tv_from_kl", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys",
-    "progressive_search", "rotate_queries",
+    "progressive_search", "rotate_queries", "ThresholdHeads", "threshold_heads", "threshold_topk_probs",
 ]

@@ -35,15 +35,20 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from asoftmax import checks
+from asoftmax.topk import _core
+
+__all__ = ["ThresholdHeads", "threshold_heads", "threshold_topk_probs"]
 
 
 class ThresholdHeads(NamedTuple):
   r"""Per row and epsilon (leading dims (...), last axis E = len(epsilons)).
 
   Attributes:
-    k: (..., E) int32 head size $|H|$ (number of valid keys with logit $\ge$ threshold).
-    tv: (..., E) float32 realised tail mass $\tau_H = \mathrm{TV}(P, \hat P_H)$ (computed in float32).
-    threshold: (..., E) float32 $t^\star$ relative to the row max (logit $-$ max); the head is $s - \max s \ge t^\star$.
+    k: (..., E) int32 head size $|H|$ (number of valid keys with logit $\ge$ threshold); 0 on a flagged row.
+    tv: (..., E) float32 realised tail mass $\tau_H = \mathrm{TV}(P, \hat P_H)$ (computed in float32); NaN on a
+      flagged row (under `jax.jit`: a NaN or +inf logit, or no valid key).
+    threshold: (..., E) float32 $t^\star$ relative to the row max (logit $-$ max); the head is $s - \max s \ge t^\star$;
+      NaN on a flagged row.
     n: (...,) int32 valid keys per row.
   """
 
@@ -111,28 +116,39 @@ def _threshold_heads(logits, valid, epsilons, iters, row_block):
   eps = jnp.asarray(epsilons, jnp.float32)
   k, tv, t = _blocked(lambda a, b: _block_heads(a, b, eps, iters)[:3], (s, v), row_block)
   n = jnp.sum(v & (s > -jnp.inf), -1).astype(jnp.int32)
+  bad = _core.bad_rows(s, v)  # the jit validity flag: a NaN / +inf logit or no valid key (R,)
+  k = jnp.where(bad[:, None], 0, k)
+  tv, t = _core.flag(bad, tv), _core.flag(bad, t)
   E = len(epsilons)
   return ThresholdHeads(k.reshape(shape[:-1] + (E,)), tv.reshape(shape[:-1] + (E,)), t.reshape(shape[:-1] + (E,)),
                         n.reshape(shape[:-1]))
 
 
-def _check(logits, valid, epsilons, iters, row_block):
+def _check(logits, valid, iters, row_block):
   checks.logits(logits)
   checks.valid(valid, logits.shape)
-  eps = tuple(float(checks.epsilon(e)) for e in epsilons)
-  if not eps:
-    raise ValueError("epsilons must hold at least one value")
-  if int(iters) < 1:
-    raise ValueError(f"iters must be >= 1, got {iters}")
-  if int(row_block) < 1:
-    raise ValueError(f"row_block must be >= 1, got {row_block}")
+  iters = checks.pos_int("iters", iters)
+  row_block = checks.pos_int("row_block", row_block)
   if not checks.is_traced(logits, valid):
     vv = np.asarray(logits) > -np.inf
     if valid is not None:
       vv = vv & np.asarray(valid)
     if not vv.any(-1).all():
       raise ValueError("valid/logits: a row has no valid key (all masked or -inf)")
-  return eps
+  return iters, row_block
+
+
+def _check_epsilons(epsilons) -> tuple[float, ...]:
+  """A non-empty sequence of static Python numbers in (0, 1) (one bisection pass serves them all)."""
+  if checks.is_traced(epsilons) or isinstance(epsilons, (str, bytes)) or not hasattr(epsilons, "__iter__"):
+    raise ValueError(f"epsilons must be a sequence of Python numbers in (0, 1), got {epsilons!r}")
+  eps = tuple(epsilons)
+  if not eps:
+    raise ValueError("epsilons must hold at least one value")
+  if checks.is_traced(*eps):
+    raise ValueError("epsilons must be Python numbers (static), got a traced value; threshold_topk_probs takes a "
+                     "traced epsilon")
+  return tuple(float(checks.open_unit("epsilons", e)) for e in eps)
 
 
 def threshold_heads(logits: ArrayLike, valid: ArrayLike | None, epsilons, iters: int = 26,
@@ -142,21 +158,24 @@ def threshold_heads(logits: ArrayLike, valid: ArrayLike | None, epsilons, iters:
   Args:
     logits: (..., N) float logits ($-\infty$ = masked), e.g. causal attention scores.
     valid: optional bool mask broadcastable to `logits`.
-    epsilons: a sequence of TV budgets in (0, 1) (static; all found in one pass).
+    epsilons: a sequence of TV budgets in (0, 1) (static Python numbers; all found in one pass).
     iters: bisection steps on the threshold (26 halve a bracket of ~15 nats to float32 resolution).
     row_block: rows per `lax.map` step (memory: row_block * N * len(epsilons) floats).
 
   Returns:
     `ThresholdHeads(k, tv, threshold, n)`. Always tv <= epsilon (module docstring); k = the sorted oracle's
-    $k_\epsilon$ except at exact ties at the threshold (then larger).
+    $k_\epsilon$ except at exact ties at the threshold (then larger). Under `jax.jit` a row with a NaN or +inf logit
+    or no valid key is flagged: k = 0, tv and threshold NaN.
 
   Raises:
-    ValueError: bad epsilon, iters or row_block, bad shapes or dtype, or (concrete input) a row with no valid key.
+    ValueError: bad epsilons (or a traced one), iters or row_block, bad shapes or dtype, or (concrete input) NaN /
+      +inf logits or a row with no valid key.
   """
-  eps = _check(logits, valid, epsilons, iters, row_block)
+  iters, row_block = _check(logits, valid, iters, row_block)
+  eps = _check_epsilons(epsilons)
   logits = jnp.asarray(logits)
   v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
-  return _threshold_heads(logits, v, eps, int(iters), int(row_block))
+  return _threshold_heads(logits, v, eps, iters, row_block)
 
 
 def _topk_block(s, v, eps, iters):
@@ -174,6 +193,8 @@ def _threshold_topk_probs(logits, valid, epsilon, iters, row_block):
   v = jnp.broadcast_to(valid, shape).reshape((-1, N))
   eps = jnp.asarray(epsilon, jnp.float32)
   p, k, tv = _blocked(lambda a, b: _topk_block(a, b, eps, iters), (s, v), row_block)
+  bad = _core.bad_rows(s, v) | ~_core.eps_ok(epsilon)  # the jit validity flag (R,)
+  p, tv, k = _core.flag(bad, p), _core.flag(bad, tv), jnp.where(bad, 0, k)
   return p.reshape(shape), k.reshape(shape[:-1]), tv.reshape(shape[:-1])
 
 
@@ -186,16 +207,19 @@ def threshold_topk_probs(logits: ArrayLike, valid: ArrayLike | None, epsilon: fl
 
   Args:
     logits: (..., N) float ($-\infty$ = masked); valid: optional bool mask broadcastable to logits.
-    epsilon: TV budget in (0, 1). iters, row_block: as in `threshold_heads`.
+    epsilon: TV budget in (0, 1) (may be traced). iters, row_block: as in `threshold_heads`.
 
   Returns:
-    (probs (..., N), k (...,) int32 head size, tv (...,) realised tail mass).
+    (probs (..., N), k (...,) int32 head size, tv (...,) realised tail mass). Under `jax.jit` a row with a NaN or
+    +inf logit or no valid key, or every row when a traced epsilon is outside (0, 1), is flagged: probs and tv NaN,
+    k = 0.
 
   Example:
     >>> p, k, tv = threshold_topk_probs(jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]])), None, 0.1)
     >>> print(k, p.round(3), tv)
     [3] [[0.526 0.316 0.158 0.   ]] [0.05]
   """
-  _check(logits, valid, (epsilon,), iters, row_block)
+  iters, row_block = _check(logits, valid, iters, row_block)
+  checks.epsilon(epsilon)
   v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
-  return _threshold_topk_probs(jnp.asarray(logits), v, float(epsilon), int(iters), int(row_block))
+  return _threshold_topk_probs(jnp.asarray(logits), v, jnp.asarray(epsilon, jnp.float32), iters, row_block)

@@ -182,4 +182,4 @@ def output_error(logits: ArrayLike, valid: ArrayLike | None, values: ArrayLike, 
   _core.check_k(k, tuple(logits.shape[:-1]), N)
   _core.check_finite_at_used_keys("values", values, valid, tuple(logits.shape))
   return _output_error(_core.as_float(logits), None if valid is None else jnp.asarray(valid), values,
-                       jnp.asarray(k), with_diam=bool(with_diam))
+                       jnp.asarray(k), with_diam=checks.boolean("with_diam", with_diam))

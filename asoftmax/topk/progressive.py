@@ -115,7 +115,10 @@ def _fit_one(keys, queries, kvalid, qvalid):
   ck = kc.T @ kc / jnp.maximum(jnp.sum(kc * kc), 1e-30)
   cq = qq.T @ qq / jnp.maximum(jnp.sum(qq * qq), 1e-30)
   w, v = jnp.linalg.eigh(ck + cq)
-  return Basis(v[:, ::-1], mu)
+  # The jit validity flag: no valid key or no valid query (a traced mask the eager check could not see), or NaN
+  # input, gives a NaN rotation, which `prepare_keys` / `rotate_queries` / `progressive_search` carry to the result.
+  bad = ~jnp.any(kvalid) | ~jnp.any(qvalid)
+  return Basis(jnp.where(bad, jnp.nan, v[:, ::-1]), jnp.where(bad, jnp.nan, mu))
 
 
 def _check_vectors(name, x):
@@ -147,7 +150,8 @@ def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_v
     key_valid: (..., N) bool; query_valid: (..., Q) bool; at least one True per head.
 
   Returns:
-    `Basis(rotation (..., d, d), key_mean (..., d))`; `rotation` is orthogonal.
+    `Basis(rotation (..., d, d), key_mean (..., d))`; `rotation` is orthogonal. Under `jax.jit` a head with NaN
+    input or no valid key or query gets a NaN rotation and key mean.
 
   Example:
     >>> K = jax.random.normal(jax.random.key(0), (64, 8))
@@ -168,6 +172,42 @@ def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_v
                     jnp.asarray(query_valid))
 
 
+def _tol(d: int) -> float:
+  """Relative tolerance 4(d + 4)u (float32 u) of the structure checks: R^T R = I, stored block / guard norms."""
+  return 4.0 * (int(d) + 4) * float(jnp.finfo(jnp.float32).eps) / 2
+
+
+def _check_basis(basis) -> None:
+  """basis.rotation (..., d, d) orthogonal within `_tol(d)` and basis.key_mean (..., d) finite, when concrete."""
+  R, mu = basis.rotation, basis.key_mean
+  checks.floating_array("basis.rotation", R, finite=False)
+  checks.floating_array("basis.key_mean", mu, finite=False)
+  if R.ndim < 2 or R.shape[-1] != R.shape[-2] or tuple(mu.shape) != tuple(R.shape[:-1]):
+    raise ValueError(f"basis.rotation must be (..., d, d) and basis.key_mean (..., d), got {tuple(R.shape)} and "
+                     f"{tuple(mu.shape)}")
+  if checks.is_traced(R, mu):
+    return  # flagged in the jitted function (`_orthogonal`)
+  if not np.isfinite(np.asarray(mu, np.float64)).all():
+    raise ValueError("basis.key_mean must be finite")
+  Rn = np.asarray(R, np.float64)
+  if not np.isfinite(Rn).all():
+    raise ValueError("basis.rotation must be finite")
+  d = R.shape[-1]
+  err = np.abs(np.einsum("...de,...df->...ef", Rn, Rn) - np.eye(d)).max()
+  if not err <= _tol(d):
+    raise ValueError(f"basis.rotation must be orthogonal (max |R^T R - I| <= {_tol(d):.1e}, as `fit_basis` gives), "
+                     f"got {err:.3g}: the rotated logits would not equal q.k")
+
+
+def _orthogonal(basis) -> jax.Array:
+  """(...,) bool: the rotation is orthogonal within `_tol(d)` and the basis finite (the jit validity flag)."""
+  R = basis.rotation
+  d = R.shape[-1]
+  rtr = jnp.einsum("...de,...df->...ef", R, R, precision="highest")
+  ok = jnp.max(jnp.abs(rtr - jnp.eye(d, dtype=R.dtype)), (-2, -1)) <= _tol(d)
+  return ok & jnp.all(jnp.isfinite(basis.key_mean), -1)
+
+
 def _blocks(x, edges):
   starts = (0,) + edges[:-1]
   return jnp.stack([jnp.linalg.norm(x[..., a:b], axis=-1) for a, b in zip(starts, edges)], -1)
@@ -175,6 +215,7 @@ def _blocks(x, edges):
 
 def _check_basis_dim(name, x, basis):
   _check_vectors(name, x)
+  _check_basis(basis)
   d = basis.rotation.shape[-1]
   if x.shape[-1] != d:
     raise ValueError(f"{name} must have last dim d = {d} (the basis'), got shape {tuple(x.shape)}")
@@ -189,7 +230,8 @@ def prepare_keys(keys: ArrayLike, basis: Basis, blocks: tuple[int, ...]) -> Prep
       they must include the search's `stages` (finer blocks give tighter bounds at one multiply-add each).
 
   Returns:
-    `PreparedKeys`. Cost: $d^2 + 2d$ multiply-adds per key, paid once when the key is written (or free when $R$
+    `PreparedKeys`. Under `jax.jit` a basis whose rotation is not orthogonal (or not finite) gives NaN keys and
+    norms for its head, which `progressive_search` flags. Cost: $d^2 + 2d$ multiply-adds per key, paid once when the key is written (or free when $R$
     is folded into $W_k$), not per query.
 
   Example:
@@ -209,7 +251,9 @@ def _prepare_keys(keys, basis, edges):
   kt = jnp.einsum("...nd,...de->...ne", keys - mu, basis.rotation, precision="highest")
   nu = (jnp.linalg.norm(keys, axis=-1) + jnp.linalg.norm(kt, axis=-1)
         + jnp.linalg.norm(basis.key_mean, axis=-1)[..., None])
-  return PreparedKeys(kt, _blocks(kt, edges), nu)
+  ok = _orthogonal(basis)[..., None]  # the jit validity flag, (..., 1)
+  return PreparedKeys(jnp.where(ok[..., None], kt, jnp.nan), jnp.where(ok[..., None], _blocks(kt, edges), jnp.nan),
+                      jnp.where(ok, nu, jnp.nan))
 
 
 def rotate_queries(queries: ArrayLike, basis: Basis) -> jax.Array:
@@ -219,7 +263,11 @@ def rotate_queries(queries: ArrayLike, basis: Basis) -> jax.Array:
     queries: (..., Q, d) finite floating queries (bfloat16 / float16 computed in float32). basis: `Basis`.
 
   Returns:
-    (..., Q, d) rotated queries. Under `jax.jit` NaN entries propagate to the query's row.
+    (..., Q, d) rotated queries. Under `jax.jit` NaN entries propagate to the query's row, and a basis whose
+    rotation is not orthogonal gives NaN rows for its head.
+
+  Raises:
+    ValueError: bad shapes or dtypes, non-finite queries, or a rotation that is not orthogonal (when concrete).
 
   Example:
     >>> b = Basis(jnp.eye(2)[::-1], jnp.zeros(2))
@@ -232,7 +280,8 @@ def rotate_queries(queries: ArrayLike, basis: Basis) -> jax.Array:
 
 @jax.jit
 def _rotate_queries(queries, basis):
-  return jnp.einsum("...qd,...de->...qe", queries, basis.rotation, precision="highest")
+  out = jnp.einsum("...qd,...de->...qe", queries, basis.rotation, precision="highest")
+  return jnp.where(_orthogonal(basis)[..., None, None], out, jnp.nan)
 
 
 _BISECT_STEPS = 40
@@ -360,13 +409,54 @@ def _progressive(q_rot, prepared, valid, epsilon, scale, search_fraction, stages
     return jax.vmap(f)(qh, qnh, vh)
 
   head, hl, k, cert, dims, macs = jax.lax.map(lambda a: per_head(*a), (qt, qn, kt, bn, gn, v))
+  # The jit validity flag (k = 0, certificate NaN, empty head): a traced epsilon outside (0, 1), a query with a
+  # non-finite entry or no valid key, or prepared keys that fail `_prepared_ok` (norms that do not bound).
+  ok = (_core.eps_ok(epsilon) & _prepared_ok(kt, bn, jnp.broadcast_to(prepared.guard_norm, lead + (N,)).reshape(
+      (-1, N)), norm_edges)[:, None] & jnp.all(jnp.isfinite(qt), -1) & jnp.any(v, -1))
   rs = lambda x: x.reshape(lead + x.shape[1:])
+  ok = rs(ok)
   dims = rs(dims)
-  head = rs(head)
-  ok = _core.eps_ok(epsilon)  # a traced epsilon outside (0, 1): every query flagged (k = 0, certificate NaN)
+  head = rs(head) & ok[..., None]
   k, cert = jnp.where(ok, rs(k), 0), jnp.where(ok, rs(cert), jnp.nan)
-  return ProgressiveResult(head, rs(hl), k, cert, dims, jnp.sum(dims == d, -1).astype(jnp.int32),
+  hl = jnp.where(ok[..., None], rs(hl), -jnp.inf)
+  return ProgressiveResult(head, hl, k, cert, dims, jnp.sum(dims == d, -1).astype(jnp.int32),
                            jnp.sum(dims, -1).astype(jnp.int32), rs(macs))
+
+
+def _prepared_ok(kt, bn, gn, norm_edges):
+  """(H,) bool per head: keys, block norms and guard norms finite; block norms >= 0 and equal to the keys' within
+  `_tol(d)` (never smaller: a smaller norm makes a bound that does not bound); guard norms >= the key norms."""
+  d = kt.shape[-1]
+  tol = _tol(d)
+  true_bn = _blocks(kt, norm_edges)
+  scale = jnp.max(jnp.linalg.norm(kt, axis=-1), -1)[:, None, None]
+  fin = (jnp.all(jnp.isfinite(kt), (-2, -1)) & jnp.all(jnp.isfinite(bn), (-2, -1)) & jnp.all(jnp.isfinite(gn), -1))
+  bn_ok = jnp.all((bn >= true_bn * (1 - tol)) & (bn <= true_bn * (1 + tol) + tol * scale), (-2, -1))
+  gn_ok = jnp.all(gn >= jnp.linalg.norm(kt, axis=-1) * (1 - tol), -1)
+  return fin & bn_ok & gn_ok
+
+
+def _check_prepared(prepared, norm_edges) -> None:
+  """Concrete `PreparedKeys`: the checks of `_prepared_ok`, raising ValueError naming the field."""
+  kt = np.asarray(prepared.keys, np.float32)
+  bn = np.asarray(prepared.block_norms, np.float32)
+  gn = np.asarray(prepared.guard_norm, np.float32)
+  for name, x in (("prepared.keys", kt), ("prepared.block_norms", bn), ("prepared.guard_norm", gn)):
+    if not np.isfinite(x).all():
+      raise ValueError(f"{name} must be finite")
+  if tuple(gn.shape) != tuple(kt.shape[:-1]) or tuple(bn.shape[:-1]) != tuple(kt.shape[:-1]):
+    raise ValueError(f"prepared.block_norms (..., N, B) and prepared.guard_norm (..., N) must match prepared.keys "
+                     f"{tuple(kt.shape)}, got {tuple(bn.shape)} and {tuple(gn.shape)}")
+  tol = _tol(kt.shape[-1])
+  starts = (0,) + tuple(norm_edges[:-1])
+  true_bn = np.stack([np.linalg.norm(kt[..., a:b], axis=-1) for a, b in zip(starts, norm_edges)], -1)
+  scale = np.linalg.norm(kt, axis=-1).max(-1)[..., None, None]
+  if (bn < 0).any() or (bn < true_bn * (1 - tol)).any() or (bn > true_bn * (1 + tol) + tol * scale).any():
+    err = np.abs(bn - true_bn).max()
+    raise ValueError(f"prepared.block_norms must be the block norms of prepared.keys (as `prepare_keys` computes "
+                     f"them; max difference {err:.3g}); zeroed, negative or stale norms give bounds that do not bound")
+  if (gn < np.linalg.norm(kt, axis=-1) * (1 - tol)).any():
+    raise ValueError("prepared.guard_norm must be >= the norm of each prepared key (as `prepare_keys` computes it)")
 
 
 def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLike | None, epsilon: float,
@@ -388,11 +478,13 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
   Returns:
     `ProgressiveResult`. For every query the true tail mass outside `head` of softmax(q.k * scale) (keys in the
     original basis, logits in float32) is $\le$ `certificate` $\le \epsilon$. Under `jax.jit` a query with no
-    valid key gets k = 0 and certificate NaN.
+    valid key or a non-finite entry, every query of a head whose `prepared` fails the checks below, and every query
+    when a traced epsilon is outside (0, 1), get k = 0, certificate NaN and an empty head.
 
   Raises:
     ValueError: bad epsilon, stages, blocks, search_fraction, scale (must be > 0) or shapes; non-finite inputs or a
-      query with no valid key (when concrete).
+      query with no valid key (when concrete); `prepared` not as `prepare_keys` builds it (when concrete): block
+      norms negative, zeroed or otherwise not the norms of `prepared.keys`' blocks, guard norms below the key norms.
 
   Example:
     >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
@@ -427,9 +519,8 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
   lshape = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2]) + (q_rot.shape[-2], N)
   checks.valid(valid, lshape)
   v = jnp.ones(lshape, bool) if valid is None else jnp.broadcast_to(jnp.asarray(valid), lshape)
-  if not checks.is_traced(q_rot, *prepared):
-    for name, x in (("q_rot", q_rot), ("prepared.keys", prepared.keys), ("prepared.block_norms",
-                                                                          prepared.block_norms)):
-      if not np.isfinite(np.asarray(x, np.float32)).all():
-        raise ValueError(f"{name} must be finite")
+  if not checks.is_traced(q_rot) and not np.isfinite(np.asarray(q_rot, np.float32)).all():
+    raise ValueError("q_rot must be finite")
+  if not checks.is_traced(*prepared):
+    _check_prepared(prepared, tuple(blocks))
   return _progressive(q_rot, prepared, v, epsilon, scale, search_fraction, tuple(edges), tuple(blocks))

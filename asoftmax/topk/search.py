@@ -53,7 +53,10 @@ def _finish_cells(keys, valid, assign, num_cells) -> Cells:
   radii = jnp.max(jnp.where(onehot > 0, dist, 0.0), 0)
   # Guard the radius against float rounding in the Cauchy-Schwarz bound.
   radii = radii * (1 + 1e-5) + 1e-6
-  return Cells(assign, centres, radii, sizes.astype(jnp.int32))
+  # The jit validity flag: a head with no valid key (a traced mask the eager check could not see) gets NaN centres
+  # and radii; NaN keys give NaN centres and radii by themselves.
+  bad = ~jnp.any(valid)
+  return Cells(assign, jnp.where(bad, jnp.nan, centres), jnp.where(bad, jnp.nan, radii), sizes.astype(jnp.int32))
 
 
 def _kmeans_one(keys, valid, rng, num_cells, iters):
@@ -108,7 +111,8 @@ def kmeans_cells(keys: ArrayLike, valid: ArrayLike, rng: jax.Array, num_cells: i
     iters: Lloyd iterations, >= 1.
 
   Returns:
-    `Cells` with leading dims of `keys`.
+    `Cells` with leading dims of `keys`. Under `jax.jit` a head with NaN keys or no valid key has NaN centres and
+    radii.
 
   Example:
     >>> K = jnp.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
@@ -141,7 +145,8 @@ def chunk_cells(keys: ArrayLike, valid: ArrayLike, num_cells: int) -> Cells:
     keys: (..., N, d) float (bfloat16 / float16 computed in float32); valid: (..., N) bool; num_cells: M in [1, N].
 
   Returns:
-    `Cells` with leading dims of `keys`.
+    `Cells` with leading dims of `keys`. Under `jax.jit` a head with NaN keys or no valid key has NaN centres and
+    radii.
 
   Example:
     >>> c = chunk_cells(jnp.arange(8.0).reshape(4, 2), jnp.ones(4, bool), 2)
@@ -163,7 +168,7 @@ def cell_upper_bounds(queries: ArrayLike, cells: Cells, scale: float) -> jax.Arr
     (..., Q, M) float; $-\infty$ for empty cells. Each entry includes a float32 rounding guard
     $2(d+4)u\,\|q\|(\|c_j\| + r_j)\,|\mathrm{scale}|$, so it bounds logits computed in float32 as
     $\mathrm{fl}(q\cdot k)\cdot\mathrm{scale}$ even when keys sit far from the origin. Under `jax.jit` a
-    query with a NaN or infinite entry, or a traced scale <= 0, gives NaN bounds.
+    query with a NaN or infinite entry, or a traced scale <= 0 or not finite, gives NaN bounds.
 
   Example:
     >>> cells = chunk_cells(jnp.array([[1.0, 0.0], [0.0, 1.0]]), jnp.ones(2, bool), 2)
@@ -188,7 +193,7 @@ def _cell_upper_bounds(q, cells, scale):
   # ~d u |q| |x|, both in q.c here and in the caller's q.k (|k| <= |c| + r); 2 (d + 4) u |q| (|c| + r) covers both.
   d = q.shape[-1]
   guard = 2.0 * (d + 4) * (jnp.finfo(u.dtype).eps / 2) * qn * (cn + cells.radii[..., None, :]) * jnp.abs(scale)
-  ok = jnp.all(jnp.isfinite(q), -1, keepdims=True) & (scale > 0)
+  ok = jnp.all(jnp.isfinite(q), -1, keepdims=True) & (scale > 0) & jnp.isfinite(scale)
   return jnp.where(ok, jnp.where(cells.sizes[..., None, :] > 0, u + guard, -jnp.inf), jnp.nan)
 
 
