@@ -16,10 +16,12 @@ to a temporary file in the same directory and then renamed over the target (atom
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -83,3 +85,38 @@ def write_json(path: str, obj: Any) -> None:
 def write_text(path: str, text: str) -> None:
   """Writes text atomically."""
   atomic_write_bytes(path, text.encode())
+
+
+def _content_sha256(ident: Any, payload: Any) -> str:
+  text = json.dumps({"ident": to_jsonable(ident), "row": to_jsonable(payload)}, sort_keys=True, separators=(",", ":"))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_keyed_json(path: str, ident: dict, payload: Any) -> None:
+  """Writes a cache entry {"ident", "row", "sha256"} atomically: `ident` keys it (what it was computed from) and
+  sha256 (of ident and row, canonical JSON) verifies it on `read_keyed_json`."""
+  write_json(path, {"ident": ident, "row": payload, "sha256": _content_sha256(ident, payload)})
+
+
+def read_keyed_json(path: str, ident: dict) -> Any | None:
+  """The cached payload at `path` if it was written for `ident` and its content is intact, else None.
+
+  A file that cannot be read, lacks a checksum (written before checksums) or fails it (e.g. a hand-edited row) is
+  reported with a `UserWarning` naming the file, and None is returned so that the caller recomputes (and rewrites)
+  the entry; a file written for another `ident` returns None silently (another setting's row).
+  """
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      cached = json.load(f)
+  except (ValueError, OSError) as e:
+    warnings.warn(f"cache {path} is unreadable ({e}); recomputing it", stacklevel=2)
+    return None
+  if not isinstance(cached, dict) or cached.get("ident") != to_jsonable(ident):
+    return None
+  if cached.get("sha256") != _content_sha256(cached["ident"], cached.get("row")):
+    warnings.warn(f"cache {path} fails its checksum (edited or corrupted, or written before checksums); "
+                  "recomputing it", stacklevel=2)
+    return None
+  return cached["row"]

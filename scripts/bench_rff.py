@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asoftmax import rff
+from asoftmax import results, rff
 from asoftmax.rff import tree as tree_lib
 
 
@@ -237,8 +237,7 @@ def main():
     print(f"| {r['n']} | {r['sampler']} | {r['mode']} | {D} | {mb} | {r['step_ms']:.1f} | {ratio} | "
           f"{'' if s is None else f'{s:.1f}'} |")
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  with open(a.out, "w") as f:
-    json.dump({"args": vars(a), "device": device, "jax": jax.__version__, "rows": rows}, f, indent=2)
+  results.write_json(a.out, {"args": vars(a), "device": device, "jax": jax.__version__, "rows": rows})
   print("wrote", a.out)
 
 

@@ -21,6 +21,8 @@ import argparse
 
 import numpy as np
 
+from asoftmax import results
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Certified top-k attention keeps only the keys that matter.",
@@ -53,11 +55,12 @@ def main():
   m = mask[..., None].astype(np.float32)
   emb = (last * m).sum(1) / m.sum(1)
   emb = emb / np.linalg.norm(emb, axis=-1, keepdims=True)
-  np.savez_compressed(
-      a.out, input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), last_hidden=last,
-      hidden_3=out.hidden_states[3].numpy(), attentions=np.stack([x.numpy() for x in out.attentions]),
-      embedding=emb.astype(np.float32),
-      versions=np.array(f"torch {torch.__version__}, transformers {transformers.__version__}"))
+  with results.atomic_path(a.out, suffix=".npz") as tmp:
+    np.savez_compressed(
+        tmp, input_ids=ids.astype(np.int32), attention_mask=mask.astype(np.int32), last_hidden=last,
+        hidden_3=out.hidden_states[3].numpy(), attentions=np.stack([x.numpy() for x in out.attentions]),
+        embedding=emb.astype(np.float32),
+        versions=np.array(f"torch {torch.__version__}, transformers {transformers.__version__}"))
   print("wrote", a.out, "ids", ids.tolist())
 
 

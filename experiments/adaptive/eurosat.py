@@ -11,6 +11,8 @@ generated images into the workdir to exercise the pipeline without the real data
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -21,16 +23,31 @@ from experiments.adaptive import paper as paper_numbers
 
 
 def write_generated_folder(root: str, n_per_class: int, n_classes: int = 10, size: int = 64, seed: int = 0) -> str:
-  """Writes `root/<Class>/*.png` of generated images: class c is a noisy image of mean colour c (learnable)."""
+  """Writes `root/<Class>/*.png` of generated images: class c is a noisy image of mean colour c (learnable).
+
+  The folder is written under a temporary name beside `root` and renamed to `root` when complete, so an interrupted
+  run never leaves a partial folder that a later run would take as the data (an existing `root` is replaced).
+  """
   from PIL import Image
 
   rng = np.random.default_rng(seed)
-  for c in range(n_classes):
-    os.makedirs(os.path.join(root, f"Class{c}"), exist_ok=True)
-    colour = np.array([(c * 25) % 256, (c * 70) % 256, 255 - c * 25], np.float64)
-    for i in range(n_per_class):
-      img = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-      Image.fromarray(img).save(os.path.join(root, f"Class{c}", f"img_{i}.png"))
+  parent = os.path.dirname(os.path.abspath(root))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix="." + os.path.basename(root) + ".", dir=parent)
+  try:
+    for c in range(n_classes):
+      os.makedirs(os.path.join(tmp, f"Class{c}"), exist_ok=True)
+      colour = np.array([(c * 25) % 256, (c * 70) % 256, 255 - c * 25], np.float64)
+      for i in range(n_per_class):
+        img = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(tmp, f"Class{c}", f"img_{i}.png"))
+    os.chmod(tmp, 0o755)
+    if os.path.isdir(root):
+      shutil.rmtree(root)  # an incomplete folder from an older run
+    os.rename(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return root
 
 

