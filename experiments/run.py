@@ -10,19 +10,28 @@ It reads an ml_collections config (`--config path.py[:arg]`, fields overridable 
 from `config.seed`, runs the experiment named by `config.experiment`, and writes atomically:
 
   DIR/config.json   the resolved config
-  DIR/results.json  {"experiment": ..., "rows": [...], "notes": {...}, ...}
+  DIR/results.json  {"experiment": ..., "config": {...}, "rows": [...], "notes": {...}, ...}
   DIR/table.md      our numbers beside the paper's
   DIR/*.png         plots
 
 `--workdir` defaults to `results/<paper>_<table>[-<arg>]`.
+
+Before anything runs, every path the user gave (a `*_dir`, `*_path` or `snapshot` field that differs from the
+config's own default with $ASOFTMAX_DATA_DIR unset) must exist, else the run exits non-zero naming it
+(`check_user_paths`); defaults the user did not give keep their fallback ("not run" rows, built-in data). One run
+at a time per workdir: a run holds an advisory lock on DIR/.lock (`fcntl.flock`), and a second run exits non-zero
+naming the workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import os
 import re
 import time
+from typing import Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -135,24 +144,107 @@ def stale_outputs(workdir: str) -> list[str]:
                 if f in names or f.endswith((".png", ".pdf", ".svg")))
 
 
+class WorkdirBusy(RuntimeError):
+  """Another run holds the workdir's lock (DIR/.lock)."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[None]:
+  """Holds an exclusive advisory lock (`fcntl.flock`) on `workdir/.lock` for the duration; raises `WorkdirBusy`
+  naming the workdir if another process holds it. The lock file is left in place (deleting it would race)."""
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise WorkdirBusy(f"workdir {workdir} is in use by another run (it holds {path}); wait for that run to end "
+                        "or pick another --workdir") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def path_fields(config) -> dict[str, str]:
+  """{dotted name: value} of the config's path fields: string fields named `*_dir`, `*_path` or `snapshot`."""
+  out = {}
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(prefix + k + ".", v)
+      elif isinstance(v, str) and (k.endswith(("_dir", "_path")) or k == "snapshot"):
+        out[prefix + k] = v
+
+  walk("", config.to_dict())
+  return out
+
+
+def _fallback_paths(config, config_name: str) -> dict[str, str]:
+  """The path fields of the config's defaults with $ASOFTMAX_DATA_DIR unset: from `config_name` ("path.py[:arg]")
+  when given, else from the config file whose default experiment is `config.experiment`."""
+  from asoftmax import configlib
+  from experiments import registry
+
+  env = os.environ.pop(configlib.DATA_DIR_ENV, None)
+  try:
+    if config_name and config_name.partition(":")[0].endswith(".py"):
+      default = registry.load_config(config_name)
+    else:
+      default = next((c for c in map(registry.load_config, registry.config_paths())
+                      if c.get("experiment") == config.get("experiment")), None)
+  finally:
+    if env is not None:
+      os.environ[configlib.DATA_DIR_ENV] = env
+  return path_fields(default) if default is not None else {}
+
+
+def check_user_paths(config, config_name: str = "") -> None:
+  """Raises FileNotFoundError naming the field and the path if a path the user gave does not exist.
+
+  A path field counts as given by the user when it is non-empty and differs from the config's default with
+  $ASOFTMAX_DATA_DIR unset (a `--config.<field>=...` override, or the environment variable); such a path must exist.
+  A default the user did not give (e.g. rf_bias' `results/rf_lm/snapshot.npz` before rf_lm has run) may be missing:
+  the experiment then falls back as documented ("not run" rows, built-in data). Nothing is imported or run.
+  """
+  fallback = _fallback_paths(config, config_name)
+  for name, value in path_fields(config).items():
+    if value and value != fallback.get(name) and not os.path.exists(value):
+      raise FileNotFoundError(f"{name} = {value!r}: no such file or directory (a path you give must exist; "
+                              "leave the field empty for the default)")
+
+
 def execute(config, workdir: str, config_name: str = "") -> dict:
   """Runs `config.experiment` and writes config.json, results.json, table.md and plots.
 
   Args:
     config: an ml_collections ConfigDict with at least `experiment` and `seed`.
     workdir: output directory (created if needed).
-    config_name: how the config was named on the command line (recorded in results.json).
+    config_name: how the config was named on the command line (recorded in results.json; its defaults tell which
+      paths the user gave, see `check_user_paths`).
 
   Returns:
-    The results dict that was written to results.json.
+    The results dict that was written to results.json (the resolved config under "config").
+
+  Raises:
+    FileNotFoundError: a path the user gave does not exist (checked before anything runs).
+    WorkdirBusy: another run holds the workdir.
   """
+  check_user_paths(config, config_name)
   import jax
 
   from asoftmax import results as results_lib
-  from experiments import registry, report
+  from experiments import registry
 
   exp = registry.get(config.experiment)
   os.makedirs(workdir, exist_ok=True)
+  with workdir_lock(workdir):
+    return _execute_locked(config, workdir, config_name, exp, jax, results_lib)
+
+
+def _execute_locked(config, workdir, config_name, exp, jax, results_lib) -> dict:
+  from experiments import report
+
   # Outputs of an earlier run (results, table, plots) must not survive a crash of this one beside the new config.
   for stale in stale_outputs(workdir):
     os.remove(stale)
@@ -171,6 +263,7 @@ def execute(config, workdir: str, config_name: str = "") -> dict:
       "jax_version": jax.__version__,
       "started_utc": started.isoformat(timespec="seconds"),
       "wall_s": wall,
+      "config": config.to_dict(),  # the resolved config (older snapshots lack it)
       "notes": out.notes,
       "rows": out.rows,
   }
@@ -196,7 +289,7 @@ def main(argv):
   logging.info("experiment %s -> %s", _CONFIG.value.experiment, workdir)
   try:
     res = execute(_CONFIG.value, workdir, config_name=name)
-  except FileNotFoundError as e:  # a path the user gave does not exist: fail with the path, not "not run" rows
+  except (FileNotFoundError, WorkdirBusy) as e:  # a path the user gave does not exist, or a busy workdir
     raise SystemExit(f"error: {e}") from None
   print(f"wrote {len(res['rows'])} rows to {workdir}/results.json, table.md")
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -99,3 +100,92 @@ def test_cli_list_needs_no_config():
   p = _cli("--list")
   assert p.returncode == 0, p.stderr[-2000:]
   assert "configs/topk/bert.py" in p.stdout
+
+
+# ------------------------------------------------------------------------------------------- user paths (issue 18)
+def _path_fields(config) -> list[str]:
+  """Dotted names of the config's path fields (`*_dir`, `*_path`, `snapshot`)."""
+  out = []
+
+  def walk(prefix, d):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        walk(prefix + k + ".", v)
+      elif isinstance(v, str) and (k.endswith(("_dir", "_path")) or k == "snapshot"):
+        out.append(prefix + k)
+
+  walk("", config.to_dict())
+  return out
+
+
+_PATH_CASES = [(p, f) for p in registry.config_paths() for f in _path_fields(registry.load_config(p, "smoke"))]
+
+
+def _set(config, dotted, value):
+  *parents, last = dotted.split(".")
+  for p in parents:
+    config = config[p]
+  config[last] = value
+
+
+@pytest.mark.parametrize("path,field", _PATH_CASES, ids=[f"{p[len('configs/'):]}:{f}" for p, f in _PATH_CASES])
+def test_a_missing_user_path_is_an_error_in_every_config(path, field, tmp_path, monkeypatch):
+  """Before: `--config.data_dir=<missing>` exited 0 with "not run" rows (topk_decoder, topk_bert, adaptive_eurosat,
+  adaptive_mnist), as did rf_bias `--config.snapshot=<missing>`; a missing tfds_dir ended in a raw AssertionError.
+  The path is checked before anything runs: the call fails at once naming it, and nothing is written."""
+  monkeypatch.delenv("ASOFTMAX_DATA_DIR", raising=False)
+  config = registry.load_config(path, "smoke")
+  missing = str(tmp_path / f"no_such_{field.replace('.', '_')}")
+  _set(config, field, missing)
+  t0 = time.perf_counter()
+  with pytest.raises(FileNotFoundError, match=f"{field}.*no_such_"):
+    run.execute(config, str(tmp_path / "out"), config_name=path + ":smoke")
+  assert time.perf_counter() - t0 < 10, "the path must be checked before the experiment runs"
+  assert not os.path.exists(tmp_path / "out" / "results.json") and not os.path.exists(tmp_path / "out" / "config.json")
+
+
+def test_default_paths_may_still_fall_back(monkeypatch):
+  """The defaults the user did not give (ASOFTMAX_DATA_DIR unset) keep today's fallback ("not run" rows, built-in
+  data): e.g. rf_bias's default snapshot path, which exists only after an rf_lm run."""
+  monkeypatch.delenv("ASOFTMAX_DATA_DIR", raising=False)
+  for p in registry.config_paths():
+    run.check_user_paths(registry.load_config(p), p)
+  monkeypatch.setenv("ASOFTMAX_DATA_DIR", "/no/such/asoftmax_data")  # a path the user gave through the environment
+  with pytest.raises(FileNotFoundError, match="/no/such/asoftmax_data"):
+    run.check_user_paths(registry.load_config("configs/topk/decoder.py"), "configs/topk/decoder.py")
+
+
+def test_cli_missing_data_dir_exits_nonzero_naming_it(tmp_path):
+  missing = str(tmp_path / "no_such_data")
+  p = _cli("--config", "configs/topk/decoder.py:smoke", "--workdir", str(tmp_path / "out"),
+           f"--config.data_dir={missing}")
+  assert p.returncode != 0 and "no_such_data" in p.stderr, p.stderr[-2000:]
+  assert not (tmp_path / "out" / "results.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- one run per workdir
+def test_a_second_run_in_a_busy_workdir_exits_naming_it(tmp_path):
+  """Before: two runs in one workdir interleaved: one printed "wrote ... results.json" while none existed, another
+  left its config.json beside the other run's results. Now a run holds an advisory lock on DIR/.lock."""
+  import fcntl
+
+  wd = tmp_path / "wd"
+  wd.mkdir()
+  (wd / "results.json").write_text('{"rows": []}')  # the other run's output: must be left alone
+  cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
+  with open(wd / ".lock", "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds the workdir
+    with pytest.raises(run.WorkdirBusy, match=str(wd)):
+      run.execute(cfg, str(wd))
+    p = _cli("--config", "configs/adaptive/synthetic.py:smoke", "--workdir", str(wd))
+  assert p.returncode != 0 and str(wd) in p.stderr, p.stderr[-2000:]
+  assert (wd / "results.json").read_text() == '{"rows": []}' and not (wd / "config.json").exists()
+
+
+def test_results_json_embeds_the_resolved_config(tmp_path):
+  cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
+  cfg.trials = 2
+  run.execute(cfg, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["config"] == json.loads((tmp_path / "config.json").read_text())
+  assert saved["config"]["trials"] == 2 and saved["config"]["experiment"] == "adaptive_synthetic"

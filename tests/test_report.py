@@ -78,3 +78,14 @@ def test_readme_links_exist():
   for snap, config in report.README_SNAPSHOTS:
     assert os.path.exists(os.path.join(registry.ROOT, config)), config
     assert f"({snap}/table.md)" in rows or "no results.json committed" in rows
+
+
+def test_config_in_results_json_is_optional():
+  """results.json now embeds the resolved config ("config"); committed snapshots written before lack it. Both
+  render the same table.md."""
+  with open(SNAPSHOTS[0]) as f:
+    res = json.load(f)
+  exp = registry.get(res["experiment"])
+  bare = {k: v for k, v in res.items() if k != "config"}
+  assert report.render_table({**bare, "config": {"seed": 0, "experiment": exp.name}}, exp) == report.render_table(
+      bare, exp)
