@@ -9,9 +9,11 @@ style of optax's `optax/_src/utils.py`:
 * Python numbers (`k`, `m`, `delta`, ...) are always checked.
 
 Under `jax.jit` the policy is a **validity flag in the result**, not `checkify`: a result computed from invalid
-values carries a NaN in a floating output (topk: k = 0 and certificate NaN for the row; rff: log q and losses
-NaN, sampled ids kept in range), and out-of-range ids in an update are dropped. Each function's docstring says
-which field carries the flag. `tests/test_bad_input.py` checks this contract for every public function.
+values carries a NaN in a floating output (topk: k = 0 and certificate / tail mass / probabilities NaN for the row;
+rff: log q and losses NaN, sampled ids kept in range), and out-of-range ids in an update are dropped. Each
+function's docstring says which field carries the flag. Concrete bad values raise even inside `jax.jit` (a numpy
+array closed over by the jitted function is concrete). Options that pick code paths (sizes, `boolean` flags) must
+be static: a traced one raises. `tests/test_bad_input.py` checks this contract for every public function.
 
 Floating means `jnp.issubdtype(dtype, jnp.floating)`, so bfloat16 and float16 are accepted wherever
 float32 is (numpy's own `issubdtype` rejects bfloat16).
