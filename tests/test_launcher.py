@@ -189,3 +189,18 @@ def test_results_json_embeds_the_resolved_config(tmp_path):
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["config"] == json.loads((tmp_path / "config.json").read_text())
   assert saved["config"]["trials"] == 2 and saved["config"]["experiment"] == "adaptive_synthetic"
+
+
+def test_bool_config_fields_reject_truthy_non_bools():
+  """Boolean options of the experiments are config fields: ml_collections keeps their type, so "yes" or 1 for a
+  bool field is an error (from the command line too: absl rejects `--config.retrain=yes`)."""
+  fields = 0
+  for path in registry.config_paths():
+    cfg = registry.load_config(path, "smoke")
+    for k, v in cfg.items():
+      if isinstance(v, bool):
+        fields += 1
+        for bad in ("yes", 1):
+          with pytest.raises(TypeError):
+            setattr(cfg, k, bad)
+  assert fields >= 5

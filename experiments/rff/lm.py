@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from asoftmax import results, rff
+from asoftmax import checks, results, rff
 from asoftmax.data import text
 from asoftmax.models.lm import FeatureHead, WordLSTM
 from experiments import progress, registry, tables
@@ -229,7 +229,7 @@ def train_one(h, keys, model, batches, eval_data, counts, sampler_name, m, D, de
   if negatives not in ("per_query", "shared"):
     raise ValueError(f"negatives must be 'per_query' or 'shared', got {negatives!r}")
   shared = negatives == "shared"
-  use_plateau = bool(getattr(h, "plateau", False))
+  use_plateau = checks.boolean("plateau", getattr(h, "plateau", False))
   if use_plateau and dev_data is None:
     raise ValueError("plateau = True needs dev_data (a held-out slice of the training split)")
   if use_plateau and (h.eval_every < 1 or h.patience < 1 or h.max_steps < 1):
