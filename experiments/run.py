@@ -200,7 +200,7 @@ def _fallback_paths(config, config_name: str) -> dict[str, str]:
 
 
 def check_user_paths(config, config_name: str = "") -> None:
-  """Raises FileNotFoundError naming the field and the path if a path the user gave does not exist.
+  """Raises FileNotFoundError naming every field and path the user gave that does not exist.
 
   A path field counts as given by the user when it is non-empty and differs from the config's default with
   $ASOFTMAX_DATA_DIR unset (a `--config.<field>=...` override, or the environment variable); such a path must exist.
@@ -208,10 +208,11 @@ def check_user_paths(config, config_name: str = "") -> None:
   the experiment then falls back as documented ("not run" rows, built-in data). Nothing is imported or run.
   """
   fallback = _fallback_paths(config, config_name)
-  for name, value in path_fields(config).items():
-    if value and value != fallback.get(name) and not os.path.exists(value):
-      raise FileNotFoundError(f"{name} = {value!r}: no such file or directory (a path you give must exist; "
-                              "leave the field empty for the default)")
+  missing = [f"{name} = {value!r}" for name, value in path_fields(config).items()
+             if value and value != fallback.get(name) and not os.path.exists(value)]
+  if missing:
+    raise FileNotFoundError(f"{'; '.join(missing)}: no such file or directory (a path you give must exist; leave "
+                            "the field empty for the default)")
 
 
 def execute(config, workdir: str, config_name: str = "") -> dict:
