@@ -62,6 +62,7 @@ _MODULES = {
     "rf_lm": "experiments.rff.lm",
     "rf_classification": "experiments.rff.classification",
     "adaptive_synthetic": "experiments.adaptive.synthetic", "adaptive_families": "experiments.adaptive.families",
+    "adaptive_wallclock": "experiments.adaptive.wallclock",
     "adaptive_llm": "experiments.adaptive.llm",
     "adaptive_mnist": "experiments.adaptive.mnist", "adaptive_eurosat": "experiments.adaptive.eurosat",
     "topk_synthetic": "experiments.topk.synthetic", "topk_bert": "experiments.topk.bert",

@@ -22,7 +22,11 @@ faster) and held-out success (top-1 right and probability within epsilon = 0.3, 
   * `certified`, `certified-fast` (`exact_rows=True`): no tuning.
 Times are medians of `--repeats` (>= 5) calls after a warm-up call (compile excluded); batch 1 cycles through
 distinct queries. `--micro` prints the per-product cost of the three read paths against the GEMV
-(`core._READ_COST`).
+(`core._READ_COST`). `--map` runs the wall-clock map over n x d (paper Fig. 2's gaussian generator, both modes) and
+other d >> n problems through the launcher (`configs/adaptive/wallclock.py`), writing results.json, table.md and
+the heat map into `--workdir` (default docs/results/adaptive_wallclock):
+
+    python scripts/bench_adaptive.py --map --workdir docs/results/adaptive_wallclock
 
 Exact paths (the fastest honest one is reported): batch 1 `A @ x` (GEMV); batch 64 the faster of
 `X @ A^T` (GEMM) and `vmap(A @ x)`; for bfloat16 storage also a row-chunked float32 conversion, since
@@ -178,20 +182,23 @@ def micro(repeats):
       return jax.lax.dynamic_update_slice_in_dim(out, A[g] @ x, i * 32, 0)
     return jax.lax.fori_loop(0, gi.shape[0] // 32, body, jnp.zeros(gi.shape[0]))
 
+  C = core.read_chunk(n)
+
   @jax.jit
-  def gather(A, gi, cols, v):
+  def segment(A, gi, v):
     def body(i, acc):
-      c = jax.lax.dynamic_slice_in_dim(cols, i * 32, 32)
-      blk = A[gi[:, None], c[None, :]]
-      return acc[0] + blk @ jax.lax.dynamic_slice_in_dim(v, i * 32, 32), acc[1] + (blk * blk) @ v[:32]
-    return jax.lax.fori_loop(0, cols.shape[0] // 32, body, (jnp.zeros(gi.shape[0]), jnp.zeros(gi.shape[0])))
+      blk = jax.vmap(lambda r: jax.lax.dynamic_slice(A, (r, i * C), (1, C))[0])(gi)  # (arms, C) row segments
+      vv = jax.lax.dynamic_slice_in_dim(v, i * C, C)
+      return acc[0] + blk @ vv, acc[1] + (blk * blk) @ (vv * vv)
+    return jax.lax.fori_loop(0, 512 // C, body, (jnp.zeros(gi.shape[0]), jnp.zeros(gi.shape[0])))
 
   cols = jax.random.permutation(jax.random.key(2), d)[:512]
   gi = jnp.sort(jax.random.choice(jax.random.key(3), n, (2048,), replace=False))
   out = {
       "slab (512 rows of A^T, 2 sums)": _median_ms(lambda i: slab(At, cols, x[cols]), repeats) / (n * 512),
       "rows (2048 full rows, 32 at a time)": _median_ms(lambda i: rows(A, gi, x), repeats) / (2048 * d),
-      "gather (2048 arms x 512 columns, 2 sums)": _median_ms(lambda i: gather(A, gi, cols, x[cols]), repeats) / (2048 * 512),
+      f"segment (2048 arms x 512 positions, {C} at a time, 2 sums)": _median_ms(lambda i: segment(A, gi, x), repeats)
+      / (2048 * 512),
   }
   print(f"GEMV {n}x{d}: {t_gemv * n * d:.1f} ms")
   for name, t in out.items():
@@ -208,10 +215,17 @@ def main():
   ap.add_argument("--n_tune", type=int, default=64, help="tuning queries (paper variants), disjoint from the held-out ones")
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--micro", action="store_true", help="only the per-product cost of the read paths")
+  ap.add_argument("--map", action="store_true", help="the wall-clock map over n x d (configs/adaptive/wallclock.py)")
+  ap.add_argument("--workdir", default="docs/results/adaptive_wallclock", help="where --map writes its results")
   ap.add_argument("--fudge", default=None, metavar="FB,FZ",
                   help="use these fudge factors for the paper variants instead of tuning them (say where they came "
                        "from: e.g. a CPU tuning run of the same head and queries)")
   args = ap.parse_args()
+  if args.map:
+    import subprocess
+    import sys
+    raise SystemExit(subprocess.call([sys.executable, "-m", "experiments.run", "--config", "configs/adaptive/wallclock.py",
+                                      "--workdir", args.workdir]))
   dev = jax.devices()[0]
   print(f"jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '')} x{len(jax.devices())}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (start)", flush=True)

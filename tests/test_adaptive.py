@@ -202,9 +202,10 @@ def test_paper_normalization_refines_heavy_arms_only():
   some = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1.0, **kw)
   assert int(none.phase_samples[3]) == 0
   assert int(some.phase_samples[3]) > 0
-  # Light arms need no pulls: far less than refining every arm to the top would read.
+  # Light arms need no pulls: far less than refining every arm to the top would read. (0.25 under the Gumbel-top-d
+  # order; the head + uniform tail order of issue 24 reads 20-28 % here over keys 0-4: 121k-132k of 470k.)
   unread_after_identification = n * d - int(some.samples) + int(some.phase_samples[3])
-  assert int(some.phase_samples[3]) < 0.25 * unread_after_identification
+  assert int(some.phase_samples[3]) < 0.3 * unread_after_identification
 
 
 @pytest.mark.parametrize("family", ["llm_like", "heavy_tailed"])

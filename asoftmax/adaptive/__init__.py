@@ -18,10 +18,17 @@ from asoftmax.adaptive.core import (
 )
 from asoftmax.adaptive.exact import ExactResult, softmax_topk
 from asoftmax.adaptive.synthetic import gaussian_problem, planted_problem, toy_problem
-from asoftmax.adaptive.tuning import TuneResult, exact_logits_batched, success_mask, tune_and_evaluate, tune_fudge
+from asoftmax.adaptive.tuning import (
+    TuneResult,
+    conformal_fudge,
+    exact_logits_batched,
+    success_mask,
+    tune_and_evaluate,
+    tune_fudge,
+)
 
 __all__ = [
     "ORDERS", "AdaptiveConfig", "AdaptiveResult", "ExactResult", "PreparedMatrix", "TuneResult", "adaptive_softmax",
-    "default_warmup", "exact_logits_batched", "gaussian_problem", "make_config", "planted_problem", "prepare_matrix",
+    "conformal_fudge", "default_warmup", "exact_logits_batched", "gaussian_problem", "make_config", "planted_problem", "prepare_matrix",
     "softmax_topk", "success_mask", "toy_problem", "tune_and_evaluate", "tune_fudge",
 ]

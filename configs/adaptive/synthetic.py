@@ -49,6 +49,7 @@ def get_config(arg=None):
   # d / (17 log(6n/delta)) clipped to [32, d/10], which grows with d).
   c.exact_winners = False
   c.warmup = 32
+  c.repeats = 7  # timed calls per (dataset, d, mode) for the wall-clock columns (median; 0: none)
 
   if a["variant"] in ("toy", "gaussian"):
     c.datasets = (a["variant"],)
@@ -63,6 +64,7 @@ def get_config(arg=None):
     c.d_max = 2_000
     c.num_d = 2
     c.trials = 5
+    c.repeats = 0  # no wall-clock columns (each timed call is one more compile)
   elif a["variant"] != "full":
     raise ValueError(f"unknown variant {a['variant']!r}; use full, issue11, toy, gaussian or smoke")
   return c

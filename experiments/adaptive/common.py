@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 
+import jax
+
 from asoftmax.adaptive import core
+
+
+def median_ms(fn, repeats: int) -> float:
+  """Median wall-clock (ms) of fn(i), i = 1..repeats, after a warm-up call fn(0) (compile excluded)."""
+  jax.block_until_ready(fn(0))
+  ts = []
+  for i in range(1, repeats + 1):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(i))
+    ts.append(time.perf_counter() - t0)
+  return 1e3 * statistics.median(ts)
+
+
+@jax.jit
+def exact_topk(A, x):
+  """The exact baseline every wall-clock is compared with: `A @ x` (a GEMV), its top-1 and logsumexp."""
+  z = A @ x
+  return jax.lax.top_k(z, 1), jax.nn.logsumexp(z)
 
 
 def phase_split(phase_means: Sequence[float]) -> str:
