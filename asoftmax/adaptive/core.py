@@ -857,7 +857,8 @@ def _winners(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs, alive):
 
 
 def _refine(g: _Group, cfg: AdaptiveConfig, arms, tabs, move, buckets):
-  """Moves each arm in `move` up one level, level by level from the lowest (arms below the top only)."""
+  """Moves each arm in `move` up one level, level by level from the lowest to the highest that holds one of them
+  (arms below the top only)."""
   L = len(cfg.levels)
   lvl0 = arms.lvl
 
@@ -869,7 +870,8 @@ def _refine(g: _Group, cfg: AdaptiveConfig, arms, tabs, move, buckets):
     return l + 1, arms, tabs
 
   lmin = jnp.min(jnp.where(move, lvl0, L))
-  _, arms, tabs = jax.lax.while_loop(lambda c: c[0] < L - 1, body, (lmin, arms, tabs))
+  lmax = jnp.max(jnp.where(move, lvl0, -1))  # only the levels that hold moving arms
+  _, arms, tabs = jax.lax.while_loop(lambda c: (c[0] < L - 1) & (c[0] <= lmax), body, (lmin, arms, tabs))
   return arms, tabs
 
 
