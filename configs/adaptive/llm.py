@@ -57,9 +57,11 @@ def get_config(arg=None):
   c.n_tune = 200
   c.beta = 1.0
   c.order = "importance"
-  # Both modes on the same held-out windows: "paper" (fudge factors tuned on the first n_tune; with tune=False
-  # fudge = 1) and "certified" (no tuning; intervals valid for every input, asoftmax.adaptive.core).
-  c.modes = ("paper", "certified")
+  # All modes on the same held-out windows: "paper" (fudge factors tuned on n_tune windows by binary search; with
+  # tune=False fudge = 1), "paper-conformal" (one factor calibrated by split conformal prediction on the same
+  # windows: held-out success >= 1 - delta in expectation for exchangeable queries) and "certified" (no tuning;
+  # intervals valid for every input, asoftmax.adaptive.core).
+  c.modes = ("paper", "paper-conformal", "certified")
   # Warm-up pulls per arm (0 = the default rule d / (17 log(6n/delta)) clipped to [32, d/10]). At d = 576 the
   # default is 32, too few for reliable variance estimates on SmolLM2's heavy-tailed hidden states
   # (measured: 5/200 failures at delta = 1% with fudge 1); 128 gave 0/200.
@@ -75,6 +77,10 @@ def get_config(arg=None):
   # failures as keep the one-sided Clopper-Pearson bound at confidence c on tuning success >= 1 - delta
   # (asoftmax.adaptive.tuning.max_tuning_failures).
   c.tune_confidence = 0.0
+  # Which windows tune: "random" (a seeded random subset, recorded) or "sequential" (the first n_tune, as the
+  # authors' code). Measured on SmolLM2/WikiText-2 (300 windows, 60 tune, delta 5 %, binomial rule): sequential
+  # gave held-out success 0.892 (gain 4.72x), random 0.992 (3.78x): one part of a text does not represent the rest.
+  c.tune_split = "random"
 
   if a["data"] in ("wikitext", "ptb"):
     c.datasets = (a["data"],)

