@@ -43,7 +43,8 @@ def test_user_model_runs_end_to_end(tmp_path, monkeypatch):
   res = run.execute(c, str(tmp_path / "out"))
   rows = res["rows"]
   assert [(r["k"], r["delta"], r["mode"]) for r in rows] == [
-      (1, 0.1, "paper"), (1, 0.1, "certified"), (2, 0.1, "paper"), (2, 0.1, "certified")]
+      (1, 0.1, "paper"), (1, 0.1, "paper-conformal"), (1, 0.1, "certified"),
+      (2, 0.1, "paper"), (2, 0.1, "paper-conformal"), (2, 0.1, "certified")]
   for r in rows:
     assert r["status"] == "ok" and r["model"] == "toy" and (r["n"], r["d"]) == (300, 64)
     assert r["n_eval"] == 20 and len(r["samples"]) == 20
@@ -51,7 +52,7 @@ def test_user_model_runs_end_to_end(tmp_path, monkeypatch):
     assert r["gain"] == pytest.approx(300 * 64 / np.mean(r["samples"]), rel=1e-6)
     assert r["meets_target"] == (r["success"] >= 0.9)
   saved = json.loads((tmp_path / "out" / "results.json").read_text())
-  assert len(saved["rows"]) == 4
+  assert len(saved["rows"]) == 6  # 2 k x 3 modes
   # A second run reuses the cached rows (no tuning): same numbers.
   from asoftmax import adaptive
 

@@ -144,8 +144,8 @@ def adaptive_rows(config, rng: jax.Array, A: np.ndarray, X: np.ndarray, base: di
         "max_rel_error": r["max_rel_error"], "samples_mean": r["samples_mean"],
         "samples_median": r["samples_median"], "samples_std": r["samples_std"], "naive": r["naive_dense"],
         "naive_nnz_mean": r["naive_nnz_mean"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
-        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok", "tune_rule": r["rule"],
-        "tune_split": r["split"],
+        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok",
+        "tune_rule": r["rule"] if "rule" in r.keys() else "", "tune_split": r["split"] if "split" in r.keys() else "",
     }
     row.update(paper_entry(base["key"], delta) if k == 1 and mode == "paper" else
                {"paper_gain": None, "paper_success": None, "paper_ref": "paper mode only"} if k == 1 else

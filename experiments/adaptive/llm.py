@@ -276,7 +276,7 @@ def run(config, workdir, rng) -> registry.Output:
         "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
         "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
         "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and alg_mode == "paper",
-        "tune_rule": (r["rule"] if config.tune or mode == "certified" else "") if alg_mode == "paper" else "",
+        "tune_rule": ((r["rule"] if "rule" in r.keys() else "") if config.tune else "") if alg_mode == "paper" else "",
         "tune_split": tune_split,
         "status": "ok",
     }

@@ -183,6 +183,10 @@ def readme(res: dict) -> list[tables.ReadmeRow]:
   if cert is not None:
     ours += f", {cert['gain']:.1f}× certified"
   ours += f" (lowest success over all d and modes: {succ:.2f})"
+  if r.get("speedup") is not None:
+    ours += f"; wall-clock vs `A @ x`: **{r['speedup']:.1f}×** faster (paper)"
+    if cert is not None and cert.get("speedup") is not None:
+      ours += f", {cert['speedup']:.1f}× (certified)"
   return [tables.ReadmeRow(
       f"AdaptiveSoftmax Fig. 2 (synthetic {r['dataset']}, n = {r.get('n') or 100}, d = {dmax:,}): gain",
       ours, "–" if r.get("paper_gain") is None else f"> **{r['paper_gain']:g}×**")]
