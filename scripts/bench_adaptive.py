@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import jax
@@ -47,19 +46,9 @@ import numpy as np
 
 from asoftmax import adaptive
 from asoftmax.adaptive import core, synthetic, tuning
+from experiments.adaptive.common import median_ms as _median_ms  # median of repeats after a warm-up call
 
 EPSILON, DELTA, K = 0.3, 0.1, 1
-
-
-def _median_ms(fn, repeats):
-  """Median wall-clock (ms) of fn(i) for i = 1..repeats, after a warm-up call fn(0)."""
-  jax.block_until_ready(fn(0))
-  ts = []
-  for i in range(1, repeats + 1):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(i))
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(ts)
 
 
 def _topk_softmax(logits):
