@@ -437,6 +437,14 @@ register("topk.threshold_topk_probs",
          build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool), epsilon=0.1),
          kinds={"logits": _LG, "valid": Mask(), "epsilon": Num("unit"), "iters": Int(1), "row_block": Int(1)},
          jit=("logits", "valid", "epsilon"))
+register("topk.dot_product_attention",  # [q_len, heads, dim] (no batch dims), 2 query heads per key head
+         build=lambda r: dict(query=r.normal(size=(Q, 2, D_)).astype(np.float32),
+                              key=r.normal(size=(N, 1, D_)).astype(np.float32),
+                              value=r.normal(size=(N, 1, 2)).astype(np.float32), epsilon=0.1),
+         kinds={"query": Arr(min_ndim=3), "key": Arr(min_ndim=3), "value": Arr(min_ndim=3, matched=False),
+                "epsilon": Num("unit"), "iters": Int(0), "query_block": Int(1), "is_causal": Bool(),
+                "return_certificate": Bool()},
+         jit=("query", "key", "value", "epsilon"))
 
 # ---- rff
 _H = Arr((2,))  # [B, d] unit queries
