@@ -616,6 +616,24 @@ register("rff.draw_negatives",  # a query-dependent proposal, so that a NaN quer
          kinds={"h": _H, "m": Int(1, N), "chunk": Int(1), "max_tries": Int(1), "shared": Bool(),
                 "unique": Bool()}, jit=("h",))
 
+register("rff.cosine_logit_fn", build=lambda r: dict(class_vectors=_C(r), tau=2.0),
+         kinds={"class_vectors": Arr((2,), matched=False), "tau": Num("pos")})
+register("rff.linear_logit_fn",
+         build=lambda r: dict(kernel=r.normal(size=(D_, N)).astype(np.float32), bias=np.zeros((N,), np.float32)),
+         kinds={"kernel": Arr((2,), matched=False), "bias": Arr((1,))})
+register("rff.sampled_logits",
+         build=lambda r: dict(logit_fn=rff.cosine_logit_fn(_C(r), 2.0), h=r.normal(size=(Q, D_)).astype(np.float32),
+                              targets=np.arange(Q, dtype=np.int32), ids=np.arange(4, dtype=np.int32) + 4,
+                              log_expected=np.full((4,), np.log(4 / N), np.float32)),
+         kinds={"h": Arr((2,), matched=False), "targets": Ids(N), "ids": Ids(N),
+                "log_expected": Arr(min_ndim=0, posinf=True), "accidental_hits": Choice()},
+         # the number of classes belongs to logit_fn: ids >= n cannot be seen here (logit_fn's gather decides)
+         ok={"targets": {"n"}, "ids": {"n"}}, jit=("h", "log_expected"))
+register("rff.refresh",
+         build=lambda r: dict(sampler=_SAMPLERS["rff_sampler"][0](), state=_SAMPLERS["rff_sampler"][0]().init(_C(r)),
+                              class_vectors=_C(r)),
+         kinds={"class_vectors": Arr((2,), matched=False)}, jit=("class_vectors",))
+
 # Extra invalid values beyond what the kind derives ("bounds that do not bound").
 EXTRA = {("topk.mc_search", "upper"): _loose_upper}
 
