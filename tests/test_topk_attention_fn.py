@@ -2,9 +2,10 @@
 
 Checks against dense `jax.nn.dot_product_attention` on the same inputs: every row's certificate <= epsilon and
 equal to the realised tail mass of its head (float64 reference), the output within the certified bound
-|out - dense| <= certificate * (max_i v_ij - min_i v_ij), gradients equal to the truncated softmax's with the head
-fixed, fully masked rows as dense (uniform, no NaN), the flag under jit, and the swap into
-`nnx.MultiHeadAttention` (output bound through the output projection, k / certificate sown). Tiny shapes.
+|out - dense| <= certificate * (max_i v_ij - min_i v_ij), fully masked rows as dense (uniform, no NaN),
+gradients equal to the truncated softmax's with the head fixed (zero on a fully masked row, as dense), the flag
+under jit, and the swap into `nnx.MultiHeadAttention` (output bound through the output projection, k and
+certificate sown, traced once). Tiny shapes.
 """
 
 from __future__ import annotations
@@ -81,17 +82,9 @@ def test_within_certified_bound_of_dense(case):
   vr = np.repeat(np.ptp(v, axis=1), H // HK, axis=1)  # (B, H, D)
   bound = np.transpose(c, (0, 2, 1))[..., None] * vr[:, None] + 1e-5
   assert (np.abs(np.asarray(out) - np.asarray(dense)) <= bound).all()
-
-
-def test_fully_masked_rows_as_dense_under_jit():
-  q, k, v, mask, _ = _inputs(2)
-  f = jax.jit(functools.partial(topk.dot_product_attention, epsilon=EPS, return_certificate=True))
-  out, cert = f(q, k, v, mask=mask)
-  dense = jax.nn.dot_product_attention(q, k, v, mask=mask)
-  np.testing.assert_allclose(np.asarray(out[0, 3]), np.asarray(dense[0, 3]), atol=1e-6)  # uniform over all keys
-  assert (np.asarray(cert.k[0, :, 3]) == N).all() and (np.asarray(cert.certificate[0, :, 3]) == 0).all()
-  g = jax.grad(lambda q: f(q, k, v, mask=mask)[0].sum())(q)
-  assert np.isfinite(np.asarray(g)).all()
+  if m is not None:  # query 3 of batch 0 has every key masked: uniform over all keys, as dense (no NaN)
+    assert (kk[0, :, 3] == N).all() and (c[0, :, 3] == 0).all()
+    np.testing.assert_allclose(np.asarray(out[0, 3]), np.asarray(dense[0, 3]), atol=1e-6)
 
 
 def test_gradient_is_truncated_softmax_with_head_fixed():
