@@ -472,8 +472,9 @@ def refresh(sampler: Sampler, state: Any, class_vectors: jax.Array, ids: jax.Arr
   * `ids=None` (**Adam, momentum, weight decay, any optimizer with per-parameter state**): they move *every* row
     of the class table at every step, even rows with zero gradient, so the whole state is rebuilt from
     `class_vectors` (`sampler.init`; the same random features W, since they come from the sampler's key):
-    O(n D) for `rff_sampler`, O(n d^2) for `quadratic_sampler`. Refreshing only the sampled rows after Adam leaves
-    most leaves stale (tests/test_rff_optax.py: after a few steps most tree nodes differ from a rebuild).
+    O(n D) for `rff_sampler`, O(n d^2) for `quadratic_sampler`. Updating only the touched rows after Adam leaves
+    leaves stale (tests/test_rff_optax.py: after 8 Adam steps on 64 classes, 52 % of the leaves differ from a
+    rebuild by > 1e-3 of the largest node; with `refresh` the largest relative difference is 9e-8).
   * `ids` given (plain SGD on the gathered rows): only those rows moved; `sampler.update(state, ids,
     class_vectors)`, O(|ids| D log n).
 
