@@ -123,6 +123,11 @@ def test_flagged_under_jit():
     topk.dot_product_attention(qn, k, v)
   with pytest.raises(ValueError, match="dropout_rng"):
     topk.dot_product_attention(q, k, v, dropout_rate=0.1)
+  # flax's dropout keywords: applied to the truncated weights when not deterministic.
+  drop = topk.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+  same = topk.dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0), deterministic=True)
+  assert np.isfinite(np.asarray(drop)).all() and not np.allclose(drop, same)
+  np.testing.assert_allclose(np.asarray(same), np.asarray(topk.dot_product_attention(q, k, v)), atol=1e-6)
 
 
 def test_swap_into_nnx_multihead_attention():
