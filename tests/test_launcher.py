@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from asoftmax import results
+from asoftmax import configlib, results
 from experiments import registry, run, tables
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -88,7 +88,28 @@ def test_list_prints_configs_variants_and_modules():
   line = next(l for l in text.splitlines() if l.startswith("configs/adaptive/synthetic.py"))
   assert all(v in line for v in (":full", ":toy", ":gaussian", ":smoke"))
   assert "-> topk_bert (experiments.topk.bert)" in text
-  assert "args: model=smollm2 data=both" in text
+  assert "args: model=smollm2 (smollm2|user) data=both (both|wikitext|ptb)" in text
+
+
+@pytest.mark.parametrize("path", registry.config_paths())
+def test_every_config_declares_its_args_as_data(path):
+  """`--list` reads ARGS; get_config rejects a variant outside it, naming the known ones."""
+  spec = registry.load_config_module(path).ARGS
+  assert "variant" in spec and "smoke" in spec["variant"].choices
+  with pytest.raises(ValueError, match=r"unknown variant 'nosuch'.*smoke"):
+    registry.load_config(path, "nosuch")
+
+
+def test_parse_arg_converts_to_the_declared_type():
+  spec = {"variant": configlib.choice("full", "smoke"), "window": configlib.typed(8192),
+          "eps": configlib.typed(0.1), "dense": configlib.typed(False)}
+  a = configlib.parse_arg("smoke,window=512,eps=0.01,dense=true", spec)
+  assert a == {"variant": "smoke", "window": 512, "eps": 0.01, "dense": True}
+  assert configlib.parse_arg(None, spec)["window"] == 8192
+  with pytest.raises(ValueError, match="window='big'.*not a int"):
+    configlib.parse_arg("window=big", spec)
+  with pytest.raises(ValueError, match="unknown config arg 'size'.*known"):
+    configlib.parse_arg("size=3", spec)
 
 
 def test_show_config_prints_fields_with_comments():

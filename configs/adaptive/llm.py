@@ -27,8 +27,16 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/adaptive/llm.py:smoke`), declared as data for `--list`.
+ARGS = {
+    "variant": configlib.choice("full", "smoke"),
+    "model": configlib.choice("smollm2", "user"),
+    "data": configlib.choice("both", "wikitext", "ptb"),
+}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full", model="smollm2", data="both")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "adaptive_llm"
   c.seed = 0
@@ -84,10 +92,6 @@ def get_config(arg=None):
 
   if a["data"] in ("wikitext", "ptb"):
     c.datasets = (a["data"],)
-  elif a["data"] != "both":
-    raise ValueError(f"unknown data {a['data']!r}; use wikitext, ptb or both")
-  if a["model"] not in ("smollm2", "user"):
-    raise ValueError(f"unknown model {a['model']!r}; use smollm2 or user")
 
   if a["variant"] == "smoke":
     # Real SmolLM2 weights on the built-in text (no data directory needed): 12 windows x 32 tokens.
@@ -99,6 +103,4 @@ def get_config(arg=None):
     c.deltas = (0.1,)
     c.ks = (1,)  # k > 1 is exercised by tests/test_adaptive_llm.py on a small user-supplied head
     c.topk_deltas = (0.1,)
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
   return c
