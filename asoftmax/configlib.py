@@ -83,3 +83,23 @@ def parse_arg(arg: str | None, spec: Mapping[str, Arg]) -> dict:
       raise ValueError(f"unknown config arg {key!r} in {arg!r}; known: {sorted(spec)}")
     out[key] = _convert(key, value, spec[key], arg)
   return out
+
+
+def adaptive_protocol() -> dict:
+  """The AdaptiveSoftmax evaluation protocol shared by the MNIST, EuroSAT and LLM tables, in one place.
+
+  Baharav et al. (NeurIPS 2024), Sec. 5: epsilon = 0.3, the fudge factors tuned on `n_tune` queries and success
+  reported on the held-out rest at each delta. Every mode is run on the same held-out queries: "paper" (fudge
+  factors tuned by the binomial rule), "paper-conformal" (one factor, split-conformal rank; a guarantee for
+  exchangeable queries) and "certified" (no tuning; intervals valid for every input). A config starts from this
+  dict (`c.update(configlib.adaptive_protocol())`) and overrides what its table differs in.
+  """
+  return dict(
+      epsilon=0.3,
+      deltas=(0.1, 0.05, 0.01),
+      ks=(1, 3),
+      n_tune=200,
+      beta=1.0,
+      order="importance",
+      modes=("paper", "paper-conformal", "certified"),
+  )

@@ -70,15 +70,8 @@ def get_config(arg=None):
 
   # AdaptiveSoftmax and the paper's protocol.
   c.n_queries = 1000
-  c.n_tune = 200
-  c.epsilon = 0.3
-  c.deltas = (0.1, 0.05, 0.01)
-  c.ks = (1, 3)
-  c.beta = 1.0
-  c.order = "importance"
-  # Both modes on the same held-out queries: "paper" (fudge factors tuned on the first n_tune) and
-  # "certified" (no tuning; intervals valid for every input, asoftmax.adaptive.core).
-  c.modes = ("paper", "paper-conformal", "certified")  # paper-conformal: one factor, split-conformal rank
+  # epsilon, deltas, ks, n_tune, beta, order, modes: the shared protocol (asoftmax.configlib.adaptive_protocol).
+  c.update(configlib.adaptive_protocol())
 
   if a["variant"] == "smoke":
     c.data_dir = ""

@@ -58,18 +58,12 @@ def get_config(arg=None):
   c.batch = 4  # windows per forward pass
 
   # AdaptiveSoftmax and the paper's protocol.
-  c.epsilon = 0.3
+  # epsilon, n_tune, beta, order, modes: the shared protocol (asoftmax.configlib.adaptive_protocol); this table
+  # lists delta from the smallest and reports top-5 (k = 5) rows.
+  c.update(configlib.adaptive_protocol())
   c.deltas = (0.01, 0.05, 0.1)
   c.ks = (1, 5)
   c.topk_deltas = (0.01, 0.05, 0.1)  # deltas at which the k > 1 rows are run
-  c.n_tune = 200
-  c.beta = 1.0
-  c.order = "importance"
-  # All modes on the same held-out windows: "paper" (fudge factors tuned on n_tune windows by binary search; with
-  # tune=False fudge = 1), "paper-conformal" (one factor calibrated by split conformal prediction on the same
-  # windows: held-out success >= 1 - delta in expectation for exchangeable queries) and "certified" (no tuning;
-  # intervals valid for every input, asoftmax.adaptive.core).
-  c.modes = ("paper", "paper-conformal", "certified")
   # Warm-up pulls per arm (0 = the default rule d / (17 log(6n/delta)) clipped to [32, d/10]). At d = 576 the
   # default is 32, too few for reliable variance estimates on SmolLM2's heavy-tailed hidden states
   # (measured: 5/200 failures at delta = 1% with fudge 1); 128 gave 0/200.
