@@ -6,7 +6,8 @@ Sampled softmax with the log-q correction (the paper's form; the true logit is l
   $L' = -o_t + \log\big(e^{o_t} + \sum_{j=1}^m e^{o_{s_j} - \log(m q_{s_j})}\big)$,
 
 with accidental hits ($s_j = t$) masked to $-\infty$, so $\sum_j e^{o_{s_j}}/(m q_{s_j})$ is an unbiased estimate
-of $Z_t = \sum_{i \ne t} e^{o_i}$ (`shared/papers/rf_softmax.md` Sec. 2). q is treated as a constant.
+of $Z_t = \sum_{i \ne t} e^{o_i}$ (Rawat et al., "Sampled Softmax with Random Fourier Features",
+NeurIPS 2019, Sec. 2). q is treated as a constant.
 
 **Conventions against TensorFlow** (`tf.nn.sampled_softmax_loss`, `_compute_sampled_logits`):
 

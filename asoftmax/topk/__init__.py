@@ -2,7 +2,7 @@
 
 TV(P, P_hat) equals the tail mass outside the kept top-k; this package computes it, certifies it from ordered
 logits or cell bounds, bounds the attention output error, and predicts k under a Gaussian model.
-See `shared/papers/topk_tv.md` for the statements and their status.
+Reference: Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647.
 
 Public API: the names in `__all__` (each public module also lists its own `__all__`). `asoftmax.topk._core` holds
 the traceable internals the modules share; it is not part of the API. The tail mass is always called `tail_mass`
