@@ -9,7 +9,10 @@ import pytest
 
 from experiments import registry, report, tables
 
-SNAPSHOTS = sorted(glob.glob(os.path.join(registry.ROOT, "docs", "results", "*", "results.json")))
+# Experiment snapshots (docs/results/<name>/results.json); benchmark outputs (docs/results/bench_*/) are raw
+# script outputs with their own schema, not launcher runs.
+SNAPSHOTS = sorted(p for p in glob.glob(os.path.join(registry.ROOT, "docs", "results", "*", "results.json"))
+                   if not os.path.basename(os.path.dirname(p)).startswith("bench_"))
 
 
 class _Row(NamedTuple):
