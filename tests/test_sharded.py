@@ -51,6 +51,44 @@ def exact_topk_matches_one_device():
 
 
 @check
+def threshold_attention_matches_one_device():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from asoftmax import sharded, topk
+  B, Q, N, d, dv = 2, 3, 37, 8, 4  # 37 keys: padded on 2, 4 and 8 devices
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = 2 * jax.random.normal(ks[0], (B, Q, d))
+  K, V = jax.random.normal(ks[1], (B, N, d)), jax.random.normal(ks[2], (B, N, dv))
+  qpos, kv = jnp.array([5, 20, 36]), jax.random.uniform(ks[3], (B, N)) > 0.1
+  V = jnp.where(kv[..., None], V, jnp.nan)  # unfilled cache slots hold garbage
+  logits = jnp.einsum("bqd,bnd->bqn", q, K) / np.sqrt(d)
+  valid = kv[:, None, :] & (jnp.arange(N)[None, None, :] <= qpos[None, :, None])  # causal on global positions
+  eps = 0.05
+  p, k, tv = topk.threshold_topk_probs(logits, valid, eps)
+  out = jnp.einsum("bqn,bnd->bqd", p, jnp.where(kv[..., None], V, 0.0))
+  for S in SIZES:
+    r = sharded.threshold_attention(q, K, V, eps, sharded.make_mesh((S,), ("seq",)), key_valid=kv, q_positions=qpos)
+    np.testing.assert_array_equal(r.k, k)
+    assert bool((r.tv <= eps).all())
+    np.testing.assert_allclose(r.tv, tv, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(r.out, out, rtol=1e-5, atol=1e-5)
+  mesh = sharded.make_mesh((4,), ("seq",))
+  r = sharded.threshold_attention(q[0], K[0], V[0], eps, mesh, key_valid=kv[0])  # 2-D, not causal
+  p0, k0, _ = topk.threshold_topk_probs(logits[0], kv[0], eps)
+  np.testing.assert_array_equal(r.k, k0)
+  f = jax.jit(lambda e: sharded.threshold_attention(q, K, V, e, mesh, key_valid=kv, q_positions=qpos))
+  bad = f(1.5)  # a traced epsilon outside (0, 1): every row flagged
+  assert bool(jnp.isnan(bad.tv).all()) and int(bad.k.max()) == 0
+  try:
+    sharded.threshold_attention(q, K, V, eps, mesh, axis="vocab")
+  except ValueError as e:
+    assert "axis='vocab'" in str(e)
+  else:
+    raise AssertionError("no error for a bad axis")
+
+
+@check
 def bad_mesh_and_axis_names():
   import jax.numpy as jnp
   from asoftmax import sharded
