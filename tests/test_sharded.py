@@ -88,6 +88,63 @@ def threshold_attention_matches_one_device():
     raise AssertionError("no error for a bad axis")
 
 
+def _adaptive_case():
+  import jax
+  import jax.numpy as jnp
+  from asoftmax import adaptive
+  n, d, b = 61, 256, 6  # 61 rows: padded on 2, 4 and 8 devices
+  A, x = adaptive.gaussian_problem(jax.random.key(0), n, d)
+  X = jnp.stack([x] + [0.3 * jax.random.normal(jax.random.key(i), (d,)) for i in range(1, b)])
+  return A, X, adaptive.softmax_topk(A, X, k=2)
+
+
+def _assert_adaptive(r, ref, eps):
+  import numpy as np
+  np.testing.assert_array_equal(r.indices, ref.indices)  # exact merge of the shards' exact winners
+  assert bool(r.certified.all())
+  assert bool(((r.log_z_lo <= ref.log_z + 1e-5) & (ref.log_z <= r.log_z_hi + 1e-5)).all())  # the summed bracket
+  assert float(np.max(np.abs(r.probs / ref.probs - 1))) <= eps
+  assert bool((r.max_shard_samples <= r.samples).all())
+
+
+@check
+def adaptive_vocab_and_data_sharded():
+  import jax
+  from asoftmax import sharded
+  A, X, ref = _adaptive_case()
+  mesh = sharded.make_mesh((2, 4), ("data", "vocab"))  # 6 queries over 2, 61 rows over 4
+  prep = sharded.prepare_matrix(A, mesh)
+  r = sharded.adaptive_softmax(jax.random.key(5), prep, X, mesh, k=2, epsilon=0.3, delta=0.1, data_axis="data")
+  _assert_adaptive(r, ref, 0.3)
+  for bad, word in (({"data_axis": "batch"}, "data_axis"), ({"shared_order": True}, "shared_order"),
+                    ({"k": 0}, "k"), ({"delta": 1.0}, "delta")):
+    try:
+      sharded.adaptive_softmax(jax.random.key(5), prep, X, mesh, **bad)
+    except ValueError as e:
+      assert word in str(e), str(e)
+    else:
+      raise AssertionError(f"no error for {bad}")
+
+
+@check
+def slow_adaptive_on_1_2_4_8_devices():
+  import jax
+  import numpy as np
+  from asoftmax import adaptive, sharded
+  A, X, ref = _adaptive_case()
+  for S in SIZES:
+    mesh = sharded.make_mesh((S,), ("vocab",))
+    r = sharded.adaptive_softmax(jax.random.key(5), sharded.prepare_matrix(A, mesh), X, mesh, k=2)
+    _assert_adaptive(r, ref, 0.3)
+  # Data-parallel only: every query's key comes from its global index, so the answer is one device's batch call.
+  one = adaptive.adaptive_softmax(jax.random.key(5), adaptive.prepare_matrix(A), X, k=2)
+  mesh = sharded.make_mesh((8, 1), ("data", "vocab"))
+  r = sharded.adaptive_softmax(jax.random.key(5), sharded.prepare_matrix(A, mesh), X, mesh, k=2, data_axis="data")
+  np.testing.assert_array_equal(r.indices, one.indices)
+  np.testing.assert_array_equal(r.samples, one.samples)
+  np.testing.assert_allclose(r.probs, one.probs, rtol=1e-5)
+
+
 @check
 def bad_mesh_and_axis_names():
   import jax.numpy as jnp
@@ -130,22 +187,41 @@ def _run_checks(names):
 
 
 # ------------------------------------------------------------------------------------------------ pytest side
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def _subprocess(tmp_path_factory, names):
   path = tmp_path_factory.mktemp("sharded") / "results.json"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)], env=env, cwd=root,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)] + names, env=env, cwd=root,
+                        capture_output=True, text=True, timeout=600)
   if not path.exists():
     pytest.fail(f"the sharded subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
   return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("name", sorted(CHECKS))
-def test_sharded(results, name):
-  assert results.get(name) == "ok", results.get(name, "not run")
+FAST = sorted(n for n in CHECKS if not n.startswith("slow_"))
+SLOW = sorted(n for n in CHECKS if n.startswith("slow_"))
+
+
+@pytest.fixture(scope="module")
+def fast_results(tmp_path_factory):
+  return _subprocess(tmp_path_factory, FAST)
+
+
+@pytest.fixture(scope="module")
+def slow_results(tmp_path_factory):
+  return _subprocess(tmp_path_factory, SLOW)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_sharded(fast_results, name):
+  assert fast_results.get(name) == "ok", fast_results.get(name, "not run")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SLOW)
+def test_sharded_slow(slow_results, name):
+  assert slow_results.get(name) == "ok", slow_results.get(name, "not run")
 
 
 if __name__ == "__main__":

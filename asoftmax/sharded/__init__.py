@@ -9,7 +9,9 @@ sharded dimension need not divide the axis size (padding is masked). See README 
 """
 
 from asoftmax.sharded._mesh import make_mesh
+from asoftmax.sharded.adaptive import ShardedAdaptiveResult, ShardedMatrix, adaptive_softmax, prepare_matrix
 from asoftmax.sharded.attention import ShardedAttention, threshold_attention
 from asoftmax.sharded.exact import logsumexp, softmax_topk
 
-__all__ = ["ShardedAttention", "logsumexp", "make_mesh", "softmax_topk", "threshold_attention"]
+__all__ = ["ShardedAdaptiveResult", "ShardedAttention", "ShardedMatrix", "adaptive_softmax", "prepare_matrix",
+            "logsumexp", "make_mesh", "softmax_topk", "threshold_attention"]
