@@ -145,6 +145,66 @@ def slow_adaptive_on_1_2_4_8_devices():
   np.testing.assert_allclose(r.probs, one.probs, rtol=1e-5)
 
 
+def _rff_checks(sizes, with_loss):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from scipy import stats
+  from asoftmax import rff, sharded
+  n, d, D, m = 45, 6, 16, 3000  # 45 classes: a 64-bucket tree, padding in the last block
+  C = rff.normalize(jax.random.normal(jax.random.key(0), (n, d)))
+  sampler = rff.rff_sampler(jax.random.key(1), D, 4.0, kappa=0.01)
+  state = sampler.init(C)
+  h = rff.normalize(jax.random.normal(jax.random.key(2), (2, d)))
+  psi = rff.rff_features(h, state.W)
+  lq1, _ = rff.tree_log_probs(psi, state.tree, 0.01)  # one device's q
+  for S in sizes:
+    mesh = sharded.make_mesh((S,), ("classes",))
+    t = sharded.build_tree(rff.rff_features(C, state.W), mesh)
+    lq = sharded.tree_log_probs(psi, t, 0.01, mesh)
+    np.testing.assert_array_equal(np.isfinite(lq), np.isfinite(lq1))
+    np.testing.assert_allclose(np.where(np.isfinite(lq1), lq, 0), np.where(np.isfinite(lq1), lq1, 0), atol=2e-5)
+    ids, lqs = sharded.tree_sample(jax.random.key(3 + S), psi, t, m, 0.01, mesh)
+    np.testing.assert_allclose(lqs, jnp.take_along_axis(lq1, ids, 1), atol=2e-5)  # exact log q of each draw
+    for b in range(2):  # chi-square goodness of fit against one device's q (cells with expected count >= 5 pooled)
+      e = m * np.exp(np.asarray(lq1[b], np.float64))
+      cnt = np.bincount(np.asarray(ids[b]), minlength=e.size)
+      big = e >= 5
+      obs = np.append(cnt[big], cnt[~big].sum())
+      exp = np.append(e[big], e[~big].sum())
+      p = stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+      assert p > 1e-3, (S, b, p)
+  if not with_loss:
+    return
+  # The sampled loss and its gradient (owners' rows), vocab-only and data-parallel on a (data, classes) mesh.
+  h4 = rff.normalize(jax.random.normal(jax.random.key(4), (4, d)))
+  ids, lqs = sampler.sample(state, jax.random.key(5), h4, 7)
+  tg = jnp.array([0, 5, 44, 20])
+  loss = lambda c: rff.sampled_softmax_loss(h4, c, tg, ids, lqs, 5.0)  # noqa: E731
+  ref, gref = loss(C), jax.grad(lambda c: loss(c).mean())(C)
+  for shape, names, da in (((8,), ("classes",), None), ((2, 4), ("data", "classes"), "data")):
+    mesh = sharded.make_mesh(shape, names)
+    f = lambda c: sharded.sampled_softmax_loss(h4, c, tg, ids, lqs, 5.0, mesh, data_axis=da)  # noqa: E731
+    np.testing.assert_allclose(f(C), ref, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(lambda c: f(c).mean())(C), gref, atol=1e-5)
+  try:
+    sharded.build_tree(rff.rff_features(C, state.W), sharded.make_mesh((2, 3), ("x", "classes")))
+  except ValueError as e:
+    assert "divide" in str(e), str(e)
+  else:
+    raise AssertionError("no error for 3 class shards of a 64-bucket tree")
+
+
+@check
+def rff_tree_sampler_and_loss_match_one_device():
+  _rff_checks((1, 8), with_loss=True)
+
+
+@check
+def slow_rff_tree_sampler_on_2_and_4_devices():
+  _rff_checks((2, 4), with_loss=False)
+
+
 @check
 def bad_mesh_and_axis_names():
   import jax.numpy as jnp
