@@ -284,7 +284,60 @@ def test_sharded_slow(slow_results, name):
   assert slow_results.get(name) == "ok", slow_results.get(name, "not run")
 
 
-if __name__ == "__main__":
+# ------------------------------------------------------------------------------------------------ multi-host
+def _multihost_worker(pid, port, out):
+  """One of two processes on this machine (2 CPU devices each): `jax.distributed` over localhost, gloo collectives,
+  a 4-device mesh spanning both processes, the exact top-k and the sharded attention end to end."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid,
+                             initialization_timeout=60)
+  import numpy as np
+  from asoftmax import sharded
+  assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
+  rng = np.random.default_rng(0)  # the same inputs in both processes
+  A, X = rng.standard_normal((37, 16)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
+  mesh = sharded.make_mesh((4,), ("vocab",))
+  r = sharded.softmax_topk(A, X, mesh, k=4)
+  np.testing.assert_array_equal(np.asarray(r.indices), np.argsort(-(X @ A.T), 1, kind="stable")[:, :4])
+  K, V = rng.standard_normal((1, 37, 16)).astype(np.float32), rng.standard_normal((1, 37, 3)).astype(np.float32)
+  a = sharded.threshold_attention(X[None], K, V, 0.05, sharded.make_mesh((4,), ("seq",)))
+  s = (X @ K[0].T) / 4.0
+  p = np.exp(s - s.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  tail = np.array([np.sort(row)[:-int(k)].sum() for row, k in zip(p, np.asarray(a.k[0]))])
+  assert (tail <= 0.05 + 1e-6).all(), tail
+  with open(out, "w") as f:
+    f.write("ok")
+
+
+def test_multihost_two_processes(tmp_path):
+  """Two processes with `jax.distributed.initialize` on localhost (CPU collectives): 60 s limit each."""
+  import socket
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--multihost", str(i), str(port),
+                             str(tmp_path / f"ok{i}")], env=env, cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=90)[0])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i in range(2):
+    assert (tmp_path / f"ok{i}").exists(), f"process {i} failed:\n" + "\n".join(x[-3000:] for x in logs)
+
+
+if __name__ == "__main__" and sys.argv[1] == "--multihost":
+  _multihost_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+elif __name__ == "__main__":
   import jax
   assert len(jax.devices()) >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
   names = sys.argv[2:] or sorted(CHECKS)
