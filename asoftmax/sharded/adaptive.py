@@ -28,15 +28,13 @@ call, so results do not depend on the device count.
 
 Reference: Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation" (NeurIPS 2024), Algorithms 1-2.
 
-Example:
-  >>> import jax
-  >>> from asoftmax import adaptive, sharded
-  >>> A, x = adaptive.gaussian_problem(jax.random.key(0), 64, 256)
-  >>> mesh = sharded.make_mesh((1,), ("vocab",))
-  >>> prep = sharded.prepare_matrix(A, mesh)
-  >>> r = sharded.adaptive_softmax(jax.random.key(1), prep, x, mesh, k=1)
-  >>> int(r.indices[0]), bool(r.certified), bool(r.log_z_lo <= r.log_z <= r.log_z_hi)
-  (0, True, True)
+Example (not a doctest: a compile of the algorithm costs ~10 s; `tests/test_sharded.py` runs it on 8 devices):
+
+    A, x = adaptive.gaussian_problem(jax.random.key(0), 64, 256)
+    mesh = sharded.make_mesh((8,), ("vocab",))
+    prep = sharded.prepare_matrix(A, mesh)                        # once per matrix and mesh
+    r = sharded.adaptive_softmax(jax.random.key(1), prep, x, mesh, k=1, epsilon=0.3, delta=0.1)
+    r.indices, r.probs, (r.log_z_lo, r.log_z_hi), r.certified, r.max_shard_samples
 """
 
 from __future__ import annotations
