@@ -140,14 +140,14 @@ def _plse(x, axis):
   return m + jnp.log(jax.lax.psum(jnp.exp(x - m), axis))
 
 
-def _shard_bracket(res, A_s, x, beta, eps, n: int, axis: str):
+def _shard_bracket(res, A_s, x, beta, eps, n: int, S: int, axis: str):
   """(log Z_s lo, log Z_s hi, extra products) of this shard's real rows, for one query, from the statement on its
   winners; a padded shard whose bracket is too wide after removing the padding's mass computes Z_s exactly."""
   n_s = A_s.shape[0]
   log_ph = jnp.log(res.probs)
   lz_lo = jnp.max(jnp.log1p(-eps) + res.logits - log_ph)
   lz_hi = jnp.min(jnp.log1p(eps) + res.logits - log_ph)
-  if n % n_s == 0:  # no padding anywhere
+  if S * n_s == n:  # no padding anywhere
     return lz_lo, lz_hi, jnp.zeros((), jnp.int32)
   ids = _mesh.shard_offset(axis, n_s) + jnp.arange(n_s, dtype=jnp.int32)
   log_pad = jnp.log(jnp.sum(ids >= n).astype(lz_lo.dtype))  # padding rows here: logit 0, mass exactly 1 each
@@ -179,7 +179,7 @@ def _sharded(key_data, prep, X, eps, beta, mesh, n, axis, data_axis, k, opts):
       kd_i, x_i = args
       res = adaptive_lib.adaptive_softmax(jax.random.wrap_key_data(kd_i), prep_s, x_i, k=k_s, epsilon=eps,
                                           delta=delta, beta=beta, exact_winners=True, check_finite=False, **opts)
-      return res, _shard_bracket(res, prep_s.A, x_i, beta, eps, n, axis)
+      return res, _shard_bracket(res, prep_s.A, x_i, beta, eps, n, S, axis)
 
     res, (lz_lo, lz_hi, extra) = jax.lax.map(one, (kd, X_s))
     gid = _mesh.shard_offset(axis, n_s) + res.indices
