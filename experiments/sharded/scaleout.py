@@ -20,6 +20,7 @@ wall-clock measures the overhead of the collectives, not a speed-up.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import NamedTuple
 
@@ -189,7 +190,7 @@ def cache_rows(config, sizes):
 
 def run(config, workdir, rng) -> registry.Output:
   del workdir, rng  # the workloads are seeded from config.seed
-  t0 = time.perf_counter()
+  t0, load0 = time.perf_counter(), os.getloadavg()[0]
   rows = []
   if "cache" in config.workloads:
     rows += cache_rows(config, config.devices)
@@ -204,7 +205,9 @@ def run(config, workdir, rng) -> registry.Output:
            "jax": jax.__version__,
            "timing": f"median of {config.repeats} calls after a warm-up call (compile excluded)",
            "forced_host_devices": "forced host devices share the CPU cores: wall-clock is overhead, not speed-up",
-           "seconds": time.perf_counter() - t0}
+           "seconds": time.perf_counter() - t0,
+           "load_average": f"{load0:.1f} (start), {os.getloadavg()[0]:.1f} (end) on {os.cpu_count()} CPUs",
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
   return registry.Output(rows=rows, notes=notes)
 
 
