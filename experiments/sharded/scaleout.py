@@ -114,9 +114,9 @@ def head_rows(config, sizes, with_adaptive=True):
                                                 epsilon=config.epsilon, delta=config.delta)
       res = call(0)
       ms = median_ms(lambda i: call(i).indices, config.repeats)
+      prep_bytes = sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(prep.prep))
       rows.append(ADAPTIVE.row(
-          workload=w, devices=S,
-          mb_prepared_per_device=sum(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(prep.prep)) * MB,
+          workload=w, devices=S, mb_prepared_per_device=prep_bytes * MB,
           products_busiest_device=float(np.mean(np.asarray(res.max_shard_samples))),
           products_total=float(np.mean(np.asarray(res.samples))), ms=ms,
           success=float(np.mean(np.asarray(res.indices[:, 0]) == one)),
