@@ -240,6 +240,44 @@ def slow_threshold_attention_2d_and_jit_flag():
     raise AssertionError("no error for a bad axis")
 
 
+def _progressive_checks(sizes):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from asoftmax import sharded, topk
+  N, d, Q = 75, 8, 4  # 75 keys: padded on 2, 4 and 8 devices
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+  K, Qs, V = 2 * jax.random.normal(k1, (N, d)), jax.random.normal(k2, (Q, d)), jax.random.normal(k4, (N, 3))
+  held = 2 * jax.random.normal(k3, (64, d))
+  basis = topk.fit_basis(held, held, jnp.ones(64, bool), jnp.ones(64, bool))
+  pk, qr = topk.prepare_keys(K, basis, (4, 8)), topk.rotate_queries(Qs, basis)
+  qpos = jnp.array([10, 40, 60, 74])
+  valid = jnp.arange(N)[None] <= qpos[:, None]
+  p = jax.nn.softmax(jnp.where(valid, (Qs @ K.T) / np.sqrt(d), -jnp.inf), -1)  # the true attention
+  one = topk.progressive_search(qr, pk, valid, 0.1, d ** -0.5, (4, 8)) if 1 in sizes else None
+  for S in sizes:
+    r = sharded.progressive_attention(qr, pk, V, 0.1, sharded.make_mesh((S,), ("seq",)), scale=d ** -0.5,
+                                      stages=(4, 8), q_positions=qpos)
+    if S == 1:
+      np.testing.assert_array_equal(r.k, one.k)
+      np.testing.assert_allclose(r.certificate, one.certificate, rtol=1e-6)
+    tv = jnp.sum(jnp.where(r.head, 0.0, p), -1)  # the realised TV of the union head
+    assert bool((tv <= r.certificate + 1e-6).all() and (r.certificate <= 0.1).all()), (S, tv, r.certificate)
+    np.testing.assert_array_equal(r.k, jnp.sum(r.head & valid, -1))
+    ph = jnp.where(r.head, p, 0.0)
+    np.testing.assert_allclose(r.out, (ph / ph.sum(-1, keepdims=True)) @ V, atol=1e-5)
+
+
+@check
+def progressive_attention_certifies():
+  _progressive_checks((8,))
+
+
+@check
+def slow_progressive_attention_on_1_2_4_devices():
+  _progressive_checks((1, 2, 4))
+
+
 @check
 def bad_mesh_and_axis_names():
   import jax.numpy as jnp

@@ -179,3 +179,127 @@ def threshold_attention(q, keys, values, epsilon, mesh, *, axis: str = "seq", ke
   out = _threshold_attention(q, keys, values, kv, qpos, jnp.asarray(epsilon, jnp.float32),
                              jnp.asarray(scale, jnp.float32), mesh, N, iters, axis, causal)
   return jax.tree.map(lambda a: a[0], out) if single else out
+
+
+# ------------------------------------------------------------------------------------------------ progressive
+class ShardedProgressive(NamedTuple):
+  r"""Per query (Q,) of `progressive_attention`.
+
+  Attributes:
+    out: (Q, dv) attention output on the certified head (flash-decoding merge).
+    k: (Q,) int32 global head size (sum of the shards' heads).
+    certificate: (Q,) $\max_s \hat\tau_s \ge \mathrm{TV}(P, \hat P_H)$, $\le \epsilon$ (NaN on a flagged row).
+    head: (Q, N) bool, the global head (union of the shards' heads).
+  """
+
+  out: jax.Array
+  k: jax.Array
+  certificate: jax.Array
+  head: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis", "n_keys", "causal", "scale", "stages", "blocks",
+                                             "search_fraction"))
+def _progressive(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps, mesh, axis, n_keys, causal, scale,
+                 stages, blocks, search_fraction):
+  from asoftmax.topk import progressive as prog  # noqa: PLC0415 (only here)
+
+  def shard(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps):
+    N_s = keys.shape[0]
+    pos = _mesh.shard_offset(axis, N_s) + jnp.arange(N_s, dtype=jnp.int32)
+    v = jnp.broadcast_to((kv & (pos < n_keys))[None, :], (q_rot.shape[0], N_s))
+    if causal:
+      v = v & (pos[None, :] <= qpos[:, None])
+    has = jnp.any(v, -1)  # (Q,) this shard holds a visible key for the query
+    # Every shard certifies its own part with the final budget of the *global* key count: the per-shard search uses
+    # eps / (1 + m_local)^2, so scale eps to make that eps / (1 + m_global)^2.
+    m_loc, m_glob = _core.rounding_margin(N_s), _core.rounding_margin(n_keys)
+    eps_s = eps * ((1.0 + m_loc) / (1.0 + m_glob)) ** 2
+    r = prog._progressive(q_rot, prog.PreparedKeys(keys, block_norms, guard_norm), v | ~has[:, None], eps_s, scale,
+                          search_fraction, stages, blocks)
+    head = r.head & has[:, None]
+    cert = jnp.where(has, r.certificate, 0.0)
+    bad = jax.lax.psum((has & jnp.isnan(r.certificate)).astype(jnp.int32), axis) > 0
+    bad = bad | (jax.lax.psum(has.astype(jnp.int32), axis) == 0)
+    # `head_logits` carry a per-shard shift (the shard's largest first-stage bound), so the merge recomputes the
+    # head keys' logits in the common basis (a dense Q x N_s product here: the shift is not exposed).
+    hl = jnp.where(head, (q_rot @ keys.T) * scale, -jnp.inf)
+    m_s = jnp.max(hl, -1)
+    w = jnp.where(head, jnp.exp(hl - jnp.where(jnp.isfinite(m_s), m_s, 0.0)[:, None]), 0.0)
+    l_s = jnp.sum(w, -1)
+    vals = jnp.where(head.any(0)[:, None], values, 0.0).astype(jnp.float32)
+    o_s = (w @ vals) / jnp.maximum(l_s, jnp.finfo(jnp.float32).tiny)[:, None]
+    out = flash_merge(o_s, l_s, m_s, axis)
+    k = jax.lax.psum(jnp.sum(head, -1), axis).astype(jnp.int32)
+    cert = jax.lax.pmax(cert, axis)
+    bad = bad | ~jnp.all(jnp.isfinite(out), -1)
+    return ShardedProgressive(_core.flag(bad, out), jnp.where(bad, 0, k), _core.flag(bad, cert), head & ~bad[:, None])
+
+  seq = P(axis, None)
+  f = jax.shard_map(shard, mesh=mesh, in_specs=(P(), seq, seq, P(axis), seq, P(axis), P(), P()),
+                    out_specs=ShardedProgressive(P(), P(), P(), P(None, axis)), check_vma=False)
+  return f(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps)
+
+
+def progressive_attention(q_rot, prepared, values, epsilon, mesh, *, scale: float, stages: tuple[int, ...],
+                          blocks: tuple[int, ...] | None = None, axis: str = "seq", key_valid=None,
+                          q_positions=None, search_fraction: float = 0.9) -> ShardedProgressive:
+  r"""`topk.progressive_search` on a sequence-sharded cache, the shards' certificates combined, and the output.
+
+  Each shard runs the one-device progressive search on its keys (the same basis: rotated queries replicated,
+  `topk.prepare_keys` output split along N) with the final budget $\epsilon/(1+m)^2$ of the **global** key count,
+  and returns its certificate $\hat\tau_s = U_s/(L_s + U_s) \le \epsilon$. The global head is the union of the
+  shards' heads and its tail mass is at most $\sum_s U_s / \sum_s (L_s + U_s) \le \max_s \hat\tau_s$ (the mediant
+  of the shards' ratios), returned as the certificate. (The tighter mediant itself needs each shard's two scalars
+  $\log L_s$, $\log U_s$, which `topk.ProgressiveResult` does not expose; nor the per-shard shift of its
+  `head_logits`, so the output recomputes the head keys' logits with a dense Q x N_s product per shard.)
+
+  Args:
+    q_rot: (Q, d) rotated queries (`topk.rotate_queries`). prepared: `topk.PreparedKeys` of the N keys ((N, d),
+      (N, B), (N,)). values: (N, dv). epsilon: TV budget in (0, 1).
+    mesh, axis: the mesh and its sequence axis (N need not divide its size).
+    scale, stages, blocks, search_fraction: as in `topk.progressive_search`.
+    key_valid: optional bool (N,) filled slots. q_positions: optional int (Q,) global positions (causal mask).
+
+  Returns:
+    `ShardedProgressive(out, k, certificate, head)`.
+  """
+  from asoftmax.topk import progressive as prog  # noqa: PLC0415
+
+  mesh = _mesh.check_mesh(mesh)
+  axis = _mesh.check_axis(mesh, "axis", axis)
+  checks.epsilon(epsilon)
+  checks.floating_array("q_rot", q_rot, 2)
+  checks.floating_array("values", values, 2, finite=False)
+  if not isinstance(prepared, prog.PreparedKeys) or prepared.keys.ndim != 2:
+    raise ValueError("prepared must be a topk.PreparedKeys of one head: keys (N, d), block_norms (N, B), "
+                     "guard_norm (N,)")
+  N, d = prepared.keys.shape
+  if q_rot.shape[-1] != d or values.shape[0] != N:
+    raise ValueError(f"shapes do not match: q_rot {q_rot.shape} (Q, d), prepared.keys {prepared.keys.shape} (N, d), "
+                     f"values {values.shape} (N, dv)")
+  edges = prog._stage_edges(stages, d)
+  blocks = edges if blocks is None else prog._stage_edges(blocks, d)
+  if not set(edges) <= set(blocks) or prepared.block_norms.shape[-1] != len(blocks):
+    raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges} and match prepared.block_norms")
+  search_fraction = checks.pos_float("search_fraction", search_fraction)
+  if search_fraction > 1.0:
+    raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
+  scale = checks.pos_float("scale", scale)
+  if not checks.is_traced(*prepared):
+    prog._check_prepared(prepared, tuple(blocks))
+  kv = jnp.ones((N,), bool) if key_valid is None else jnp.asarray(key_valid, bool)
+  if key_valid is not None:
+    checks.valid(key_valid, (N,), "key_valid", against="keys' (N,)")
+  causal = q_positions is not None
+  qpos = jnp.zeros((q_rot.shape[0],), jnp.int32)
+  if causal:
+    checks.int_array("q_positions", q_positions, 0, None, shape=(q_rot.shape[0],))
+    qpos = jnp.asarray(q_positions, jnp.int32)
+  S = _mesh.axis_size(mesh, axis)
+  Np = _mesh.padded(N, S)
+  pad = lambda a, value=0: _mesh.pad_axis(jnp.asarray(a), 0, Np, value)  # noqa: E731
+  r = _progressive(_core.as_float(q_rot), pad(prepared.keys), pad(prepared.block_norms), pad(prepared.guard_norm),
+                   pad(values), pad(kv, False), qpos, jnp.asarray(epsilon, jnp.float32), mesh, axis, N, causal,
+                   float(scale), tuple(edges), tuple(blocks), float(search_fraction))
+  return r._replace(head=r.head[:, :N])
