@@ -10,7 +10,8 @@ sharded dimension need not divide the axis size (padding is masked). See README 
 
 from asoftmax.sharded._mesh import make_mesh
 from asoftmax.sharded.adaptive import ShardedAdaptiveResult, ShardedMatrix, adaptive_softmax, prepare_matrix
-from asoftmax.sharded.attention import ShardedAttention, ShardedProgressive, progressive_attention, threshold_attention
+from asoftmax.sharded.attention import (ShardedAttention, ShardedProgressive, progressive_attention,
+                                        threshold_attention)
 from asoftmax.sharded.exact import logsumexp, softmax_topk
 from asoftmax.sharded.rff import ShardedTree, build_tree, sampled_softmax_loss, tree_log_probs, tree_sample
 

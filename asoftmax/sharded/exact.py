@@ -70,7 +70,7 @@ def _softmax_topk(A, X, beta, mesh, k, n, axis, data_axis):
 
 
 def softmax_topk(A, x, mesh, k: int = 1, beta: float = 1.0, *, axis: str = "vocab",
-                 data_axis: str | None = None) -> ExactResult:
+                 data_axis: str | None = None, check_finite: bool = True) -> ExactResult:
   r"""Exact top-k of `softmax(beta * A x)` with A's rows sharded over `mesh` axis `axis`: one device's answer.
 
   Args:
@@ -83,6 +83,7 @@ def softmax_topk(A, x, mesh, k: int = 1, beta: float = 1.0, *, axis: str = "voca
     axis: the mesh axis that splits A's rows.
     data_axis: optional mesh axis that splits the batch of queries (A replicated over it); b is padded to a
       multiple of its size.
+    check_finite: scan a concrete A for NaN/inf on the host (a gather of A: turn off in timing loops).
 
   Returns:
     `adaptive.ExactResult(indices, probs, log_z)` with a leading batch axis iff `x` is 2-D: the ids are one device's
@@ -96,7 +97,7 @@ def softmax_topk(A, x, mesh, k: int = 1, beta: float = 1.0, *, axis: str = "voca
   data_axis = _mesh.check_axis(mesh, "data_axis", data_axis, optional=True)
   if data_axis == axis:
     raise ValueError(f"data_axis must differ from axis, both are {axis!r}")
-  A = checks.floating_array("A", getattr(A, "A", A), 2)
+  A = checks.floating_array("A", getattr(A, "A", A), 2, finite=checks.boolean("check_finite", check_finite))
   x = checks.floating_array("x", x, (1, 2))
   n, d = A.shape
   if x.shape[-1] != d:
