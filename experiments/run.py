@@ -47,21 +47,17 @@ _SHOW = flags.DEFINE_bool("show_config", False, "Print the fields of --config wi
 
 
 def config_variants(path: str) -> tuple[list[str], dict[str, str]]:
-  """(variants, other `key=value` args with defaults) that a config's `get_config(arg)` understands.
+  """(variants, other `key=value` args with their defaults) that a config's `get_config(arg)` understands, read
+  from the module's `ARGS` declaration (`asoftmax.configlib.Arg`), never from its source text."""
+  from experiments import registry
 
-  Read from the config's source: the `configlib.parse_arg(arg, variant=..., key=...)` call and the strings
-  compared with `a["variant"]`.
-  """
-  with open(os.path.join(_root(), path)) as f:
-    src = f.read()
-  call = re.search(r"parse_arg\(arg,([^)]*)\)", src)
-  defaults = dict(re.findall(r"(\w+)=\"([^\"]*)\"", call.group(1))) if call else {}
-  variants = [defaults.pop("variant", "full")] if call else []
-  for m in re.finditer(r'a\["variant"\]\s*(?:==|!=|in)\s*(\([^)]*\)|"[^"]*")', src):
-    for v in re.findall(r'"([^"]*)"', m.group(1)):
-      if v not in variants:
-        variants.append(v)
-  return variants, defaults
+  spec = getattr(registry.load_config_module(path), "ARGS", None)
+  if spec is None:
+    raise ValueError(f"{path} declares no ARGS (see asoftmax.configlib.parse_arg)")
+  variants = list(spec["variant"].choices or (spec["variant"].default,)) if "variant" in spec else []
+  args = {k: (f"{v.default}" + (f" ({'|'.join(map(str, v.choices))})" if v.choices else "")) for k, v in spec.items()
+          if k != "variant"}
+  return variants, args
 
 
 def _root() -> str:

@@ -437,6 +437,14 @@ register("topk.threshold_topk_probs",
          build=lambda r: dict(logits=_logits(r, Q, N), valid=np.ones((Q, N), bool), epsilon=0.1),
          kinds={"logits": _LG, "valid": Mask(), "epsilon": Num("unit"), "iters": Int(1), "row_block": Int(1)},
          jit=("logits", "valid", "epsilon"))
+register("topk.dot_product_attention",  # [q_len, heads, dim] (no batch dims), 2 query heads per key head
+         build=lambda r: dict(query=r.normal(size=(Q, 2, D_)).astype(np.float32),
+                              key=r.normal(size=(N, 1, D_)).astype(np.float32),
+                              value=r.normal(size=(N, 1, 2)).astype(np.float32), epsilon=0.1),
+         kinds={"query": Arr(min_ndim=3), "key": Arr(min_ndim=3), "value": Arr(min_ndim=3, matched=False),
+                "epsilon": Num("unit"), "iters": Int(0), "query_block": Int(1), "is_causal": Bool(),
+                "return_certificate": Bool()},
+         jit=("query", "key", "value", "epsilon"))
 
 # ---- rff
 _H = Arr((2,))  # [B, d] unit queries
@@ -607,6 +615,24 @@ register("rff.draw_negatives",  # a query-dependent proposal, so that a NaN quer
                               key=_key(), h=_unit(r, Q, D_), m=4, num_classes=N, unique=True),
          kinds={"h": _H, "m": Int(1, N), "chunk": Int(1), "max_tries": Int(1), "shared": Bool(),
                 "unique": Bool()}, jit=("h",))
+
+register("rff.cosine_logit_fn", build=lambda r: dict(class_vectors=_C(r), tau=2.0),
+         kinds={"class_vectors": Arr((2,), matched=False), "tau": Num("pos")})
+register("rff.linear_logit_fn",
+         build=lambda r: dict(kernel=r.normal(size=(D_, N)).astype(np.float32), bias=np.zeros((N,), np.float32)),
+         kinds={"kernel": Arr((2,), matched=False), "bias": Arr((1,))})
+register("rff.sampled_logits",
+         build=lambda r: dict(logit_fn=rff.cosine_logit_fn(_C(r), 2.0), h=r.normal(size=(Q, D_)).astype(np.float32),
+                              targets=np.arange(Q, dtype=np.int32), ids=np.arange(4, dtype=np.int32) + 4,
+                              log_expected=np.full((4,), np.log(4 / N), np.float32)),
+         kinds={"h": Arr((2,), matched=False), "targets": Ids(N), "ids": Ids(N),
+                "log_expected": Arr(min_ndim=0, posinf=True), "accidental_hits": Choice()},
+         # the number of classes belongs to logit_fn: ids >= n cannot be seen here (logit_fn's gather decides)
+         ok={"targets": {"n"}, "ids": {"n"}}, jit=("h", "log_expected"))
+register("rff.refresh",
+         build=lambda r: dict(sampler=_SAMPLERS["rff_sampler"][0](), state=_SAMPLERS["rff_sampler"][0]().init(_C(r)),
+                              class_vectors=_C(r)),
+         kinds={"class_vectors": Arr((2,), matched=False)}, jit=("class_vectors",))
 
 # Extra invalid values beyond what the kind derives ("bounds that do not bound").
 EXTRA = {("topk.mc_search", "upper"): _loose_upper}

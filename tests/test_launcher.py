@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from asoftmax import results
+from asoftmax import configlib, results
 from experiments import registry, run, tables
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -23,7 +23,7 @@ def _cli(*args, cwd=ROOT):
 
 def test_cli_writes_outputs_with_overrides(tmp_path):
   p = _cli("--config", "configs/adaptive/synthetic.py:smoke", "--workdir", str(tmp_path),
-           "--config.trials=3", "--config.datasets=('toy',)")
+           "--config.trials=3", "--config.datasets=('toy',)", "--config.num_d=1")
   assert p.returncode == 0, p.stderr[-2000:]
   cfg = json.loads((tmp_path / "config.json").read_text())
   assert cfg["trials"] == 3 and cfg["datasets"] == ["toy"]
@@ -40,8 +40,16 @@ def test_cli_rejects_unknown_field(tmp_path):
   assert not (tmp_path / "results.json").exists()
 
 
-def test_same_seed_same_numbers(tmp_path):
+def _mechanics_config():
+  """The synthetic smoke config cut to one dataset and one d without timing: the launcher tests check files and
+  determinism, not the table (test_smoke_configs runs the full smoke); fewer programs to compile."""
   cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
+  cfg.datasets, cfg.num_d, cfg.repeats, cfg.trials = ("toy",), 1, 0, 2
+  return cfg
+
+
+def test_same_seed_same_numbers(tmp_path):
+  cfg = _mechanics_config()
   a = run.execute(cfg, str(tmp_path / "a"))
   b = run.execute(cfg, str(tmp_path / "b"))
   # Wall-clock columns (ms_adaptive, ms_exact, speedup) are measurements of this machine, not results of the seed.
@@ -88,7 +96,28 @@ def test_list_prints_configs_variants_and_modules():
   line = next(l for l in text.splitlines() if l.startswith("configs/adaptive/synthetic.py"))
   assert all(v in line for v in (":full", ":toy", ":gaussian", ":smoke"))
   assert "-> topk_bert (experiments.topk.bert)" in text
-  assert "args: model=smollm2 data=both" in text
+  assert "args: model=smollm2 (smollm2|user) data=both (both|wikitext|ptb)" in text
+
+
+@pytest.mark.parametrize("path", registry.config_paths())
+def test_every_config_declares_its_args_as_data(path):
+  """`--list` reads ARGS; get_config rejects a variant outside it, naming the known ones."""
+  spec = registry.load_config_module(path).ARGS
+  assert "variant" in spec and "smoke" in spec["variant"].choices
+  with pytest.raises(ValueError, match=r"unknown variant 'nosuch'.*smoke"):
+    registry.load_config(path, "nosuch")
+
+
+def test_parse_arg_converts_to_the_declared_type():
+  spec = {"variant": configlib.choice("full", "smoke"), "window": configlib.typed(8192),
+          "eps": configlib.typed(0.1), "dense": configlib.typed(False)}
+  a = configlib.parse_arg("smoke,window=512,eps=0.01,dense=true", spec)
+  assert a == {"variant": "smoke", "window": 512, "eps": 0.01, "dense": True}
+  assert configlib.parse_arg(None, spec)["window"] == 8192
+  with pytest.raises(ValueError, match="window='big'.*not a int"):
+    configlib.parse_arg("window=big", spec)
+  with pytest.raises(ValueError, match="unknown config arg 'size'.*known"):
+    configlib.parse_arg("size=3", spec)
 
 
 def test_show_config_prints_fields_with_comments():
@@ -174,7 +203,7 @@ def test_a_second_run_in_a_busy_workdir_exits_naming_it(tmp_path):
   wd = tmp_path / "wd"
   wd.mkdir()
   (wd / "results.json").write_text('{"rows": []}')  # the other run's output: must be left alone
-  cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
+  cfg = _mechanics_config()
   with open(wd / ".lock", "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds the workdir
     with pytest.raises(run.WorkdirBusy, match=str(wd)):
@@ -185,8 +214,7 @@ def test_a_second_run_in_a_busy_workdir_exits_naming_it(tmp_path):
 
 
 def test_results_json_embeds_the_resolved_config(tmp_path):
-  cfg = registry.load_config("configs/adaptive/synthetic.py:smoke")
-  cfg.trials = 2
+  cfg = _mechanics_config()
   run.execute(cfg, str(tmp_path))
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["config"] == json.loads((tmp_path / "config.json").read_text())

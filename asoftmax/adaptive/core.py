@@ -99,10 +99,6 @@ HEAD_BLOCK = 256  # about this many coordinates per block when the head is searc
 _READ_COST = {"slab": 2.7, "rows": 2.6, "segment": 5.0}
 
 
-def _is_tracer(v) -> bool:
-  return isinstance(v, jax.core.Tracer)
-
-
 # ============================================================================================ the matrix
 class PreparedMatrix(NamedTuple):
   """A matrix made ready for repeated AdaptiveSoftmax calls (validated once; the tail order drawn once).
@@ -159,7 +155,7 @@ def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
   if isinstance(A, PreparedMatrix):
     return A
   key = jax.random.key(0) if key is None else _check_key("key", key)
-  if _is_tracer(A):
+  if checks.is_traced(A):
     if A.ndim != 2 or not jnp.issubdtype(A.dtype, jnp.floating) or 0 in A.shape:
       raise ValueError(f"A must be a non-empty 2-D floating array, got shape {A.shape} dtype {A.dtype}")
   else:
@@ -168,7 +164,7 @@ def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
   perm = jax.random.permutation(key, d).astype(jnp.int32)
   inv = jnp.zeros((d,), jnp.int32).at[perm].set(jnp.arange(d, dtype=jnp.int32))
   ext = jnp.concatenate([perm, jnp.tile(perm, -(-read_chunk(n) // d))[: read_chunk(n)]])
-  if _is_tracer(A) or _is_tracer(perm):
+  if checks.is_traced(A) or checks.is_traced(perm):
     A = jnp.asarray(A)
     At, Ap = A.T[ext], A[:, ext]
   else:
@@ -304,7 +300,7 @@ def make_config(
   checks.one_of("order", order, ORDERS)
   checks.one_of("normalization", normalization, NORMALIZATIONS)
   for name, v in (("exact_winners", exact_winners), ("shared_order", shared_order), ("exact_rows", exact_rows)):
-    _check_bool(name, v)
+    checks.boolean(name, v)
   m0 = default_warmup(n, d, delta) if warmup is None else checks.int_in_range("warmup", warmup, 1, d)
   growth = checks.positive("growth", growth)
   if growth <= 1.0:
@@ -327,12 +323,6 @@ def make_config(
       shared_order=bool(shared_order), normalization=normalization, exact_rows=bool(exact_rows),
       growth=float(growth),
   )
-
-
-def _check_bool(name, v):
-  if not isinstance(v, (bool, np.bool_)):
-    raise ValueError(f"{name} must be True or False, got {v!r}")
-  return bool(v)
 
 
 def _buckets(top: int, k: int, ratio: int = 8, min_cap: int = 16) -> tuple[int, ...]:
@@ -677,7 +667,6 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
   n, d = cfg.n, cfg.d
   P = g.P
   X = P.X
-  L = len(cfg.levels)
   nl = l + 1
   lc = jnp.maximum(l, 0)
   start = jnp.where(l >= 0, tabs.pos[lc], 0)
@@ -773,7 +762,6 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
   rows_ok = jnp.asarray(cfg.exact_rows) | (nl >= P.top_level)
   fits = [l >= -1, rows_ok & (l >= 0)] + [(u <= c) & (l >= 0) for c in small] + [rows_ok & (u <= c) & (l >= 0)
                                                                                   for c in small]
-  del L
   costs = jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
   return jax.lax.switch(jnp.argmin(costs), branches, (arms, tabs))
 
@@ -1081,7 +1069,7 @@ def _no_grad_jvp(primals, tangents):
 
 def _scalar(name, value, check):
   """Checks a Python/concrete scalar with `check`; traced scalars pass through (checked by `_valid_scalars`)."""
-  if _is_tracer(value):
+  if checks.is_traced(value):
     return value
   return check(name, value)
 
@@ -1188,7 +1176,7 @@ def adaptive_softmax(
   n, d = prep.A.shape
   if getattr(x, "ndim", None) not in (1, 2):
     raise ValueError(f"x must have 1 or 2 dimensions, got shape {getattr(x, 'shape', None)}")
-  if _is_tracer(x):
+  if checks.is_traced(x):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise ValueError(f"x must have a floating dtype, got {x.dtype}")
   elif check_finite:
@@ -1207,8 +1195,8 @@ def adaptive_softmax(
   checks.one_of("mode", mode, MODES)
   for name, v in (("exact_winners", exact_winners), ("shared_order", shared_order), ("exact_rows", exact_rows),
                   ("check_finite", check_finite)):
-    _check_bool(name, v)
-  if mode == "certified" and not (_is_tracer(fudge_bandit) or _is_tracer(fudge_z)):
+    checks.boolean(name, v)
+  if mode == "certified" and not (checks.is_traced(fudge_bandit) or checks.is_traced(fudge_z)):
     if fudge_bandit != 1.0 or fudge_z != 1.0:
       raise ValueError(
           f"fudge_bandit and fudge_z apply to mode='paper' only; got {fudge_bandit}, {fudge_z} with mode='certified'"

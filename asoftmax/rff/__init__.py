@@ -10,9 +10,10 @@ the bias of a proposal's sampled-softmax gradient (`gradient_bias`, `distributio
 
 from asoftmax.rff.bias import DistributionMetrics, GradientBias, distribution_metrics, gradient_bias
 from asoftmax.rff.features import exact_kernel, init_rff, quadratic_features, rff_features, rff_kernel
-from asoftmax.rff.loss import corrected_sampled_loss, full_softmax_loss, sampled_softmax_loss
+from asoftmax.rff.loss import (corrected_sampled_loss, cosine_logit_fn, full_softmax_loss, linear_logit_fn,
+                               sampled_logits, sampled_softmax_loss)
 from asoftmax.rff.negatives import Negatives, draw_negatives, expected_count
-from asoftmax.rff.samplers import (Sampler, exact_sampler, normalize, quadratic_sampler, rff_sampler,
+from asoftmax.rff.samplers import (Sampler, exact_sampler, normalize, quadratic_sampler, refresh, rff_sampler,
                                    uniform_sampler, unigram_sampler)
 from asoftmax.rff.sparse_data import SparseDataset, load_sparse, precision_at_k
 from asoftmax.rff.tree import (KernelTree, build_tree, leaf_clamped_log_probs, tree_log_probs, tree_sample,
@@ -25,4 +26,5 @@ __all__ = [
     "leaf_clamped_log_probs", "load_sparse", "normalize", "precision_at_k", "quadratic_features",
     "quadratic_sampler", "rff_features", "rff_kernel", "rff_sampler", "sampled_softmax_loss",
     "tree_log_probs", "tree_sample", "tree_update", "uniform_sampler", "unigram_sampler",
+    "cosine_logit_fn", "linear_logit_fn", "refresh", "sampled_logits",
 ]

@@ -1,6 +1,6 @@
 r"""How far a proposal q is from the softmax p, and the bias of the sampled-softmax gradient it gives.
 
-Rawat et al., NeurIPS 2019 (bias analysis); `shared/papers/rf_softmax.md` Sec. 3, 8. For one query with logits
+Rawat et al., NeurIPS 2019 (bias analysis); Sec. 3 (the bias of sampled softmax). For one query with logits
 $o$ (e.g. $\tau h^\top c_i$), true class $t$, $p = \mathrm{softmax}(o)$, $e_i = \exp(o_i - \max o)$, and m i.i.d.
 negatives $s_j \sim \tilde q$ (the proposal restricted to the negatives $N_t$ and renormalized), the sampled-softmax
 logit gradient is
@@ -55,7 +55,7 @@ def _gradient_bias(key, logits, log_q, t, m, reps, chunk):
   e = jnp.exp(logits - logits.max())
   p = e / e.sum()
   g_full = p.at[t].add(-1.0)
-  q = jnp.exp(log_q).at[t].set(0.0)  # q~ = q restricted to the negatives N_t, renormalized (spec Sec. 3)
+  q = jnp.exp(log_q).at[t].set(0.0)  # q~ = q restricted to the negatives N_t, renormalized
   q = q / q.sum()
   cdf = jnp.cumsum(q)
 
@@ -73,7 +73,7 @@ def _gradient_bias(key, logits, log_q, t, m, reps, chunk):
   var = jnp.maximum(sqs.sum(0) / reps - mean**2, 0.0)
   bias = jnp.linalg.norm(mean - g_full)
   floor = jnp.sqrt(var.sum() / reps)
-  # First-order (delta-method) prediction, spec Sec. 3: bias_i ~ (1/m)[e_i V/Z^3 - 1[i!=t](e_i^2/q_i - Z_t e_i)/Z^2].
+  # First-order (delta-method) prediction: bias_i ~ (1/m)[e_i V/Z^3 - 1[i!=t](e_i^2/q_i - Z_t e_i)/Z^2].
   neg = jnp.arange(n) != t
   Z = e.sum()
   Zt = Z - e[t]

@@ -22,7 +22,7 @@ negative (see `tree.py` for what the sampler does with them).
 
 Reference: Rawat et al., "Sampled Softmax with Random Fourier Features", NeurIPS 2019 (arXiv:1907.10747),
 Sec. 3 (feature map); Rahimi & Recht 2007. The choice nu < tau (a flatter, defensive proposal) follows
-`shared/papers/rf_softmax.md` Sec. 5 [R: recalled from the paper, not re-read].
+Rawat et al., "Sampled Softmax with Random Fourier Features", NeurIPS 2019, Sec. 4 (recalled, not re-read offline).
 """
 
 from __future__ import annotations

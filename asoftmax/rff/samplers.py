@@ -8,6 +8,15 @@ A `Sampler` is a NamedTuple of pure functions (optax style):
   state = sampler.update(state, ids, class_vectors)    # refresh the touched classes (any-shape ids)
   log_q_all = sampler.log_probs(state, h)              # [B, n] dense log q (analysis and tests)
   log_q_bar = sampler.log_probs(state, h, shared=True) # [n] the batch-shared proposal
+  state = refresh(sampler, state, class_vectors)       # rebuild after Adam & co. (see `refresh`)
+
+**In a training step:** queries passed to `sample` / `log_probs` must be unit vectors (`normalize(h)`; an
+unnormalised h raises `ValueError`, and under `jax.jit` gets NaN log q: the project's validity flag). Donate the
+sampler state with the parameters (`jax.jit(step, donate_argnums=...)`): without donation XLA copies the whole
+tree every step (issue 26 reports 60 / 216 ms per step instead of 10 / 13 ms at D = 64 / 256). Every `init`
+returns fresh arrays, so a donated state never deletes the sampler's own copy. Optimizers with per-parameter
+state (Adam, momentum, weight decay) move every class row: call `refresh(sampler, state, C)` (a rebuild), not
+`update` on the touched rows only (tests/test_rff_optax.py).
 
 Samples are i.i.d. with replacement; `log_q` is the exact log-probability of each drawn class under the
 distribution the sampler actually used (so the log-q correction in `loss.sampled_softmax_loss` is exact).
@@ -96,9 +105,28 @@ def _check_update_args(ids, class_vectors, shape):
     raise ValueError(f"class_vectors must have the sampler's shape {tuple(shape)}, got {tuple(class_vectors.shape)}")
 
 
-def _flag(ids, lq, n):
-  """The jit validity flag: a draw whose log q is not finite (a NaN / inf query) keeps an in-range id, log q NaN."""
+def _unit_ok(h, lq):
+  """Bool, broadcastable to `lq`: the query rows of h are unit vectors (the jit form of `checks.unit_rows`, same
+  tolerance; a traced unnormalised h would otherwise give a silently wrong q). lq is per query ([B, ...]) or
+  batch-shared ([1, m] or [n]: then every query counts)."""
+  atol = max(1e-3, 2.0 * float(jnp.finfo(h.dtype).eps))
+  ok = jnp.abs(jnp.sqrt(jnp.sum(jnp.square(h.astype(jnp.float32)), -1)) - 1.0) <= atol  # [B]
+  if lq.ndim >= 2 and lq.shape[0] == h.shape[0]:
+    return ok.reshape((-1,) + (1,) * (lq.ndim - 1))
+  return jnp.all(ok)
+
+
+def _flag_unit(h, lq):
+  """log q (or log probs) with NaN where the query is not a unit vector (the jit validity flag)."""
+  return jnp.where(_unit_ok(h, lq), lq, jnp.nan)
+
+
+def _flag(ids, lq, n, h=None):
+  """The jit validity flag: a draw whose log q is not finite (a NaN / inf query) or whose query is not a unit
+  vector keeps an in-range id, log q NaN."""
   ok = jnp.isfinite(lq)
+  if h is not None:
+    ok = ok & _unit_ok(h, lq)
   return jnp.where(ok, jnp.clip(ids, 0, n - 1), n - 1).astype(jnp.int32), jnp.where(ok, lq, jnp.nan)
 
 
@@ -166,7 +194,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
 
   def init(class_vectors=None):
     del class_vectors
-    return CountState(log_q=log_q, cdf=cdf)
+    return CountState(log_q=jnp.array(log_q, copy=True), cdf=jnp.array(cdf, copy=True))  # fresh: donation-safe
 
   @functools.partial(jax.jit, static_argnames=("m", "shared"))
   def _sample(state, key, h, m, shared):
@@ -212,7 +240,7 @@ def exact_sampler(tau: float) -> Sampler:
     cdf = jnp.cumsum(jnp.exp(lp2), -1)
     u = jax.random.uniform(key, (lp2.shape[0], m)) * cdf[:, -1:]
     ids = jax.vmap(_search)(cdf, u)
-    ids, lq = _flag(ids, jnp.take_along_axis(lp2, ids, 1), state.class_vectors.shape[0])
+    ids, lq = _flag(ids, jnp.take_along_axis(lp2, ids, 1), state.class_vectors.shape[0], h)
     return (ids[0], lq[0]) if shared else (ids, lq)
 
   def sample(state, key, h, m, shared=False):
@@ -232,7 +260,7 @@ def exact_sampler(tau: float) -> Sampler:
 
   def log_probs(state, h, shared=False):
     checks.unit_rows("h", h, 2)
-    return _log_probs(state, h, checks.boolean("shared", shared))
+    return _flag_unit(h, _log_probs(state, h, checks.boolean("shared", shared)))
 
   return Sampler(init, sample, update, log_probs, "exact")
 
@@ -269,7 +297,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   probabilities on class i's path. When a node sum is negative this is NOT $\propto \max(\phi(h)^\top
   \phi(c_i), 0)$ + floor (see `tree.py`, "What is sampled"); `log_q` is exact for what is drawn either way.
   Cost O(D log n) per sample. With `shared=True` the walk uses $\bar\psi = \mathrm{mean}_b \phi(h_b)$.
-  Reference: Rawat et al., NeurIPS 2019, Sec. 3-4. Clamping and floor: `shared/papers/rf_softmax.md` Sec. 5
+  Reference: Rawat et al., NeurIPS 2019, Sec. 3-4. Clamping and floor: ours (see asoftmax/rff/features.py)
   (the paper's exact handling of negative estimates is [R], unverified).
 
   Args:
@@ -297,7 +325,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
   def _sample(state, key, h, m, pre, shared):
     ids, logq, _ = tree_lib.tree_sample(key, _psi(state, h, shared), state.tree, m, kappa, pre)
-    ids, logq = _flag(ids, logq, state.tree.num_classes)
+    ids, logq = _flag(ids, logq, state.tree.num_classes, h)
     return (ids[0], logq[0]) if shared else (ids, logq)
 
   def sample(state, key, h, m, shared=False):
@@ -327,7 +355,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
 
   def log_probs(state, h, shared=False):
     checks.unit_rows("h", h, 2)
-    return _log_probs(state, h, checks.boolean("shared", shared))
+    return _flag_unit(h, _log_probs(state, h, checks.boolean("shared", shared)))
 
   return Sampler(init, sample, update, log_probs, "rff")
 
@@ -388,7 +416,7 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     j = jax.random.categorical(k2, lk, -1)
     ids = bids * b + j.astype(jnp.int32)
     lq = logq + jnp.take_along_axis(lk, j[..., None], -1)[..., 0]
-    ids, lq = _flag(ids, lq, state.tree.num_classes)
+    ids, lq = _flag(ids, lq, state.tree.num_classes, h)
     return (ids[0], lq[0]) if shared else (ids, lq)
 
   def sample(state, key, h, m, shared=False):
@@ -430,6 +458,51 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
 
   def log_probs(state, h, shared=False):
     checks.unit_rows("h", h, 2)
-    return _log_probs(state, h, checks.boolean("shared", shared))
+    return _flag_unit(h, _log_probs(state, h, checks.boolean("shared", shared)))
 
   return Sampler(init, sample, update, log_probs, "quadratic")
+
+
+# ---------------------------------------------------------------------------------------------- refresh
+def refresh(sampler: Sampler, state: Any, class_vectors: jax.Array, ids: jax.Array | None = None) -> Any:
+  r"""The sampler state after an optimizer step moved the class vectors: a full rebuild, or the touched rows.
+
+  Which one depends on the optimizer, not on the loss:
+
+  * `ids=None` (**Adam, momentum, weight decay, any optimizer with per-parameter state**): they move *every* row
+    of the class table at every step, even rows with zero gradient, so the whole state is rebuilt from
+    `class_vectors` (`sampler.init`; the same random features W, since they come from the sampler's key):
+    O(n D) for `rff_sampler`, O(n d^2) for `quadratic_sampler`. Updating only the touched rows after Adam leaves
+    leaves stale (tests/test_rff_optax.py: after 8 Adam steps on 64 classes, 52 % of the leaves differ from a
+    rebuild by > 1e-3 of the largest node; with `refresh` the largest relative difference is 9e-8).
+  * `ids` given (plain SGD on the gathered rows): only those rows moved; `sampler.update(state, ids,
+    class_vectors)`, O(|ids| D log n).
+
+  A stale state is still a valid proposal (log q is exact for what is drawn, and kappa > 0 keeps every class
+  reachable), but a worse one (more variance); refresh every step, or every k steps to trade accuracy for time.
+  Jittable; inside a step that donates the state (`jax.jit(step, donate_argnums=...)`) it writes new buffers.
+  Samplers whose state does not depend on the class vectors (uniform, unigram) return `state` unchanged.
+
+  Args:
+    sampler: the `Sampler` that built `state`. state: its state.
+    class_vectors: [n, d] the class table after the step (rows are normalized here).
+    ids: optional int array of the rows that moved (any shape).
+
+  Returns:
+    The new state.
+
+  Example:
+    >>> s = rff_sampler(jax.random.key(0), num_features=8, nu=4.0)
+    >>> C = jax.random.normal(jax.random.key(1), (20, 4))
+    >>> state = refresh(s, s.init(C), C + 0.1)  # after e.g. an Adam step on C
+    >>> bool(jnp.allclose(state.tree.nodes, s.init(C + 0.1).tree.nodes))
+    True
+  """
+  if not isinstance(sampler, Sampler):
+    raise ValueError(f"sampler must be a Sampler (e.g. rff_sampler(...)), got {type(sampler).__name__}")
+  checks.floating_array("class_vectors", class_vectors, 2)
+  if isinstance(state, CountState):  # uniform / unigram: no class vectors
+    return state
+  if ids is not None:
+    return sampler.update(state, ids, class_vectors)
+  return sampler.init(class_vectors)

@@ -30,7 +30,7 @@ a total variation measured in `docs/rff.md` (section "What is sampled"; `tests/t
 checks the sampled frequencies against the path product and rejects the leaf-clamped form). The log-q
 correction uses the path product, so the sampled softmax estimate of Z stays unbiased whatever the clamp
 does. Reference: Rawat et al. NeurIPS 2019, Sec. 4 (tree sampling); the clamping/floor scheme is ours
-(`shared/papers/rf_softmax.md` Sec. 5-6: the paper's own treatment of negative estimates is [R], unverified).
+(the paper's own treatment of negative estimates could not be checked offline).
 
 Updates add $\phi(c_{new}) - \phi(c_{old})$ to the L+1 ancestors of each touched bucket (one scatter-add).
 """

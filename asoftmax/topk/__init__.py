@@ -2,7 +2,7 @@
 
 TV(P, P_hat) equals the tail mass outside the kept top-k; this package computes it, certifies it from ordered
 logits or cell bounds, bounds the attention output error, and predicts k under a Gaussian model.
-See `shared/papers/topk_tv.md` for the statements and their status.
+Reference: Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647.
 
 Public API: the names in `__all__` (each public module also lists its own `__all__`). `asoftmax.topk._core` holds
 the traceable internals the modules share; it is not part of the API. The tail mass is always called `tail_mass`
@@ -17,6 +17,7 @@ from asoftmax.topk.attention import AttentionOutput, TruncatedProbs, certified_t
 from asoftmax.topk.certificates import (METHODS, BlockStats, Bounds, CertifiedHead, CertifiedK, TailInterval,
                                         block_minmax, blockwise_bounds, certified_k, tail_bounds)
 from asoftmax.topk.decode import ThresholdHeads, threshold_heads, threshold_topk_probs
+from asoftmax.topk.dot_product import AttentionCertificate, dot_product_attention
 from asoftmax.topk.gaussian import gaussian_prediction, gaussian_tail_mass, predicted_keep_fraction, row_sigma
 from asoftmax.topk.output_error import OutputError, head_mask, output_error
 from asoftmax.topk.progressive import (Basis, PreparedKeys, ProgressiveResult, fit_basis,
@@ -33,4 +34,5 @@ __all__ = [
     "output_error", "predicted_keep_fraction", "row_sigma", "sort_rows", "tail_bounds", "tail_mass", "topk_probs",
     "truncated_divergences", "tv_from_kl", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys",
     "progressive_search", "rotate_queries", "ThresholdHeads", "threshold_heads", "threshold_topk_probs",
+    "AttentionCertificate", "dot_product_attention",
 ]

@@ -1,4 +1,6 @@
-r"""Certificates on the tail mass from ordered logits, and the certified $k$ per row (paper Sec. 4; spec Sec. 3, 6).
+r"""Certificates on the tail mass from ordered logits, and the certified $k$ per row.
+
+Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647, Sec. 4.
 
 Every bound $B_k$ here satisfies $B_k \ge \tau_k$ for all $k$ (proofs in the spec, Sec. 3). They use
 $f(A, B) = B / (A + B)$, increasing in $B$ and decreasing in $A$: a lower bound on the head sum $Z_H$ and an upper
@@ -177,7 +179,7 @@ def check_methods(methods) -> tuple[str, ...]:
 
 def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
                 methods: tuple[str, ...] = METHODS) -> CertifiedK:
-  r"""Smallest certified head size per row, exact and from each certificate (spec Sec. 6, procedures 1-2).
+  r"""Smallest certified head size per row, exact and from each certificate (the paper's Sec. 4).
 
   exact: $k_\epsilon = \min\{k : \tau_k \le \epsilon\} = 1 + \#\{k : \tau_k > \epsilon\}$;
   certificate-only: $k_B = \min\{k : B_k \le \epsilon\} \ge k_\epsilon$, so $\tau_{k_B} \le \epsilon$ is guaranteed.
@@ -237,7 +239,7 @@ def _blockwise_bounds(lo, hi, sz, in_head, ex):
 
 def blockwise_bounds(log_lower: ArrayLike, log_upper: ArrayLike, sizes: ArrayLike, in_head: ArrayLike,
                      log_head_exact: ArrayLike | None = None) -> TailInterval:
-  r"""Blockwise lower and upper bounds on the tail mass (paper eq. 4.4, spec Sec. 3).
+  r"""Blockwise lower and upper bounds on the tail mass (eq. 4.4 of the paper).
 
   With $\ell_b \le s_j \le u_b$ on block $B_b$, head blocks $\mathcal H$ and tail blocks $\mathcal T$:
   $\frac{\sum_{\mathcal T}|B_b|e^{\ell_b}}{\sum_{\mathcal H}|B_b|e^{u_b} + \sum_{\mathcal T}|B_b|e^{\ell_b}} \le \tau

@@ -1,4 +1,6 @@
-r"""Gaussian score model for the kept fraction (paper Sec. 6; spec Sec. 5).
+r"""Gaussian score model for the kept fraction.
+
+Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647, Sec. 6.
 
 If the logits are i.i.d. $N(\mu, \sigma^2)$ and the keys with $s > \mu + \sigma z$ are kept, then for large $n$ the
 kept fraction is $\Phi_c(z)$ and the tail mass is $\Phi(z - \sigma)$ (exponential tilting: under weight $e^s$,
@@ -85,7 +87,7 @@ def _keep_fraction(sigma, epsilon):
 
 
 def predicted_keep_fraction(sigma: ArrayLike, epsilon: ArrayLike) -> jax.Array:
-  r"""$k_\epsilon / n \approx \Phi_c(\sigma + \Phi^{-1}(\epsilon))$ (paper's asymptotic rule; spec Sec. 5).
+  r"""$k_\epsilon / n \approx \Phi_c(\sigma + \Phi^{-1}(\epsilon))$ (the paper's asymptotic rule, Sec. 6).
 
   Args:
     sigma: float array (or number), logit standard deviation ($\ge 0$).

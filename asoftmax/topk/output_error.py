@@ -1,4 +1,6 @@
-r"""Output-level error of top-k attention and its certificates (paper Sec. 5; spec Sec. 4).
+r"""Output-level error of top-k attention and its certificates.
+
+Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647, Sec. 5.
 
 With $\mu_{head} = \sum_H P_i v_i / (1-\tau)$ and $\mu_{tail} = \sum_T P_i v_i / \tau$:
 

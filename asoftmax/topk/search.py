@@ -1,4 +1,4 @@
-r"""Certified search that scores keys cell by cell (paper Algorithm 2 "MC-Search", Theorem 7.2; spec Sec. 6.3).
+r"""Certified search that scores keys cell by cell (paper Algorithm 2 "MC-Search", Theorem 7.2).
 
 Keys are grouped into cells with centre $c_j$, radius $r_j = \max_{k \in j}\|k - c_j\|$ and size $n_j$. By
 Cauchy-Schwarz every key in cell $j$ has logit at most $U_j(q) = (q\cdot c_j + \|q\| r_j)\,\mathrm{scale}$. Cells are
@@ -8,7 +8,7 @@ at the first prefix with $\hat\tau \le \epsilon$; this is the only procedure her
 scored. The head can then be pruned to the top $k$ scored keys, counting the dropped scored mass as known tail.
 
 `mc_search` evaluates that stopping rule for all queries at once (it sees all logits, but uses them only as the
-search would: per opened cell). How the paper builds its cells is not known (spec Sec. 9); we offer k-means and
+search would: per opened cell). How the paper builds its cells is not in what we could read of it; we offer k-means and
 contiguous chunks.
 """
 

@@ -6,7 +6,7 @@ $\tau_k = \sum_{i \notin H_k} P_i$ (in code always `tail_mass`; `tau` is the rff
 
 * $\mathrm{TV}(P, \hat P) = \tau_k$ (Lemma 4.1);
 * $\mathrm{KL}(\hat P \| P) = -\log(1 - \tau_k)$, so $\mathrm{TV} = 1 - e^{-\mathrm{KL}}$ (Theorem 4.3);
-* $\chi^2(\hat P \| P) = \tau_k / (1 - \tau_k)$ and $H^2 = 1 - \sqrt{1 - \tau_k}$ (derived; spec Sec. 2).
+* $\chi^2(\hat P \| P) = \tau_k / (1 - \tau_k)$ and $H^2 = 1 - \sqrt{1 - \tau_k}$ (derived from the TV identity).
 
 The tail is a reverse cumulative log-sum-exp of the sorted logits, never $1 - \mathrm{cumsum}$, so it stays accurate
 for $\epsilon$ down to $10^{-3}$ and below.
@@ -89,7 +89,7 @@ def tail_mass(logits: ArrayLike, valid: ArrayLike | None = None) -> jax.Array:
 
 
 class Divergences(NamedTuple):
-  """TV, KL, chi^2 and squared Hellinger distance between P and its top-k truncation P_hat (spec Sec. 2).
+  """TV, KL, chi^2 and squared Hellinger distance between P and its top-k truncation P_hat (TV = tail mass).
 
   All arrays have the shape of the tail mass they were computed from (one entry per row).
   """
@@ -111,7 +111,7 @@ def divergences(tail_mass: ArrayLike) -> Divergences:
   r"""TV, KL, $\chi^2$ and squared Hellinger between $P$ and its top-$k$ truncation $\hat P$, from the tail mass.
 
   $\mathrm{TV} = \tau$, $\mathrm{KL}(\hat P\|P) = -\log(1-\tau)$, $\chi^2(\hat P\|P) = \tau/(1-\tau)$,
-  $H^2 = 1 - \sqrt{1-\tau}$ with $\tau$ = `tail_mass` (paper Lemma 4.1, Theorem 4.3; spec Sec. 2).
+  $H^2 = 1 - \sqrt{1-\tau}$ with $\tau$ = `tail_mass` (Lemma 4.1, Theorem 4.3 of the paper).
 
   Args:
     tail_mass: float array (any shape) of tail masses $\tau \in [0, 1)$, e.g. from `tail_mass`.

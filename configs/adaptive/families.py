@@ -19,8 +19,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/adaptive/families.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "adaptive_families"
   c.seed = 0
@@ -46,6 +50,4 @@ def get_config(arg=None):
     c.problems = 3
     c.seeds = 2
     c.deltas = (0.1,)
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
   return c

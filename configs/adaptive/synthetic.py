@@ -20,8 +20,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/adaptive/synthetic.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "issue11", "toy", "gaussian", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "adaptive_synthetic"
   c.seed = 0
@@ -65,6 +69,4 @@ def get_config(arg=None):
     c.num_d = 2
     c.trials = 5
     c.repeats = 2
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full, issue11, toy, gaussian or smoke")
   return c

@@ -18,8 +18,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/adaptive/wallclock.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "adaptive_wallclock"
   c.seed = 0
@@ -48,6 +52,4 @@ def get_config(arg=None):
     c.problems = ()
     c.seeds = 2
     c.repeats = 2
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
   return c

@@ -16,8 +16,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/rff/bias.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "rf_bias"
   c.seed = 0
@@ -56,6 +60,4 @@ def get_config(arg=None):
     c.ms = (5,)
     c.reps = 200
     c.chunk = 100
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; known: full, smoke")
   return c

@@ -18,8 +18,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/rff/classification.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "rf_classification"
   c.seed = 0
@@ -72,6 +76,4 @@ def get_config(arg=None):
     c.nu_sweep = (1.0,)
     c.nu_sweep_D = 16
     c.nu_sweep_settings = (("zipf", 8.0),)
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; known: full, smoke")
   return c

@@ -27,8 +27,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/topk/bert.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "search", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "topk_bert"
   c.seed = 0
@@ -83,6 +87,4 @@ def get_config(arg=None):
     c.layer_epsilons = (0.01,)
     c.with_diam = False
     c.drift_methods = ()
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full, search or smoke")
   return c

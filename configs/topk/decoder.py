@@ -24,8 +24,12 @@ import ml_collections
 from asoftmax import configlib
 
 
+# Arguments after the colon (`--config configs/topk/decoder.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "topk_decoder"
   c.seed = 0
@@ -62,6 +66,4 @@ def get_config(arg=None):
     c.decode_positions = 8
     c.position_bins = 4
     c.row_block = 64
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
   return c

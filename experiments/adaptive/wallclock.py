@@ -73,27 +73,36 @@ def _problem(name, key, n, d):
   raise ValueError(f"unknown problem {name!r}")
 
 
-def measure(name, key, n, d, seeds, repeats, eps, delta, **options):
-  """(samples fraction, ms adaptive, ms exact, successes) of one cell: timing on the first problem, success over
-  `seeds` distinct problems (each with its own key)."""
-  call = jax.jit(lambda k, p, x: adaptive.adaptive_softmax(k, p, x, epsilon=eps, delta=delta, check_finite=False,
-                                                             **options))
-  succ, fracs, t_ada, t_ex = 0, [], None, None
+def _success(res, prep, x, eps):
+  logits = adaptive.exact_logits_batched(prep, np.asarray(x)[None])
+  _, ok = adaptive.success_mask(jax.tree.map(lambda a: a[None], res), logits, eps)
+  return int(ok[0])
+
+
+def measure(name, key, n, d, seeds, repeats, eps, delta, options):
+  """Per entry of `options` (a tuple of keyword dicts for `adaptive_softmax`): (samples fraction, ms adaptive,
+  ms exact, successes). Success over `seeds` distinct problems (each with its own key), each generated and
+  prepared once for every option; timing on the first problem, medians of `repeats` calls."""
+  calls = [jax.jit(lambda k, p, x, o=o: adaptive.adaptive_softmax(k, p, x, epsilon=eps, delta=delta,
+                                                                   check_finite=False, **o)) for o in options]
+  succ, fracs, t_ada = [0] * len(options), [[] for _ in options], [None] * len(options)
+  t_ex = None
   for s in range(seeds):
     k_data, k_alg = jax.random.split(jax.random.fold_in(key, s))
     A, x = _problem(name, k_data, n, d)
     prep = adaptive.prepare_matrix(A)
-    res = call(k_alg, prep, x)
-    logits = adaptive.exact_logits_batched(prep, np.asarray(x)[None])
-    _, ok = adaptive.success_mask(jax.tree.map(lambda a: a[None], res), logits, eps)
-    succ += int(ok[0])
-    fracs.append(int(res.samples) / (n * d))
+    del A
+    for i, call in enumerate(calls):
+      res = call(k_alg, prep, x)
+      succ[i] += _success(res, prep, x, eps)
+      fracs[i].append(int(res.samples) / (n * d))
+      if s == 0:
+        keys = jax.random.split(k_alg, repeats + 1)
+        t_ada[i] = median_ms(lambda j, call=call: call(keys[j], prep, x).probs, repeats)
     if s == 0:
-      keys = jax.random.split(k_alg, repeats + 1)
-      t_ada = median_ms(lambda i: call(keys[i], prep, x).probs, repeats)
-      t_ex = median_ms(lambda i: exact_topk(prep.A, x), repeats)
-    del A, prep
-  return float(np.mean(fracs)), t_ada, t_ex, succ
+      t_ex = median_ms(lambda j: exact_topk(prep.A, x), repeats)
+    del prep
+  return [(float(np.mean(f)), t, t_ex, c) for f, t, c in zip(fracs, t_ada, succ)]
 
 
 def run(config, workdir, rng) -> registry.Output:
@@ -102,23 +111,25 @@ def run(config, workdir, rng) -> registry.Output:
   cells = [(n, d) for n in config.ns for d in config.ds]
   bar = tqdm(total=len(cells) * len(config.modes) + len(config.problems), desc="adaptive_wallclock cells")
   for ci, (n, d) in enumerate(cells):
-    for mi, mode in enumerate(config.modes):
-      if n * d > config.max_products:
+    if n * d > config.max_products:
+      for mode in config.modes:
         rows.append(MAP.row(mode=mode, n=n, d=d, not_run=f"n·d > {config.max_products:.0e} (memory: A is stored "
                             f"3 times when prepared)"))
-        bar.update()
-        continue
-      key = jax.random.fold_in(jax.random.fold_in(rng, ci), mi)
-      frac, t_ada, t_ex, succ = measure("gaussian", key, n, d, config.seeds, config.repeats, config.epsilon,
-                                        config.delta, mode=mode, exact_winners=False, warmup=config.warmup)
+      bar.update(len(config.modes))
+      continue
+    options = tuple(dict(mode=m, exact_winners=False, warmup=config.warmup) for m in config.modes)
+    out = measure("gaussian", jax.random.fold_in(rng, ci), n, d, config.seeds, config.repeats, config.epsilon,
+                  config.delta, options)
+    for mode, (frac, t_ada, t_ex, succ) in zip(config.modes, out):
       lo, _ = stats.binomial_interval(succ, config.seeds)
       rows.append(MAP.row(mode=mode, n=n, d=d, samples_frac=frac, ms_adaptive=t_ada, ms_exact=t_ex,
                           speedup=t_ex / t_ada, success=succ / config.seeds, successes=succ, trials=config.seeds,
                           success_lo=lo))
-      bar.update()
+    bar.update(len(config.modes))
   for pi, (name, n, d) in enumerate(config.problems):
     key = jax.random.fold_in(jax.random.fold_in(rng, 1000), pi)
-    frac, t_ada, t_ex, succ = measure(name, key, n, d, config.seeds, config.repeats, config.epsilon, config.delta)
+    (frac, t_ada, t_ex, succ), = measure(name, key, n, d, config.seeds, config.repeats, config.epsilon,
+                                         config.delta, ({},))
     target = min(2.0, 1.0 / (2.0 * frac))
     lo, _ = stats.binomial_interval(succ, config.seeds)
     rows.append(PROBLEMS.row(problem=name, n=n, d=d, samples_frac=frac, ms_adaptive=t_ada, ms_exact=t_ex,

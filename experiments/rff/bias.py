@@ -13,7 +13,7 @@ by Monte Carlo with R replicates of m i.i.d. draws from q~, the proposal restric
 renormalized (the form the bias theory uses: with q~ = p~ every w_j = Z_t/m and the gradient is unbiased; drawing
 from q over all n and masking hits, as training does, is also unbiased for Z_t but not zero-variance) (drawn by inverse-CDF search on the dense q; the
 tree samplers draw exactly this distribution, which `tests/test_rff_lib.py` checks by chi-square).
-Reference: Rawat et al., NeurIPS 2019 (bias analysis, Theorem 1-type bound, [R]); `shared/papers/rf_softmax.md` Sec. 3, 8.
+Reference: Rawat et al., NeurIPS 2019 (bias analysis, Theorem 1-type bound, [R]); Sec. 3.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def run(config, workdir, rng) -> registry.Output:
   notes = {
       "paper": paper_numbers.CLAIMS["bias"],
       "bias": "||E[g'] - (p - e_t)||_2 of the logit gradient, mean over queries; noise_floor = sqrt(sum Var/R)",
-      "bias_first_order": "delta-method prediction (spec Sec. 3), valid when chi2/m is small",
+      "bias_first_order": "delta-method prediction (Sec. 3), valid when chi2/m is small",
       "sampling": "MC draws by inverse CDF from q~ = the dense q each sampler implies (its tree path probabilities) "
                   "restricted to the negatives and renormalized; KL/TV compare p with q over all n",
       "synthetic": f"c ~ U(S^(d-1)), h = normalize(c_t + {config.synthetic_noise} g/sqrt(d)); unigram = Zipf over a random order",

@@ -1,7 +1,7 @@
 """Published RF-softmax numbers we compare against, in one place.
 
 Source: Rawat, Chen, Yu, Suresh, Kumar, "Sampled Softmax with Random Fourier Features", NeurIPS 2019
-(arXiv:1907.10747), as restated in `shared/papers/rf_softmax.md`. The full text could not be read offline:
+(arXiv:1907.10747, NeurIPS 2019). The full text could not be read offline:
 that spec found NO verified numeric table values, so no number is listed here and the tables carry
 qualitative claims only (marked [R] = recalled, unverified).
 """

@@ -1,7 +1,7 @@
 """Every published number of the certified top-k paper we compare against, in one place.
 
 Source: Tzachristas, Deng, Tzachristas, Zhang, Chen, "Certified Top-k attention via total variation",
-arXiv:2512.07647 (Dec 2025), as restated in `shared/papers/topk_tv.md` (Sec. 5 and 7). The BERT numbers come from a
+arXiv:2512.07647 (Dec 2025), Sec. 5 and 7. The BERT numbers come from a
 research note quoting the PDF [V in the spec]; numbers for other epsilons were not available.
 """
 

@@ -60,7 +60,7 @@ def run(config, workdir, rng):
         row[f"tv_max_{m}"] = float(np.max(getattr(ck, m).tv))
       rows.append(RULE.row(**row))
   notes = {
-      "rule": "predicted k_eps/n = Phi_c(sigma + Phi^-1(eps)) (paper's asymptotic Gaussian rule; spec Sec. 5)",
+      "rule": "predicted k_eps/n = Phi_c(sigma + Phi^-1(eps)) (the paper's asymptotic Gaussian rule, Sec. 6)",
       "validity": "the rule needs n >> exp(sigma^2) (column n_vs_exp_sigma2); below that, finite-n drift is expected",
       "k": "k_over_n is the exact k_eps/n averaged over rows; k_<bound>_over_n is the k certified by that bound alone",
       "paper": "Tzachristas et al., arXiv:2512.07647: the paper reports this as a scaling law, no table of numbers",

@@ -1,0 +1,24 @@
+"""Shared test set-up: a persistent XLA compilation cache for the whole suite.
+
+Many tests build `jax.jit(lambda ...)` afresh or run the launcher in a subprocess, which re-traces and re-compiles
+programs whose HLO another test (or the other pytest-xdist worker) already compiled. JAX's persistent cache keys
+each executable by its HLO, compile options and jax/jaxlib version, so a hit is the same program; it only skips
+XLA's compile step (tracing still runs). The directory is kept between local runs (`ASOFTMAX_TEST_JAX_CACHE` to
+move it; delete it at will); a fresh clone starts empty. Child processes inherit it through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+
+_CACHE = os.environ.setdefault(
+    "ASOFTMAX_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"asoftmax-jax-cache-{os.getuid()}"))
+# Environment first, so that subprocesses started by tests (launcher, multi-device runs) use the same cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
