@@ -15,9 +15,12 @@ import ml_collections
 
 from asoftmax import configlib
 
+# Arguments after the colon (`--config configs/sharded/scaleout.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, variant="full")
+  a = configlib.parse_arg(arg, ARGS)
   c = ml_collections.ConfigDict()
   c.experiment = "sharded_scaleout"
   c.seed = 0
@@ -51,6 +54,4 @@ def get_config(arg=None):
     c.draws = 500
     c.cache_keys = 512
     c.repeats = 1
-  elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
   return c
