@@ -1,0 +1,57 @@
+r"""Scale-out table (issue 29): per-device memory, products per device, wall-clock and agreement with one device
+for 1, 2, 4, 8 devices on a vocab-sharded head (exact and AdaptiveSoftmax), a 10^6-class RF tree and a 32,768-key
+causal cache. Beyond the papers.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+      python -m experiments.run --config configs/sharded/scaleout.py --workdir docs/results/sharded_scaleout
+    python -m experiments.run --config configs/sharded/scaleout.py:smoke --workdir /tmp/scaleout_smoke
+
+Device counts above what the process has are rows marked not run. The full head is 128,256 x 4096 (2.1 GB in
+float32, prepared 3 times for AdaptiveSoftmax): `--config.head=32064,4096` runs a quarter of it.
+Time (measured, CPU, 2 shared cores, 8 forced devices): see the run's notes; smoke ~10 s.
+"""
+
+import ml_collections
+
+from asoftmax import configlib
+
+# Arguments after the colon (`--config configs/sharded/scaleout.py:smoke`), declared as data for `--list`.
+ARGS = {"variant": configlib.choice("full", "smoke")}
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, ARGS)
+  c = ml_collections.ConfigDict()
+  c.experiment = "sharded_scaleout"
+  c.seed = 0
+  c.data_dir = ""  # synthetic data
+
+  # Meshes: a (S,) mesh of the first S devices for each S.
+  c.devices = (1, 2, 4, 8)
+  c.workloads = ("cache", "rff", "head")
+
+  # Workloads.
+  c.head = (128_256, 4096)  # an LLM-like head (adaptive.synthetic.llm_head_problem)
+  c.queries = 64
+  c.adaptive = True  # also AdaptiveSoftmax on the head
+  c.epsilon = 0.3
+  c.delta = 0.1
+  c.classes = 1_000_000  # RF tree
+  c.rff_features = 16
+  c.draws = 20_000
+  c.cache_keys = 32_768  # KV cache
+  c.epsilon_attention = 0.01
+
+  # Protocol.
+  c.repeats = 3
+
+  if a["variant"] == "smoke":
+    c.devices = (1, 2)
+    c.head = (1000, 64)
+    c.queries = 4
+    c.adaptive = False  # a compile of the algorithm costs ~10 s
+    c.classes = 1000
+    c.draws = 500
+    c.cache_keys = 512
+    c.repeats = 1
+  return c

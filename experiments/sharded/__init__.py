@@ -1,0 +1,1 @@
+"""Scale-out experiments (`asoftmax.sharded`): the three methods on device meshes."""
