@@ -27,7 +27,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 # (snapshot directory, config that reproduces it), in README order.
 README_SNAPSHOTS = (
     # topk_bert_n128_rerun first: the n = 128 part re-run after the cell-search fix; topk_bert is the full (stale) run.
-    ("docs/results/adaptive_synthetic_1e5", "configs/adaptive/synthetic.py"),  # variant :issue11
+    ("docs/results/adaptive_synthetic", "configs/adaptive/synthetic.py"),  # --config.trials=20
     ("docs/results/adaptive_families", "configs/adaptive/families.py"),
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
@@ -71,7 +71,9 @@ def render_table(res: dict, exp: registry.Experiment) -> str:
   wall = res.get("wall_s")
   lines.append(
       f"Config `{res.get('config_name')}`, seed {res.get('seed')}, device {res.get('device')}, "
-      f"jax {res.get('jax_version')}, wall-clock {'–' if wall is None else f'{wall:.1f} s'}.")
+      f"jax {res.get('jax_version')}, wall-clock {'–' if wall is None else f'{wall:.1f} s'}"
+      + (f", load average {res['load_average'][0]:g} → {res['load_average'][1]:g} on {res.get('cpu_count')} CPUs"
+         if res.get("load_average") else "") + ".")
   if res.get("provenance"):
     lines += ["", f"**Provenance:** {res['provenance']}"]
   lines.append("")

@@ -248,6 +248,7 @@ def _execute_locked(config, workdir, config_name, exp, jax, results_lib) -> dict
   results_lib.write_json(os.path.join(workdir, "config.json"), config.to_dict())
   rng = jax.random.key(config.seed)
   started = datetime.datetime.now(datetime.timezone.utc)
+  load_start = os.getloadavg()[0]
   t0 = time.perf_counter()
   out = exp.run(config, workdir, rng)
   wall = time.perf_counter() - t0
@@ -260,6 +261,9 @@ def _execute_locked(config, workdir, config_name, exp, jax, results_lib) -> dict
       "jax_version": jax.__version__,
       "started_utc": started.isoformat(timespec="seconds"),
       "wall_s": wall,
+      # 1-minute load average of the machine at start and end (other jobs slow wall-clock columns).
+      "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+      "cpu_count": os.cpu_count(),
       "config": config.to_dict(),  # the resolved config (older snapshots lack it)
       "notes": out.notes,
       "rows": out.rows,

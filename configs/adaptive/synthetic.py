@@ -9,7 +9,7 @@ success with a 95% Clopper-Pearson interval.
     python -m experiments.run --config configs/adaptive/synthetic.py:smoke --workdir /tmp/syn_smoke
     python -m experiments.run --config configs/adaptive/synthetic.py:toy       # one dataset
     python -m experiments.run --config configs/adaptive/synthetic.py --config.trials=20
-    python -m experiments.run --config configs/adaptive/synthetic.py:issue11 --workdir results/adaptive_synthetic_1e5
+    python -m experiments.run --config configs/adaptive/synthetic.py:issue11 --workdir results/adaptive_synthetic_issue11
 
 Time (measured, CPU, 2 cores): full run ~7 min (dominated by generating the 100 x 1e6 matrices);
 smoke < 10 s.

@@ -187,6 +187,11 @@ def readme(res: dict) -> list[tables.ReadmeRow]:
     ours += f"; wall-clock vs `A @ x`: **{r['speedup']:.1f}×** faster (paper)"
     if cert is not None and cert.get("speedup") is not None:
       ours += f", {cert['speedup']:.1f}× (certified)"
+    load = res.get("load_average")
+    if load:
+      ours += f" at load average {load[0]:g} on {res.get('cpu_count')} CPUs"
+    elif res.get("provenance"):
+      ours += " (how it was timed: the table's provenance)"
   return [tables.ReadmeRow(
       f"AdaptiveSoftmax Fig. 2 (synthetic {r['dataset']}, n = {r.get('n') or 100}, d = {dmax:,}): gain",
       ours, "–" if r.get("paper_gain") is None else f"> **{r['paper_gain']:g}×**")]

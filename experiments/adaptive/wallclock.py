@@ -196,6 +196,9 @@ def readme(res: dict) -> list[tables.ReadmeRow]:
       parts.append(f"{mode} **{big['speedup']:.1f}×** at n = 100, d = {big['d']:,}")
   slower = sorted({f"n={r['n']}, d={r['d']:.0e}" for r in maps if r["speedup"] < 1.0})
   ours = ", ".join(parts) + f"; slower than exact in {len(slower)} of {len(maps)} cells"
+  load = res.get("load_average")
+  if load:
+    ours += f" (load average {load[0]:g} on {res.get('cpu_count')} CPUs)"
   return [tables.ReadmeRow("AdaptiveSoftmax wall-clock vs the exact `A @ x` (gaussian, batch 1, CPU): exact / adaptive",
                            ours, "– (the paper reports samples only)")]
 
