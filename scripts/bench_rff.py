@@ -15,6 +15,7 @@ A cell whose tree would exceed --max_tree_gb is skipped and the reason printed (
 
     JAX_PLATFORMS=cpu nice -n 10 .venv/bin/python scripts/bench_rff.py --out results/bench_rff/bench.json
     JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_rff.py --ns 1000,4000 --Ds 16 --reps 2   # quick check
+    .venv/bin/python scripts/bench_rff.py --render docs/results/bench_rff/results.json   # markdown rows (README)
 
 Bucketed RF-softmax (`rff_bucket`, issue 27): a tree over buckets of --rff_bucket classes (node memory
 2P x 2D float32 with P ~ n / bucket; the drawn bucket's members are scored with the exact kernel), timed like `rff`
@@ -103,7 +104,41 @@ def tree_bytes(n, features, bucket=1):
   return tree_lib.tree_nbytes(n, features, bucket)
 
 
+def render(path):
+  """Markdown rows (README / docs) from a saved results.json: memory per (n, D) and step time per sampler."""
+  with open(path) as f:
+    res = json.load(f)
+  full = {}
+  for r in res["rows"]:
+    if r["sampler"] == "full" and r.get("step_ms"):
+      full.setdefault(r["n"], []).append(r["step_ms"])
+  out = [f"Measured by `{res.get('command', '?')}` ({res['device']}, jax {res['jax']}, load average "
+         f"{res.get('loadavg_start', ['?'])[0]:.1f} -> {res.get('loadavg_end', ['?'])[0]:.1f}; shared CPU: noisy).", "",
+         "| n | sampler | D | bucket | tree memory | one-class-leaf tree | negatives | step ms | / full step | sample ms |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    if r["sampler"] == "full":
+      continue
+    mem = f"{r['tree_MB']:.4g} MiB" if "tree_MB" in r else ""
+    one = f"{r['tree_MB_one_class_leaves']:.4g} MiB" if "tree_MB_one_class_leaves" in r else (
+        mem if r["sampler"] == "rff" else "")
+    if "step_ms" not in r:
+      step, ratio, samp = r.get("status", "not run"), "", ""
+    else:
+      step = f"{r['step_ms']:,.1f}"
+      ratio = "/".join(f"{r['step_ms'] / x:.3g}" for x in full.get(r["n"], []))
+      samp = f"{r['sample_ms']:,.1f}"
+    out.append(f"| {r['n']:.0e} | {r['sampler']} | {r.get('D', '')} | {r.get('bucket', 1 if r['sampler'] == 'rff' else '')}"
+               f" | {mem} | {one} | {r['mode']} | {step} | {ratio} | {samp} |")
+  fl = "; ".join(f"n = {n:.0e}: " + " / ".join(f"{x:,.0f}" for x in v) for n, v in full.items())
+  out += ["", f"Full-softmax step ms (before / after the sampled rows): {fl}."]
+  return "\n".join(out)
+
+
 def main():
+  if len(sys.argv) == 3 and sys.argv[1] == "--render":
+    print(render(sys.argv[2]))
+    return
   ap = argparse.ArgumentParser()
   ap.add_argument("--ns", default="10000,100000,1000000")
   ap.add_argument("--d", type=int, default=128)

@@ -182,7 +182,8 @@ def _specs(config):
       if s == "full" or (neg == "per_query" and s not in config.per_query_samplers):
         continue
       if s == "rff_bucket":
-        specs += [{"sampler": s, "negatives": neg, "D": int(D)} for D in config.rff_D]
+        Ds = config.rff_D if neg == "shared" else config.per_query_D
+        specs += [{"sampler": s, "negatives": neg, "D": int(D)} for D in Ds]
       else:
         specs.append({"sampler": s, "negatives": neg})
   return specs
