@@ -465,17 +465,30 @@ def plot(rows, notes):
 
 
 def readme(res: dict):
-  """README row: the Zipf setting, best sampled time to 95 % of full's final P@1 against the full softmax's."""
+  """README row: Zipf prior; the full softmax's time to 95 % of its final P@1 and the fastest sampled method's."""
   rows = [r for r in res["rows"] if r.get("table") == "time_to_accuracy" and r.get("prior") == "zipf"]
   if not rows:
     return []
   n = rows[0].get("num_classes")
+
+  def secs(r):
+    v = [t for t in (r.get("time_to_95_seeds") or []) if t is not None]
+    return float(np.mean(v)) if v and len(v) == len(r["time_to_95_seeds"]) else None
+
   full = [r for r in rows if r["sampler"] == "full softmax"]
-  cells = [f"{r['sampler']}: {r['time_to_95_s']} s" for r in rows if r["sampler"] != "full softmax"]
+  reached = sorted((secs(r), r["sampler"]) for r in rows if r["sampler"] != "full softmax" and secs(r) is not None)
+  rf = [r for r in rows if r["sampler"].startswith("RF")]
+  parts = []
+  if full:
+    parts.append(f"full softmax {secs(full[0]):.1f} s (final P@1 {full[0]['final_p_at_1'].split(' ±')[0]})")
+  if reached:
+    parts.append(f"fastest: {reached[0][1]} **{reached[0][0]:.2f} s**")
+  for r in rf:
+    t = secs(r)
+    parts.append(f"{r['sampler']} " + (f"{t:.2f} s" if t is not None else "not reached in budget"))
   return [tables.ReadmeRow(
-      f"RF-softmax time to 95 % of the full softmax's final P@1 (teacher, Zipf prior, n = {n:,}, CPU)",
-      (f"full softmax {full[0]['time_to_95_s']} s; " if full else "") + "; ".join(cells),
-      "RF-softmax trains large-output models faster than full softmax (qualitative)")]
+      f"RF-softmax, time to 95 % of the full softmax's final P@1 (generative teacher, Zipf prior, n = {n:,}, CPU)",
+      "; ".join(parts), "RF-softmax trains large-output models faster than full softmax (qualitative)")]
 
 
 EXPERIMENT = registry.Experiment(
