@@ -437,12 +437,15 @@ def plot(rows, notes):
       for col, metric in enumerate(("p_at_1", "p_at_5", "perplexity")):
         for row, xkey in enumerate(("time_s", "step")):
           ax = axes[row, col]
-          L = min(len(c) for c in curves)
-          xs = np.mean([[p[xkey] for p in c[:L]] for c in curves], 0)
-          ys = np.asarray([[p[metric] for p in c[:L]] for c in curves])
+          # checkpoints every seed reached (a run cut by its time budget adds a last point at its own step)
+          common = sorted(set.intersection(*[{p["step"] for p in c} for c in curves]))
+          pts = [[next(p for p in c if p["step"] == st) for st in common] for c in curves]
+          xs = np.mean([[p[xkey] for p in c] for c in pts], 0)
+          ys = np.asarray([[p[metric] for p in c] for c in pts])
           mean = ys.mean(0)
           half = (scipy.stats.t.ppf(0.975, len(ys) - 1) * ys.std(0, ddof=1) / np.sqrt(len(ys))
                   if len(ys) > 1 else np.zeros_like(mean))
+          half = np.minimum(half, 0.9 * np.abs(mean)) if metric == "perplexity" else half  # log axis
           ls = "-" if "per-query" not in r["sampler"] else "--"
           line, = ax.plot(np.maximum(xs, 1e-2), mean, ls, marker=".", label=r["sampler"])
           ax.fill_between(np.maximum(xs, 1e-2), mean - half, mean + half, color=line.get_color(), alpha=0.2)
@@ -458,7 +461,8 @@ def plot(rows, notes):
         axes[row, 0].axhline(0.95 * fp, color="k", lw=0.7, ls=":", label="95 % of full's final P@1")
     axes[0, 0].legend(fontsize=6)
     n = rs[0].get("num_classes")
-    fig.suptitle(f"{prior} prior, n = {n}: held-out metrics vs wall-clock (top) and steps (bottom), 95 % t-bands")
+    fig.suptitle(f"{prior} prior, n = {n}: held-out metrics vs training wall-clock (top) and steps (bottom); mean "
+                 "and 95 % t-band over seeds at the checkpoints every seed reached")
     fig.tight_layout()
     out[f"curves_{prior}"] = fig
   return out
