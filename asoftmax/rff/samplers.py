@@ -532,10 +532,13 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
     valid = uid < n
     safe = jnp.minimum(uid, n - 1)
     new = _normalize(class_vectors[safe])
-    delta = features_lib._rff(new, state.W) - features_lib._rff(state.class_vectors[safe], state.W)
-    delta = jnp.where(valid[:, None], delta, 0.0)
+    old = state.class_vectors[safe]
+    delta = jnp.where(valid[:, None], features_lib._rff(new, state.W) - features_lib._rff(old, state.W), 0.0)
     tree = tree_lib.tree_update(t, jnp.where(valid, uid // b, P), delta)  # duplicates within a bucket add up
-    return state.replace(class_vectors=state.class_vectors.at[uid].set(new, mode="drop"), tree=tree)
+    # The written rows depend on `old` (padding rows, dropped anyway, keep it): that orders the gather before the
+    # in-place scatter; without it XLA:CPU copied the whole [n, d] table twice per update (seen in the HLO).
+    cv = state.class_vectors.at[uid].set(jnp.where(valid[:, None], new, old), mode="drop")
+    return state.replace(class_vectors=cv, tree=tree)
 
   @functools.partial(jax.jit, static_argnames=("shared",))
   def _log_probs(state, h, shared=False):
