@@ -114,8 +114,8 @@ def render(path):
       full.setdefault(r["n"], []).append(r["step_ms"])
   out = [f"Measured by `{res.get('command', '?')}` ({res['device']}, jax {res['jax']}, load average "
          f"{res.get('loadavg_start', ['?'])[0]:.1f} -> {res.get('loadavg_end', ['?'])[0]:.1f}; shared CPU: noisy).", "",
-         "| n | sampler | D | bucket | tree memory | one-class-leaf tree | negatives | step ms | / full step | sample ms |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "| n | sampler | D | bucket | tree memory | one-class-leaf tree | build s | negatives | step ms | / full step | sample ms |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     if r["sampler"] == "full":
       continue
@@ -128,8 +128,9 @@ def render(path):
       step = f"{r['step_ms']:,.1f}"
       ratio = "/".join(f"{r['step_ms'] / x:.3g}" for x in full.get(r["n"], []))
       samp = f"{r['sample_ms']:,.1f}"
+    build = f"{r['init_s']:.1f}" if r.get("tree_MB") and "init_s" in r else ""
     out.append(f"| {r['n']:.0e} | {r['sampler']} | {r.get('D', '')} | {r.get('bucket', 1 if r['sampler'] == 'rff' else '')}"
-               f" | {mem} | {one} | {r['mode']} | {step} | {ratio} | {samp} |")
+               f" | {mem} | {one} | {build} | {r['mode']} | {step} | {ratio} | {samp} |")
   fl = "; ".join(f"n = {n:.0e}: " + " / ".join(f"{x:,.0f}" for x in v) for n, v in full.items())
   out += ["", f"Full-softmax step ms (before / after the sampled rows): {fl}."]
   return "\n".join(out)
