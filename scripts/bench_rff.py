@@ -15,16 +15,18 @@ A cell whose tree would exceed --max_tree_gb is skipped and the reason printed (
 
     JAX_PLATFORMS=cpu nice -n 10 .venv/bin/python scripts/bench_rff.py --out results/bench_rff/bench.json
     JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_rff.py --ns 1000,4000 --Ds 16 --reps 2   # quick check
-    .venv/bin/python scripts/bench_rff.py --render docs/results/bench_rff/results.json   # markdown rows (README)
+    .venv/bin/python scripts/bench_rff.py --render docs/results/bench_rff/results_issue27.json   # markdown rows (README)
 
 Bucketed RF-softmax (`rff_bucket`, issue 27): a tree over buckets of --rff_bucket classes (node memory
 2P x 2D float32 with P ~ n / bucket; the drawn bucket's members are scored with the exact kernel), timed like `rff`
-and with its build time (`init`, chunked) and measured node memory. At n = 1e6, D = 1024, bucket 32 the nodes take
+and with its build time (`init`, chunked) and measured node memory. (Not named results.json: `docs/results/*/results.json` are
+experiment snapshots that `tests/test_report.py` re-renders.) At n = 1e6, D = 1024, bucket 32 the nodes take
 0.5 GiB (one-class leaves: 16 GiB). The issue-27 run (n = 1e5 and 1e6, results.json with device, jax, load and
 command):
 
     JAX_PLATFORMS=cpu taskset -c 0 nice -n 10 .venv/bin/python scripts/bench_rff.py --ns 100000,1000000 \
-      --samplers full,rff_bucket,rff,unigram,uniform --Ds 64,256,1024 --reps 3 --out docs/results/bench_rff/results.json
+      --samplers full,rff_bucket,unigram --Ds 64,256,1024 --reps 3 --max_step_s 60 \
+      --out docs/results/bench_rff/results_issue27.json
 
 Quadratic (Blanc & Rendle) features have d^2 + 1 = 16,385 entries at d = 128 (tree over buckets, slow on CPU):
 add `quadratic` to --samplers to time it (per-query only), see --quadratic_refresh.
