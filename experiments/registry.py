@@ -61,6 +61,7 @@ _MODULES = {
     "rf_bias": "experiments.rff.bias",
     "rf_lm": "experiments.rff.lm",
     "rf_classification": "experiments.rff.classification",
+    "rf_time_to_accuracy": "experiments.rff.time_to_accuracy",
     "adaptive_synthetic": "experiments.adaptive.synthetic", "adaptive_families": "experiments.adaptive.families",
     "adaptive_wallclock": "experiments.adaptive.wallclock",
     "adaptive_llm": "experiments.adaptive.llm",

@@ -43,6 +43,8 @@ README_SNAPSHOTS = (
     ("docs/results/rf_lm_smollm2_plateau_exact", "configs/rff/lm.py"),  # variant :plateau, samplers=(exact,)
     ("docs/results/rf_bias", "configs/rff/bias.py"),
     ("docs/results/rf_classification", "configs/rff/classification.py"),
+    ("docs/results/rf_time_to_accuracy", "configs/rff/time_to_accuracy.py"),  # variant :n1e5, priors=('zipf',)
+    ("docs/results/rf_time_to_accuracy_1e6", "configs/rff/time_to_accuracy.py"),  # variant :n1e6
 )
 
 

@@ -15,6 +15,18 @@ A cell whose tree would exceed --max_tree_gb is skipped and the reason printed (
 
     JAX_PLATFORMS=cpu nice -n 10 .venv/bin/python scripts/bench_rff.py --out results/bench_rff/bench.json
     JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_rff.py --ns 1000,4000 --Ds 16 --reps 2   # quick check
+    .venv/bin/python scripts/bench_rff.py --render docs/results/bench_rff/results_issue27.json   # markdown rows (README)
+
+Bucketed RF-softmax (`rff_bucket`, issue 27): a tree over buckets of --rff_bucket classes (node memory
+2P x 2D float32 with P ~ n / bucket; the drawn bucket's members are scored with the exact kernel), timed like `rff`
+and with its build time (`init`, chunked) and measured node memory. (Not named results.json: `docs/results/*/results.json` are
+experiment snapshots that `tests/test_report.py` re-renders.) At n = 1e6, D = 1024, bucket 32 the nodes take
+0.5 GiB (one-class leaves: 16 GiB). The issue-27 run (n = 1e5 and 1e6, results.json with device, jax, load and
+command):
+
+    JAX_PLATFORMS=cpu taskset -c 0 nice -n 10 .venv/bin/python scripts/bench_rff.py --ns 100000,1000000 \
+      --samplers full,rff_bucket,unigram --Ds 64,256,1024 --reps 3 --max_step_s 60 \
+      --out docs/results/bench_rff/results_issue27.json
 
 Quadratic (Blanc & Rendle) features have d^2 + 1 = 16,385 entries at d = 128 (tree over buckets, slow on CPU):
 add `quadratic` to --samplers to time it (per-query only), see --quadratic_refresh.
@@ -27,6 +39,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -89,11 +102,46 @@ def make_sampled_step(sampler, m, tau, lr, shared, rebuild=False):
   return step
 
 
-def tree_bytes(n, features):
-  return 2 * tree_lib.num_buckets_for(n, 1) * features * 4
+def tree_bytes(n, features, bucket=1):
+  return tree_lib.tree_nbytes(n, features, bucket)
+
+
+def render(path):
+  """Markdown rows (README / docs) from a saved results.json: memory per (n, D) and step time per sampler."""
+  with open(path) as f:
+    res = json.load(f)
+  full = {}
+  for r in res["rows"]:
+    if r["sampler"] == "full" and r.get("step_ms"):
+      full.setdefault(r["n"], []).append(r["step_ms"])
+  out = [f"Measured by `{res.get('command', '?')}` ({res['device']}, jax {res['jax']}, load average "
+         f"{res.get('loadavg_start', ['?'])[0]:.1f} -> {res.get('loadavg_end', ['?'])[0]:.1f}; shared CPU: noisy).", "",
+         "| n | sampler | D | bucket | tree memory | one-class-leaf tree | build s | negatives | step ms | / full step | sample ms |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    if r["sampler"] == "full":
+      continue
+    mem = f"{r['tree_MB']:.4g} MiB" if "tree_MB" in r else ""
+    one = f"{r['tree_MB_one_class_leaves']:.4g} MiB" if "tree_MB_one_class_leaves" in r else (
+        mem if r["sampler"] == "rff" else "")
+    if "step_ms" not in r:
+      step, ratio, samp = r.get("status", "not run"), "", ""
+    else:
+      step = f"{r['step_ms']:,.1f}"
+      ratio = "/".join(f"{r['step_ms'] / x:.3g}" for x in full.get(r["n"], []))
+      samp = f"{r['sample_ms']:,.1f}"
+    build = f"{r['init_s']:.1f}" if r.get("tree_MB") and "init_s" in r else ""
+    out.append(f"| {r['n']:.0e} | {r['sampler']} | {r.get('D', '')} | {r.get('bucket', 1 if r['sampler'] == 'rff' else '')}"
+               f" | {mem} | {one} | {build} | {r['mode']} | {step} | {ratio} | {samp} |")
+  fl = "; ".join(f"n = {n:.0e}: " + " / ".join(f"{x:,.0f}" for x in v) for n, v in full.items())
+  out += ["", f"Full-softmax step ms (before / after the sampled rows): {fl}."]
+  return "\n".join(out)
 
 
 def main():
+  if len(sys.argv) == 3 and sys.argv[1] == "--render":
+    print(render(sys.argv[2]))
+    return
   ap = argparse.ArgumentParser()
   ap.add_argument("--ns", default="10000,100000,1000000")
   ap.add_argument("--d", type=int, default=128)
@@ -106,6 +154,7 @@ def main():
   ap.add_argument("--samplers", default="full,rff,unigram,uniform")
   ap.add_argument("--max_tree_gb", type=float, default=1.2,
                   help="skip an RF cell whose tree exceeds this (4 agents share 24 GiB here; build peak ~2.5x)")
+  ap.add_argument("--rff_bucket", type=int, default=32, help="classes per leaf of the rff_bucket sampler")
   ap.add_argument("--quadratic_bucket", type=int, default=64)
   ap.add_argument("--quadratic_max_n", type=int, default=10000)
   ap.add_argument("--quadratic_refresh", choices=("touched", "rebuild"), default="touched")
@@ -116,7 +165,9 @@ def main():
   a = ap.parse_args()
   dev = jax.devices()[0]
   device = f"{dev.platform}:{getattr(dev, 'device_kind', '')} ({os.cpu_count()} cpus, {platform.processor() or platform.machine()})"
-  print(f"device {device}; jax {jax.__version__}; load average {os.getloadavg()}", flush=True)
+  load_start = os.getloadavg()
+  command = " ".join(["python"] + sys.argv)
+  print(f"device {device}; jax {jax.__version__}; load average {load_start}", flush=True)
   key = jax.random.key(a.seed)
   rows = []
 
@@ -156,7 +207,7 @@ def main():
       if name == "full":
         continue
       for mode in a.modes.split(","):
-        if name == "rff":
+        if name in ("rff", "rff_bucket"):
           cells += [(name, mode, int(D)) for D in a.Ds.split(",")]
         elif name == "quadratic":
           if mode == "per_query":
@@ -174,6 +225,16 @@ def main():
           emit(row)
           continue
         sampler = rff.rff_sampler(ks, D, a.nu, 0.01, precompute=False)
+      elif name == "rff_bucket":
+        nbytes = tree_bytes(n, 2 * D, a.rff_bucket)
+        row.update(D=D, nu=a.nu, bucket=a.rff_bucket, tree_MB=nbytes / 2**20,
+                   tree_MB_one_class_leaves=tree_bytes(n, 2 * D) / 2**20)
+        if nbytes > a.max_tree_gb * 2**30:
+          row["status"] = (f"skipped: tree needs {nbytes / 2**30:.2f} GiB (2P x 2D float32, "
+                           f"P = {tree_lib.num_buckets_for(n, a.rff_bucket)}) > --max_tree_gb={a.max_tree_gb}")
+          emit(row)
+          continue
+        sampler = rff.rff_bucket_sampler(ks, D, a.nu, a.rff_bucket, 0.01, precompute=False)
       elif name == "quadratic":
         if n > a.quadratic_max_n:
           row["status"] = f"skipped: n > --quadratic_max_n={a.quadratic_max_n} (CPU time)"
@@ -188,7 +249,9 @@ def main():
       else:
         raise ValueError(f"unknown sampler {name!r}")
       C = rff.normalize(jax.random.normal(kc, (n, a.d)))
-      sstate = sampler.init(C)
+      t0 = time.perf_counter()
+      sstate = jax.block_until_ready(sampler.init(C))
+      row["init_s"] = time.perf_counter() - t0  # build (compile included for the jitted builds)
       if hasattr(sstate, "tree"):
         row["tree_depth"] = sstate.tree.depth
         row["tree_MB"] = sstate.tree.nodes.size * 4 / 2**20
@@ -237,7 +300,10 @@ def main():
     print(f"| {r['n']} | {r['sampler']} | {r['mode']} | {D} | {mb} | {r['step_ms']:.1f} | {ratio} | "
           f"{'' if s is None else f'{s:.1f}'} |")
   os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  results.write_json(a.out, {"args": vars(a), "device": device, "jax": jax.__version__, "rows": rows})
+  results.write_json(a.out, {"args": vars(a), "command": command, "device": device, "jax": jax.__version__,
+                             "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                             "note": "CPU shared with other agents' jobs: timings are noisy (see loadavg_1m per row)",
+                             "rows": rows})
   print("wrote", a.out)
 
 

@@ -573,6 +573,10 @@ _SAMPLERS = {
     "quadratic_sampler": (_once("quadratic", lambda: rff.quadratic_sampler(4.0, 4)), {"alpha": Num("pos"), "bucket": Int(1),
                                                                   "kappa": Num("nonneg"), "precompute": Bool()},
                           dict(alpha=4.0, bucket=4, kappa=0.0)),
+    "rff_bucket_sampler": (_once("rff_bucket", lambda: rff.rff_bucket_sampler(_key(1), 8, 1.0, bucket=2)),
+                           {"num_features": Int(1), "nu": Num("pos"), "bucket": Int(1), "kappa": Num("nonneg"),
+                            "precompute": Bool(), "block_bytes": Int(1)},
+                           dict(key=_key(1), num_features=8, nu=1.0, bucket=2, kappa=0.01)),
 }
 for _name, (_make, _kinds, _kw) in _SAMPLERS.items():
   register(f"rff.{_name}", build=lambda r, _kw=_kw: dict(_kw), kinds=_kinds,
@@ -869,6 +873,7 @@ NOT_TRACED = {
     "rff.exact_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
     "rff.rff_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
     "rff.quadratic_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
+    "rff.rff_bucket_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
     **{f"rff.{s}.{m}": "the proposal ignores the query / class vectors (query-independent)"
        for s in ("uniform_sampler", "unigram_sampler") for m in ("init", "sample", "update", "log_probs")},
 }

@@ -506,3 +506,124 @@ def refresh(sampler: Sampler, state: Any, class_vectors: jax.Array, ids: jax.Arr
   if ids is not None:
     return sampler.update(state, ids, class_vectors)
   return sampler.init(class_vectors)
+
+
+# ---------------------------------------------------------------------------------------------- bucketed RF-softmax
+@struct.dataclass
+class RFFBucketState:
+  W: jax.Array  # [D, d] RFF frequencies
+  class_vectors: jax.Array  # [n, d] unit rows: scored exactly inside a drawn bucket, and the "old" rows of an update
+  tree: tree_lib.KernelTree  # leaf j: sum of phi(c_i) over the bucket's classes i = j b ... j b + b - 1
+
+
+def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int = 32, kappa: float = 0.01,
+                       precompute: Any = "auto", block_bytes: int = 1 << 26) -> Sampler:
+  r"""RF-softmax with a tree over buckets of classes: node memory 2P x 2D floats, P ~ n / bucket.
+
+  Two stages. (1) The tree walk of `tree.py` over bucket sums $z_j = \sum_{i \in j} \phi(c_i)$ draws bucket j with
+  the path product $q_j$ of clamped RFF masses plus the kappa floor (exactly as `rff_sampler`, whose leaves are
+  single classes). (2) Inside the drawn bucket the members are scored with the exact kernel,
+  $q(i \mid j) = e^{\nu h^\top c_i} / \sum_{i' \in j} e^{\nu h^\top c_{i'}}$. So
+  $\log q_i = \log q_{j(i)} + \log q(i \mid j(i))$ exactly, and with exact features the proposal would be the
+  kernel softmax $q_i \propto e^{\nu h^\top c_i}$. The RFF noise (sd about $1/\sqrt{2D}$ per kernel value) enters
+  only at bucket level, where a bucket's kernel sum is ~b times larger than one class's.
+  Cost per draw O(D log(n / b) + b d); memory `tree.tree_nbytes(n, 2D, b)` for the nodes plus the [n, d] class
+  rows (n = 1e6, D = 1024, b = 32: 0.5 GiB nodes, against 16 GiB for `rff_sampler`'s one-class leaves).
+  With `shared=True` the walk uses $\bar\psi = \mathrm{mean}_b \phi(h_b)$ and the in-bucket score is the batch
+  mixture $\log \sum_b e^{\nu h_b^\top c_i}$ (the kernel sum the tree estimates).
+
+  Reference: Rawat et al., NeurIPS 2019, Sec. 3-4 (RFF proposal, tree sampling); the bucket-plus-exact-score form
+  follows Blanc & Rendle, ICML 2018, Sec. 4 (the quadratic sampler here); clamping/floor: `tree.py`.
+
+  Args:
+    key: PRNG key for W (drawn once).
+    num_features: D (>= 1); features have 2D entries.
+    nu: kernel precision (> 0), kernel $e^{\nu(h^\top c - 1)}$ (see `rff_sampler`).
+    bucket: classes per leaf (>= 1; bucket = 1 draws what `rff_sampler` draws).
+    kappa: defensive uniform-mixing rate (>= 0) at the bucket level.
+    precompute: True / False / "auto" (see `tree.tree_sample`).
+    block_bytes: features held at once while building the tree (`tree.build_bucket_tree`).
+
+  Example:
+    >>> import jax
+    >>> C = normalize(jax.random.normal(jax.random.key(0), (100, 8)))
+    >>> s = rff_bucket_sampler(jax.random.key(1), num_features=16, nu=2.0, bucket=8)
+    >>> state = s.init(C)
+    >>> ids, log_q = s.sample(state, jax.random.key(2), C[:3], m=5)
+    >>> ids.shape, state.tree.num_buckets
+    ((3, 5), 16)
+  """
+  D = checks.pos_int("num_features (D)", num_features)
+  nu = checks.pos_float("nu", nu)
+  b = checks.pos_int("bucket", bucket)
+  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
+  precompute = _check_precompute(precompute)
+  block_bytes = checks.pos_int("block_bytes", block_bytes)
+
+  @jax.jit
+  def _init(c):
+    c = _normalize(c)
+    W = features_lib.init_rff(key, c.shape[1], D, nu)
+    tree = tree_lib.build_bucket_tree(c, lambda x: features_lib._rff(x, W), 2 * D, b, block_bytes)
+    return RFFBucketState(W=W, class_vectors=c, tree=tree)
+
+  def init(class_vectors):
+    return _init(_check_class_vectors(class_vectors))
+
+  def _psi(state, h, shared):
+    psi = features_lib._rff(h, state.W)
+    return psi.mean(0, keepdims=True) if shared else psi
+
+  @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
+  def _sample(state, key, h, m, pre, shared):
+    k1, k2 = jax.random.split(key)
+    t = state.tree
+    bids, lqb, _ = tree_lib.tree_sample(k1, _psi(state, h, shared), t, m, kappa, pre)  # [B or 1, m]
+    members, _ = tree_lib.bucket_members(bids, t)  # [B or 1, m, b]
+    if shared:
+      cm = state.class_vectors[members[0]]  # [m, b, d]
+      s = jax.nn.logsumexp(nu * jnp.einsum("mjd,bd->bmj", cm, h), 0)[None]  # [1, m, b]
+    else:  # one query at a time: its [m, b, d] member rows stay small (a [B, m, b, d] gather was ~9x slower on CPU)
+      s = jax.lax.map(lambda a: nu * jnp.einsum("mjd,d->mj", state.class_vectors[a[0]], a[1]), (members, h))
+    ids, lq = tree_lib.sample_in_buckets(k2, bids, lqb, t, s)
+    ids, lq = _flag(ids, lq, t.num_classes)
+    return (ids[0], lq[0]) if shared else (ids, lq)
+
+  def sample(state, key, h, m, shared=False):
+    m = _check_sample_args(h, m, state.W.shape[1], shared)
+    return _sample(state, key, h, m, _auto_precompute(precompute, state.tree, m), bool(shared))
+
+  def update(state, ids, class_vectors):
+    _check_update_args(ids, class_vectors, state.class_vectors.shape)
+    return _update(state, ids, class_vectors)
+
+  @jax.jit
+  def _update(state, ids, class_vectors):
+    t = state.tree
+    n, P = t.num_classes, t.num_buckets
+    uid = _unique_ids(ids, n)
+    valid = uid < n
+    safe = jnp.minimum(uid, n - 1)
+    new = _normalize(class_vectors[safe])
+    old = state.class_vectors[safe]
+    delta = jnp.where(valid[:, None], features_lib._rff(new, state.W) - features_lib._rff(old, state.W), 0.0)
+    tree = tree_lib.tree_update(t, jnp.where(valid, uid // b, P), delta)  # duplicates within a bucket add up
+    # The written rows depend on `old` (padding rows, dropped anyway, keep it): that orders the gather before the
+    # in-place scatter; without it XLA:CPU copied the whole [n, d] table twice per update (seen in the HLO).
+    cv = state.class_vectors.at[uid].set(jnp.where(valid[:, None], new, old), mode="drop")
+    return state.replace(class_vectors=cv, tree=tree)
+
+  @functools.partial(jax.jit, static_argnames=("shared",))
+  def _log_probs(state, h, shared=False):
+    lqb, _ = tree_lib.tree_log_probs(_psi(state, h, shared), state.tree, kappa)  # [B or 1, P]
+    s = nu * h @ state.class_vectors.T  # [B, n]
+    if shared:
+      s = jax.nn.logsumexp(s, 0, keepdims=True)
+    out = tree_lib.bucketed_log_probs(lqb, state.tree, s)
+    return out[0] if shared else out
+
+  def log_probs(state, h, shared=False):
+    checks.unit_rows("h", h, 2)
+    return _log_probs(state, h, checks.boolean("shared", shared))
+
+  return Sampler(init=init, sample=sample, update=update, log_probs=log_probs, name="rff_bucket")

@@ -248,3 +248,143 @@ def _leaf_clamped_log_probs(query_features, tree, kappa):
   mass = jnp.maximum(query_features @ tree.nodes[P:].T, 0.0) + floor[:, None] * tree.counts[None, P:]
   ok = jnp.isfinite(query_features).all(-1, keepdims=True)  # the jit validity flag: NaN rows
   return jnp.where(ok, jnp.log(mass) - jnp.log(mass.sum(-1, keepdims=True)), jnp.nan)
+
+
+# ---------------------------------------------------------------------------------------------- bucketed trees
+# A tree whose leaves are buckets of `bucket` classes: nodes hold 2P = 2^{L+1} feature sums (P ~ n / bucket), so the
+# node memory is 2P F floats instead of ~2n F; a drawn bucket is resolved by scoring its members exactly. Used by
+# `samplers.rff_bucket_sampler` (and the same two-stage form as `samplers.quadratic_sampler`).
+def tree_nbytes(num_classes: int, num_features: int, bucket: int = 1) -> int:
+  """Bytes of a tree's float32 nodes, 2P x F (P = `num_buckets_for(num_classes, bucket)`), without building it.
+
+  >>> tree_nbytes(10**6, 2 * 1024, bucket=32) / 2**30   # n = 1e6, D = 1024 frequencies (F = 2D)
+  0.5
+  """
+  n = checks.pos_int("num_classes", num_classes)
+  F = checks.pos_int("num_features", num_features)
+  b = checks.pos_int("bucket", bucket)
+  return 2 * num_buckets_for(n, b) * F * 4
+
+
+def bucket_for_budget(num_classes: int, num_features: int, max_bytes: float) -> int:
+  """The smallest power-of-two bucket whose tree (`tree_nbytes`) fits in max_bytes (ValueError if none does)."""
+  n = checks.pos_int("num_classes", num_classes)
+  F = checks.pos_int("num_features", num_features)
+  max_bytes = checks.pos_float("max_bytes", max_bytes)
+  b = 1
+  while tree_nbytes(n, F, b) > max_bytes:
+    if b >= n:
+      raise ValueError(f"max_bytes={max_bytes:g} is below the smallest tree ({tree_nbytes(n, F, b)} bytes, one bucket)")
+    b *= 2
+  return b
+
+
+def _block_buckets(P, bucket, F, block_bytes):
+  """Buckets per build block: a power of two dividing P, whose [block * bucket, F] float32 features fit block_bytes."""
+  blk = 1
+  while blk < P and 2 * blk * bucket * F * 4 <= block_bytes:
+    blk *= 2
+  return blk
+
+
+def build_bucket_tree(class_vectors: jax.Array, feature_fn, num_features: int, bucket: int,
+                      block_bytes: int = 1 << 26) -> KernelTree:
+  r"""Builds a tree over buckets of `bucket` classes without ever holding the [n, F] feature table.
+
+  Leaf j holds $z_j = \sum_{i \in \text{bucket } j} f(c_i)$ (classes $jb, \dots, jb + b - 1$; padding rows add 0),
+  computed block by block (`block_bytes` of features at a time) and written into a preallocated heap; the
+  levels above are summed in place. Peak memory is about the [2P, F] nodes plus one block. Traceable: call it
+  inside `jax.jit` (the feature map is a Python callable, e.g. a closure over the RFF matrix W).
+
+  Args:
+    class_vectors: [n, d] floating (finite).
+    feature_fn: maps [k, d] rows to [k, F] features (jax-traceable).
+    num_features: F, the width feature_fn returns.
+    bucket: classes per leaf (>= 1).
+    block_bytes: size of one block of features during the build (>= 1).
+
+  Returns:
+    A `KernelTree` with `bucket` classes per leaf; memory `tree_nbytes(n, F, bucket)`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from asoftmax.rff import features
+    >>> W = features.init_rff(jax.random.key(0), 4, 8, 1.0)
+    >>> C = jax.random.normal(jax.random.key(1), (10, 4)); C = C / jnp.linalg.norm(C, axis=1, keepdims=True)
+    >>> t = build_bucket_tree(C, lambda x: features.rff_features(x, W), 16, bucket=4)
+    >>> t.nodes.shape, t.num_buckets, [float(c) for c in t.counts[4:]]
+    ((8, 16), 4, [4.0, 4.0, 2.0, 0.0])
+
+  Reference: Rawat et al., NeurIPS 2019, Sec. 4 (tree of kernel feature sums); the buckets follow the quadratic
+  sampler's tree of Blanc & Rendle, ICML 2018, Sec. 4.
+  """
+  checks.floating_array("class_vectors", class_vectors, 2)
+  F = checks.pos_int("num_features", num_features)
+  b = checks.pos_int("bucket", bucket)
+  block_bytes = checks.pos_int("block_bytes", block_bytes)
+  n = class_vectors.shape[0]
+  P = num_buckets_for(n, b)
+  L = int(np.log2(P))
+  blk = _block_buckets(P, b, F, block_bytes)
+  rows = blk * b
+  c = class_vectors.astype(jnp.float32)
+
+  def body(i, nodes):
+    start = i * rows
+    idx = start + jnp.arange(rows)
+    real = idx < n
+    x = c[jnp.minimum(idx, n - 1)]  # a gather: no padded copy of the class table
+    f = jnp.where(real[:, None], feature_fn(x).astype(jnp.float32), 0.0)
+    return jax.lax.dynamic_update_slice(nodes, f.reshape(blk, b, F).sum(1), (P + i * blk, 0))
+
+  nodes = jax.lax.fori_loop(0, P // blk, body, jnp.zeros((2 * P, F), jnp.float32))
+  for lev in range(L - 1, -1, -1):  # level lev holds nodes [2^lev, 2^{lev+1}); its children are the next level
+    lo = 1 << lev
+    kids = jax.lax.dynamic_slice(nodes, (2 * lo, 0), (2 * lo, F))
+    nodes = jax.lax.dynamic_update_slice(nodes, kids.reshape(lo, 2, F).sum(1), (lo, 0))
+  cnt = jnp.clip(n - jnp.arange(P) * b, 0, b).astype(jnp.float32)
+  levels = [cnt]
+  while levels[0].shape[0] > 1:
+    levels.insert(0, levels[0].reshape(-1, 2).sum(1))
+  counts = jnp.concatenate([jnp.zeros((1,), jnp.float32)] + levels, 0)
+  return KernelTree(nodes=nodes, counts=counts, num_classes=int(n), bucket=int(b))
+
+
+def bucket_members(bucket_ids: jax.Array, tree: KernelTree) -> tuple[jax.Array, jax.Array]:
+  """Class ids of the drawn buckets' members [..., b] (clipped to n - 1) and a mask of the real ones [..., b]."""
+  b, n = tree.bucket, tree.num_classes
+  members = bucket_ids[..., None].astype(jnp.int32) * b + jnp.arange(b, dtype=jnp.int32)
+  return jnp.minimum(members, n - 1), members < n
+
+
+def sample_in_buckets(key: jax.Array, bucket_ids: jax.Array, bucket_log_q: jax.Array, tree: KernelTree,
+                      member_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  r"""Second stage of a bucketed draw: one member per drawn bucket, with its exact log-probability.
+
+  $q_i = q_{\text{bucket}(i)} \cdot \mathrm{softmax}_{j \in \text{bucket}}(s_j)_i$ with s = member_logits (any
+  finite score; padding members are masked here), so $\log q_i$ = bucket_log_q + the in-bucket log-softmax.
+
+  Args:
+    key: PRNG key.
+    bucket_ids: [...] int32 buckets drawn by `tree_sample`; bucket_log_q: [...] their log-probabilities.
+    tree: the `KernelTree` they were drawn from (its `bucket` and `num_classes`).
+    member_logits: [..., b] scores of the members `bucket_members(bucket_ids, tree)`.
+
+  Returns:
+    (class ids [...] int32, log_q [...] float32). A NaN score gives a NaN log_q (the jit flag).
+  """
+  _, real = bucket_members(bucket_ids, tree)
+  lk = jnp.where(real, member_logits, -jnp.inf)
+  lk = lk - jax.nn.logsumexp(lk, -1, keepdims=True)
+  j = jax.random.categorical(key, jnp.where(jnp.isnan(lk), 0.0, lk), -1).astype(jnp.int32)
+  ids = bucket_ids.astype(jnp.int32) * tree.bucket + j
+  return jnp.minimum(ids, tree.num_classes - 1), bucket_log_q + jnp.take_along_axis(lk, j[..., None], -1)[..., 0]
+
+
+def bucketed_log_probs(bucket_log_q: jax.Array, tree: KernelTree, class_logits: jax.Array) -> jax.Array:
+  """Dense class log q [R, n] of the two-stage draw: bucket log q [R, P] + in-bucket log-softmax of class_logits [R, n]."""
+  R = class_logits.shape[0]
+  n, P, b = tree.num_classes, tree.num_buckets, tree.bucket
+  k = jnp.pad(class_logits, ((0, 0), (0, P * b - n)), constant_values=-jnp.inf).reshape(R, P, b)
+  lk = k - jax.nn.logsumexp(k, -1, keepdims=True)
+  return (bucket_log_q[:, :, None] + lk).reshape(R, P * b)[:, :n]
