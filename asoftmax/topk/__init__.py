@@ -34,3 +34,8 @@ __all__ = [
     "truncated_divergences", "tv_from_kl", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys",
     "progressive_search", "rotate_queries", "ThresholdHeads", "threshold_heads", "threshold_topk_probs",
 ]
+
+# Issue 28: certified decode attention from a quantized key sketch.
+from asoftmax.topk.sketch import KeySketch, SketchResult, build_key_sketch, sketch_bounds, sketch_search  # noqa: E402
+
+__all__ += ["KeySketch", "SketchResult", "build_key_sketch", "sketch_bounds", "sketch_search"]
