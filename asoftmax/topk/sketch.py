@@ -140,7 +140,10 @@ def _check_sketch_args(keys, valid, bits, page_size):
 
 
 def _check_stat_dtype(stat_dtype):
-  dt = jnp.dtype(stat_dtype)
+  try:
+    dt = jnp.dtype(stat_dtype)
+  except TypeError:
+    dt = None
   if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
     raise ValueError(f"stat_dtype must be float32, float16 or bfloat16, got {stat_dtype!r}")
   return dt
@@ -258,7 +261,7 @@ def _sketch_bounds(q, sketch, scale):
   s_hat, w, _ = _bounds(q.reshape(-1, G, d), sketch.codes.reshape(-1, N, d),
                         sketch.page_lo.reshape((-1,) + sketch.page_lo.shape[-2:]),
                         sketch.page_step.reshape((-1,) + sketch.page_step.shape[-2:]), scale)
-  ok = jnp.all(jnp.isfinite(q.reshape(-1, G, d)), -1, keepdims=True) & (scale > 0)
+  ok = jnp.all(jnp.isfinite(q.reshape(-1, G, d)), -1, keepdims=True) & (scale > 0) & jnp.isfinite(scale)
   lo, hi = jnp.where(ok, s_hat - w, jnp.nan), jnp.where(ok, s_hat + w, jnp.nan)
   return lo.reshape(lead + (G, N)), hi.reshape(lead + (G, N))
 
@@ -316,7 +319,8 @@ def _search(q, keys, values, codes, lo, step, valid, epsilon, scale, capacity):
   nvalid = jnp.sum(valid, -1).astype(jnp.int32)
   k = jnp.where(fallback, nvalid, jnp.minimum(m, nvalid))
   cert_m = jnp.where(fallback[:, None], 0.0, cert_m)
-  bad = (~jnp.all(jnp.isfinite(q), (-1, -2)) | (nvalid == 0) | ~_core.eps_ok(epsilon) | ~(scale > 0))
+  bad = (~jnp.all(jnp.isfinite(q), (-1, -2)) | (nvalid == 0) | ~_core.eps_ok(epsilon) | ~(scale > 0)
+         | ~jnp.isfinite(scale) | ~jnp.all(jnp.isfinite(out), (-1, -2)))
   cert_m = _core.flag(bad, cert_m)
   out = _core.flag(bad, out)
   return SketchResult(out, k, k, cert_m, fallback, idx)
@@ -382,9 +386,11 @@ def sketch_search(queries: ArrayLike, keys: ArrayLike, values: ArrayLike, sketch
   if not checks.is_traced(v):
     if not np.broadcast_to(np.asarray(v), keys.shape[:-1]).any(-1).all():
       raise ValueError("valid: a row has no valid key")
-  if not checks.is_traced(keys, values, v):
-    used = np.broadcast_to(np.asarray(v), keys.shape[:-1])[..., None, :]  # (..., 1, N) as a logits mask
-    for name, x in (("keys", keys), ("values", values)):
+  # Keys and values are checked where concrete (a traced one: a non-finite *read* key or value flags the row; an
+  # unread key is certified by its sketch and never looked at -- the point of the search).
+  used = None if checks.is_traced(v) else np.broadcast_to(np.asarray(v), keys.shape[:-1])[..., None, :]
+  for name, x in (("keys", keys), ("values", values)):
+    if not checks.is_traced(x):
       _core.check_finite_at_used_keys(name, x, used, tuple(keys.shape[:-2]) + (1, keys.shape[-2]))
   return _sketch_search(_core.as_float(queries), jnp.asarray(keys), jnp.asarray(values), sketch, v,
                         jnp.asarray(epsilon, jnp.float32), scale, capacity)
