@@ -88,6 +88,8 @@ def _prepare_all(cache_layers, filled, names, bits, page_size, stat_dtype):
   for n in names:
     x = cache_layers[n]
     L, b, Hkv, N, hd = x.shape
+    if N % page_size:
+      raise ValueError(f"page_size ({page_size}) must divide the cache's max_len {N}")
     v = jnp.broadcast_to(jnp.arange(N) < filled, (L * b * Hkv, N))
     codes, lo, step = sk.quantize_pages(x.astype(jnp.float32).reshape(-1, N, hd), v, bits, page_size, stat_dtype)
     out[f"{n}_codes"] = codes.reshape(L, b, Hkv, N, hd)
