@@ -67,6 +67,7 @@ _MODULES = {
     "adaptive_mnist": "experiments.adaptive.mnist", "adaptive_eurosat": "experiments.adaptive.eurosat",
     "topk_synthetic": "experiments.topk.synthetic", "topk_bert": "experiments.topk.bert",
     "topk_decoder": "experiments.topk.decoder",
+    "topk_decoder_sketch": "experiments.topk.decoder_sketch",
 }
 
 
