@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from asoftmax.models import llama
 from asoftmax.topk import sketch as sk
 
-__all__ = ["QuantizedKVAttention", "SketchCacheAttention"]
+__all__ = ["QuantizedKVAttention", "SketchCacheAttention", "prepare_cache"]
 
 
 def _capacity(capacity, N: int) -> int:
