@@ -9,8 +9,12 @@ against dense (see experiments/topk/decoder_sketch.py).
     ASOFTMAX_DATA_DIR=/work/shared/data nice -n 10 python -m experiments.run \
         --config configs/topk/decoder_sketch.py --workdir docs/results/topk_decoder_sketch
     python -m experiments.run --config configs/topk/decoder_sketch.py:smoke --workdir /tmp/topk_decoder_sketch_smoke
-    # a shorter context (when 8,192 does not fit a CPU budget):
-    python -m experiments.run --config configs/topk/decoder_sketch.py:window=2048 --workdir ...
+    # what ran on the shared 2-core CPU (docs/results/topk_decoder_sketch_n2048, _n8192):
+    python -m experiments.run --config configs/topk/decoder_sketch.py:window=2048,num_windows=3,decode_positions=32 \
+        --workdir docs/results/topk_decoder_sketch_n2048
+    python -m experiments.run \
+        --config configs/topk/decoder_sketch.py:one_sketch,window=8192,num_windows=1,decode_positions=16 \
+        --workdir docs/results/topk_decoder_sketch_n8192
 
 Window: 8,192 tokens (SmolLM2's context length) by default. Time: see docs/results/topk_decoder_sketch (the
 measured wall-clock is in its notes); smoke ~30 s.
@@ -60,6 +64,8 @@ def get_config(arg=None):
     c.sketches = ((4, 8),)
     c.quant_bits = (8,)
     c.quant_page_size = 8
+  elif a["variant"] == "one_sketch":  # the 4-bit sketch only (a long context on a small CPU budget)
+    c.sketches = ((4, 16),)
   elif a["variant"] != "full":
-    raise ValueError(f"unknown variant {a['variant']!r}; use full or smoke")
+    raise ValueError(f"unknown variant {a['variant']!r}; use full, one_sketch or smoke")
   return c
