@@ -36,6 +36,7 @@ one process; each step also reports the sketch search's mean keys read / n and i
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -72,6 +73,13 @@ def _time(f, *args, repeats):
   return statistics.median(ts)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _tile(x, b, room):
+  """(L, 1, Hkv, n, hd) -> (L, b, Hkv, n + room, hd): the batch-1 cache repeated b times, `room` empty slots."""
+  L, _, Hkv, n, hd = x.shape
+  return jnp.zeros((L, b, Hkv, n + room, hd), x.dtype).at[:, :, :, :n].set(jnp.broadcast_to(x, (L, b, Hkv, n, hd)))
+
+
 def _step_bench(args):
   """Whole decode steps of SmolLM2 (module docstring, `--step`); writes results.json."""
   import json
@@ -92,7 +100,8 @@ def _step_bench(args):
   ids = text.tokenize(tok, raw)
   nmax, room = max(ns), -(-(args.repeats + 4) // args.page_size) * args.page_size
   t0 = time.perf_counter()
-  cache = llama.init_cache(params.config, 1, nmax)
+  cache_dtype = jnp.dtype(args.cache_dtype)
+  cache = llama.init_cache(params.config, 1, nmax, dtype=cache_dtype)
   _, cache, _ = llama.prefill(params, ids[None, :nmax], cache, chunk=args.chunk)
   jax.block_until_ready(cache)
   prefill_s = time.perf_counter() - t0
@@ -100,7 +109,7 @@ def _step_bench(args):
   info = dict(device=f"{dev.device_kind} ({jax.default_backend()}; {os.cpu_count()} CPUs visible)",
               jax=jax.__version__, command="python " + " ".join(sys.argv), loadavg_start=load0,
               prefill_s=round(prefill_s, 1), text="WikiText-2 test" if data_dir else "built-in text (no data dir)",
-              cache_dtype="float32", bits=args.bits, page_size=args.page_size, capacity=args.capacity)
+              cache_dtype=args.cache_dtype, bits=args.bits, page_size=args.page_size, capacity=args.capacity)
   print(json.dumps(info), flush=True)
   methods = [("dense", None), ("int8 KV", ca.QuantizedKVAttention(8, args.page_size))]
   methods += [(f"sketch eps={e}", ca.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
@@ -110,10 +119,7 @@ def _step_bench(args):
     base = {"k": cache.layers["k"][:, :, :, :n], "v": cache.layers["v"][:, :, :, :n]}
     for b in batches:
       for name, att in methods:
-        pad = lambda x: jnp.concatenate([jnp.repeat(x, b, axis=1),
-                                         jnp.zeros(x.shape[:1] + (b,) + x.shape[2:3] + (room,) + x.shape[4:],
-                                                   x.dtype)], 3)
-        c = llama.LlamaCache({k: pad(v) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
+        c = llama.LlamaCache({k: _tile(v, b, room) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
         if att is not None:
           c = ca.prepare_cache(c, att)
         toks = jnp.asarray(np.repeat(ids[n:n + room][None], b, 0))
@@ -133,11 +139,11 @@ def _step_bench(args):
         rows.append(row)
         print(json.dumps(row), flush=True)
         del c
-  info["loadavg_end"] = os.getloadavg()
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(dict(info, rows=rows), f, indent=1)
+        info["loadavg_end"] = os.getloadavg()
+        if args.out:  # rewritten after every row (a later row may run out of memory)
+          os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+          with open(args.out, "w") as f:
+            json.dump(dict(info, rows=rows), f, indent=1)
 
 
 def main():
@@ -160,6 +166,7 @@ def main():
   ap.add_argument("--page_size", type=int, default=16)
   ap.add_argument("--capacity", type=float, default=0.5, help="sketch search: candidates read at most, / n")
   ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+  ap.add_argument("--cache_dtype", default="bfloat16", help="K/V storage of the cache (attention runs in float32)")
   ap.add_argument("--out", default="", help="--step: results.json path")
   args = ap.parse_args()
   if args.repeats < 5:

@@ -83,18 +83,22 @@ def _requantize(cache_layers, layer, names, pos, t, bits, page_size, stat_dtype)
 
 
 def _prepare_all(cache_layers, filled, names, bits, page_size, stat_dtype):
-  """Builds every layer's codes for the first `filled` slots of a densely filled stacked cache."""
+  """Builds every layer's codes for the first `filled` slots of a densely filled stacked cache (one layer at a time,
+  `lax.map`, so the float32 temporaries stay the size of one layer)."""
   out = dict(cache_layers)
   for n in names:
     x = cache_layers[n]
     L, b, Hkv, N, hd = x.shape
     if N % page_size:
       raise ValueError(f"page_size ({page_size}) must divide the cache's max_len {N}")
-    v = jnp.broadcast_to(jnp.arange(N) < filled, (L * b * Hkv, N))
-    codes, lo, step = sk.quantize_pages(x.astype(jnp.float32).reshape(-1, N, hd), v, bits, page_size, stat_dtype)
-    out[f"{n}_codes"] = codes.reshape(L, b, Hkv, N, hd)
-    out[f"{n}_lo"] = lo.reshape(L, b, Hkv, N // page_size, hd)
-    out[f"{n}_step"] = step.reshape(L, b, Hkv, N // page_size, hd)
+    v = jnp.broadcast_to(jnp.arange(N) < filled, (b * Hkv, N))
+
+    def one(xl):
+      codes, lo, step = sk.quantize_pages(xl.astype(jnp.float32).reshape(-1, N, hd), v, bits, page_size, stat_dtype)
+      return (codes.reshape(b, Hkv, N, hd), lo.reshape(b, Hkv, N // page_size, hd),
+              step.reshape(b, Hkv, N // page_size, hd))
+
+    out[f"{n}_codes"], out[f"{n}_lo"], out[f"{n}_step"] = jax.lax.map(one, x)
   return out
 
 
