@@ -48,16 +48,13 @@ class SummaryRow(NamedTuple):
   method: str | None = None  # dense, oracle, sketch, int8 KV, int4 KV
   epsilon: float | None = None
   bits: int | None = None
-  page_size: int | None = None
   bytes_over_dense: float | None = None  # mean over layers (sketch included)
   keys_read_over_n: float | None = None
   ppl: float | None = None
   delta_ppl: float | None = None
   delta_nll_se: float | None = None  # s.e. of the mean per-token NLL difference to dense
   tv_max: float | None = None  # worst realised TV (every layer, query head, token)
-  cert_max: float | None = None
   fallbacks: int | None = None
-  tokens: int | None = None
   status: str | None = None
 
 
@@ -76,7 +73,8 @@ class LayerRow(NamedTuple):
 
 
 SUMMARY = tables.Table("summary", SummaryRow, "Decode with certified sketch search vs dense, oracle, int8/int4 KV",
-                       hidden=("source", "ppl_dense", "ppl_dense_se", "wall_s_per_step"))
+                       hidden=("source", "ppl_dense", "ppl_dense_se", "wall_s_per_step", "page_size", "cert_max",
+                               "tokens"))
 LAYER = tables.Table("layer", LayerRow, "Per layer: bytes / dense and keys read / n (sketch) vs the oracle",
                      hidden=("source",))
 TABLES = (SUMMARY, LAYER)
