@@ -27,10 +27,10 @@ attention over an 8-bit quantized KV cache (`QuantizedKVAttention`). The cache h
 the first max(ns) tokens of WikiText-2 test at batch 1 (the first n positions serve every n, the rows are
 repeated for batch 8). Times: median of `--repeats` decode steps after a compile call and a warm-up call, all in
 one process; each step also reports the sketch search's mean keys read / n and its fallback rate. Writes
-`--out` (results.json: device, jax version, load average before and after, command, rows):
+`--out` (a results.json-style file, e.g. bench.json: device, jax version, load average before and after, command, rows):
 
     ASOFTMAX_DATA_DIR=/work/shared/data JAX_PLATFORMS=cpu taskset -c 0 python scripts/bench_topk_decode.py --step \
-        --out docs/results/bench_topk_decode_step/results.json
+        --out docs/results/bench_topk_decode_step/bench.json
 """
 
 from __future__ import annotations
@@ -114,6 +114,9 @@ def _step_bench(args):
   methods = [("dense", None), ("int8 KV", ca.QuantizedKVAttention(8, args.page_size))]
   methods += [(f"sketch eps={e}", ca.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
               for e in eps_list]
+  if args.methods:
+    keep = [m.strip() for m in args.methods.split(",")]
+    methods = [m for m in methods if m[0] in keep]
   rows = []
   for n in ns:
     base = {"k": cache.layers["k"][:, :, :, :n], "v": cache.layers["v"][:, :, :, :n]}
@@ -166,6 +169,7 @@ def main():
   ap.add_argument("--page_size", type=int, default=16)
   ap.add_argument("--capacity", type=float, default=0.5, help="sketch search: candidates read at most, / n")
   ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+  ap.add_argument("--methods", default="", help="--step: comma-separated subset, e.g. 'int8 KV,sketch eps=0.1'")
   ap.add_argument("--cache_dtype", default="bfloat16", help="K/V storage of the cache (attention runs in float32)")
   ap.add_argument("--out", default="", help="--step: results.json path")
   args = ap.parse_args()

@@ -197,9 +197,11 @@ class QuantizedKVAttention:
 def prepare_cache(cache: llama.LlamaCache, attention) -> llama.LlamaCache:
   """A cache filled densely (`llama.prefill` with the default attention) with `attention`'s state added.
 
-  Equal to having prefilled with `attention` (a write re-quantizes whole pages from the exact keys)."""
+  Equal to having prefilled with `attention` (a write re-quantizes whole pages from the exact keys). The cache is
+  *donated* (as in `llama.extend`): keep the returned one."""
   layers = {"k": cache.layers["k"], "v": cache.layers["v"]}
   return llama.LlamaCache(_prepare_jit(layers, cache.pos, attention), cache.pos)
 
 
-_prepare_jit = jax.jit(lambda layers, pos, attention: attention.prepare(layers, pos), static_argnums=2)
+_prepare_jit = jax.jit(lambda layers, pos, attention: attention.prepare(layers, pos), static_argnums=2,
+                       donate_argnums=0)
