@@ -14,6 +14,12 @@ RoPE on the original weights. The output head is tied to the token embedding whe
 
 Layers are stacked along a leading axis and run with `lax.scan`, so compilation does not grow with depth.
 
+KV-cache decoding (issue 28): `init_cache` makes a `LlamaCache` pytree (keys after RoPE and values of every layer,
+static max length, a position counter); `prefill` / `extend` run new tokens against it with a causal mask on
+positions and `decode_step` returns next-token logits for one token per row. The attention is pluggable: a *cache
+attention* object (`DenseCacheAttention` documents the protocol; `asoftmax.models.cache_attention` has the certified
+sketch search and a quantized-KV baseline) writes its per-key state when keys enter the cache and attends over it.
+
 Example:
   >>> params, tok = load_smollm2()                            # doctest: +SKIP
   >>> h = hidden_states(params, jnp.asarray([tok.encode("Hello world").ids]))  # doctest: +SKIP
