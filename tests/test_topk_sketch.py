@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from asoftmax import topk
-from asoftmax.topk import sketch as sk
 
 N, D, G, P = 128, 16, 3, 16
 
