@@ -69,6 +69,7 @@ _MODULES = {
     "topk_synthetic": "experiments.topk.synthetic", "topk_bert": "experiments.topk.bert",
     "topk_decoder": "experiments.topk.decoder",
     "sharded_scaleout": "experiments.sharded.scaleout",
+    "topk_decoder_sketch": "experiments.topk.decoder_sketch",
 }
 
 

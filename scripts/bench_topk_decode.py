@@ -18,11 +18,25 @@ sets how peaked attention is): SmolLM2's context is 8,192 tokens, so a real 32,7
 
     JAX_PLATFORMS=cpu python scripts/bench_topk_decode.py                      # all n, eps = 0.01, 7 repeats
     JAX_PLATFORMS=cpu python scripts/bench_topk_decode.py --ns 2048 --repeats 5
+
+`--step` (issue 28) times a *whole decode step* of SmolLM2-135M (all 30 layers, LM head included;
+`llama.decode_step` over a KV cache) at n = 2,048 / 8,192 cached positions, batch 1 and 8, for: dense attention,
+the certified sketch search in every layer (`asoftmax.topk.sketch_search` via
+`asoftmax.models.cache_attention.SketchCacheAttention`, 4-bit key sketch, for each `--step_epsilons`) and dense
+attention over an 8-bit quantized KV cache (`QuantizedKVAttention`). The cache holds real keys: one prefill of
+the first max(ns) tokens of WikiText-2 test at batch 1 (the first n positions serve every n, the rows are
+repeated for batch 8). Times: median of `--repeats` decode steps after a compile call and a warm-up call, all in
+one process; each step also reports the sketch search's mean keys read / n and its fallback rate. Writes
+`--out` (a results.json-style file, e.g. bench.json: device, jax version, load average before and after, command, rows):
+
+    ASOFTMAX_DATA_DIR=/work/shared/data JAX_PLATFORMS=cpu taskset -c 0 python scripts/bench_topk_decode.py --step \
+        --out docs/results/bench_topk_decode_step/bench.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -59,6 +73,82 @@ def _time(f, *args, repeats):
   return statistics.median(ts)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _tile(x, b, room):
+  """(L, 1, Hkv, n, hd) -> (L, b, Hkv, n + room, hd): the batch-1 cache repeated b times, `room` empty slots."""
+  L, _, Hkv, n, hd = x.shape
+  return jnp.zeros((L, b, Hkv, n + room, hd), x.dtype).at[:, :, :, :n].set(jnp.broadcast_to(x, (L, b, Hkv, n, hd)))
+
+
+def _step_bench(args):
+  """Whole decode steps of SmolLM2 (module docstring, `--step`); writes results.json."""
+  import json
+  import sys
+
+  from asoftmax import configlib
+  from asoftmax.data import text
+  from asoftmax.models import cache_attention as ca
+  from asoftmax.models import llama
+
+  ns = [int(x) for x in args.step_ns.split(",")]
+  batches = [int(x) for x in args.batches.split(",")]
+  eps_list = [float(x) for x in args.step_epsilons.split(",")]
+  load0 = os.getloadavg()
+  params, tok = llama.load_smollm2()
+  data_dir = configlib.default_data_dir()
+  raw = text.read_text(data_dir, "wikitext", "test") if data_dir else text.BUILTIN_TEXT * 200
+  ids = text.tokenize(tok, raw)
+  nmax, room = max(ns), -(-(args.repeats + 4) // args.page_size) * args.page_size
+  t0 = time.perf_counter()
+  cache_dtype = jnp.dtype(args.cache_dtype)
+  cache = llama.init_cache(params.config, 1, nmax, dtype=cache_dtype)
+  _, cache, _ = llama.prefill(params, ids[None, :nmax], cache, chunk=args.chunk)
+  jax.block_until_ready(cache)
+  prefill_s = time.perf_counter() - t0
+  dev = jax.devices()[0]
+  info = dict(device=f"{dev.device_kind} ({jax.default_backend()}; {os.cpu_count()} CPUs visible)",
+              jax=jax.__version__, command="python " + " ".join(sys.argv), loadavg_start=load0,
+              prefill_s=round(prefill_s, 1), text="WikiText-2 test" if data_dir else "built-in text (no data dir)",
+              cache_dtype=args.cache_dtype, bits=args.bits, page_size=args.page_size, capacity=args.capacity)
+  print(json.dumps(info), flush=True)
+  methods = [("dense", None), ("int8 KV", ca.QuantizedKVAttention(8, args.page_size))]
+  methods += [(f"sketch eps={e}", ca.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
+              for e in eps_list]
+  if args.methods:
+    keep = [m.strip() for m in args.methods.split(",")]
+    methods = [m for m in methods if m[0] in keep]
+  rows = []
+  for n in ns:
+    base = {"k": cache.layers["k"][:, :, :, :n], "v": cache.layers["v"][:, :, :, :n]}
+    for b in batches:
+      for name, att in methods:
+        c = llama.LlamaCache({k: _tile(v, b, room) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
+        if att is not None:
+          c = ca.prepare_cache(c, att)
+        toks = jnp.asarray(np.repeat(ids[n:n + room][None], b, 0))
+        ts, auxes = [], []
+        for i in range(args.repeats + 2):  # compile + warm-up, then timed steps
+          t1 = time.perf_counter()
+          logits, c, aux = llama.decode_step(params, toks[:, i], c, att)
+          jax.block_until_ready(logits)
+          if i >= 2:
+            ts.append(time.perf_counter() - t1)
+            auxes.append(aux)
+        row = dict(n=n, batch=b, method=name, ms=round(1e3 * statistics.median(ts), 1),
+                   ms_min=round(1e3 * min(ts), 1), loadavg_1m=os.getloadavg()[0])
+        if auxes and auxes[0]:
+          row["keys_read_over_n"] = round(float(np.mean([np.mean(a["k"]) for a in auxes])) / n, 4)
+          row["fallback_rate"] = round(float(np.mean([np.mean(a["fallback"]) for a in auxes])), 4)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del c
+        info["loadavg_end"] = os.getloadavg()
+        if args.out:  # rewritten after every row (a later row may run out of memory)
+          os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+          with open(args.out, "w") as f:
+            json.dump(dict(info, rows=rows), f, indent=1)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--ns", default="2048,4096,8192,16384,32768")
@@ -71,9 +161,22 @@ def main():
   ap.add_argument("--queries", type=int, default=1,
                   help="queries against the same cache in one call (1: single-query decode; e.g. 3 for SmolLM2's "
                        "grouped-query heads, or more to fill a GPU); k/n, MACs and full keys are means over them")
+  ap.add_argument("--step", action="store_true", help="time whole SmolLM2 decode steps (module docstring)")
+  ap.add_argument("--step_ns", default="2048,8192")
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--step_epsilons", default="0.1,0.01")
+  ap.add_argument("--bits", type=int, default=4)
+  ap.add_argument("--page_size", type=int, default=16)
+  ap.add_argument("--capacity", type=float, default=0.5, help="sketch search: candidates read at most, / n")
+  ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+  ap.add_argument("--methods", default="", help="--step: comma-separated subset, e.g. 'int8 KV,sketch eps=0.1'")
+  ap.add_argument("--cache_dtype", default="bfloat16", help="K/V storage of the cache (attention runs in float32)")
+  ap.add_argument("--out", default="", help="--step: results.json path")
   args = ap.parse_args()
   if args.repeats < 5:
     raise SystemExit("--repeats must be >= 5 (median of at least 5 timed runs)")
+  if args.step:
+    return _step_bench(args)
   stages = tuple(int(s) for s in args.stages.split(","))
   d, eps = args.d, args.epsilon
   scale = d ** -0.5

@@ -446,6 +446,29 @@ register("topk.dot_product_attention",  # [q_len, heads, dim] (no batch dims), 2
                 "return_certificate": Bool()},
          jit=("query", "key", "value", "epsilon"))
 
+# issue 28: the key sketch search (N = 12 keys on pages of 4)
+def _sketch_build(r):
+  keys = _keys(r)
+  return dict(queries=r.normal(size=(Q, D_)).astype(np.float32), keys=keys, values=_keys(r),
+              sketch=topk.build_key_sketch(keys, None, 4, 4), valid=np.ones((N,), bool), epsilon=0.1, scale=0.5,
+              capacity=4)
+
+
+register("topk.build_key_sketch", build=lambda r: dict(keys=_keys(r), valid=None, bits=4, page_size=4),
+         kinds={"keys": Arr(min_ndim=2, matched=False), "bits": Int(1, 8), "page_size": Int(1),
+                "stat_dtype": Choice()}, jit=("keys",))
+register("topk.sketch_bounds",
+         build=lambda r: dict(queries=r.normal(size=(Q, D_)).astype(np.float32),
+                              sketch=topk.build_key_sketch(_keys(r), None, 4, 4), scale=0.5),
+         kinds={"queries": Arr((2,)), "scale": Num("pos")}, jit=("queries",))
+register("topk.sketch_search", build=_sketch_build,
+         kinds={"queries": Arr((2,)), "keys": Arr((2,)), "values": Arr((2,), matched=False), "valid": Mask(),
+                "epsilon": Num("unit"), "scale": Num("pos"), "capacity": Int(1, N)},
+         jit=("queries", "keys", "values"),
+         # under jit a NaN in a key or value the search never reads is not seen (it is certified by its sketch:
+         # the point of the search); a NaN in a read key or value flags the row (tests/test_topk_sketch.py)
+         jit_ok={"keys": {"nan"}, "values": {"nan"}})
+
 # ---- rff
 _H = Arr((2,))  # [B, d] unit queries
 

@@ -14,6 +14,12 @@ RoPE on the original weights. The output head is tied to the token embedding whe
 
 Layers are stacked along a leading axis and run with `lax.scan`, so compilation does not grow with depth.
 
+KV-cache decoding (issue 28): `init_cache` makes a `LlamaCache` pytree (keys after RoPE and values of every layer,
+static max length, a position counter); `prefill` / `extend` run new tokens against it with a causal mask on
+positions and `decode_step` returns next-token logits for one token per row. The attention is pluggable: a *cache
+attention* object (`DenseCacheAttention` documents the protocol; `asoftmax.models.cache_attention` has the certified
+sketch search and a quantized-KV baseline) writes its per-key state when keys enter the cache and attends over it.
+
 Example:
   >>> params, tok = load_smollm2()                            # doctest: +SKIP
   >>> h = hidden_states(params, jnp.asarray([tok.encode("Hello world").ids]))  # doctest: +SKIP
@@ -23,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from asoftmax import checks
 from asoftmax.models import gguf_loader
 
 
@@ -350,3 +357,205 @@ def next_token_nll(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
 def perplexity(params: LlamaParams, tokens: ArrayLike) -> float:
   r"""$\exp(\mathrm{mean}\ \mathrm{NLL})$ over all predicted positions of a (b, t) batch."""
   return float(jnp.exp(jnp.mean(next_token_nll(params, tokens))))
+
+
+# ------------------------------------------------------------------------------------------------ KV-cache decoding
+class LlamaCache(NamedTuple):
+  """Key/value cache of every layer, held in a pytree (static shapes; jit friendly).
+
+  Attributes:
+    layers: dict of arrays with leading axes (L, b, Hkv, N): "k" and "v" (L, b, Hkv, N, hd) hold the RoPE'd keys
+      and the values of positions 0..pos-1 (slots >= pos are unused); a cache attention (`DenseCacheAttention`
+      describes the protocol) may add its own per-key state, e.g. a quantized key sketch, written when keys enter.
+    pos: () int32, the number of filled positions (every batch row decodes in lockstep).
+  """
+
+  layers: dict
+  pos: jax.Array
+
+
+def layer_of(cache_layers: dict, layer: jax.Array) -> dict:
+  """The arrays of one layer (index `layer`, may be traced) of the stacked cache dict."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False), cache_layers)
+
+
+def write_slots(cache_layers: dict, layer: jax.Array, name: str, x: jax.Array, pos: jax.Array, axis: int = 2) -> dict:
+  """`cache_layers` with `x` written into cache_layers[name][layer] at offset `pos` of (per-layer) axis `axis`.
+
+  In place under jit (a dynamic-update-slice of the loop carry): a decode step writes only the new slots."""
+  out = dict(cache_layers)
+  a = cache_layers[name]
+  start = [layer] + [jnp.zeros((), jnp.int32)] * (a.ndim - 1)
+  start[1 + axis] = jnp.asarray(pos, jnp.int32)
+  out[name] = jax.lax.dynamic_update_slice(a, x.astype(a.dtype)[None], start)
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseCacheAttention:
+  r"""The default cache attention: exact softmax over the cached keys, or a replaced probability function.
+
+  A *cache attention* is a hashable object (a frozen dataclass: equal objects share one compilation) with three
+  methods, called inside the layer loop of `extend` / `prefill` / `decode_step`:
+
+  * `init(layer_cache) -> layer_cache`: adds its per-key state to a fresh layer cache {"k", "v"} (zeros);
+  * `write(cache_layers, layer, k_new, v_new, pos) -> cache_layers`: stores t new keys and values
+    (b, Hkv, t, hd) at slots pos..pos+t-1 of layer `layer` of the stacked cache (use `write_slots`, which is in
+    place) and updates its state (e.g. re-quantizes the pages they fall in);
+  * `attend(q, cache_layers, layer, valid) -> (out, aux)`: q (b, Hkv, G, t, hd) RoPE'd queries (G = H / Hkv query
+    heads per key/value head), `valid` (t, N) bool (causal over filled slots); returns out (b, Hkv, G, t, hd) and
+    any pytree `aux` (stacked over layers).
+
+  This class implements them with exact softmax, or with `probs_fn(logits, mask) -> (probs, aux)` as in
+  `hidden_states_with_attention` (logits (b, H, t, N) scaled, $-\infty$ at invalid slots; mask (t, N)).
+  """
+
+  probs_fn: Any = None
+
+  def init(self, layer_cache: dict) -> dict:
+    return layer_cache
+
+  def write(self, cache_layers: dict, layer, k_new, v_new, pos) -> dict:
+    return write_kv(cache_layers, layer, k_new, v_new, pos)
+
+  def attend(self, q, cache_layers: dict, layer, valid):
+    c = layer_of({"k": cache_layers["k"], "v": cache_layers["v"]}, layer)
+    return dense_cache_attention(q, c["k"], c["v"], valid, self.probs_fn)
+
+
+def write_kv(cache_layers: dict, layer, k_new, v_new, pos) -> dict:
+  """Writes k_new, v_new (b, Hkv, t, hd) into slots pos..pos+t-1 of "k" and "v" of layer `layer` (in place)."""
+  return write_slots(write_slots(cache_layers, layer, "k", k_new, pos), layer, "v", v_new, pos)
+
+
+def dense_cache_attention(q, k, v, valid, probs_fn=None):
+  """Softmax attention of q (b, Hkv, G, t, hd) over k, v (b, Hkv, N, hd) with `valid` (t, N); returns (out, aux)."""
+  b, Hkv, G, t, hd = q.shape
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  s = jnp.einsum("bgrqh,bgkh->bgrqk", q, kf) / jnp.sqrt(jnp.float32(hd))
+  s = jnp.where(valid, s, -jnp.inf)
+  if probs_fn is None:
+    p, aux = jax.nn.softmax(s, axis=-1), ()
+  else:
+    p, aux = probs_fn(s.reshape(b, Hkv * G, t, -1), valid)
+    p = p.reshape(s.shape)
+  return jnp.einsum("bgrqk,bgkh->bgrqh", p, vf), aux
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, attention=None, dtype=jnp.float32) -> LlamaCache:
+  """An empty cache for `batch` rows of up to `max_len` positions (`attention` adds its state; default dense).
+
+  `dtype` is the storage type of keys and values (e.g. bfloat16; attention computes in float32)."""
+  batch = checks.pos_int("batch", batch)
+  max_len = checks.pos_int("max_len", max_len)
+  attention = DenseCacheAttention() if attention is None else attention
+  shape = (batch, config.n_kv_heads, max_len, config.head_dim)
+  one = attention.init({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
+  layers = jax.tree.map(lambda x: jnp.zeros((config.n_layers,) + x.shape, x.dtype) + x, one)
+  return LlamaCache(layers, jnp.zeros((), jnp.int32))
+
+
+def _cached_block(h, layer, idx, cache_layers, pos, cfg: LlamaConfig, attention):
+  b, t, _ = h.shape
+  H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  N = cache_layers["k"].shape[3]
+  a = rms_norm(h, layer["attn_norm"], cfg.norm_eps)
+  positions = pos + jnp.arange(t)
+  q = jnp.einsum("btd,od->bto", a, layer["wq"]).reshape(b, t, H, hd)
+  k = jnp.einsum("btd,od->bto", a, layer["wk"]).reshape(b, t, Hkv, hd)
+  v = jnp.einsum("btd,od->bto", a, layer["wv"]).reshape(b, t, Hkv, hd)
+  q = rope_interleaved(q, positions, cfg.rope_theta).reshape(b, t, Hkv, H // Hkv, hd).transpose(0, 2, 3, 1, 4)
+  k = rope_interleaved(k, positions, cfg.rope_theta).transpose(0, 2, 1, 3)  # (b, Hkv, t, hd)
+  cache_layers = attention.write(cache_layers, idx, k, v.transpose(0, 2, 1, 3), pos)
+  valid = jnp.arange(N)[None, :] <= positions[:, None]  # (t, N): causal over filled slots
+  o, aux = attention.attend(q, cache_layers, idx, valid)  # (b, Hkv, G, t, hd)
+  o = o.transpose(0, 3, 1, 2, 4).reshape(b, t, H * hd)
+  h = h + jnp.einsum("bti,oi->bto", o, layer["wo"])
+  m = rms_norm(h, layer["ffn_norm"], cfg.norm_eps)
+  g = jnp.einsum("btd,fd->btf", m, layer["w_gate"])
+  u = jnp.einsum("btd,fd->btf", m, layer["w_up"])
+  return h + jnp.einsum("btf,df->btd", jax.nn.silu(g) * u, layer["w_down"]), cache_layers, aux
+
+
+@functools.partial(jax.jit, static_argnames=("attention",), donate_argnames=("cache",))
+def _extend(params: LlamaParams, tokens: jax.Array, cache: LlamaCache, attention):
+  cfg = params.config
+  h = params.embed[tokens]
+  layers = {f: getattr(params, f) for f in _BLOCK_NAMES}
+
+  def step(carry, xs):
+    h, cache_layers = carry
+    layer, idx = xs
+    h, cache_layers, aux = _cached_block(h, layer, idx, cache_layers, cache.pos, cfg, attention)
+    return (h, cache_layers), aux
+
+  (h, new_layers), aux = jax.lax.scan(step, (h, cache.layers), (layers, jnp.arange(cfg.n_layers)))
+  h = rms_norm(h, params.final_norm, cfg.norm_eps)
+  return h, LlamaCache(new_layers, cache.pos + tokens.shape[1]), aux
+
+
+def extend(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention=None):
+  r"""Runs t new tokens through the model against a KV cache: prefill (t > 1, chunk by chunk) or one decode step.
+
+  Position pos + i of `tokens[:, i]` attends the cached positions 0..pos-1 and the new ones up to itself (causal
+  mask on positions), so `extend` over consecutive chunks equals one full causal forward (`hidden_states`). The
+  cache is the carry of the layer loop and is updated in place (only the new slots are written).
+
+  Args:
+    params: LlamaParams.
+    tokens: (b, t) int token ids at positions cache.pos .. cache.pos + t - 1.
+    cache: a `LlamaCache` from `init_cache` (batch b, room for the new tokens). It is *donated*: do not reuse the
+      object passed in; keep the returned one (to branch, copy first: `jax.tree.map(jnp.copy, cache)`).
+    attention: the cache attention (default exact softmax; see `DenseCacheAttention` for the protocol); an object
+      equal to the one `init_cache` got.
+
+  Returns:
+    (hidden (b, t, d) final-norm hidden states, the updated cache (pos advanced by t), aux with a leading layer
+    axis L).
+
+  Raises:
+    ValueError: bad tokens, or a batch / room mismatch with the cache (checked eagerly when pos is concrete).
+
+  Example:
+    >>> cache = init_cache(params.config, 1, 64)                                  # doctest: +SKIP
+    >>> h, cache, _ = extend(params, prompt, cache)           # prefill            # doctest: +SKIP
+    >>> logits, cache, _ = decode_step(params, next_tok, cache)  # one token      # doctest: +SKIP
+  """
+  tokens = jnp.asarray(tokens)
+  _check_tokens(params, tokens)
+  b, N = cache.layers["k"].shape[1], cache.layers["k"].shape[3]
+  if tokens.shape[0] != b:
+    raise ValueError(f"tokens: batch {tokens.shape[0]} does not match the cache's batch {b}")
+  if not checks.is_traced(cache.pos) and int(cache.pos) + tokens.shape[1] > N:
+    raise ValueError(f"tokens: {tokens.shape[1]} new positions after {int(cache.pos)} exceed the cache's "
+                     f"max_len {N}")
+  attention = DenseCacheAttention() if attention is None else attention
+  return _extend(params, tokens, cache, attention)
+
+
+def prefill(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention=None, chunk: int | None = None):
+  """`extend` over `tokens` (b, t) in chunks of `chunk` positions (memory: b * H * chunk * N logits per layer).
+
+  Returns (hidden (b, t, d), cache, aux of the last chunk). With `chunk` None the whole prompt is one chunk.
+  """
+  tokens = np.asarray(tokens)
+  chunk = tokens.shape[1] if chunk is None else checks.pos_int("chunk", chunk)
+  hs, aux = [], ()
+  for i in range(0, tokens.shape[1], chunk):
+    h, cache, aux = extend(params, tokens[:, i:i + chunk], cache, attention)
+    hs.append(h)
+  return jnp.concatenate(hs, 1), cache, aux
+
+
+def decode_step(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention=None):
+  """One decode step: next-token logits (b, V) for tokens (b,) at position cache.pos; returns (logits, cache, aux)."""
+  tokens = jnp.asarray(tokens)
+  if tokens.ndim != 1:
+    raise ValueError(f"tokens must have shape (batch,), got {tokens.shape}")
+  h, cache, aux = extend(params, tokens[:, None], cache, attention)
+  return _lm_logits(h[:, 0], params.lm_head), cache, aux
+
+
+@jax.jit
+def _lm_logits(h, lm_head):
+  return h @ lm_head.T

@@ -36,3 +36,8 @@ __all__ = [
     "progressive_search", "rotate_queries", "ThresholdHeads", "threshold_heads", "threshold_topk_probs",
     "AttentionCertificate", "dot_product_attention",
 ]
+
+# Issue 28: certified decode attention from a quantized key sketch.
+from asoftmax.topk.sketch import KeySketch, SketchResult, build_key_sketch, sketch_bounds, sketch_search  # noqa: E402
+
+__all__ += ["KeySketch", "SketchResult", "build_key_sketch", "sketch_bounds", "sketch_search"]
