@@ -897,6 +897,8 @@ NOT_TRACED = {
     "rff.rff_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
     "rff.quadratic_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
     "rff.rff_bucket_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
+    "rff.cosine_logit_fn": "a factory of a logit function (the function runs under jit in rff.sampled_logits' entry)",
+    "rff.linear_logit_fn": "a factory of a logit function (the function runs under jit in rff.sampled_logits' entry)",
     **{f"rff.{s}.{m}": "the proposal ignores the query / class vectors (query-independent)"
        for s in ("uniform_sampler", "unigram_sampler") for m in ("init", "sample", "update", "log_probs")},
 }
