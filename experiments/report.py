@@ -28,6 +28,7 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 README_SNAPSHOTS = (
     # topk_bert_n128_rerun first: the n = 128 part re-run after the cell-search fix; topk_bert is the full (stale) run.
     ("docs/results/adaptive_synthetic", "configs/adaptive/synthetic.py"),  # --config.trials=20
+    ("docs/results/adaptive_wallclock", "configs/adaptive/wallclock.py"),  # see the config's docstring for the flags
     ("docs/results/adaptive_families", "configs/adaptive/families.py"),
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
