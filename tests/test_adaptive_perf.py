@@ -68,6 +68,7 @@ def test_shared_order_identical_queries_equal_single_query():
       np.testing.assert_array_equal(np.asarray(shared.phase_samples[i]), np.asarray(single.phase_samples))
 
 
+@pytest.mark.slow  # ~60 s on 2 cores (hundreds of calls); `make test-slow`
 def test_shared_order_keeps_the_per_query_guarantee():
   """Certified mode with one order per batch: each query's success still >= 1 - delta.
 
@@ -155,6 +156,7 @@ def test_cost_model_picks_full_rows_when_cheaper(monkeypatch):
   assert int(fast.indices[0]) == int(base.indices[0]) == 0
 
 
+@pytest.mark.slow  # ~60 s on 2 cores (hundreds of calls); `make test-slow`
 def test_exact_rows_keeps_the_certified_guarantee_on_hard_families():
   """Certified mode with `exact_rows=True`: success >= 1 - delta (one-sided 99 % Clopper-Pearson bound) over
   60 distinct problems x 5 seeds on the heavy-tailed and the dominant-coordinate families (d = 2000: full rows
