@@ -31,6 +31,7 @@ _MAKERS = {
     "unigram": lambda: rff.unigram_sampler(np.arange(1.0, N + 1)),
     "rff": lambda: rff.rff_sampler(jax.random.key(3), 16, nu=4.0),
     "exact": lambda: rff.exact_sampler(4.0),
+    "rff_bucket": lambda: rff.rff_bucket_sampler(jax.random.key(3), 16, nu=4.0, bucket=4),
 }
 
 
@@ -149,7 +150,8 @@ def test_adam_with_refresh_keeps_the_tree_equal_to_a_rebuild():
 
 
 # ------------------------------------------------------------------------------------------- unnormalised h
-@pytest.mark.parametrize("name", ["rff"])  # exact and quadratic share the flag (samplers._flag / _flag_unit)
+# exact and quadratic share rff's flag (samplers._flag / _flag_unit); the bucketed tree has its own sample path.
+@pytest.mark.parametrize("name", ["rff", "rff_bucket"])
 def test_unnormalised_queries_flagged_under_jit(name):
   C, h, _ = _data(9)
   sampler = _sampler(name)

@@ -586,7 +586,7 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
     else:  # one query at a time: its [m, b, d] member rows stay small (a [B, m, b, d] gather was ~9x slower on CPU)
       s = jax.lax.map(lambda a: nu * jnp.einsum("mjd,d->mj", state.class_vectors[a[0]], a[1]), (members, h))
     ids, lq = tree_lib.sample_in_buckets(k2, bids, lqb, t, s)
-    ids, lq = _flag(ids, lq, t.num_classes)
+    ids, lq = _flag(ids, lq, t.num_classes, h)
     return (ids[0], lq[0]) if shared else (ids, lq)
 
   def sample(state, key, h, m, shared=False):
@@ -619,7 +619,7 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
     s = nu * h @ state.class_vectors.T  # [B, n]
     if shared:
       s = jax.nn.logsumexp(s, 0, keepdims=True)
-    out = tree_lib.bucketed_log_probs(lqb, state.tree, s)
+    out = _flag_unit(h, tree_lib.bucketed_log_probs(lqb, state.tree, s))
     return out[0] if shared else out
 
   def log_probs(state, h, shared=False):
