@@ -13,7 +13,7 @@ against dense (see experiments/topk/decoder_sketch.py).
     python -m experiments.run --config configs/topk/decoder_sketch.py:window=2048,num_windows=3,decode_positions=32 \
         --workdir docs/results/topk_decoder_sketch_n2048
     python -m experiments.run \
-        --config configs/topk/decoder_sketch.py:one_sketch,window=8192,num_windows=1,decode_positions=16 \
+        --config configs/topk/decoder_sketch.py:one_sketch,window=8192,num_windows=3,decode_positions=16 \
         --workdir docs/results/topk_decoder_sketch_n8192
 
 Window: 8,192 tokens (SmolLM2's context length) by default. Time: see docs/results/topk_decoder_sketch (the
