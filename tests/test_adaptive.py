@@ -24,7 +24,7 @@ def test_full_budget_equals_exact(k, order, mode):
   n, d = 40, 64
   A = jax.random.normal(jax.random.key(0), (n, d)) / 4
   x = jax.random.normal(jax.random.key(1), (d,))
-  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=k, order=order, warmup=d, mode=mode)
+  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=k, order=order, warmup=d, mode=mode, exact_below=0)
   idx, p, log_z = _np_topk(A, x, k)
   np.testing.assert_array_equal(np.asarray(res.indices), idx)
   np.testing.assert_allclose(np.asarray(res.probs), p, rtol=2e-5)
@@ -40,11 +40,54 @@ def test_sparse_query_costs_at_most_n_nnz():
   n, d = 30, 500
   A = jax.random.normal(jax.random.key(0), (n, d))
   x = jnp.zeros((d,)).at[jnp.arange(0, 100, 10)].set(jax.random.normal(jax.random.key(1), (10,)))
-  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=2)
+  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=2, exact_below=0)
   idx, p, _ = _np_topk(A, x, 2)
   assert int(res.samples) <= n * 10
   np.testing.assert_array_equal(np.asarray(res.indices), idx)
   np.testing.assert_allclose(np.asarray(res.probs), p, rtol=1e-4)
+
+
+def test_polar_student_t_matches_the_t_distribution():
+  """The large-problem Student-t sampler (Bailey's polar method) against scipy's t(2.5) CDF (KS, 200k draws), and
+  the blocked (n, d) path is used above `_T_CHUNK` entries."""
+  from scipy import stats as sps
+
+  v = np.asarray(synthetic._polar_t(jax.random.key(3), 2.5, (200_000,)), np.float64)
+  assert sps.kstest(v, sps.t(2.5).cdf).pvalue > 1e-3
+  assert sps.kstest(v, sps.norm(scale=v.std()).cdf).pvalue < 1e-6  # the test can tell t from a normal
+  A = synthetic._student_t(jax.random.key(4), 2.5, 5, synthetic._T_CHUNK // 4 + 1)  # 5 rows, blocks of 3
+  assert A.shape == (5, synthetic._T_CHUNK // 4 + 1) and bool(jnp.all(jnp.isfinite(A)))
+  assert not np.array_equal(np.asarray(A[0, :100]), np.asarray(A[3, :100]))
+
+
+def test_small_problem_is_exact_by_default():
+  """n * d <= exact_below (default `core.EXACT_BELOW`): one exact product, no rounds, exact answers; a NaN query is
+  flagged; exact_below=0 samples the same problem; the exact program holds no while loop (its cost is the GEMV)."""
+  n, d = 50, 400
+  A, x = synthetic.planted_problem(jax.random.key(0), n, d, k=2)
+  x = x.at[:7].set(0.0)
+  X = jnp.stack([x, -x, x.at[20].set(jnp.nan)])
+  res = adaptive.adaptive_softmax(jax.random.key(1), A, X, k=2, check_finite=False)
+  for i in range(2):
+    idx, p, log_z = _np_topk(A, X[i], 2)
+    np.testing.assert_array_equal(np.asarray(res.indices[i]), idx)
+    np.testing.assert_allclose(np.asarray(res.probs[i]), p, rtol=2e-5)
+    np.testing.assert_allclose(float(res.log_z[i]), log_z, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(res.samples), [n * d] * 3)  # the GEMV computes every product
+  np.testing.assert_array_equal(np.asarray(res.phase_samples[:, 0]), np.asarray(res.samples))
+  np.testing.assert_array_equal(np.asarray(res.rounds), 0)
+  np.testing.assert_array_equal(np.asarray(res.certified), [True, True, False])
+  assert np.isnan(np.asarray(res.probs[2])).all()
+  sampled = adaptive.adaptive_softmax(jax.random.key(1), A, x, k=2, exact_below=0)
+  assert int(sampled.rounds) > 0  # the algorithm ran (certified mode may still read everything here)
+  prep = adaptive.prepare_matrix(A)
+  hlo = jax.jit(lambda v: adaptive.adaptive_softmax(jax.random.key(1), prep, v).probs).lower(x).as_text()
+  assert "while" not in hlo
+  assert "while" in jax.jit(lambda v: adaptive.adaptive_softmax(jax.random.key(1), prep, v, exact_below=0).probs
+                            ).lower(x).as_text()
+  assert core.make_config(n, d).exact and not core.make_config(n, d, exact_below=n * d - 1).exact
+  with pytest.raises(ValueError, match="exact_below"):
+    adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=-1)
 
 
 def _success_rate(order, k, n_problems=10, per_problem=50, n=100, d=1000, delta=0.1, epsilon=0.3):
@@ -53,7 +96,7 @@ def _success_rate(order, k, n_problems=10, per_problem=50, n=100, d=1000, delta=
     A, x = adaptive.planted_problem(jax.random.key(100 + s), n, d, k=k, gap=1.0, spread=1.0)
     X = jnp.tile(x, (per_problem, 1))
     res = adaptive.adaptive_softmax(jax.random.key(s), A, X, k=k, epsilon=epsilon, delta=delta, order=order,
-                                    mode="paper")
+                                    mode="paper", exact_below=0)
     logits = adaptive.exact_logits_batched(A, X)
     ident, ok = adaptive.success_mask(res, logits, epsilon)
     ok_total += int(ok.sum())
@@ -79,23 +122,23 @@ def test_batched_equals_per_query_and_no_recompile():
   A = adaptive.prepare_matrix(jax.random.normal(jax.random.key(0), (n, d)) / 3)
   X = jax.random.normal(jax.random.key(1), (b, d))
   key = jax.random.key(7)
-  batched = adaptive.adaptive_softmax(key, A, X, k=2)
+  batched = adaptive.adaptive_softmax(key, A, X, k=2, exact_below=0)
   keys = jax.random.split(key, b)
   for i in range(b):
-    single = adaptive.adaptive_softmax(keys[i], A, X[i], k=2)
+    single = adaptive.adaptive_softmax(keys[i], A, X[i], k=2, exact_below=0)
     np.testing.assert_array_equal(np.asarray(single.indices), np.asarray(batched.indices[i]))
     np.testing.assert_allclose(np.asarray(single.probs), np.asarray(batched.probs[i]), rtol=1e-5)
     assert int(single.samples) == int(batched.samples[i])
   before = core._batched._cache_size()
   X2 = jax.random.normal(jax.random.key(3), (b, d))
-  adaptive.adaptive_softmax(jax.random.key(8), A, X2, k=2, epsilon=0.2)
+  adaptive.adaptive_softmax(jax.random.key(8), A, X2, k=2, epsilon=0.2, exact_below=0)
   assert core._batched._cache_size() == before, "same shapes/static config must not recompile"
 
 
 def test_same_seed_same_numbers():
   A, x = adaptive.planted_problem(jax.random.key(0), 80, 400, k=1)
-  r1 = adaptive.adaptive_softmax(jax.random.key(5), A, x)
-  r2 = adaptive.adaptive_softmax(jax.random.key(5), A, x)
+  r1 = adaptive.adaptive_softmax(jax.random.key(5), A, x, exact_below=0)
+  r2 = adaptive.adaptive_softmax(jax.random.key(5), A, x, exact_below=0)
   assert int(r1.samples) == int(r2.samples)
   np.testing.assert_array_equal(np.asarray(r1.probs), np.asarray(r2.probs))
 
@@ -106,7 +149,7 @@ def test_tuning_reduces_samples_and_keeps_success():
   # Queries: the planted x plus small perturbations, so problems differ slightly.
   _, x = adaptive.planted_problem(jax.random.key(0), n, d, k=1)
   X = x[None] + 0.05 * jax.random.normal(jax.random.key(1), (120, d))
-  row = adaptive.tune_and_evaluate(jax.random.key(2), A, X, k=1, delta=0.1, n_tune=60, progress=False)
+  row = adaptive.tune_and_evaluate(jax.random.key(2), A, X, k=1, delta=0.1, n_tune=60, progress=False, exact_below=0)
   assert row["n_eval"] == 60
   assert row["fudge_bandit"] <= 1.0 and row["fudge_z"] <= 1.0
   assert row["success"] >= 0.9
@@ -148,7 +191,7 @@ def test_bad_input_raises(kwargs, match):
   args.update({k: v for k, v in kwargs.items() if k in ("A", "x")})
   opts = {k: v for k, v in kwargs.items() if k not in ("A", "x")}
   with pytest.raises(ValueError, match=match):
-    adaptive.adaptive_softmax(jax.random.key(0), args["A"], args["x"], **opts)
+    adaptive.adaptive_softmax(jax.random.key(0), args["A"], args["x"], **opts, exact_below=0)
 
 
 @pytest.mark.parametrize("n_tune,delta", [(60, 0.05), (100, 0.05), (200, 0.1), (1000, 0.01), (300, 0.01)])
@@ -173,7 +216,7 @@ def test_binomial_tuning_rule_too_few_queries_keeps_theory():
   n, d = 60, 400
   A, x = adaptive.planted_problem(jax.random.key(3), n, d, k=1)
   X = x[None] + 0.05 * jax.random.normal(jax.random.key(4), (10, d))
-  fb, fz = adaptive.tune_fudge(jax.random.key(5), A, X, k=1, delta=0.01, confidence=0.95, iters=2)
+  fb, fz = adaptive.tune_fudge(jax.random.key(5), A, X, k=1, delta=0.01, confidence=0.95, iters=2, exact_below=0)
   assert fb >= 1.0 and fz >= 1.0
 
 
@@ -183,7 +226,7 @@ def test_paper_normalization_at_full_budget_equals_exact(k):
   n, d = 40, 64
   A = jax.random.normal(jax.random.key(0), (n, d)) / 4
   x = jax.random.normal(jax.random.key(1), (d,))
-  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=k, warmup=d, mode="paper", normalization="paper")
+  res = adaptive.adaptive_softmax(jax.random.key(2), A, x, k=k, warmup=d, mode="paper", normalization="paper", exact_below=0)
   idx, p, log_z = _np_topk(A, x, k)
   np.testing.assert_array_equal(np.asarray(res.indices), idx)
   np.testing.assert_allclose(np.asarray(res.probs), p, rtol=2e-5)
@@ -198,8 +241,8 @@ def test_paper_normalization_refines_heavy_arms_only():
   A = jax.random.normal(key, (n, d)) / jnp.sqrt(d)
   x = 2.0 * A[0] / jnp.linalg.norm(A[0]) ** 2 * 4.0 + 0.3 * jax.random.normal(jax.random.key(6), (d,))
   kw = dict(mode="paper", normalization="paper", warmup=40)
-  none = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1e-9, **kw)
-  some = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1.0, **kw)
+  none = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1e-9, **kw, exact_below=0)
+  some = adaptive.adaptive_softmax(jax.random.key(1), A, x, fudge_z=1.0, **kw, exact_below=0)
   assert int(none.phase_samples[3]) == 0
   assert int(some.phase_samples[3]) > 0
   # Light arms need no pulls: far less than refining every arm to the top would read. (0.25 under the Gumbel-top-d
@@ -220,7 +263,7 @@ def test_paper_normalization_pac_success_over_distinct_queries(family):
     A, _ = synthetic.heavy_tailed_problem(jax.random.key(8), 200, 1000, df=2.5)
     X = jax.random.t(jax.random.key(9), 2.5, (300, 1000))
   res = adaptive.adaptive_softmax(jax.random.key(10), A, X, epsilon=eps, delta=delta, mode="paper",
-                                  normalization="paper")
+                                  normalization="paper", exact_below=0)
   ident, ok = adaptive.success_mask(res, adaptive.exact_logits_batched(A, X), eps)
   lower = stats.binomial_lower_bound(int(ok.sum()), ok.size, confidence=0.99)
   assert lower >= 1 - delta, f"success {int(ok.sum())}/{ok.size} (identified {int(ident.sum())}), lower {lower:.3f}"
@@ -229,6 +272,6 @@ def test_paper_normalization_pac_success_over_distinct_queries(family):
 def test_normalization_is_paper_mode_only_and_named():
   A = jnp.ones((4, 3))
   with pytest.raises(ValueError, match="normalization"):
-    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), normalization="paper")
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), normalization="paper", exact_below=0)
   with pytest.raises(ValueError, match="normalization"):
-    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), mode="paper", normalization="exactish")
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), mode="paper", normalization="exactish", exact_below=0)

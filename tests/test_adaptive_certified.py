@@ -26,7 +26,7 @@ def success_counts(family: synthetic.Family, *, delta: float, epsilon: float = 0
   for p in range(n_problems):
     A, x = family.make(jax.random.key(10_000 + p))
     X = jnp.tile(x, (seeds, 1))
-    res = adaptive.adaptive_softmax(jax.random.key(p), A, X, k=family.k, epsilon=epsilon, delta=delta, **opts)
+    res = adaptive.adaptive_softmax(jax.random.key(p), A, X, k=family.k, epsilon=epsilon, delta=delta, **opts, exact_below=0)
     ident, ok = adaptive.success_mask(res, adaptive.exact_logits_batched(A, X), epsilon)
     ok_total += int(ok.sum())
     ident_total += int(ident.sum())
@@ -150,14 +150,14 @@ def test_user_jit_and_vmap():
   """`jax.jit(lambda x: adaptive_softmax(key, A, x))` works and agrees with the eager call; results are pytrees."""
   A, x = synthetic.planted_problem(jax.random.key(0), 60, 300)
   key = jax.random.key(1)
-  eager = adaptive.adaptive_softmax(key, A, x)
-  jitted = jax.jit(lambda A, x: adaptive.adaptive_softmax(key, A, x))(A, x)
+  eager = adaptive.adaptive_softmax(key, A, x, exact_below=0)
+  jitted = jax.jit(lambda A, x: adaptive.adaptive_softmax(key, A, x, exact_below=0))(A, x)
   for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
   X = jnp.stack([x, -x, 2 * x])
   keys = jax.random.split(key, 3)
-  vm = jax.jit(jax.vmap(lambda k, x: adaptive.adaptive_softmax(k, A, x)))(keys, X)
-  batched = adaptive.adaptive_softmax(key, A, X)
+  vm = jax.jit(jax.vmap(lambda k, x: adaptive.adaptive_softmax(k, A, x, exact_below=0)))(keys, X)
+  batched = adaptive.adaptive_softmax(key, A, X, exact_below=0)
   np.testing.assert_array_equal(np.asarray(vm.indices), np.asarray(batched.indices))
   np.testing.assert_allclose(np.asarray(vm.probs), np.asarray(batched.probs), rtol=1e-5)
 
@@ -166,7 +166,7 @@ def test_phase_samples_add_up_and_winners_exact():
   A, x = synthetic.planted_problem(jax.random.key(3), 200, 2000, k=2)
   X = jnp.stack([x, x * 1.5])
   for mode in ("certified", "paper"):
-    res = adaptive.adaptive_softmax(jax.random.key(4), A, X, k=2, mode=mode)
+    res = adaptive.adaptive_softmax(jax.random.key(4), A, X, k=2, mode=mode, exact_below=0)
     phases = np.asarray(res.phase_samples)
     assert phases.shape == (2, len(core.PHASES)) and (phases >= 0).all()
     np.testing.assert_array_equal(phases.sum(1), np.asarray(res.samples))
@@ -204,12 +204,12 @@ def test_paper_mode_estimator_is_unbiased():
 def test_warmup_validated(warmup):
   A = jnp.ones((4, 1000))
   with pytest.raises(ValueError, match="warmup"):
-    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones((1000,)), warmup=warmup)
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones((1000,)), warmup=warmup, exact_below=0)
 
 
 def test_fudge_factors_are_paper_mode_only():
   A = jnp.ones((4, 10))
   with pytest.raises(ValueError, match="fudge_bandit and fudge_z apply to mode='paper'"):
-    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones((10,)), fudge_bandit=0.5)
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones((10,)), fudge_bandit=0.5, exact_below=0)
   with pytest.raises(ValueError, match="mode must be one of"):
-    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones((10,)), mode="fast")
+    adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones((10,)), mode="fast", exact_below=0)

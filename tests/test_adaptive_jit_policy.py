@@ -21,7 +21,7 @@ KEY = jax.random.key(1)
 def test_traced_scalar_out_of_range_is_flagged(mode):
   """One compiled call per mode; each scalar in turn out of range (NaN too), the others valid."""
   f = jax.jit(lambda s, x: adaptive.adaptive_softmax(KEY, PREP, x, mode=mode, epsilon=s[0], beta=s[1],
-                                                     **({"fudge_bandit": s[2], "fudge_z": s[3]} if mode == "paper" else {})))
+                                                     **({"fudge_bandit": s[2], "fudge_z": s[3]} if mode == "paper" else {}), exact_below=0))
   valid = np.array([0.3, 1.0, 1.0, 1.0], np.float32)
   good = f(jnp.asarray(valid), X)
   assert bool(good.certified) and np.isfinite(np.asarray(good.probs)).all()
@@ -37,7 +37,7 @@ def test_traced_scalar_out_of_range_is_flagged(mode):
 @pytest.mark.parametrize("shared", [False, True])
 def test_non_finite_query_under_jit_is_flagged_per_query(shared):
   Xb = jnp.stack([X, X.at[3].set(jnp.nan), X.at[7].set(jnp.inf)])
-  res = jax.jit(lambda x: adaptive.adaptive_softmax(KEY, PREP, x, shared_order=shared))(Xb)
+  res = jax.jit(lambda x: adaptive.adaptive_softmax(KEY, PREP, x, shared_order=shared, exact_below=0))(Xb)
   cert = np.asarray(res.certified)
   if not shared:
     assert cert[0] and np.isfinite(np.asarray(res.probs[0])).all()
@@ -46,27 +46,27 @@ def test_non_finite_query_under_jit_is_flagged_per_query(shared):
 
 def test_numpy_matrix_closed_over_by_jit():
   A_np, x_np = np.asarray(A), np.asarray(X)
-  eager = adaptive.adaptive_softmax(KEY, A_np, x_np)
-  jitted = jax.jit(lambda x: adaptive.adaptive_softmax(KEY, A_np, x))(jnp.asarray(x_np))
+  eager = adaptive.adaptive_softmax(KEY, A_np, x_np, exact_below=0)
+  jitted = jax.jit(lambda x: adaptive.adaptive_softmax(KEY, A_np, x, exact_below=0))(jnp.asarray(x_np))
   np.testing.assert_array_equal(np.asarray(eager.indices), np.asarray(jitted.indices))
   np.testing.assert_allclose(np.asarray(eager.probs), np.asarray(jitted.probs), rtol=1e-6)
 
 
 def test_grad_raises_a_clear_error():
   with pytest.raises(TypeError, match="not differentiable"):
-    jax.grad(lambda x: adaptive.adaptive_softmax(KEY, PREP, x).probs[0])(X)
+    jax.grad(lambda x: adaptive.adaptive_softmax(KEY, PREP, x, exact_below=0).probs[0])(X)
 
 
 @pytest.mark.parametrize("key", [0, np.uint32(3), "key", jnp.zeros((3,), jnp.uint32)])
 def test_key_must_be_a_prng_key(key):
   with pytest.raises(ValueError, match="key must be a PRNG key"):
-    adaptive.adaptive_softmax(key, PREP, X)
+    adaptive.adaptive_softmax(key, PREP, X, exact_below=0)
 
 
 @pytest.mark.parametrize("name", ["shared_order", "exact_winners", "exact_rows", "check_finite"])
 def test_boolean_options_must_be_bools(name):
   with pytest.raises(ValueError, match=name):
-    adaptive.adaptive_softmax(KEY, PREP, X, **{name: "yes"})
+    adaptive.adaptive_softmax(KEY, PREP, X, **{name: "yes"}, exact_below=0)
 
 
 def test_legacy_uint32_key_is_accepted():

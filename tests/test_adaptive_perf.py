@@ -46,7 +46,7 @@ def test_compiled_program_has_no_n_by_d_intermediate(mode, batch, shared_order):
   X = jnp.tile(x, (batch, 1)) if batch > 1 else x
 
   def f(prep, X):
-    return adaptive.adaptive_softmax(jax.random.key(1), prep, X, mode=mode, shared_order=shared_order)
+    return adaptive.adaptive_softmax(jax.random.key(1), prep, X, mode=mode, shared_order=shared_order, exact_below=0)
 
   hlo = jax.jit(f).lower(prep, X).compile().as_text()
   assert f"f32[{N},{D}]" in hlo  # the input is there: the pattern would see a temporary
@@ -59,8 +59,8 @@ def test_shared_order_identical_queries_equal_single_query():
   A, x = synthetic.heavy_tailed_problem(jax.random.key(3), 120, 700, df=3.0, planted_gap=1.0)
   key = jax.random.key(9)
   for mode in ("certified", "paper"):
-    single = adaptive.adaptive_softmax(key, A, x, k=2, mode=mode)
-    shared = adaptive.adaptive_softmax(key, A, jnp.stack([x, x, x]), k=2, mode=mode, shared_order=True)
+    single = adaptive.adaptive_softmax(key, A, x, k=2, mode=mode, exact_below=0)
+    shared = adaptive.adaptive_softmax(key, A, jnp.stack([x, x, x]), k=2, mode=mode, shared_order=True, exact_below=0)
     for i in range(3):
       np.testing.assert_array_equal(np.asarray(shared.indices[i]), np.asarray(single.indices))
       np.testing.assert_allclose(np.asarray(shared.probs[i]), np.asarray(single.probs), rtol=1e-5)
@@ -83,7 +83,7 @@ def test_shared_order_keeps_the_per_query_guarantee():
     noise = jax.random.t(jax.random.key(p), 2.5, (4, x.shape[0]))
     mask = jax.random.uniform(jax.random.key(p + 1), (4, x.shape[0])) < 0.3
     X = jnp.concatenate([x[None], jnp.where(mask, noise, x[None])])
-    res = adaptive.adaptive_softmax(jax.random.key(p), A, X, epsilon=eps, delta=delta, shared_order=True)
+    res = adaptive.adaptive_softmax(jax.random.key(p), A, X, epsilon=eps, delta=delta, shared_order=True, exact_below=0)
     _, ok = adaptive.success_mask(res, adaptive.exact_logits_batched(A, X), eps)
     ok_total += int(ok.sum())
     trials += X.shape[0]
@@ -98,8 +98,8 @@ def test_bf16_storage_accumulates_in_f32(mode):
   A16 = A.astype(jnp.bfloat16)
   A32 = A16.astype(jnp.float32)
   X = jnp.stack([x, 0.5 * x])
-  r16 = adaptive.adaptive_softmax(jax.random.key(5), A16, X, k=2, mode=mode)
-  r32 = adaptive.adaptive_softmax(jax.random.key(5), A32, X, k=2, mode=mode)
+  r16 = adaptive.adaptive_softmax(jax.random.key(5), A16, X, k=2, mode=mode, exact_below=0)
+  r32 = adaptive.adaptive_softmax(jax.random.key(5), A32, X, k=2, mode=mode, exact_below=0)
   assert r16.probs.dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(r16.indices), np.asarray(r32.indices))
   np.testing.assert_array_equal(np.asarray(r16.samples), np.asarray(r32.samples))
@@ -109,7 +109,7 @@ def test_bf16_storage_accumulates_in_f32(mode):
 
 def test_result_is_a_pure_pytree_of_arrays():
   A, x = synthetic.planted_problem(jax.random.key(6), 50, 300)
-  res = jax.jit(lambda x: adaptive.adaptive_softmax(jax.random.key(0), A, x, shared_order=True))(jnp.stack([x, x]))
+  res = jax.jit(lambda x: adaptive.adaptive_softmax(jax.random.key(0), A, x, shared_order=True, exact_below=0))(jnp.stack([x, x]))
   leaves, treedef = jax.tree.flatten(res)
   assert all(isinstance(a, jax.Array) for a in leaves) and len(leaves) == len(core.AdaptiveResult._fields)
   assert jax.tree.unflatten(treedef, leaves).indices.shape == (2, 1)
@@ -133,8 +133,8 @@ def test_exact_rows_trades_samples_for_full_rows_and_keeps_the_answer(mode):
   A, x = _exact_rows_problem()
   X = jnp.stack([x, 0.9 * x, 1.1 * x])
   logits = adaptive.exact_logits_batched(A, X)
-  base = adaptive.adaptive_softmax(jax.random.key(3), A, X, mode=mode)
-  fast = adaptive.adaptive_softmax(jax.random.key(3), A, X, mode=mode, exact_rows=True)
+  base = adaptive.adaptive_softmax(jax.random.key(3), A, X, mode=mode, exact_below=0)
+  fast = adaptive.adaptive_softmax(jax.random.key(3), A, X, mode=mode, exact_rows=True, exact_below=0)
   assert np.all(np.asarray(fast.samples) >= np.asarray(base.samples))
   assert np.all(np.asarray(fast.rounds) <= np.asarray(base.rounds))
   ident, ok = adaptive.success_mask(fast, logits, 0.3)
@@ -149,8 +149,8 @@ def test_cost_model_picks_full_rows_when_cheaper(monkeypatch):
   monkeypatch.setitem(core._READ_COST, "segment", 100.0)
   jax.clear_caches()  # the cost is read when the program is traced
   A, x = _exact_rows_problem()
-  base = adaptive.adaptive_softmax(jax.random.key(3), A, x)
-  fast = adaptive.adaptive_softmax(jax.random.key(3), A, x, exact_rows=True)
+  base = adaptive.adaptive_softmax(jax.random.key(3), A, x, exact_below=0)
+  fast = adaptive.adaptive_softmax(jax.random.key(3), A, x, exact_rows=True, exact_below=0)
   jax.clear_caches()
   assert int(fast.samples) > int(base.samples), "full rows were never chosen"
   assert int(fast.indices[0]) == int(base.indices[0]) == 0
@@ -167,7 +167,7 @@ def test_exact_rows_keeps_the_certified_guarantee_on_hard_families():
     for p in range(60):
       A, x = fams[name].make(jax.random.key(40_000 + p))
       X = jnp.tile(x, (5, 1))
-      res = adaptive.adaptive_softmax(jax.random.key(p), A, X, delta=0.1, exact_rows=True)
+      res = adaptive.adaptive_softmax(jax.random.key(p), A, X, delta=0.1, exact_rows=True, exact_below=0)
       ok_total += int(adaptive.success_mask(res, adaptive.exact_logits_batched(A, X), 0.3)[1].sum())
       trials += 5
     lower = stats.binomial_lower_bound(ok_total, trials, confidence=0.99)
@@ -182,7 +182,7 @@ def test_compiled_program_has_no_n_by_d_intermediate_with_every_read_path(exact_
 
   def f(prep, x):
     return adaptive.adaptive_softmax(jax.random.key(1), prep, x, mode="paper", normalization="paper",
-                                     exact_rows=exact_rows)
+                                     exact_rows=exact_rows, exact_below=0)
 
   hlo = jax.jit(f).lower(prep, x).compile().as_text()
   bad = _nd_intermediates(hlo, N, D)

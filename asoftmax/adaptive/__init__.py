@@ -7,6 +7,7 @@
 """
 
 from asoftmax.adaptive.core import (
+    EXACT_BELOW,
     ORDERS,
     AdaptiveConfig,
     AdaptiveResult,
@@ -28,7 +29,7 @@ from asoftmax.adaptive.tuning import (
 )
 
 __all__ = [
-    "ORDERS", "AdaptiveConfig", "AdaptiveResult", "ExactResult", "PreparedMatrix", "TuneResult", "adaptive_softmax",
+    "EXACT_BELOW", "ORDERS", "AdaptiveConfig", "AdaptiveResult", "ExactResult", "PreparedMatrix", "TuneResult", "adaptive_softmax",
     "conformal_fudge", "default_warmup", "exact_logits_batched", "gaussian_problem", "make_config", "planted_problem", "prepare_matrix",
     "softmax_topk", "success_mask", "toy_problem", "tune_and_evaluate", "tune_fudge",
 ]

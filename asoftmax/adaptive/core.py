@@ -98,6 +98,12 @@ HEAD_BLOCK = 256  # about this many coordinates per block when the head is searc
 # the cheapest path that holds its moving arms.
 _READ_COST = {"slab": 2.7, "rows": 2.6, "segment": 5.0}
 
+# Problems with n * d at most this many products are computed exactly by default (`exact_below`): there a call's
+# rounds cost more than the whole `A @ x`. Measured on XLA:CPU (configs/adaptive/wallclock.py, batch 1): the
+# rounds of one call take about 0.3-0.7 ms whatever the samples, the streamed GEMV about 1.7e-7 ms per product,
+# so the algorithm was slower than `A @ x` in every cell with n * d <= 1e6 and faster in most with n * d >= 1e7.
+EXACT_BELOW = 4_000_000
+
 
 # ============================================================================================ the matrix
 class PreparedMatrix(NamedTuple):
@@ -209,6 +215,7 @@ class AdaptiveConfig:
     shared_order: one coordinate order for the whole batch (else one per query).
     normalization: paper mode's partition function: "bracket" or "paper" (Algorithm 2).
     exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
+    exact: the problem is small (n * d <= exact_below): the call computes `A x` exactly, no sampling.
     growth: ratio of consecutive levels.
     c: constant in paper mode's union-bound log term.
   """
@@ -228,6 +235,7 @@ class AdaptiveConfig:
   shared_order: bool = False
   normalization: str = "bracket"
   exact_rows: bool = False
+  exact: bool = False
   growth: float = 2.0
   c: float = 6.0
 
@@ -282,12 +290,13 @@ def make_config(
     shared_order: bool = False,
     normalization: str = "bracket",
     exact_rows: bool = False,
+    exact_below: int = EXACT_BELOW,
 ) -> AdaptiveConfig:
   """Builds the static schedule (pull levels, survivor buffers) for an (n, d) problem.
 
   Raises:
     ValueError: `n`, `d` not integers >= 1, `k` not in [1, n], `delta` not in (0, 1), `warmup` not an
-      integer in [1, d], `growth <= 1`, `min_cap` < 1, `cap_ratio` < 2, `head_size` < 0, unknown
+      integer in [1, d], `exact_below` not an integer >= 0, `growth <= 1`, `min_cap` < 1, `cap_ratio` < 2, `head_size` < 0, unknown
       `mode`/`order`/`normalization`, a boolean option that is not a bool.
   """
   n, d = checks.pos_int("n", n), checks.pos_int("d", d)
@@ -296,6 +305,7 @@ def make_config(
   min_cap = checks.pos_int("min_cap", min_cap)
   cap_ratio = checks.pos_int("cap_ratio", cap_ratio, lo=2)
   head_size = checks.pos_int("head_size", head_size, lo=0)
+  exact_below = checks.pos_int("exact_below", exact_below, lo=0)
   checks.one_of("mode", mode, MODES)
   checks.one_of("order", order, ORDERS)
   checks.one_of("normalization", normalization, NORMALIZATIONS)
@@ -321,7 +331,7 @@ def make_config(
       n=n, d=d, k=k, delta=float(delta), mode=mode, order=order, levels=tuple(levels), caps=caps,
       z_capacity=zc, exact_winners=bool(exact_winners), head_ratio=float(head_ratio), head_size=head_size,
       shared_order=bool(shared_order), normalization=normalization, exact_rows=bool(exact_rows),
-      growth=float(growth),
+      exact=n * d <= exact_below, growth=float(growth),
   )
 
 
@@ -1027,6 +1037,30 @@ def _group(key, prep: PreparedMatrix, X, ctx: _Ctx, cfg: AdaptiveConfig) -> Adap
   return _result(win, win_logits, log_p, log_z, (s_warm, s_elim, s_win, s_all), ok & finite_x, rounds)
 
 
+def _exact_group(prep: PreparedMatrix, X, ctx: _Ctx, cfg: AdaptiveConfig) -> AdaptiveResult:
+  """A small problem (`cfg.exact`): `beta * A x` in full (one GEMV / GEMM), its top-k and logsumexp.
+
+  The product computes all `n * d` entries (samples, counted as warm-up); the probabilities are exact, so
+  `certified` is True where log Z is finite (a NaN/inf query makes it NaN/inf: flagged)."""
+  B = X.shape[0]
+  if B == 1:  # 1-D: XLA:CPU reduces a (1, n) row far slower than an (n,) vector
+    logits = ctx.beta * (prep.A.astype(X.dtype) @ X[0])
+    log_z = jax.nn.logsumexp(logits)[None]
+    top, win = (a[None] for a in jax.lax.top_k(logits, cfg.k))
+  else:
+    logits = ctx.beta * _full_dot(prep.A, X)  # (B, n)
+    log_z = jax.nn.logsumexp(logits, axis=1)
+    top, win = jax.lax.top_k(logits, cfg.k)  # sorted, descending
+  ok = jnp.isfinite(log_z)
+  nan = jnp.asarray(jnp.nan, logits.dtype)
+  all_read = jnp.full((B,), cfg.n * cfg.d, jnp.int32)
+  zero = jnp.zeros((B,), jnp.int32)
+  return AdaptiveResult(indices=win.astype(jnp.int32), probs=jnp.where(ok[:, None], jnp.exp(top - log_z[:, None]), nan),
+                        log_z=jnp.where(ok, log_z, nan), samples=all_read,
+                        phase_samples=jnp.stack([all_read, zero, zero, zero], axis=1), logits=top, certified=ok,
+                        rounds=zero)
+
+
 def _valid_scalars(eps, beta, fudge_b, fudge_z):
   """Traced scalars in range (eps in (0, 1), the others positive and finite)."""
   fin = lambda v: jnp.isfinite(v)  # noqa: E731
@@ -1045,7 +1079,9 @@ def _batched(keys, prep: PreparedMatrix, X, eps, beta, fudge_b, fudge_z, cfg):
   one = jnp.ones((), X.dtype)
   ctx = _Ctx(beta=jnp.where(ok, beta, one), fudge_b=jnp.where(ok, fudge_b, one), fudge_z=jnp.where(ok, fudge_z, one),
              eps=jnp.where(ok, eps, 0.5 * one), log_term=_log_term(cfg, X.dtype))
-  if cfg.shared_order or X.shape[0] == 1:
+  if cfg.exact:
+    res = _exact_group(prep, X, ctx, cfg)
+  elif cfg.shared_order or X.shape[0] == 1:
     res = _group(keys[0], prep, X, ctx, cfg)
   else:
     res = jax.lax.map(lambda kx: jax.tree.map(lambda a: a[0], _group(kx[0], prep, kx[1][None], ctx, cfg)),
@@ -1096,6 +1132,7 @@ def adaptive_softmax(
     shared_order: bool = False,
     normalization: str = "bracket",
     exact_rows: bool = False,
+    exact_below: int = EXACT_BELOW,
     check_finite: bool = True,
 ) -> AdaptiveResult:
   r"""PAC top-k softmax of `beta * A x` by adaptive sampling.
@@ -1112,7 +1149,9 @@ def adaptive_softmax(
   only as far as the tuning split represents the test queries.
 
   Cost: two O(d) passes over `x` and O(256 * head_size) for the head, plus the products read (no sort
-  of the d coordinates, no d random draws); prepare `A` once (`prepare_matrix`) and pass the result.
+  of the d coordinates, no d random draws); prepare `A` once (`prepare_matrix`) and pass the result. Small
+  problems (`n * d <= exact_below`, default 4e6) are computed exactly instead: there the rounds' fixed cost
+  (about 0.3-0.7 ms on CPU) exceeds the whole `A @ x`.
 
   Args:
     key: a `jax.random.key`: the start of the tail order. A single query uses it directly; query i of a batch
@@ -1147,6 +1186,10 @@ def adaptive_softmax(
       `log Z = logsumexp(mu_hat)`); `fudge_z` scales the variances.
     exact_rows: when True, a round reads the full rows of its moving arms (they become exact) whenever
       that costs less wall-clock than their new columns (`_READ_COST`): more samples, less time.
+    exact_below: problems with `n * d <= exact_below` are computed exactly (`A x` in full: exact top-k,
+      probabilities and log Z, `samples = n * d`, `rounds = 0`); default `EXACT_BELOW` (4e6 products,
+      where a call's rounds cost more than the whole `A @ x` on XLA:CPU: configs/adaptive/wallclock.py).
+      Pass 0 to always run the algorithm (studies of its sample complexity; the paper tables do).
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).
 
@@ -1165,11 +1208,13 @@ def adaptive_softmax(
     >>> from asoftmax import adaptive
     >>> A, x = adaptive.gaussian_problem(jax.random.key(0), 100, 10_000)  # paper Fig. 2b: row 0 stands out
     >>> prep = adaptive.prepare_matrix(A)  # once per matrix
-    >>> res = adaptive.adaptive_softmax(jax.random.key(1), prep, x, k=1)
+    >>> res = adaptive.adaptive_softmax(jax.random.key(1), prep, x, k=1, exact_below=0)  # sample even when small
     >>> int(res.indices[0]), bool(res.certified)
     (0, True)
     >>> int(res.samples) < 0.5 * 100 * 10_000
     True
+    >>> int(adaptive.adaptive_softmax(jax.random.key(1), prep, x).samples)  # default: n * d <= 4e6 is exact
+    1000000
   """
   key = _check_key("key", key)
   prep = prepare_matrix(A)
@@ -1204,7 +1249,7 @@ def adaptive_softmax(
   cfg = make_config(n, d, k=k, delta=delta, mode=mode, order=order, warmup=warmup, growth=growth,
                     z_capacity=z_capacity, exact_winners=exact_winners, head_ratio=head_ratio, head_size=head_size,
                     shared_order=bool(shared_order) and x.ndim == 2, normalization=normalization,
-                    exact_rows=exact_rows)
+                    exact_rows=exact_rows, exact_below=exact_below)
   if normalization != "bracket" and mode != "paper":
     raise ValueError(f"normalization={normalization!r} applies to mode='paper' only (got mode={mode!r})")
   single = x.ndim == 1

@@ -218,7 +218,8 @@ def adaptive_softmax(key: jax.Array, prep: ShardedMatrix, x, mesh, *, k: int = 1
     k, epsilon, delta, beta: as in `adaptive.adaptive_softmax` (delta is the total over all shards).
     data_axis: optional mesh axis that splits the queries (b padded to a multiple of its size).
     **options: passed to every shard's `adaptive.adaptive_softmax` (mode, order, warmup, head_size, growth,
-      z_capacity, fudge_bandit, fudge_z, normalization, exact_rows); `exact_winners` is always True, and
+      z_capacity, fudge_bandit, fudge_z, normalization, exact_rows, exact_below: a shard with
+      `n_s * d <= exact_below` computes its rows exactly); `exact_winners` is always True, and
       `shared_order` is not supported (keys are per query).
 
   Returns:
@@ -252,7 +253,8 @@ def adaptive_softmax(key: jax.Array, prep: ShardedMatrix, x, mesh, *, k: int = 1
   beta = beta if checks.is_traced(beta) else checks.positive("beta", beta)
   # The options' own checks: one host-side call of the one-device config builder.
   opt_cfg = {kk: v for kk, v in options.items() if kk in ("mode", "order", "warmup", "growth", "z_capacity",
-                                                         "head_ratio", "head_size", "normalization", "exact_rows")}
+                                                         "head_ratio", "head_size", "normalization", "exact_rows",
+                                                         "exact_below")}
   unknown = set(options) - set(opt_cfg) - {"fudge_bandit", "fudge_z"}
   if unknown:
     raise ValueError(f"unknown options {sorted(unknown)}")

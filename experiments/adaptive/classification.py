@@ -134,7 +134,8 @@ def adaptive_rows(config, rng: jax.Array, A: np.ndarray, X: np.ndarray, base: di
                                    delta=delta, n_tune=config.n_tune, beta=config.beta, order=config.order,
                                    progress=False, mode="paper" if mode == "paper-conformal" else mode,
                                    rule="conformal" if mode == "paper-conformal" else "binary",
-                                   split=str(config.get("tune_split", "random")))
+                                   split=str(config.get("tune_split", "random")),
+                                   exact_below=0)  # the paper's tables study the algorithm: always sample
     row = {
         **base, "mode": mode, "phases": common.phase_split(r["phase_samples_mean"]),
         "phase_samples_mean": r["phase_samples_mean"], "n": n, "d": d, "nnz_mean": nnz, "k": k, "epsilon": config.epsilon, "delta": delta,

@@ -148,7 +148,7 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
   X_eval = np.asarray(X_eval, np.float32)
   logits = adaptive.exact_logits_batched(prep, X_eval, beta)
   res = adaptive.adaptive_softmax(key, prep, X_eval, k=k, epsilon=epsilon, delta=delta, beta=beta, order=order,
-                                  warmup=warmup, mode="paper", check_finite=False)
+                                  warmup=warmup, mode="paper", check_finite=False, exact_below=0)
   ident, ok = adaptive.success_mask(res, logits, epsilon)
   lg = logits.astype(np.float64)
   lz = logsumexp(lg, axis=1)
@@ -262,7 +262,7 @@ def run(config, workdir, rng) -> registry.Output:
       r = adaptive.tune_and_evaluate(key, prep, X, k=k, epsilon=config.epsilon, delta=delta, n_tune=config.n_tune,
                                      beta=config.beta, order=config.order, progress=False,
                                      warmup=warmup, mode=alg_mode, tune_confidence=tune_conf or None, rule=rule,
-                                     split=tune_split)
+                                     split=tune_split, exact_below=0)  # the paper's tables: always sample
     else:
       r = evaluate_untuned(key, prep, X[config.n_tune:], k=k, epsilon=config.epsilon, delta=delta, beta=config.beta,
                            order=config.order, warmup=warmup)
