@@ -76,7 +76,10 @@ def render_table(res: dict, exp: registry.Experiment) -> str:
   wall = res.get("wall_s")
   lines.append(
       f"Config `{res.get('config_name')}`, seed {res.get('seed')}, device {res.get('device')}, "
-      f"jax {res.get('jax_version')}, wall-clock {'–' if wall is None else f'{wall:.1f} s'}"
+      f"jax {res.get('jax_version')}, "
+      + (f"mesh {res['mesh']['axis_sizes']} ({res['mesh']['devices']} device(s)), "
+         if (res.get("mesh") or {}).get("axis_sizes") else "")
+      + f"wall-clock {'–' if wall is None else f'{wall:.1f} s'}"
       + (f", load average {res['load_average'][0]:g} → {res['load_average'][1]:g} on {res.get('cpu_count')} CPUs"
          if res.get("load_average") else "") + ".")
   if res.get("provenance"):
