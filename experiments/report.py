@@ -48,6 +48,7 @@ README_SNAPSHOTS = (
     ("docs/results/rf_classification", "configs/rff/classification.py"),
     ("docs/results/rf_time_to_accuracy", "configs/rff/time_to_accuracy.py"),  # variant :n1e5, priors=('zipf',)
     ("docs/results/rf_time_to_accuracy_1e6", "configs/rff/time_to_accuracy.py"),  # variant :n1e6
+    ("docs/results/sharded_head_target", "configs/sharded/scaleout.py"),  # variant :target (8 forced devices)
 )
 
 

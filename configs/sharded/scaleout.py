@@ -17,8 +17,9 @@ top-1 is the host float32 GEMM; one host copy of A, dropped once the sharded cop
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu taskset -c 0 \
       python -m experiments.run --config configs/sharded/scaleout.py:target --workdir docs/results/sharded_head_target
 
-Time (measured, CPU, 2 shared cores, 8 forced devices): full with `head=32064,4096` ~15 min; target: see its
-results.json (wall_s); smoke ~10 s.
+Time (measured, CPU, 2 shared cores, 8 forced devices): full with `head=32064,4096` ~15 min; target 7.5 min
+(430 s in the experiment at load 5.6-10.6, peak RSS 11.2 GB: A's host copy 2.1 GB until sharded, the sharded copy
+2.1 GB, the prepared matrix 6.0 GB, and the one-time finiteness scan of A in `sharded.prepare_matrix`); smoke ~10 s.
 """
 
 import ml_collections
