@@ -56,6 +56,7 @@ class ShardedTree:
   num_classes: int = struct.field(pytree_node=False)
   bucket: int = struct.field(pytree_node=False)
   axis: str = struct.field(pytree_node=False)
+  shards: int = struct.field(pytree_node=False, default=0)  # the size of `axis` it was built for
 
   def local_buckets(self, S: int) -> int:
     return self.nodes.shape[0] // (2 * S)
@@ -90,7 +91,7 @@ def build_tree(leaf_features, mesh, *, axis: str = "classes", bucket: int = 1) -
   feats = _mesh.pad_axis(jnp.asarray(leaf_features, jnp.float32), 0, Pb * bucket)
   counts = (jnp.arange(Pb * bucket) < n).astype(jnp.float32)
   nodes, cnt = _build(feats, counts, mesh, axis, bucket)
-  return ShardedTree(nodes, cnt, n, bucket, axis)
+  return ShardedTree(nodes, cnt, n, bucket, axis, S)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis", "bucket"))
@@ -209,8 +210,9 @@ def _check(query_features, tree, kappa, mesh, data_axis):
   if data_axis == tree.axis:
     raise ValueError(f"data_axis must differ from the class axis, both are {data_axis!r}")
   S, D = _mesh.axis_size(mesh, tree.axis), _mesh.axis_size(mesh, data_axis)
-  if tree.nodes.shape[0] % (2 * S) or tree.local_buckets(S) & (tree.local_buckets(S) - 1):
-    raise ValueError(f"tree was built for another size of mesh axis {tree.axis!r} (now {S}): rebuild it")
+  if tree.shards != S or tree.nodes.shape[0] % (2 * S) or tree.local_buckets(S) & (tree.local_buckets(S) - 1):
+    raise ValueError(f"tree was built for {tree.shards} shards of mesh axis {tree.axis!r}, this mesh's has {S}: "
+                     "rebuild it on this mesh")
   checks.floating_array("query_features", query_features, 2)
   if query_features.shape[1] != tree.nodes.shape[1]:
     raise ValueError(f"query_features has {query_features.shape[1]} features, the tree's nodes have "
