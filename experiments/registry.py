@@ -46,6 +46,8 @@ class Experiment:
     title: a one-line title for table.md.
     readme: optional `readme(results) -> [tables.ReadmeRow]`: README's results rows (one headline number
       per cell) from a saved results dict; used by `python -m experiments.report --readme`.
+    mesh: True if `run` takes `mesh=` (the `jax.sharding.Mesh` the launcher builds from `config.mesh`, or None
+      for one device); a config with a mesh for an experiment without it is refused.
   """
 
   name: str
@@ -55,6 +57,7 @@ class Experiment:
   title: str = ""
   tables: Sequence[Any] = ()
   readme: Callable[[dict], list[Any]] | None = None
+  mesh: bool = False
 
 
 _MODULES = {

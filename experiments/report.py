@@ -48,6 +48,7 @@ README_SNAPSHOTS = (
     ("docs/results/rf_classification", "configs/rff/classification.py"),
     ("docs/results/rf_time_to_accuracy", "configs/rff/time_to_accuracy.py"),  # variant :n1e5, priors=('zipf',)
     ("docs/results/rf_time_to_accuracy_1e6", "configs/rff/time_to_accuracy.py"),  # variant :n1e6
+    ("docs/results/sharded_head_target", "configs/sharded/scaleout.py"),  # variant :target (8 forced devices)
 )
 
 
@@ -76,7 +77,10 @@ def render_table(res: dict, exp: registry.Experiment) -> str:
   wall = res.get("wall_s")
   lines.append(
       f"Config `{res.get('config_name')}`, seed {res.get('seed')}, device {res.get('device')}, "
-      f"jax {res.get('jax_version')}, wall-clock {'–' if wall is None else f'{wall:.1f} s'}"
+      f"jax {res.get('jax_version')}, "
+      + (f"mesh {res['mesh']['axis_sizes']} ({res['mesh']['devices']} device(s)), "
+         if (res.get("mesh") or {}).get("axis_sizes") else "")
+      + f"wall-clock {'–' if wall is None else f'{wall:.1f} s'}"
       + (f", load average {res['load_average'][0]:g} → {res['load_average'][1]:g} on {res.get('cpu_count')} CPUs"
          if res.get("load_average") else "") + ".")
   if res.get("provenance"):

@@ -21,6 +21,13 @@ config's own default with $ASOFTMAX_DATA_DIR unset) must exist, else the run exi
 (`check_user_paths`); defaults the user did not give keep their fallback ("not run" rows, built-in data). One run
 at a time per workdir: a run holds an advisory lock on DIR/.lock (`fcntl.flock`), and a second run exits non-zero
 naming the workdir.
+
+`config.mesh` (optional; absent or an empty `shape`: one device, no mesh) names a device mesh: `shape` (axis sizes)
+and `axis_names`, e.g. `--config.mesh.shape="(8,)" --config.mesh.axis_names="('vocab',)"`. The launcher builds it
+with `jax.make_mesh` (Auto axes, the first prod(shape) of `jax.devices()`), hands it to experiments that declare
+`mesh=True` as `run(config, workdir, rng, mesh=mesh)`, and records it in results.json (`"mesh"`: axis sizes and
+device count). Devices that do not exist, or a mesh for an experiment that does not take one, exit non-zero naming
+`config.mesh` before anything runs (on one machine: `XLA_FLAGS=--xla_force_host_platform_device_count=8`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file, optionally with `:arg` (e.g. `:smoke`).", lock_config=True
+    "config", None, "Path to a config file, optionally with `:arg` (e.g. `:smoke`). Fields are overridden with "
+    "`--config.<field>=value`; `config.mesh` (shape, axis_names; absent or empty: one device) is the device mesh the "
+    "launcher builds with jax.make_mesh for experiments that run sharded, e.g. --config.mesh.shape='(8,)' "
+    "--config.mesh.axis_names=\"('vocab',)\" (needs 8 devices: on CPU "
+    "XLA_FLAGS=--xla_force_host_platform_device_count=8).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: results/<config name>)."
@@ -140,6 +151,50 @@ def stale_outputs(workdir: str) -> list[str]:
                 if f in names or f.endswith((".png", ".pdf", ".svg")))
 
 
+class MeshError(ValueError):
+  """`config.mesh` cannot be built (bad fields, missing devices) or the experiment does not run on a mesh."""
+
+
+def build_mesh(config):
+  """The `jax.sharding.Mesh` that `config.mesh` names, or None (no field, or an empty shape: one device).
+
+  Raises:
+    MeshError: naming `config.mesh`: sizes not positive integers, names not distinct non-empty strings (one per
+      axis), or more devices than `jax.devices()` has.
+  """
+  spec = config.get("mesh")
+  if spec is None:
+    return None
+  shape, names = spec.get("shape", ()), spec.get("axis_names", ())
+  shape = (shape,) if isinstance(shape, int) else tuple(shape or ())
+  names = (names,) if isinstance(names, str) else tuple(names or ())
+  if not shape and not names:
+    return None
+  if (not shape or len(shape) != len(names) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape)
+      or any(not isinstance(a, str) or not a for a in names) or len(set(names)) != len(names)):
+    raise MeshError(f"config.mesh must give positive integer sizes (shape) and one distinct non-empty name per axis "
+                    f"(axis_names), e.g. shape=(8,), axis_names=('vocab',); got shape={shape}, axis_names={names}")
+  import jax
+  import numpy as np
+
+  devices = jax.devices()
+  need = int(np.prod(shape))
+  if need > len(devices):
+    raise MeshError(f"config.mesh asks for {need} devices (shape {shape}, axes {names}) but this process has "
+                    f"{len(devices)} ({devices[0].platform}); on one machine start it with "
+                    f"XLA_FLAGS=--xla_force_host_platform_device_count={need} JAX_PLATFORMS=cpu, or pass a smaller "
+                    "--config.mesh.shape")
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape), devices=devices[:need])
+
+
+def mesh_record(mesh) -> dict:
+  """What results.json records of the mesh: axis sizes and device count (one device when there is none)."""
+  if mesh is None:
+    return {"axis_sizes": {}, "devices": 1}
+  return {"axis_sizes": {a: int(s) for a, s in mesh.shape.items()}, "devices": int(mesh.devices.size),
+          "device_kind": f"{mesh.devices.flat[0].platform}:{getattr(mesh.devices.flat[0], 'device_kind', '')}"}
+
+
 class WorkdirBusy(RuntimeError):
   """Another run holds the workdir's lock (DIR/.lock)."""
 
@@ -225,6 +280,7 @@ def execute(config, workdir: str, config_name: str = "") -> dict:
 
   Raises:
     FileNotFoundError: a path the user gave does not exist (checked before anything runs).
+    MeshError: `config.mesh` cannot be built here, or the experiment does not run on a mesh (checked before).
     WorkdirBusy: another run holds the workdir.
   """
   check_user_paths(config, config_name)
@@ -234,12 +290,16 @@ def execute(config, workdir: str, config_name: str = "") -> dict:
   from experiments import registry
 
   exp = registry.get(config.experiment)
+  mesh = build_mesh(config)
+  if mesh is not None and not exp.mesh:
+    raise MeshError(f"config.mesh is set but experiment {exp.name!r} does not run on a mesh (those that do: "
+                    f"{[n for n in registry.names() if registry.get(n).mesh]})")
   os.makedirs(workdir, exist_ok=True)
   with workdir_lock(workdir):
-    return _execute_locked(config, workdir, config_name, exp, jax, results_lib)
+    return _execute_locked(config, workdir, config_name, exp, jax, results_lib, mesh)
 
 
-def _execute_locked(config, workdir, config_name, exp, jax, results_lib) -> dict:
+def _execute_locked(config, workdir, config_name, exp, jax, results_lib, mesh=None) -> dict:
   from experiments import report
 
   # Outputs of an earlier run (results, table, plots) must not survive a crash of this one beside the new config.
@@ -250,7 +310,7 @@ def _execute_locked(config, workdir, config_name, exp, jax, results_lib) -> dict
   started = datetime.datetime.now(datetime.timezone.utc)
   load_start = os.getloadavg()[0]
   t0 = time.perf_counter()
-  out = exp.run(config, workdir, rng)
+  out = exp.run(config, workdir, rng, mesh=mesh) if exp.mesh else exp.run(config, workdir, rng)
   wall = time.perf_counter() - t0
   dev = jax.devices()[0]
   res = {
@@ -264,6 +324,7 @@ def _execute_locked(config, workdir, config_name, exp, jax, results_lib) -> dict
       # 1-minute load average of the machine at start and end (other jobs slow wall-clock columns).
       "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
       "cpu_count": os.cpu_count(),
+      "mesh": mesh_record(mesh),  # config.mesh as built: axis sizes and device count
       "config": config.to_dict(),  # the resolved config (older snapshots lack it)
       "notes": out.notes,
       "rows": out.rows,
@@ -290,7 +351,7 @@ def main(argv):
   logging.info("experiment %s -> %s", _CONFIG.value.experiment, workdir)
   try:
     res = execute(_CONFIG.value, workdir, config_name=name)
-  except (FileNotFoundError, WorkdirBusy) as e:  # a path the user gave does not exist, or a busy workdir
+  except (FileNotFoundError, MeshError, WorkdirBusy) as e:  # a missing path or device, or a busy workdir
     raise SystemExit(f"error: {e}") from None
   print(f"wrote {len(res['rows'])} rows to {workdir}/results.json, table.md")
 

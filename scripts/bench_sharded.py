@@ -35,6 +35,7 @@ def main():
   config = registry.load_config("configs/sharded/scaleout.py")
   with config.unlocked() if hasattr(config, "unlocked") else _null():
     config.devices, config.workloads = tuple(args.devices), tuple(args.workloads)
+    config.mesh.shape = (max(args.devices),)  # the launcher's mesh: the largest count (an error if missing)
     config.head, config.queries, config.adaptive = tuple(args.head), args.queries, not args.no_adaptive
     config.classes, config.draws, config.cache_keys, config.repeats = args.classes, args.draws, args.keys, args.repeats
   load = os.getloadavg()[0]

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asoftmax import adaptive, rff, topk
+from asoftmax import adaptive, rff, sharded, topk
 
-PACKAGES = {"adaptive": adaptive, "topk": topk, "rff": rff}
+PACKAGES = {"adaptive": adaptive, "topk": topk, "rff": rff, "sharded": sharded}
 SETTINGS = hypothesis.settings(max_examples=1, deadline=None, derandomize=True, database=None,
                                suppress_health_check=list(hypothesis.HealthCheck))
 ONE = hypothesis.settings(SETTINGS, max_examples=1)  # the compile-bound checks (dtypes, jit)
@@ -171,6 +171,44 @@ class Bool:
 class Choice:
   def bad(self, x):
     return [("bogus", "bogus")]
+
+  def accepted(self, x):
+    return []
+
+
+@dataclasses.dataclass
+class MeshArg:
+  """A `jax.sharding.Mesh` with the axes the call needs: anything else, or a mesh without that axis, is invalid."""
+
+  def bad(self, x):
+    return [("sizes", (1,)), ("devices", list(jax.devices()[:1])), ("none", None),
+            ("other-axes", sharded.make_mesh((1,), ("other",)))]
+
+  def accepted(self, x):
+    return []
+
+
+@dataclasses.dataclass
+class AxisName:
+  """The name of a mesh axis (None allowed when optional): a name the mesh lacks or a non-string is invalid."""
+
+  optional: bool = False
+
+  def bad(self, x):
+    return [("bogus", "bogus"), ("int", 0)] + ([] if self.optional else [("none", None)])
+
+  def accepted(self, x):
+    return []
+
+
+@dataclasses.dataclass
+class Values:
+  """Invalid values listed by hand: ((label, value), ...)."""
+
+  values: tuple = ()
+
+  def bad(self, x):
+    return list(self.values)
 
   def accepted(self, x):
     return []
@@ -661,6 +699,89 @@ register("rff.refresh",
                               class_vectors=_C(r)),
          kinds={"class_vectors": Arr((2,), matched=False)}, jit=("class_vectors",))
 
+
+# ---- sharded (issue 29): one-device meshes in-process (tests/test_sharded.py runs 1-8 devices in a subprocess)
+def _mesh1(name):
+  return sharded.make_mesh((1,), (name,))
+
+
+_DATA = AxisName(optional=True)
+register("sharded.make_mesh", build=lambda r: dict(shape=(1,), axis_names=("vocab",)),
+         kinds={"shape": Values((("0", (0,)), ("-1", (-1,)), ("1.5", (1.5,)), ("nan", (math.nan,)),
+                                 ("too-many", (len(jax.devices()) + 1,)), ("none", None))),
+                "axis_names": Values((("duplicate", ("a", "a")), ("two-for-one", ("a", "b")), ("empty", ("",)),
+                                      ("int", (0,)), ("none", None)))})
+_SH_EXACT = {"A": Arr((2,)), "x": Arr((1, 2)), "beta": Num("pos"), "mesh": MeshArg(), "axis": AxisName(),
+             "data_axis": _DATA}
+register("sharded.softmax_topk", build=lambda r: dict(A=_A(r), x=_X(r), mesh=_mesh1("vocab"), k=1, beta=1.0),
+         kinds={**_SH_EXACT, "k": Int(1, 24), "check_finite": Bool()}, jit=("A", "x"))
+register("sharded.logsumexp", build=lambda r: dict(A=_A(r), x=_X(r), mesh=_mesh1("vocab"), beta=1.0),
+         kinds=_SH_EXACT, jit=("A", "x"))
+register("sharded.prepare_matrix", build=lambda r: dict(A=_A(r), mesh=_mesh1("vocab")),
+         kinds={"A": Arr((2,), matched=False), "mesh": MeshArg(), "axis": AxisName()}, slow=True)
+
+
+def _sh_prep(r):
+  return sharded.prepare_matrix(_A(r), _mesh1("vocab"))
+
+
+register("sharded.adaptive_softmax",
+         build=lambda r: dict(key=_key(), prep=_sh_prep(r), x=_X(r), mesh=_mesh1("vocab"), k=1, epsilon=0.3,
+                              delta=0.1, beta=1.0),
+         kinds={"x": Arr((1, 2)), **_AD_NUMS, "mesh": MeshArg(), "data_axis": _DATA,
+                "prep": Values((("raw-matrix", np.ones((24, 8), np.float32)), ("none", None))),
+                "mode": Choice(), "warmup": Int(1, 8)},
+         jit=("x",), slow=True)
+register("sharded.threshold_attention",
+         build=lambda r: dict(q=r.normal(size=(Q, D_)).astype(np.float32), keys=_keys(r), values=_values(r),
+                              epsilon=0.1, mesh=_mesh1("seq")),
+         kinds={"q": Arr((2, 3)), "keys": Arr((2, 3)), "values": Arr((2, 3), matched=False), "epsilon": Num("unit"),
+                "mesh": MeshArg(), "axis": AxisName(), "scale": Num("pos"), "iters": Int(1)},
+         jit=("q", "keys", "values", "epsilon"))
+
+
+def _sh_prog_build(r):
+  return dict(_prog_build(r), values=_values(r), mesh=_mesh1("seq"))
+
+
+register("sharded.progressive_attention", build=lambda r: {k: v for k, v in _sh_prog_build(r).items() if k != "valid"},
+         kinds={"q_rot": Arr((2,)), "values": Arr((2,), matched=False), "epsilon": Num("unit"), "scale": Num("pos"),
+                "search_fraction": Num("unit"), "mesh": MeshArg(), "axis": AxisName()},
+         ok={"search_fraction": {"1"}},  # (0, 1], as in topk.progressive_search
+         jit=("q_rot",))
+
+
+def _sh_feats(r):
+  return np.asarray(rff.rff_features(_C(r), _W(r)))
+
+
+def _sh_tree(r):
+  return sharded.build_tree(_sh_feats(r), _mesh1("classes"))
+
+
+def _sh_psi(r):
+  return np.asarray(rff.rff_features(_unit(r, Q, D_), _W(r)))
+
+
+register("sharded.build_tree", build=lambda r: dict(leaf_features=_sh_feats(r), mesh=_mesh1("classes"), bucket=1),
+         kinds={"leaf_features": Arr((2,), matched=False), "bucket": Int(1), "mesh": MeshArg(), "axis": AxisName()},
+         jit=("leaf_features",))
+register("sharded.tree_log_probs",
+         build=lambda r: dict(query_features=_sh_psi(r), tree=_sh_tree(r), kappa=0.01, mesh=_mesh1("classes")),
+         kinds={"query_features": Arr((2,)), "kappa": Num("nonneg"), "mesh": MeshArg(), "data_axis": _DATA},
+         jit=("query_features",))
+register("sharded.tree_sample",
+         build=lambda r: dict(key=_key(), query_features=_sh_psi(r), tree=_sh_tree(r), m=4, kappa=0.01,
+                              mesh=_mesh1("classes")),
+         kinds={"query_features": Arr((2,)), "m": Int(1), "kappa": Num("nonneg"), "mesh": MeshArg(),
+                "data_axis": _DATA}, jit=("query_features",))
+register("sharded.sampled_softmax_loss",
+         build=lambda r: dict(**_loss_build(r), ids=np.tile(np.arange(4, dtype=np.int32) + 4, (Q, 1)),
+                              log_q=np.full((Q, 4), -np.log(N), np.float32), tau=2.0, mesh=_mesh1("classes")),
+         kinds={"h": _H, "class_vectors": Arr((2,)), "targets": Ids(N), "ids": Ids(N),
+                "log_q": Arr((2,), posinf=False), "tau": Num("pos"), "mesh": MeshArg(), "axis": AxisName(),
+                "data_axis": _DATA}, jit=("h", "log_q"))
+
 # Extra invalid values beyond what the kind derives ("bounds that do not bound").
 EXTRA = {("topk.mc_search", "upper"): _loose_upper}
 
@@ -899,10 +1020,14 @@ NOT_TRACED = {
     "rff.rff_bucket_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",
     "rff.cosine_logit_fn": "a factory of a logit function (the function runs under jit in rff.sampled_logits' entry)",
     "rff.linear_logit_fn": "a factory of a logit function (the function runs under jit in rff.sampled_logits' entry)",
+    "sharded.make_mesh": "builds a mesh from Python sizes, names and devices",
     **{f"rff.{s}.{m}": "the proposal ignores the query / class vectors (query-independent)"
        for s in ("uniform_sampler", "unigram_sampler") for m in ("init", "sample", "update", "log_probs")},
 }
-TOPK_RFF = [n for n in ALL if n.split(".")[0] in ("topk", "rff")]
+# sharded (issue 29) too, but its AdaptiveSoftmax pair follows the adaptive package's policy (slow compiles: the jit
+# check of `sharded.adaptive_softmax` runs under `-m slow`, as `adaptive.adaptive_softmax`'s).
+TOPK_RFF = [n for n in ALL if n.split(".")[0] in ("topk", "rff")
+            or (n.startswith("sharded.") and not REGISTRY[n].slow)]
 
 
 def test_every_topk_rff_function_runs_under_jit():

@@ -299,6 +299,20 @@ def bad_mesh_and_axis_names():
       assert "mesh" in str(e), str(e)
     else:
       raise AssertionError("no error for a bad mesh")
+  # Built on a 2-device axis, used on a 4-device one (the shapes alone would pass: 8 rows, 8 buckets).
+  import jax
+  mesh4 = sharded.make_mesh((4,), ("vocab",))
+  A8 = jax.random.normal(jax.random.key(0), (8, 3))
+  for call, word in ((lambda: sharded.adaptive_softmax(jax.random.key(1), sharded.prepare_matrix(A8, mesh), x, mesh4),
+                      "prep"),
+                     (lambda: sharded.tree_log_probs(jnp.ones((1, 3)), sharded.build_tree(
+                         jnp.abs(A8), mesh, axis="vocab"), 0.01, mesh4), "tree")):
+    try:
+      call()
+    except ValueError as e:
+      assert word in str(e) and "shards" in str(e), str(e)
+    else:
+      raise AssertionError(f"no error for a {word} built on another mesh size")
   for args in (((16,), ("vocab",)), ((2,), ("a", "b")), ((2, 2), ("a", "a"))):
     try:
       sharded.make_mesh(*args)

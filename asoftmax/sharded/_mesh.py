@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from asoftmax import checks
+
 
 def make_mesh(shape, axis_names, devices=None) -> Mesh:
   """A `Mesh` of `prod(shape)` devices (the first ones of `devices`, default `jax.devices()`), Auto axes.
@@ -29,13 +31,18 @@ def make_mesh(shape, axis_names, devices=None) -> Mesh:
     >>> sharded.make_mesh((1,), ("vocab",)).axis_names
     ('vocab',)
   """
-  shape = tuple(int(s) for s in np.atleast_1d(shape))
-  names = (axis_names,) if isinstance(axis_names, str) else tuple(axis_names)
+  if isinstance(shape, (int, np.integer)):
+    shape = (shape,)
+  if not isinstance(shape, (tuple, list)) or not shape:
+    raise ValueError(f"shape must be a non-empty tuple of axis sizes, e.g. (8,) or (2, 4), got {shape!r}")
+  shape = tuple(checks.pos_int("shape (each axis size)", s) for s in shape)
+  names = (axis_names,) if isinstance(axis_names, str) else axis_names
+  if not isinstance(names, (tuple, list)):
+    raise ValueError(f"axis_names must be a tuple of names, e.g. ('vocab',), got {axis_names!r}")
+  names = tuple(names)
   if len(shape) != len(names) or any(not isinstance(a, str) or not a for a in names) or len(set(names)) != len(names):
     raise ValueError(f"axis_names must hold one distinct non-empty name per mesh axis; got shape {shape} and "
                      f"axis_names {names}")
-  if any(s < 1 for s in shape):
-    raise ValueError(f"shape must hold positive axis sizes, got {shape}")
   devs = list(jax.devices() if devices is None else devices)
   need = int(np.prod(shape))
   if need > len(devs):
@@ -89,3 +96,17 @@ def place(mesh: Mesh, x, spec: P):
 def shard_offset(axis: str, local: int):
   """Global index of this shard's first entry along a dimension split in blocks of `local` (inside shard_map)."""
   return jax.lax.axis_index(axis).astype(jnp.int32) * local
+
+
+def finite_where(name: str, x, valid=None) -> None:
+  """A concrete `x` (..., N, d) must be finite on its filled slots (`valid` (..., N); None: everywhere), else a
+  ValueError naming `name`. Traced values are not checked (the caller flags them)."""
+  if checks.is_traced(x) or (valid is not None and checks.is_traced(valid)):
+    return
+  a = np.asarray(x, np.float32)
+  ok = np.isfinite(a)
+  if valid is not None:
+    v = np.asarray(valid, bool)
+    ok = ok | ~v[..., None]
+  if not ok.all():
+    raise ValueError(f"{name} has NaN or inf entries" + ("" if valid is None else " in filled (valid) slots"))

@@ -64,11 +64,13 @@ class ShardedMatrix:
     prep: the stacked `PreparedMatrix` (global shapes: A (S n_s, d), At (d + C, S n_s), col_max (S d,)).
     num_rows: n, the real rows (S n_s - n zero rows pad the last shard).
     axis: the mesh axis that splits the rows.
+    shards: the size of that axis when it was prepared (the per-shard statistics depend on it).
   """
 
   prep: PreparedMatrix
   num_rows: int = struct.field(pytree_node=False)
   axis: str = struct.field(pytree_node=False)
+  shards: int = struct.field(pytree_node=False, default=0)
 
 
 def _prep_specs(axis):
@@ -94,7 +96,7 @@ def prepare_matrix(A, mesh, *, axis: str = "vocab", key: jax.Array | None = None
   n = A.shape[0]
   S = _mesh.axis_size(mesh, axis)
   A = _mesh.pad_axis(jnp.asarray(A), 0, _mesh.padded(n, S))
-  return ShardedMatrix(_prepare(A, jax.random.key_data(key), mesh, axis), n, axis)
+  return ShardedMatrix(_prepare(A, jax.random.key_data(key), mesh, axis), n, axis, S)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis"))
@@ -241,9 +243,9 @@ def adaptive_softmax(key: jax.Array, prep: ShardedMatrix, x, mesh, *, k: int = 1
   key = adaptive_lib.core._check_key("key", key)
   n, d = prep.num_rows, prep.prep.A.shape[1]
   S, D = _mesh.axis_size(mesh, axis), _mesh.axis_size(mesh, data_axis)
-  if prep.prep.A.shape[0] != _mesh.padded(n, S):
-    raise ValueError(f"prep holds {prep.prep.A.shape[0]} rows, a mesh axis {axis!r} of size {S} needs "
-                     f"{_mesh.padded(n, S)}: prepare it on this mesh")
+  if prep.prep.A.shape[0] != _mesh.padded(n, S) or prep.shards != S:
+    raise ValueError(f"prep was prepared for {prep.shards} shards of axis {axis!r} ({prep.prep.A.shape[0]} rows), "
+                     f"this mesh's axis has size {S}: prepare it on this mesh")
   checks.floating_array("x", x, (1, 2))
   if x.shape[-1] != d:
     raise ValueError(f"x has shape {tuple(x.shape)} but A has shape {(n, d)}: x must be (d,) or (b, d) with d={d}")

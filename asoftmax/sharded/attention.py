@@ -76,6 +76,7 @@ def _shard_heads(q, keys, values, kv, qpos, eps, scale, n_keys, iters, axis):
   bad = jax.lax.psum(jnp.sum(v & (jnp.isnan(s) | (s == jnp.inf)), -1), axis) > 0
   v = v & (s > -jnp.inf) & ~jnp.isnan(s)
   bad = bad | (jax.lax.psum(jnp.sum(v, -1), axis) == 0) | ~_core.eps_ok(eps)
+  bad = bad | ~((scale > 0) & jnp.isfinite(scale))  # a traced scale is checked here (flag)
   mx = jax.lax.pmax(jnp.max(jnp.where(v, s, -jnp.inf), -1), axis)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   sh = jnp.where(v, s - mx[..., None], -jnp.inf)
@@ -166,6 +167,8 @@ def threshold_attention(q, keys, values, epsilon, mesh, *, axis: str = "seq", ke
   else:
     checks.valid(key_valid, (N,) if single else (B, N), "key_valid", against="keys' (..., N)")
     kv = jnp.broadcast_to(jnp.asarray(key_valid, bool), (B, N))
+  for name, x in (("keys", keys), ("values", values)):  # unfilled slots may hold anything
+    _mesh.finite_where(name, x, None if key_valid is None else kv)
   causal = q_positions is not None
   qpos = jnp.zeros((q.shape[1],), jnp.int32)
   if causal:
@@ -291,6 +294,7 @@ def progressive_attention(q_rot, prepared, values, epsilon, mesh, *, scale: floa
   kv = jnp.ones((N,), bool) if key_valid is None else jnp.asarray(key_valid, bool)
   if key_valid is not None:
     checks.valid(key_valid, (N,), "key_valid", against="keys' (N,)")
+  _mesh.finite_where("values", values, None if key_valid is None else key_valid)
   causal = q_positions is not None
   qpos = jnp.zeros((q_rot.shape[0],), jnp.int32)
   if causal:

@@ -60,6 +60,7 @@ def _softmax_topk(A, X, beta, mesh, k, n, axis, data_axis):
     v, j = jax.lax.top_k(logits, k_s)
     top, idx = merge_topk(v, ids[j], k, axis)
     log_z = global_logsumexp(logits, axis)
+    log_z = jnp.where((beta > 0) & jnp.isfinite(beta), log_z, jnp.nan)  # a traced beta out of range: flagged
     return ExactResult(idx.astype(jnp.int32), jnp.exp(top - log_z[:, None]), log_z)
 
   out_spec = ExactResult(P(data_axis), P(data_axis), P(data_axis))

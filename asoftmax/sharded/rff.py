@@ -56,6 +56,7 @@ class ShardedTree:
   num_classes: int = struct.field(pytree_node=False)
   bucket: int = struct.field(pytree_node=False)
   axis: str = struct.field(pytree_node=False)
+  shards: int = struct.field(pytree_node=False, default=0)  # the size of `axis` it was built for
 
   def local_buckets(self, S: int) -> int:
     return self.nodes.shape[0] // (2 * S)
@@ -90,7 +91,7 @@ def build_tree(leaf_features, mesh, *, axis: str = "classes", bucket: int = 1) -
   feats = _mesh.pad_axis(jnp.asarray(leaf_features, jnp.float32), 0, Pb * bucket)
   counts = (jnp.arange(Pb * bucket) < n).astype(jnp.float32)
   nodes, cnt = _build(feats, counts, mesh, axis, bucket)
-  return ShardedTree(nodes, cnt, n, bucket, axis)
+  return ShardedTree(nodes, cnt, n, bucket, axis, S)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis", "bucket"))
@@ -141,7 +142,9 @@ def _log_probs(nodes, counts, psi, kappa, mesh, axis, data_axis, n):
   def shard(nodes, counts, psi, kappa):
     floor, top = _top(nodes, counts, psi, kappa, n, axis)
     me = jax.lax.axis_index(axis)
-    return top[:, me][:, None] + _local_log_probs(nodes, counts, psi, floor)
+    out = top[:, me][:, None] + _local_log_probs(nodes, counts, psi, floor)
+    ok = jnp.isfinite(psi).all(-1)[:, None] & jnp.isfinite(floor)[:, None]  # floor: NaN for a bad traced kappa
+    return jnp.where(ok, out, jnp.nan)  # a non-finite query (under jit): flagged
 
   f = jax.shard_map(shard, mesh=mesh, in_specs=(P(axis), P(axis), P(data_axis, None), P()),
                     out_specs=P(data_axis, axis))
@@ -151,7 +154,8 @@ def _log_probs(nodes, counts, psi, kappa, mesh, axis, data_axis, n):
 def tree_log_probs(query_features, tree: ShardedTree, kappa: float, mesh, *, data_axis: str | None = None):
   """(B, P) dense bucket log-probabilities of the sharded walk: one device's `rff.tree_log_probs` (padding -inf).
 
-  For tests and analysis; O(P F) per query, split over the shards.
+  For tests and analysis; O(P F) per query, split over the shards. Under `jax.jit` a query with non-finite
+  features gets a NaN row (the flag).
   """
   mesh, S, D, psi, kappa = _check(query_features, tree, kappa, mesh, data_axis)
   B = psi.shape[0]
@@ -206,8 +210,9 @@ def _check(query_features, tree, kappa, mesh, data_axis):
   if data_axis == tree.axis:
     raise ValueError(f"data_axis must differ from the class axis, both are {data_axis!r}")
   S, D = _mesh.axis_size(mesh, tree.axis), _mesh.axis_size(mesh, data_axis)
-  if tree.nodes.shape[0] % (2 * S) or tree.local_buckets(S) & (tree.local_buckets(S) - 1):
-    raise ValueError(f"tree was built for another size of mesh axis {tree.axis!r} (now {S}): rebuild it")
+  if tree.shards != S or tree.nodes.shape[0] % (2 * S) or tree.local_buckets(S) & (tree.local_buckets(S) - 1):
+    raise ValueError(f"tree was built for {tree.shards} shards of mesh axis {tree.axis!r}, this mesh's has {S}: "
+                     "rebuild it on this mesh")
   checks.floating_array("query_features", query_features, 2)
   if query_features.shape[1] != tree.nodes.shape[1]:
     raise ValueError(f"query_features has {query_features.shape[1]} features, the tree's nodes have "
@@ -266,6 +271,7 @@ def _sampled_loss(h, C, targets, ids, log_q, tau, mesh, axis, data_axis, n):
     adj = jnp.where(ids == targets[:, None], -jnp.inf, adj)
     loss = jax.nn.logsumexp(jnp.concatenate([o_t[:, None], adj], 1), 1) - o_t
     bad = (targets < 0) | (targets >= n) | ((ids < 0) | (ids >= n)).any(-1)
+    bad = bad | ~((tau > 0) & jnp.isfinite(tau))  # a traced tau out of range: flagged
     return jnp.where(bad, jnp.nan, loss)
 
   d = P(data_axis)
@@ -294,8 +300,11 @@ def sampled_softmax_loss(h, class_vectors, targets, ids, log_q, tau: float, mesh
   data_axis = _mesh.check_axis(mesh, "data_axis", data_axis, optional=True)
   checks.floating_array("h", h, 2)
   checks.floating_array("class_vectors", class_vectors, 2)
-  checks.floating_array("log_q", log_q, 2, finite=False)
+  checks.floating_array("log_q", log_q, 2)
   n = class_vectors.shape[0]
+  if h.shape[1] != class_vectors.shape[1]:
+    raise ValueError(f"h has shape {tuple(h.shape)} (B, d) and class_vectors {tuple(class_vectors.shape)} (n, d): "
+                     "their d must match")
   checks.index_array("targets", targets, n, 1)
   checks.index_array("ids", ids, n, 2)
   if ids.shape != log_q.shape or ids.shape[0] != h.shape[0] or targets.shape[0] != h.shape[0]:

@@ -55,6 +55,10 @@ def get_config(arg=None):
   c.warmup = 32
   c.repeats = 7  # timed calls per (dataset, d, mode) for the wall-clock columns (median; 0: none)
 
+  # Device mesh the launcher builds (empty: one device). E.g. --config.mesh.shape='(8,)'
+  # --config.mesh.axis_names="('vocab',)" --config.exact_winners=True splits the arms over 8 devices.
+  c.mesh = ml_collections.ConfigDict({"shape": (), "axis_names": ()})
+
   if a["variant"] in ("toy", "gaussian"):
     c.datasets = (a["variant"],)
   elif a["variant"] == "issue11":
