@@ -48,16 +48,41 @@ def test_numbers_always_checked():
   with pytest.raises(ValueError, match="delta must be in"):
     checks.open_unit("delta", 1.0)
   with pytest.raises(ValueError, match="epsilon"):
-    checks.epsilon(np.array([0.1, 0.0]))
+    checks.open_unit("epsilon", np.array([0.1, 0.0]))
   with pytest.raises(ValueError, match="m must be >= 1"):
-    checks.pos_int("m", 0)
+    checks.int_in_range("m", 0)
+  with pytest.raises(ValueError, match="m must be an integer >= 1"):
+    checks.int_in_range("m", 2.0)
+  assert checks.int_in_range("head_size", 0, lo=0) == 0
   with pytest.raises(ValueError, match="k must be an integer"):
     checks.int_in_range("k", True, 1, 3)
-  with pytest.raises(ValueError, match="nu must be > 0"):
-    checks.pos_float("nu", -1.0)
-  assert checks.pos_float("kappa", 0.0, allow_zero=True) == 0.0
+  with pytest.raises(ValueError, match=r"k must be in \[1, 3\], got 4"):
+    checks.int_in_range("k", np.int32(4), 1, 3)
+  with pytest.raises(ValueError, match="nu must be positive"):
+    checks.positive("nu", -1.0)
+  with pytest.raises(ValueError, match="nu must be positive"):
+    checks.positive("nu", float("inf"))
+  assert checks.positive("kappa", 0.0, allow_zero=True) == 0.0
+  with pytest.raises(ValueError, match="kappa must be >= 0"):
+    checks.positive("kappa", -0.5, allow_zero=True)
   with pytest.raises(ValueError, match="mode must be one of"):
     checks.one_of("mode", "x", {"a", "b"})
+
+
+def test_one_name_per_check():
+  """Issue 30: `pos_float`, `epsilon` and `finite` were second names of `positive`, `open_unit`, `floating_array`.
+
+  `pos_int` survives only for asoftmax/adaptive/core.py (being rewritten); no other module may call it.
+  """
+  import pathlib
+  import re
+  for gone in ("pos_float", "epsilon", "finite"):
+    assert not hasattr(checks, gone), gone
+  root = pathlib.Path(checks.__file__).resolve().parents[1]
+  callers = sorted(str(p.relative_to(root)) for d in ("asoftmax", "experiments", "scripts", "tests")
+                   for p in (root / d).rglob("*.py") if re.search(r"\bpos_int\(", p.read_text())
+                   and p.name not in ("checks.py", "test_checks.py"))
+  assert callers in ([], ["asoftmax/adaptive/core.py"]), callers
 
 
 def test_not_an_array():

@@ -16,7 +16,7 @@ from asoftmax import checks
 
 def _sizes(n, d) -> tuple[int, int]:
   """Checks the problem sizes: integers n >= 1 arms, d >= 1 coordinates."""
-  return checks.pos_int("n", n), checks.pos_int("d", d)
+  return checks.int_in_range("n", n), checks.int_in_range("d", d)
 
 
 def toy_problem(key: jax.Array, n: int, d: int) -> tuple[jax.Array, jax.Array]:

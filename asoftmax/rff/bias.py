@@ -109,9 +109,9 @@ def gradient_bias(key: jax.Array, logits: ArrayLike, log_q: ArrayLike, t, m: int
   if getattr(t, "ndim", None) == 0 and jnp.issubdtype(t.dtype, jnp.integer):
     t = int(t)  # a numpy / jax integer scalar
   t = checks.int_in_range("t", t, 0, logits.shape[0] - 1)
-  m = checks.pos_int("m", m)
-  reps = checks.pos_int("reps", reps)
-  chunk = reps if chunk is None else checks.pos_int("chunk", chunk)
+  m = checks.int_in_range("m", m)
+  reps = checks.int_in_range("reps", reps)
+  chunk = reps if chunk is None else checks.int_in_range("chunk", chunk)
   if reps % chunk:
     raise ValueError(f"reps ({reps}) must be a multiple of chunk ({chunk})")
   return _gradient_bias(key, jnp.asarray(logits), jnp.asarray(log_q), t, m, reps, chunk)

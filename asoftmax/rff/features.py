@@ -50,9 +50,9 @@ def init_rff(key: jax.Array, d: int, num_features: int, nu: float) -> jax.Array:
   Example:
     >>> W = init_rff(jax.random.key(0), d=64, num_features=256, nu=4.0)
   """
-  d = checks.pos_int("d", d)
-  D = checks.pos_int("num_features (D)", num_features)
-  nu = checks.pos_float("nu", nu)
+  d = checks.int_in_range("d", d)
+  D = checks.int_in_range("num_features (D)", num_features)
+  nu = checks.positive("nu", nu)
   return jax.random.normal(key, (D, d), jnp.float32) * jnp.sqrt(jnp.float32(nu))
 
 
@@ -72,7 +72,7 @@ def rff_features(x: ArrayLike, W: ArrayLike) -> jax.Array:
   Returns:
     [..., 2D] float32.
   """
-  checks.finite("W", W, 2)
+  checks.floating_array("W", W, 2)
   checks.unit_rows("x", x)
   _check_same_dim(x, W.shape[1], "W")
   return _rff(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))
@@ -98,7 +98,7 @@ def exact_kernel(x: ArrayLike, y: ArrayLike, nu: float) -> jax.Array:
   checks.floating_array("x", x)
   checks.floating_array("y", y)
   _check_same_dim(y, x.shape[-1], "y")
-  nu = checks.pos_float("nu", nu)
+  nu = checks.positive("nu", nu)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   return jnp.exp(-0.5 * nu * jnp.sum((x - y) ** 2, -1))
@@ -111,7 +111,7 @@ def quadratic_features(x: ArrayLike, alpha: float) -> jax.Array:
   Returns [..., d*d + 1].
   """
   checks.floating_array("x", x)
-  return _quadratic_features(x, checks.pos_float("alpha", alpha))
+  return _quadratic_features(x, checks.positive("alpha", alpha))
 
 
 @jax.jit

@@ -78,7 +78,7 @@ def _normalize(x, axis=-1):
 
 def _check_sample_args(h, m, d=None, shared=False):
   checks.unit_rows("h", h, 2)
-  m = checks.pos_int("m", m)
+  m = checks.int_in_range("m", m)
   checks.boolean("shared", shared)
   if d is not None and h.shape[-1] != d:
     raise ValueError(f"h has dimension {h.shape[-1]}, the sampler's class vectors have {d}")
@@ -86,7 +86,7 @@ def _check_sample_args(h, m, d=None, shared=False):
 
 
 def _check_class_vectors(c):
-  checks.finite("class_vectors", c, 2)
+  checks.floating_array("class_vectors", c, 2)
   return jnp.asarray(c, jnp.float32)
 
 
@@ -148,7 +148,7 @@ class CountState:
 
 def uniform_sampler(num_classes: int) -> Sampler:
   """q_i = 1/n."""
-  n = checks.pos_int("num_classes", num_classes)
+  n = checks.int_in_range("num_classes", num_classes)
 
   def init(class_vectors=None):
     del class_vectors
@@ -183,7 +183,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
   counts = np.asarray(counts, np.float64)
   if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
     raise ValueError("counts must be a non-empty 1-D array of finite nonnegative numbers")
-  smoothing = checks.pos_float("smoothing", smoothing, allow_zero=True)
+  smoothing = checks.positive("smoothing", smoothing, allow_zero=True)
   w = counts + smoothing
   if w.sum() <= 0:
     raise ValueError("counts + smoothing must have a positive sum")
@@ -221,7 +221,7 @@ class ExactState:
 
 def exact_sampler(tau: float) -> Sampler:
   r"""The oracle q = softmax($\tau C h$) (O(nd) per query): the "Exp" baseline of the paper."""
-  tau = checks.pos_float("tau", tau)
+  tau = checks.positive("tau", tau)
 
   def init(class_vectors):
     return ExactState(_normalize(_check_class_vectors(class_vectors)))
@@ -308,9 +308,9 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     kappa: defensive uniform-mixing rate (>= 0).
     precompute: True / False / "auto" (see `tree.tree_sample`).
   """
-  D = checks.pos_int("num_features (D)", num_features)
-  nu = checks.pos_float("nu", nu)
-  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
+  D = checks.int_in_range("num_features (D)", num_features)
+  nu = checks.positive("nu", nu)
+  kappa = checks.positive("kappa", kappa, allow_zero=True)
   precompute = _check_precompute(precompute)
 
   def init(class_vectors):
@@ -374,9 +374,9 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
   (F = d^2 + 1); inside the drawn bucket the exact kernel values pick the class. Cost O(d^2 log(n/b) + b d)
   per sample. The kernel is positive, so no clamping is ever active (kappa = 0 by default).
   """
-  alpha = checks.pos_float("alpha", alpha)
-  b = checks.pos_int("bucket", bucket)
-  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
+  alpha = checks.positive("alpha", alpha)
+  b = checks.int_in_range("bucket", bucket)
+  kappa = checks.positive("kappa", kappa, allow_zero=True)
   precompute = _check_precompute(precompute)
   sa = float(np.sqrt(alpha))
 
@@ -553,12 +553,12 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
     >>> ids.shape, state.tree.num_buckets
     ((3, 5), 16)
   """
-  D = checks.pos_int("num_features (D)", num_features)
-  nu = checks.pos_float("nu", nu)
-  b = checks.pos_int("bucket", bucket)
-  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
+  D = checks.int_in_range("num_features (D)", num_features)
+  nu = checks.positive("nu", nu)
+  b = checks.int_in_range("bucket", bucket)
+  kappa = checks.positive("kappa", kappa, allow_zero=True)
   precompute = _check_precompute(precompute)
-  block_bytes = checks.pos_int("block_bytes", block_bytes)
+  block_bytes = checks.int_in_range("block_bytes", block_bytes)
 
   @jax.jit
   def _init(c):

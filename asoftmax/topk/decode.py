@@ -127,8 +127,8 @@ def _threshold_heads(logits, valid, epsilons, iters, row_block):
 def _check(logits, valid, iters, row_block):
   checks.logits(logits)
   checks.valid(valid, logits.shape)
-  iters = checks.pos_int("iters", iters)
-  row_block = checks.pos_int("row_block", row_block)
+  iters = checks.int_in_range("iters", iters)
+  row_block = checks.int_in_range("row_block", row_block)
   if not checks.is_traced(logits, valid):
     vv = np.asarray(logits) > -np.inf
     if valid is not None:
@@ -220,6 +220,6 @@ def threshold_topk_probs(logits: ArrayLike, valid: ArrayLike | None, epsilon: fl
     [3] [[0.526 0.316 0.158 0.   ]] [0.05]
   """
   iters, row_block = _check(logits, valid, iters, row_block)
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
   return _threshold_topk_probs(jnp.asarray(logits), v, jnp.asarray(epsilon, jnp.float32), iters, row_block)

@@ -101,7 +101,7 @@ def predicted_keep_fraction(sigma: ArrayLike, epsilon: ArrayLike) -> jax.Array:
     >>> round(float(predicted_keep_fraction(2.0, 0.01)), 3)
     0.628
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   sigma = _float_arg("sigma", sigma)
   _check_range("sigma", sigma, 0.0, float("inf"))
   _shapes(sigma, epsilon, "sigma", "epsilon")
@@ -150,7 +150,7 @@ def gaussian_prediction(logits: ArrayLike, valid: ArrayLike | None, epsilon: flo
     >>> np.asarray(gaussian_prediction(jnp.array([[0.0, 2.0, 4.0]]), None, 0.01), float).round(3)  # sigma 1.63
     array([0.756])
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   _core.check_logits(logits, valid)
   return _keep_fraction(_row_sigma(_core.as_float(logits), None if valid is None else jnp.asarray(valid)),
                         epsilon)

@@ -496,7 +496,7 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     >>> bool((r.certificate <= 0.1).all()), r.k.shape  # head sizes; r.macs / (64 * 8): cost vs dense scoring
     (True, (4,))
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   checks.floating_array("q_rot", q_rot, finite=False)
   if q_rot.ndim < 2:
     raise ValueError(f"q_rot must have shape (..., Q, d), got {tuple(q_rot.shape)}")
@@ -510,10 +510,10 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges}")
   if prepared.block_norms.shape[-1] != len(blocks):
     raise ValueError(f"prepared.block_norms has {prepared.block_norms.shape[-1]} blocks, blocks= has {len(blocks)}")
-  search_fraction = checks.pos_float("search_fraction", search_fraction)
+  search_fraction = checks.positive("search_fraction", search_fraction)
   if not search_fraction <= 1.0:
     raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
-  scale = checks.pos_float("scale", scale)
+  scale = checks.positive("scale", scale)
   q_rot = _core.as_float(q_rot)
   N = prepared.keys.shape[-2]
   lshape = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2]) + (q_rot.shape[-2], N)

@@ -121,7 +121,7 @@ def kmeans_cells(keys: ArrayLike, valid: ArrayLike, rng: jax.Array, num_cells: i
     [2, 2]
   """
   num_cells = _check_keys(keys, valid, num_cells)
-  iters = checks.pos_int("iters", iters)
+  iters = checks.int_in_range("iters", iters)
   keys = _core.as_float(keys)
   valid = jnp.broadcast_to(jnp.asarray(valid), keys.shape[:-1])
   return _kmeans_cells(keys, valid, rng, num_cells, iters)
@@ -303,7 +303,7 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
     ValueError: bad epsilon / shapes, a row with no valid key, or (concrete inputs) an `upper` entry below a valid
       logit of its cell: such an `upper` would make the certificate meaningless.
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   _core.check_logits(logits, valid)
   if logits.ndim < 2:
     raise ValueError(f"logits must have shape (..., Q, N), got {tuple(logits.shape)}")

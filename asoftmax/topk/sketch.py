@@ -132,7 +132,7 @@ def _check_sketch_args(keys, valid, bits, page_size):
     raise ValueError(f"keys must have shape (..., N, d), got {tuple(keys.shape)}")
   checks.valid(valid, keys.shape[:-1], against="keys[..., 0]")
   bits = checks.int_in_range("bits", bits, 1, 8)
-  page_size = checks.pos_int("page_size", page_size)
+  page_size = checks.int_in_range("page_size", page_size)
   if keys.shape[-2] % page_size:
     raise ValueError(f"page_size ({page_size}) must divide the number of slots N = {keys.shape[-2]}")
   return bits, page_size
@@ -365,7 +365,7 @@ def sketch_search(queries: ArrayLike, keys: ArrayLike, values: ArrayLike, sketch
     >>> int(r.k), r.indices.tolist()[:1], r.out.round(3).tolist()
     (1, [0], [[1.0, 0.0, 0.0, 0.0]])
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   checks.floating_array("queries", queries)
   checks.floating_array("keys", keys, finite=False)
   checks.floating_array("values", values, finite=False)
