@@ -105,11 +105,6 @@ def _check_query_features(query_features, tree):
                      f"{tree.nodes.shape[1]}")
 
 
-def _check_kappa(kappa):
-  """kappa >= 0 and finite (a traced kappa is passed through unchecked)."""
-  return kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
-
-
 def tree_update(tree: KernelTree, bucket_ids: jax.Array, delta: jax.Array) -> KernelTree:
   """Adds delta [u, F] to bucket_ids [u] and all their ancestors.
 
@@ -164,7 +159,7 @@ def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: 
   """
   _check_query_features(query_features, tree)
   m = checks.int_in_range("m", m)
-  kappa = _check_kappa(kappa)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return _tree_sample(key, query_features, tree, m, kappa, checks.boolean("precompute", precompute))
 
 
@@ -209,7 +204,7 @@ def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) ->
     (log_q [B, P], floor [B]); under `jax.jit` a query with non-finite features gets a NaN row (the flag).
   """
   _check_query_features(query_features, tree)
-  kappa = _check_kappa(kappa)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return _tree_log_probs(query_features, tree, kappa)
 
 
@@ -237,7 +232,7 @@ def leaf_clamped_log_probs(query_features: jax.Array, tree: KernelTree, kappa: f
   distribution a dense sampler clamping each leaf would draw, kept to measure the difference.
   """
   _check_query_features(query_features, tree)
-  kappa = _check_kappa(kappa)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return _leaf_clamped_log_probs(query_features, tree, kappa)
 
 

@@ -49,9 +49,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["Basis", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys", "progressive_search",
-           "rotate_queries"]
-
 
 class Basis(NamedTuple):
   """Per-head orthogonal basis. rotation: (..., d, d), columns = basis vectors; key_mean: (..., d) offset mu."""
@@ -121,13 +118,6 @@ def _fit_one(keys, queries, kvalid, qvalid):
   return Basis(jnp.where(bad, jnp.nan, v[:, ::-1]), jnp.where(bad, jnp.nan, mu))
 
 
-def _check_vectors(name, x):
-  """(..., L, d) finite floating vectors."""
-  checks.floating_array(name, x)
-  if x.ndim < 2:
-    raise ValueError(f"{name} must have shape (..., L, d), got {tuple(x.shape)}")
-
-
 @jax.jit
 def _fit_basis(keys, queries, kv, qv):
   lead = keys.shape[:-2]
@@ -159,8 +149,8 @@ def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_v
     >>> bool(jnp.allclose(b.rotation.T @ b.rotation, jnp.eye(8), atol=1e-5))
     True
   """
-  _check_vectors("keys", keys)
-  _check_vectors("queries", queries)
+  checks.vectors("keys", keys, "(..., L, d)")
+  checks.vectors("queries", queries, "(..., L, d)")
   if keys.shape[-1] != queries.shape[-1] or keys.shape[:-2] != queries.shape[:-2]:
     raise ValueError(f"keys and queries must have the same leading dims and last dim d, got {tuple(keys.shape)} "
                      f"and {tuple(queries.shape)}")
@@ -214,7 +204,7 @@ def _blocks(x, edges):
 
 
 def _check_basis_dim(name, x, basis):
-  _check_vectors(name, x)
+  checks.vectors(name, x, "(..., L, d)")
   _check_basis(basis)
   d = basis.rotation.shape[-1]
   if x.shape[-1] != d:

@@ -25,8 +25,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["Cells", "SearchResult", "cell_upper_bounds", "chunk_cells", "kmeans_cells", "mc_search"]
-
 
 class Cells(NamedTuple):
   """A partition of N keys into M cells.
@@ -81,9 +79,7 @@ def _kmeans_one(keys, valid, rng, num_cells, iters):
 
 def _check_keys(keys, valid, num_cells) -> int:
   """keys (..., N, d) finite floating, valid (..., N) bool with a valid key per head, 1 <= num_cells <= N."""
-  checks.floating_array("keys", keys)
-  if keys.ndim < 2:
-    raise ValueError(f"keys must have shape (..., N, d), got {tuple(keys.shape)}")
+  checks.vectors("keys", keys)
   checks.valid(valid, keys.shape[:-1], against="keys[..., 0]")
   if valid is None:
     raise ValueError("valid must be a bool array of shape (..., N), got None")
