@@ -7,7 +7,7 @@ call and a warm-up call:
 * dense: softmax(q K^T / sqrt(d)) V, jitted (the fastest honest exact path: two matrix-vector products);
 * sorted oracle: `topk.certified_topk_attention(..., "exact")` (sort, exact tail mass, masked head);
 * multi_gap: the same with the logit-only multi-gap certificate;
-* bisection oracle: `topk.decode.threshold_topk_probs` (the oracle head without sorting: 30 bisection passes);
+* bisection oracle: `topk.threshold_topk_probs` (the oracle head without sorting: 30 bisection passes);
 * progressive: `topk.progressive_search` (the library's certified search; basis fitted on a held-out draw of
   the same head, keys prepared once as when they enter the cache) + attention over the certified head.
 
@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import topk
-from asoftmax.topk import decode
 
 
 def _head(seed, n, d, tau, n_queries=1):
@@ -192,7 +191,7 @@ def main():
 
   @jax.jit
   def bisection(q, K, V):
-    p, _, _ = decode.threshold_topk_probs((q @ K.T) * scale, None, eps, row_block=1)
+    p, _, _ = topk.threshold_topk_probs((q @ K.T) * scale, None, eps, row_block=1)
     return p @ V
 
   @jax.jit
@@ -218,7 +217,7 @@ def main():
          "progressive": _time(progressive, qr, pk, Vj, repeats=args.repeats)}
     ref = np.asarray(dense(qj, Kj, Vj))
     _, macs, full = progressive(qr, pk, Vj)
-    k = float(np.mean(np.asarray(decode.threshold_heads((q @ K.T) * scale, None, (eps,)).k)))
+    k = float(np.mean(np.asarray(topk.threshold_heads((q @ K.T) * scale, None, (eps,)).k)))
     err = max(float(np.abs(np.asarray(f(qj, Kj, Vj)) - ref).max()) for f in (sorted_exact, bisection))
     print(f"{n} | " + " | ".join(f"{1e3 * t[m]:.3f}" for m in ("dense", "sorted", "multi_gap", "bisection",
                                                                   "progressive"))

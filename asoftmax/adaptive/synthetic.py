@@ -87,7 +87,17 @@ def heavy_tailed_problem(key: jax.Array, n: int, d: int, *, df: float = 2.5, pla
   """Student-t(df) entries in `A` (scaled by 1/sqrt(d)) and in `x`: heavy-tailed products `A_ij x_j`.
 
   With `planted_gap`, a random row gets `planted_gap` added to its logit along `x` (a planted top-1).
+
+  Returns:
+    (A, x): (n, d) and (d,) float32.
+
+  Example:
+    >>> A, x = heavy_tailed_problem(jax.random.key(0), 10, 16, df=3.0, planted_gap=1.0)
+    >>> A.shape, x.shape
+    ((10, 16), (16,))
   """
+  n, d = _sizes(n, d)
+  df = checks.positive("df", df)
   ka, kx, kp = jax.random.split(key, 3)
   A = jax.random.t(ka, df, (n, d)) / jnp.sqrt(d)
   x = jax.random.t(kx, df, (d,))
@@ -112,7 +122,17 @@ def dominant_coordinate_problem(key: jax.Array, n: int, d: int, *, factor: float
 
 def sparse_query_problem(key: jax.Array, n: int, d: int, *, density: float = 0.1, k: int = 1
                          ) -> tuple[jax.Array, jax.Array]:
-  """A planted-gap problem whose query keeps a random `density` fraction of its coordinates (rest 0)."""
+  """A planted-gap problem whose query keeps a random `density` fraction of its coordinates (rest 0).
+
+  Returns:
+    (A, x): (n, d) and (d,) float32 (`planted_problem`'s, with x sparsified).
+
+  Example:
+    >>> A, x = sparse_query_problem(jax.random.key(0), 10, 200, density=0.1)
+    >>> A.shape, 0 < int((x != 0).sum()) < 200
+    ((10, 200), True)
+  """
+  density = checks.positive("density", density)
   k1, k2 = jax.random.split(key)
   A, x = planted_problem(k1, n, d, k=k)
   keep = jax.random.uniform(k2, (d,)) < density
@@ -149,7 +169,17 @@ def families(n: int = 100, d: int = 1000) -> dict[str, Family]:
   """The input families AdaptiveSoftmax's guarantee is tested on (friendly and hard), at size (n, d).
 
   `n_much_larger_than_d` is always 50,000 x 64.
+
+  Returns:
+    {name: Family(make, k, options)}; `make(key)` returns (A (n, d), x (d,)).
+
+  Example:
+    >>> fam = families(10, 32)["sparse_query"]
+    >>> A, x = fam.make(jax.random.key(0))
+    >>> A.shape, x.shape, fam.k
+    ((10, 32), (32,), 1)
   """
+  n, d = _sizes(n, d)
   return {
       "gaussian_planted": Family(lambda key: planted_problem(key, n, d)),
       "heavy_tailed": Family(lambda key: heavy_tailed_problem(key, n, d, df=2.5)),
@@ -188,6 +218,9 @@ def llm_head_problem(key: jax.Array, n: int, d: int, n_queries: int, *, top1: tu
     >>> A.shape, X.shape
     ((1000, 64), (8, 64))
   """
+  n, d = _sizes(n, d)
+  n_queries = checks.int_in_range("n_queries", n_queries)
+  logit_std = checks.positive("logit_std", logit_std)
   ks, ka, kg, kt, kp, kr, km = jax.random.split(key, 7)
   s = jnp.exp(col_spread * jax.random.normal(ks, (d,)))
   s = s / jnp.sqrt(jnp.mean(s * s))

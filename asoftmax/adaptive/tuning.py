@@ -11,7 +11,7 @@ implementation misses 1 - delta on held-out queries at delta = 10% for some mode
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -313,7 +313,7 @@ def conformal_rank(m: int, delta: float) -> int:
 
 
 class TuneResult(NamedTuple):
-  """What `tune_and_evaluate` measured on the held-out queries (field access, or `r["name"]` as before)."""
+  """What `tune_and_evaluate` measured on the held-out queries (`r.success`, ...; `r._asdict()` for a dict)."""
 
   fudge_bandit: float  # tuned factors (1 in certified mode)
   fudge_z: float
@@ -337,12 +337,6 @@ class TuneResult(NamedTuple):
   split: str = "random"  # how tuning queries were chosen: "random" (seeded) or "sequential" (the first n_tune)
   rule: str = ""  # the tuning rule: "margin 0.5", "binomial 0.95", "conformal" ("" in certified mode)
   tune_indices: list | None = None  # the tuning queries' indices in X
-
-  def __getitem__(self, key: Any) -> Any:  # dict-style access kept for existing callers
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-  def keys(self):
-    return self._fields
 
 
 def tune_and_evaluate(

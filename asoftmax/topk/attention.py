@@ -24,8 +24,6 @@ from asoftmax import checks
 from asoftmax.topk import _core
 from asoftmax.topk import certificates
 
-__all__ = ["AttentionOutput", "TruncatedProbs", "certified_topk_attention", "topk_probs"]
-
 
 class AttentionOutput(NamedTuple):
   r"""out: (..., Q, dv) truncated attention; k: (..., Q) int32 head size; certificate: (..., Q) bound on the TV

@@ -28,8 +28,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["METHODS", "BlockStats", "Bounds", "CertifiedHead", "CertifiedK", "TailInterval", "block_minmax",
-           "blockwise_bounds", "certified_k", "tail_bounds"]
 
 METHODS = ("exact", "single_gap", "exact_head", "multi_gap")
 

@@ -58,8 +58,6 @@ from asoftmax import checks
 from asoftmax.topk import _core
 from asoftmax.topk.decode import sum_margin
 
-__all__ = ["AttentionCertificate", "dot_product_attention"]
-
 
 class AttentionCertificate(NamedTuple):
   r"""Per query row, in flax's weight layout `[..., heads, q_len]`.

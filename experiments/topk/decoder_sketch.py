@@ -34,7 +34,6 @@ import numpy as np
 from asoftmax import topk
 from asoftmax.models import cache_attention as ca
 from asoftmax.models import llama
-from asoftmax.topk import sketch as sk
 
 from experiments import progress, registry, tables
 from experiments.topk import decoder as dec
@@ -94,11 +93,11 @@ def _oracle_probs(logits, mask, *, epsilons, group):
 def _bytes_ratio(keys_read, n, d, bits, page_size, stat_bytes):
   """Sketch + exact reads over dense bf16 K + V (see the module docstring)."""
   dense = n * 2 * d * 2
-  return (sk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) + keys_read * 2 * d * 2) / dense
+  return (topk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) + keys_read * 2 * d * 2) / dense
 
 
 def _quant_ratio(n, d, bits, page_size, stat_bytes):
-  return 2 * sk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) / (n * 2 * d * 2)
+  return 2 * topk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) / (n * 2 * d * 2)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -120,7 +119,7 @@ def _decode(params, window, cache, att, start):
 
 def run(config, workdir, rng):
   del workdir, rng  # deterministic: fixed windows
-  params, tokenize, model_name = dec._model(config)
+  params, tokenize, model_name = dec.load_model(config)
   t, D = int(config.window), int(config.decode_positions)
   if not 0 < D < t:
     raise ValueError(f"decode_positions must be in (0, window), got {D}")
@@ -128,7 +127,7 @@ def run(config, workdir, rng):
   if any(t % p for p in pages):
     raise ValueError(f"window ({t}) must be a multiple of every page size {sorted(pages)}")
   try:
-    wins, source = dec._windows(config, tokenize)
+    wins, source = dec.eval_windows(config, tokenize)
   except (FileNotFoundError, ValueError) as e:
     return registry.Output(rows=[SUMMARY.row(n=t, status=f"not run: {e}")], notes={"model": model_name})
   cfg = params.config
