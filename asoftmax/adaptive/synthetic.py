@@ -91,8 +91,9 @@ def heavy_tailed_problem(key: jax.Array, n: int, d: int, *, df: float = 2.5, pla
   Returns:
     (A, x): (n, d) and (d,) float32.
 
-  Example:
-    >>> A, x = heavy_tailed_problem(jax.random.key(0), 10, 16, df=3.0, planted_gap=1.0)
+  Example (shapes only: `jax.eval_shape` traces without compiling):
+    >>> make = lambda key: heavy_tailed_problem(key, 10, 16, df=3.0, planted_gap=1.0)
+    >>> A, x = jax.eval_shape(make, jax.random.key(0))
     >>> A.shape, x.shape
     ((10, 16), (16,))
   """
@@ -127,10 +128,10 @@ def sparse_query_problem(key: jax.Array, n: int, d: int, *, density: float = 0.1
   Returns:
     (A, x): (n, d) and (d,) float32 (`planted_problem`'s, with x sparsified).
 
-  Example:
-    >>> A, x = sparse_query_problem(jax.random.key(0), 10, 200, density=0.1)
-    >>> A.shape, 0 < int((x != 0).sum()) < 200
-    ((10, 200), True)
+  Example (shapes only: `jax.eval_shape` traces without compiling):
+    >>> A, x = jax.eval_shape(lambda key: sparse_query_problem(key, 10, 200, density=0.1), jax.random.key(0))
+    >>> A.shape, x.shape
+    ((10, 200), (200,))
   """
   density = checks.positive("density", density)
   k1, k2 = jax.random.split(key)
@@ -173,11 +174,11 @@ def families(n: int = 100, d: int = 1000) -> dict[str, Family]:
   Returns:
     {name: Family(make, k, options)}; `make(key)` returns (A (n, d), x (d,)).
 
-  Example:
-    >>> fam = families(10, 32)["sparse_query"]
-    >>> A, x = fam.make(jax.random.key(0))
+  Example (shapes only: `jax.eval_shape` traces without compiling):
+    >>> fam = families(10, 32)["near_tie_k3"]
+    >>> A, x = jax.eval_shape(fam.make, jax.random.key(0))
     >>> A.shape, x.shape, fam.k
-    ((10, 32), (32,), 1)
+    ((10, 32), (32,), 3)
   """
   n, d = _sizes(n, d)
   return {

@@ -170,19 +170,23 @@ def build_key_sketch(keys: ArrayLike, valid: ArrayLike | None, bits: int = 4, pa
   return _build(jnp.asarray(keys), v, bits, page_size, dt)
 
 
-def sketch_bytes(num_keys: int, num_pages: int, d: int, bits: int, stat_bytes: int = 4) -> float:
+def sketch_bytes(num_keys, num_pages, d: int, bits: int, stat_bytes: int = 4):
   """Bytes of the sketch for `num_keys` keys on `num_pages` pages: codes (bits d / 8 per key) + 2 d stats per page.
 
   Args:
-    num_keys, num_pages: counts >= 0; d: key dimension >= 1; bits: code width in [1, 8]; stat_bytes: bytes of one
-      page statistic (4 for float32, 2 for float16 / bfloat16).
+    num_keys, num_pages: counts >= 0 (Python ints, or integer arrays that broadcast).
+    d: key dimension >= 1; bits: code width in [1, 8]; stat_bytes: bytes of one page statistic (4 for float32,
+      2 for float16 / bfloat16).
+
+  Returns:
+    Bytes, a float (an array of the broadcast shape for array counts).
 
   Example:
     >>> sketch_bytes(2048, 128, 64, 4, stat_bytes=2)  # 4-bit codes, 16-key pages, 16-bit stats
     98304.0
   """
-  num_keys = checks.int_in_range("num_keys", num_keys, 0)
-  num_pages = checks.int_in_range("num_pages", num_pages, 0)
+  for name, count in (("num_keys", num_keys), ("num_pages", num_pages)):  # Python ints or integer arrays
+    checks.int_array(name, count, 0) if np.ndim(count) else checks.int_in_range(name, count, 0)
   d = checks.int_in_range("d", d)
   bits = checks.int_in_range("bits", bits, 1, 8)
   stat_bytes = checks.int_in_range("stat_bytes", stat_bytes)
