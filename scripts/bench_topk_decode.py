@@ -86,7 +86,7 @@ def _step_bench(args):
 
   from asoftmax import configlib
   from asoftmax.data import text
-  from asoftmax.models import cache_attention as ca
+  from asoftmax import models
   from asoftmax.models import llama
 
   ns = [int(x) for x in args.step_ns.split(",")]
@@ -110,8 +110,8 @@ def _step_bench(args):
               prefill_s=round(prefill_s, 1), text="WikiText-2 test" if data_dir else "built-in text (no data dir)",
               cache_dtype=args.cache_dtype, bits=args.bits, page_size=args.page_size, capacity=args.capacity)
   print(json.dumps(info), flush=True)
-  methods = [("dense", None), ("int8 KV", ca.QuantizedKVAttention(8, args.page_size))]
-  methods += [(f"sketch eps={e}", ca.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
+  methods = [("dense", None), ("int8 KV", models.QuantizedKVAttention(8, args.page_size))]
+  methods += [(f"sketch eps={e}", models.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
               for e in eps_list]
   if args.methods:
     keep = [m.strip() for m in args.methods.split(",")]
@@ -123,7 +123,7 @@ def _step_bench(args):
       for name, att in methods:
         c = llama.LlamaCache({k: _tile(v, b, room) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
         if att is not None:
-          c = ca.prepare_cache(c, att)
+          c = models.prepare_cache(c, att)
         toks = jnp.asarray(np.repeat(ids[n:n + room][None], b, 0))
         ts, auxes = [], []
         for i in range(args.repeats + 2):  # compile + warm-up, then timed steps

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asoftmax import topk
-from asoftmax.models import cache_attention as ca
+from asoftmax import models, topk
 from asoftmax.models import llama
 
 from experiments import progress, registry, tables
@@ -138,10 +137,10 @@ def run(config, workdir, rng):
       functools.partial(_oracle_probs, epsilons=eps_all, group=G))}
   for bits, page in config.sketches:
     for e in eps_all:
-      methods[("sketch", e, int(bits), int(page))] = ca.SketchCacheAttention(
+      methods[("sketch", e, int(bits), int(page))] = models.SketchCacheAttention(
           e, int(bits), int(page), float(config.capacity), config.stat_dtype, measure=True)
   for bits in config.quant_bits:
-    methods[(f"int{bits} KV", None, int(bits), int(config.quant_page_size))] = ca.QuantizedKVAttention(
+    methods[(f"int{bits} KV", None, int(bits), int(config.quant_page_size))] = models.QuantizedKVAttention(
         int(bits), int(config.quant_page_size), config.stat_dtype)
   per = []
   t0 = time.perf_counter()
@@ -155,7 +154,7 @@ def run(config, workdir, rng):
       for key, att in methods.items():
         c = jax.tree.map(jnp.copy, cache)
         if key[0] != "dense":
-          c = ca.prepare_cache(c, att)
+          c = models.prepare_cache(c, att)
         out[key] = _decode(params, w, c, att, t - D)
         del c
       per.append(out)
