@@ -98,11 +98,6 @@ def floating_array(name: str, value: Any, ndims: Sequence[int] | int | None = No
   return value
 
 
-def finite(name: str, x: Any, ndim: int | None = None) -> Any:
-  """`floating_array(name, x, ndim)`: a non-empty floating array of `ndim` dims with finite entries."""
-  return floating_array(name, x, ndim)
-
-
 def unit_rows(name: str, x: Any, ndim: int | None = None, atol: float = 1e-3) -> Any:
   """Checks `x` is a finite floating array whose rows (last axis) have unit L2 norm within `atol`."""
   floating_array(name, x, ndim)
@@ -196,6 +191,76 @@ def int_array(name: str, value: Any, lo: int, hi: int | None = None, *, shape: S
   return value
 
 
+def vectors(name: str, value: Any, shape: str = "(..., N, d)", *, finite: bool = True) -> Any:
+  """Checks `value` is a non-empty floating array of vectors: at least 2 dimensions, the last the vector dim.
+
+  `shape` is how the error message spells the expected shape, e.g. "(..., L, d)".
+
+  >>> import numpy as np
+  >>> from asoftmax import checks
+  >>> checks.vectors("keys", np.ones(4, np.float32))
+  Traceback (most recent call last):
+    ...
+  ValueError: keys must have shape (..., N, d), got (4,)
+  """
+  floating_array(name, value, finite=finite)
+  if len(value.shape) < 2:
+    raise ValueError(f"{name} must have shape {shape}, got {tuple(value.shape)}")
+  return value
+
+
+def same_dim(name: str, value: Any, d: int, other: str) -> Any:
+  """Checks the last dimension of `value` equals `d`, the last dimension of `other` (named in the message)."""
+  if value.shape[-1] != d:
+    raise ValueError(f"{name} has dimension {value.shape[-1]}, {other} has {d}")
+  return value
+
+
+def float_in_range(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> Any:
+  """Checks every entry of a concrete `value` lies in [lo, hi] (or (lo, hi] with `lo_open`); a traced value is
+  returned unchecked (the caller flags it)."""
+  if is_traced(value):
+    return value
+  a = np.asarray(value, np.float32)
+  below = (a <= lo) if lo_open else (a < lo)
+  if (below | (a > hi)).any():
+    raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got values in "
+                     f"[{float(a.min())}, {float(a.max())}]")
+  return value
+
+
+def log_probs(name: str, value: Any, shape: Sequence[int], against: str = "logits") -> Any:
+  """Checks `value` has `shape` (that of `against`) and, when concrete, holds log probabilities: <= 0 (up to
+  1e-4), no NaN; -inf is allowed (probability zero)."""
+  vshape, _ = _shape_dtype(name, value)
+  if tuple(vshape) != tuple(shape):
+    raise ValueError(f"{name} must have {against}' shape {tuple(shape)}, got {tuple(vshape)}")
+  if not is_traced(value):
+    a = np.asarray(value, np.float32)
+    if np.isnan(a).any() or (a > 1e-4).any():
+      raise ValueError(f"{name} must hold log probabilities (<= 0, no NaN)")
+  return value
+
+
+def prng_key(name: str, key: Any) -> Any:
+  """Checks `key` is a PRNG key: new-style `jax.random.key(seed)` (a 0-d key array) or legacy uint32[2].
+
+  >>> import jax
+  >>> from asoftmax import checks
+  >>> checks.prng_key("key", 0)
+  Traceback (most recent call last):
+    ...
+  ValueError: key must be a PRNG key from jax.random.key(seed), got int
+  """
+  dt = getattr(key, "dtype", None)
+  if dt is not None and jnp.issubdtype(dt, jax.dtypes.prng_key) and key.ndim == 0:
+    return key
+  if dt is not None and dt == jnp.uint32 and tuple(key.shape) == (2,):
+    return key
+  raise ValueError(f"{name} must be a PRNG key from jax.random.key(seed), got {type(key).__name__} "
+                   f"{getattr(key, 'shape', '')} {dt if dt is not None else ''}".rstrip())
+
+
 # ------------------------------------------------------------------------------------------ numbers
 def open_unit(name: str, value: Any) -> Any:
   """Checks 0 < value < 1 (a number, or every entry of a concrete array); returns a float for numbers.
@@ -218,69 +283,105 @@ def open_unit(name: str, value: Any) -> Any:
   return v
 
 
-def epsilon(eps: Any) -> Any:
-  """`open_unit("epsilon", eps)`: the TV / relative-error budget must lie in (0, 1)."""
-  return open_unit("epsilon", eps)
+def open_unit_tuple(name: str, values: Any) -> tuple[float, ...]:
+  """Checks `values` is a non-empty sequence of static Python numbers in (0, 1); returns them as a tuple of floats.
+
+  For options that fix a program's shape (one output column per value), so traced values are rejected.
+  """
+  if is_traced(values) or isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    raise ValueError(f"{name} must be a sequence of Python numbers in (0, 1), got {values!r}")
+  vals = tuple(values)
+  if not vals:
+    raise ValueError(f"{name} must hold at least one value")
+  if is_traced(*vals):
+    raise ValueError(f"{name} must be Python numbers (static), got a traced value")
+  return tuple(float(open_unit(name, v)) for v in vals)
 
 
-def positive(name: str, value: Any) -> float:
-  """Checks `value` is a positive finite number and returns it as a float."""
+def positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+  """Checks `value` is a finite number > 0 (>= 0 with `allow_zero`) and returns it as a float.
+
+  >>> from asoftmax import checks
+  >>> checks.positive("tau", 2)
+  2.0
+  >>> checks.positive("kappa", 0.0, allow_zero=True)
+  0.0
+  """
   try:
     v = float(value)
   except (TypeError, ValueError):
     raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-  if not (v > 0.0 and math.isfinite(v)):
-    raise ValueError(f"{name} must be positive and finite, got {value!r}")
-  return v
-
-
-def pos_float(name: str, v: Any, allow_zero: bool = False) -> float:
-  """Checks `v` is a finite number > 0 (>= 0 with `allow_zero`) and returns it as a float."""
-  try:
-    f = float(v)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a positive number, got {v!r}") from None
-  ok = (f >= 0.0 if allow_zero else f > 0.0) and math.isfinite(f)
+  ok = (v >= 0.0 if allow_zero else v > 0.0) and math.isfinite(v)
   if not ok:
-    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {v!r}")
-  return f
+    raise ValueError(f"{name} must be {'>= 0' if allow_zero else 'positive'} and finite, got {value!r}")
+  return v
 
 
 def _is_int(value: Any) -> bool:
   return not isinstance(value, bool) and isinstance(value, (int, np.integer))
 
 
-def int_in_range(name: str, value: Any, lo: int, hi: int) -> int:
-  """Checks `value` is an integer with lo <= value <= hi and returns it as an int."""
+def int_in_range(name: str, value: Any, lo: int = 1, hi: int | None = None) -> int:
+  """Checks `value` is an integer (not a bool) with lo <= value (<= hi unless hi is None); returns it as an int.
+
+  The default range [1, inf) is a positive count (sizes, chunk lengths, sample counts).
+
+  >>> from asoftmax import checks
+  >>> checks.int_in_range("m", 5)
+  5
+  >>> checks.int_in_range("k", 3, 1, 2)
+  Traceback (most recent call last):
+    ...
+  ValueError: k must be in [1, 2], got 3
+  """
   if not _is_int(value):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
-  if not lo <= int(value) <= hi:
-    raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-  return int(value)
-
-
-def pos_int(name: str, v: Any, lo: int = 1) -> int:
-  """Checks `v` is an integer >= `lo` and returns it as an int."""
-  if not _is_int(v):
-    raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-  if int(v) < lo:
+    bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+  v = int(value)
+  if hi is None and v < lo:
     raise ValueError(f"{name} must be >= {lo}, got {v}")
-  return int(v)
+  if hi is not None and not lo <= v <= hi:
+    raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+  return v
 
 
-def boolean(name: str, value: Any) -> bool:
+def pos_int(name: str, value: Any, lo: int = 1) -> int:
+  """Deprecated name of `int_in_range(name, value, lo)`, kept only for `asoftmax/adaptive/core.py` (being rewritten).
+
+  Remove once core.py calls `int_in_range`; nothing else may use it (tests/test_checks.py checks that).
+  """
+  return int_in_range(name, value, lo)
+
+
+def boolean(name: str, value: Any, *, also: Sequence[str] = ()) -> bool | str:
   """Checks `value` is a bool (Python or numpy; a concrete 0-d bool array too) and returns it as a Python bool.
 
   A truthy object such as the string "yes", 1 or None is rejected: a typo must not silently switch an option on.
-  A traced value is rejected too (boolean options choose code paths, so they must be static).
+  A traced value is rejected too (boolean options choose code paths, so they must be static). A string listed in
+  `also` (e.g. "auto" for a tri-state option) is returned as is.
   """
+  if isinstance(value, str) and value in also:
+    return value
   if isinstance(value, (bool, np.bool_)):
     return bool(value)
   if is_traced(value):
     raise ValueError(f"{name} must be a Python bool (a static option), got a traced value")
   if getattr(value, "shape", None) == () and np.dtype(getattr(value, "dtype", object)) == np.bool_:
     return bool(value)
-  raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
+  extra = "".join(f" or {a!r}" for a in also)
+  raise ValueError(f"{name} must be a bool (True or False){extra}, got {value!r}")
+
+
+def dtype_in(name: str, value: Any, dtypes: Sequence[Any]) -> Any:
+  """Checks `value` names one of `dtypes` (a dtype, its name or type); returns it as a `jnp.dtype`."""
+  try:
+    dt = jnp.dtype(value)
+  except TypeError:
+    dt = None
+  allowed = [jnp.dtype(t) for t in dtypes]
+  if dt not in allowed:
+    raise ValueError(f"{name} must be {', '.join(str(t) for t in allowed[:-1])} or {allowed[-1]}, got {value!r}")
+  return dt
 
 
 def one_of(name: str, value: Any, choices) -> Any:

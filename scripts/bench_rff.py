@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import results, rff
-from asoftmax.rff import tree as tree_lib
 
 
 def _median_time(fn, reps):
@@ -103,7 +102,7 @@ def make_sampled_step(sampler, m, tau, lr, shared, rebuild=False):
 
 
 def tree_bytes(n, features, bucket=1):
-  return tree_lib.tree_nbytes(n, features, bucket)
+  return rff.tree_nbytes(n, features, bucket)
 
 
 def render(path):
@@ -221,7 +220,7 @@ def main():
         row.update(D=D, nu=a.nu, tree_MB=tree_bytes(n, 2 * D) / 2**20)
         if tree_bytes(n, 2 * D) > a.max_tree_gb * 2**30:
           row["status"] = (f"skipped: tree needs {tree_bytes(n, 2 * D) / 2**30:.2f} GiB (2P x 2D float32, "
-                           f"P = {tree_lib.num_buckets_for(n, 1)}) > --max_tree_gb={a.max_tree_gb}")
+                           f"P = {tree_bytes(n, 2 * D) // (2 * 2 * D * 4)}) > --max_tree_gb={a.max_tree_gb}")
           emit(row)
           continue
         sampler = rff.rff_sampler(ks, D, a.nu, 0.01, precompute=False)
@@ -231,7 +230,7 @@ def main():
                    tree_MB_one_class_leaves=tree_bytes(n, 2 * D) / 2**20)
         if nbytes > a.max_tree_gb * 2**30:
           row["status"] = (f"skipped: tree needs {nbytes / 2**30:.2f} GiB (2P x 2D float32, "
-                           f"P = {tree_lib.num_buckets_for(n, a.rff_bucket)}) > --max_tree_gb={a.max_tree_gb}")
+                           f"P = {nbytes // (2 * 2 * D * 4)}) > --max_tree_gb={a.max_tree_gb}")
           emit(row)
           continue
         sampler = rff.rff_bucket_sampler(ks, D, a.nu, a.rff_bucket, 0.01, precompute=False)

@@ -7,7 +7,7 @@ call and a warm-up call:
 * dense: softmax(q K^T / sqrt(d)) V, jitted (the fastest honest exact path: two matrix-vector products);
 * sorted oracle: `topk.certified_topk_attention(..., "exact")` (sort, exact tail mass, masked head);
 * multi_gap: the same with the logit-only multi-gap certificate;
-* bisection oracle: `topk.decode.threshold_topk_probs` (the oracle head without sorting: 30 bisection passes);
+* bisection oracle: `topk.threshold_topk_probs` (the oracle head without sorting: 30 bisection passes);
 * progressive: `topk.progressive_search` (the library's certified search; basis fitted on a held-out draw of
   the same head, keys prepared once as when they enter the cache) + attention over the certified head.
 
@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import topk
-from asoftmax.topk import decode
 
 
 def _head(seed, n, d, tau, n_queries=1):
@@ -87,7 +86,7 @@ def _step_bench(args):
 
   from asoftmax import configlib
   from asoftmax.data import text
-  from asoftmax.models import cache_attention as ca
+  from asoftmax import models
   from asoftmax.models import llama
 
   ns = [int(x) for x in args.step_ns.split(",")]
@@ -111,8 +110,8 @@ def _step_bench(args):
               prefill_s=round(prefill_s, 1), text="WikiText-2 test" if data_dir else "built-in text (no data dir)",
               cache_dtype=args.cache_dtype, bits=args.bits, page_size=args.page_size, capacity=args.capacity)
   print(json.dumps(info), flush=True)
-  methods = [("dense", None), ("int8 KV", ca.QuantizedKVAttention(8, args.page_size))]
-  methods += [(f"sketch eps={e}", ca.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
+  methods = [("dense", None), ("int8 KV", models.QuantizedKVAttention(8, args.page_size))]
+  methods += [(f"sketch eps={e}", models.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
               for e in eps_list]
   if args.methods:
     keep = [m.strip() for m in args.methods.split(",")]
@@ -124,7 +123,7 @@ def _step_bench(args):
       for name, att in methods:
         c = llama.LlamaCache({k: _tile(v, b, room) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
         if att is not None:
-          c = ca.prepare_cache(c, att)
+          c = models.prepare_cache(c, att)
         toks = jnp.asarray(np.repeat(ids[n:n + room][None], b, 0))
         ts, auxes = [], []
         for i in range(args.repeats + 2):  # compile + warm-up, then timed steps
@@ -192,7 +191,7 @@ def main():
 
   @jax.jit
   def bisection(q, K, V):
-    p, _, _ = decode.threshold_topk_probs((q @ K.T) * scale, None, eps, row_block=1)
+    p, _, _ = topk.threshold_topk_probs((q @ K.T) * scale, None, eps, row_block=1)
     return p @ V
 
   @jax.jit
@@ -218,7 +217,7 @@ def main():
          "progressive": _time(progressive, qr, pk, Vj, repeats=args.repeats)}
     ref = np.asarray(dense(qj, Kj, Vj))
     _, macs, full = progressive(qr, pk, Vj)
-    k = float(np.mean(np.asarray(decode.threshold_heads((q @ K.T) * scale, None, (eps,)).k)))
+    k = float(np.mean(np.asarray(topk.threshold_heads((q @ K.T) * scale, None, (eps,)).k)))
     err = max(float(np.abs(np.asarray(f(qj, Kj, Vj)) - ref).max()) for f in (sorted_exact, bisection))
     print(f"{n} | " + " | ".join(f"{1e3 * t[m]:.3f}" for m in ("dense", "sorted", "multi_gap", "bisection",
                                                                   "progressive"))

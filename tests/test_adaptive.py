@@ -150,11 +150,11 @@ def test_tuning_reduces_samples_and_keeps_success():
   _, x = adaptive.planted_problem(jax.random.key(0), n, d, k=1)
   X = x[None] + 0.05 * jax.random.normal(jax.random.key(1), (120, d))
   row = adaptive.tune_and_evaluate(jax.random.key(2), A, X, k=1, delta=0.1, n_tune=60, progress=False, exact_below=0)
-  assert row["n_eval"] == 60
-  assert row["fudge_bandit"] <= 1.0 and row["fudge_z"] <= 1.0
-  assert row["success"] >= 0.9
-  assert row["gain_dense"] > 1.0
-  assert len(row["samples"]) == 60
+  assert row.n_eval == 60
+  assert row.fudge_bandit <= 1.0 and row.fudge_z <= 1.0
+  assert row.success >= 0.9
+  assert row.gain_dense > 1.0
+  assert len(row.samples) == 60
 
 
 A_OK = np.ones((4, 3), np.float32)

@@ -128,7 +128,7 @@ def test_untuned_evaluation_matches_its_own_counts(tmp_path):
   A, X = _user_files(tmp_path, q=30)
   prep = adaptive.prepare_matrix(A)
   r = adaptive_llm.evaluate_untuned(jax.random.key(0), prep, X, k=1, epsilon=0.3, delta=0.1)
-  assert r["n_eval"] == 30 and r["fudge_bandit"] == r["fudge_z"] == 1.0
-  assert r["gain_dense"] == pytest.approx(300 * 64 / np.mean(r["samples"]), rel=1e-6)
-  assert r["success"] == r["successes"] / 30 and r["success_lo"] <= r["success"] <= r["success_hi"]
-  assert all(0 < s <= 300 * 64 for s in r["samples"])
+  assert r.n_eval == 30 and r.fudge_bandit == r.fudge_z == 1.0
+  assert r.gain_dense == pytest.approx(300 * 64 / np.mean(r.samples), rel=1e-6)
+  assert r.success == r.successes / 30 and r.success_lo <= r.success <= r.success_hi
+  assert all(0 < s <= 300 * 64 for s in r.samples)

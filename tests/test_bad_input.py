@@ -320,6 +320,14 @@ register("adaptive.tune_fudge",
          build=lambda r: dict(key=_key(), A=_A(r), X_tune=_X(r), k=1, epsilon=0.3, delta=0.1, iters=2),
          kinds={"A": Arr((2,)), "X_tune": Arr((2,)), "k": Int(1, 24), "epsilon": Num("unit"),
                 "delta": Num("unit"), "iters": Int(1)}, slow=True)
+# issue 30: the synthetic problems experiments and benchmarks use (public, so in the contract)
+register("adaptive.heavy_tailed_problem", build=lambda r: dict(key=_key(), n=24, d=8),
+         kinds={"n": Int(1), "d": Int(1), "df": Num("pos")})
+register("adaptive.sparse_query_problem", build=lambda r: dict(key=_key(), n=24, d=8, k=1),
+         kinds={"n": Int(1), "d": Int(1), "k": Int(1, 24), "density": Num("pos")})
+register("adaptive.llm_head_problem", build=lambda r: dict(key=_key(), n=24, d=8, n_queries=2),
+         kinds={"n": Int(1), "d": Int(1), "n_queries": Int(1), "logit_std": Num("pos")})
+register("adaptive.families", build=lambda r: dict(n=24, d=8), kinds={"n": Int(1), "d": Int(1)})
 
 # ---- topk
 _LG = Arr(min_ndim=1, neginf=True)  # logits: (..., N), -inf = masked key
@@ -499,6 +507,8 @@ register("topk.sketch_bounds",
          build=lambda r: dict(queries=r.normal(size=(Q, D_)).astype(np.float32),
                               sketch=topk.build_key_sketch(_keys(r), None, 4, 4), scale=0.5),
          kinds={"queries": Arr((2,)), "scale": Num("pos")}, jit=("queries",))
+register("topk.sketch_bytes", build=lambda r: dict(num_keys=16, num_pages=4, d=D_, bits=4, stat_bytes=2),
+         kinds={"num_keys": Int(0), "num_pages": Int(0), "d": Int(1), "bits": Int(1, 8), "stat_bytes": Int(1)})
 register("topk.sketch_search", build=_sketch_build,
          kinds={"queries": Arr((2,)), "keys": Arr((2,)), "values": Arr((2,), matched=False), "valid": Mask(),
                 "epsilon": Num("unit"), "scale": Num("pos"), "capacity": Int(1, N)},
@@ -539,6 +549,8 @@ def _tree(r):
 
 register("rff.build_tree", build=lambda r: dict(leaf_features=np.asarray(rff.rff_features(_C(r), _W(r))), bucket=1),
          kinds={"leaf_features": Arr((2,), matched=False), "bucket": Int(1)}, jit=("leaf_features",))
+register("rff.tree_nbytes", build=lambda r: dict(num_classes=N, num_features=16, bucket=2),
+         kinds={"num_classes": Int(1), "num_features": Int(1), "bucket": Int(1)})
 register("rff.tree_update",
          build=lambda r: dict(tree=_tree(r), bucket_ids=np.array([1, 5], np.int32),
                               delta=r.normal(size=(2, 16)).astype(np.float32)),
@@ -1010,6 +1022,8 @@ def _jit_bads(e, arg, x):
 # A function that takes no array a caller could trace is listed here with the reason.
 NOT_TRACED = {
     "rff.init_rff": "takes a PRNG key and Python numbers only (traced numbers: test_traced_numbers_...)",
+    "rff.tree_nbytes": "Python integers only, a size computation (traced numbers: test_traced_numbers_...)",
+    "topk.sketch_bytes": "Python integers only, a size computation (traced numbers: test_traced_numbers_...)",
     "rff.load_sparse": "reads a file (a path)",
     "rff.precision_at_k": "host-side metric on scipy.sparse labels",
     "rff.uniform_sampler": "a factory of functions (traced numbers: test_traced_numbers_...)",

@@ -100,12 +100,15 @@ def test_user_path_that_does_not_exist_exits_nonzero_naming_it(tmp_path):
 
 # ------------------------------------------------------------------------------------------- table-row caches
 def _fake_eval(calls):
+  from asoftmax import adaptive
+
   def fake(*a, **k):
     calls.append(1)
-    return {"phase_samples_mean": [1.0, 2.0, 3.0, 4.0], "n_eval": 20, "gain_dense": 2.0, "success": 0.95,
-            "success_lo": 0.8, "success_hi": 1.0, "identified": 0.95, "max_rel_error": 0.01, "samples_mean": 10.0,
-            "samples_median": 10.0, "samples_std": 1.0, "naive_dense": 1.0, "fudge_bandit": 1.0, "fudge_z": 1.0,
-            "samples": [10] * 20}
+    return adaptive.TuneResult(
+        phase_samples_mean=[1.0, 2.0, 3.0, 4.0], n_eval=20, successes=19, gain_dense=2.0, gain_nnz=2.0,
+        success=0.95, success_lo=0.8, success_hi=1.0, identified=0.95, max_rel_error=0.01, samples_mean=10.0,
+        samples_median=10.0, samples_std=1.0, naive_dense=1, naive_nnz_mean=1.0, fudge_bandit=1.0, fudge_z=1.0,
+        samples=[10] * 20, mode="paper")
   return fake
 
 

@@ -48,16 +48,41 @@ def test_numbers_always_checked():
   with pytest.raises(ValueError, match="delta must be in"):
     checks.open_unit("delta", 1.0)
   with pytest.raises(ValueError, match="epsilon"):
-    checks.epsilon(np.array([0.1, 0.0]))
+    checks.open_unit("epsilon", np.array([0.1, 0.0]))
   with pytest.raises(ValueError, match="m must be >= 1"):
-    checks.pos_int("m", 0)
+    checks.int_in_range("m", 0)
+  with pytest.raises(ValueError, match="m must be an integer >= 1"):
+    checks.int_in_range("m", 2.0)
+  assert checks.int_in_range("head_size", 0, lo=0) == 0
   with pytest.raises(ValueError, match="k must be an integer"):
     checks.int_in_range("k", True, 1, 3)
-  with pytest.raises(ValueError, match="nu must be > 0"):
-    checks.pos_float("nu", -1.0)
-  assert checks.pos_float("kappa", 0.0, allow_zero=True) == 0.0
+  with pytest.raises(ValueError, match=r"k must be in \[1, 3\], got 4"):
+    checks.int_in_range("k", np.int32(4), 1, 3)
+  with pytest.raises(ValueError, match="nu must be positive"):
+    checks.positive("nu", -1.0)
+  with pytest.raises(ValueError, match="nu must be positive"):
+    checks.positive("nu", float("inf"))
+  assert checks.positive("kappa", 0.0, allow_zero=True) == 0.0
+  with pytest.raises(ValueError, match="kappa must be >= 0"):
+    checks.positive("kappa", -0.5, allow_zero=True)
   with pytest.raises(ValueError, match="mode must be one of"):
     checks.one_of("mode", "x", {"a", "b"})
+
+
+def test_one_name_per_check():
+  """Issue 30: `pos_float`, `epsilon` and `finite` were second names of `positive`, `open_unit`, `floating_array`.
+
+  `pos_int` survives only for asoftmax/adaptive/core.py (being rewritten); no other module may call it.
+  """
+  import pathlib
+  import re
+  for gone in ("pos_float", "epsilon", "finite"):
+    assert not hasattr(checks, gone), gone
+  root = pathlib.Path(checks.__file__).resolve().parents[1]
+  callers = sorted(str(p.relative_to(root)) for d in ("asoftmax", "experiments", "scripts", "tests")
+                   for p in (root / d).rglob("*.py") if re.search(r"\bpos_int\(", p.read_text())
+                   and p.name not in ("checks.py", "test_checks.py"))
+  assert callers in ([], ["asoftmax/adaptive/core.py"]), callers
 
 
 def test_not_an_array():
@@ -73,3 +98,38 @@ def test_boolean_rejects_truthy_non_bools():
       checks.boolean("flag", bad)
   with pytest.raises(ValueError, match="flag must be a Python bool"):
     jax.jit(lambda b: checks.boolean("flag", b))(True)
+
+
+def test_checks_folded_from_module_helpers():
+  """Issue 30: the checks that lived as `_check_*` helpers in topk / rff / adaptive modules."""
+  f32 = np.ones((2, 3), np.float32)
+  assert checks.vectors("keys", f32) is f32
+  with pytest.raises(ValueError, match=r"keys must have shape \(\.\.\., L, d\), got \(3,\)"):
+    checks.vectors("keys", f32[0], "(..., L, d)")
+  with pytest.raises(ValueError, match="h has dimension 3, class_vectors has 4"):
+    checks.same_dim("h", f32, 4, "class_vectors")
+  assert checks.float_in_range("rho", np.array([0.0, 1.0]), 0.0, 1.0) is not None
+  with pytest.raises(ValueError, match=r"sigma must be in \(0.0, 1.0\]"):
+    checks.float_in_range("sigma", np.array([0.0]), 0.0, 1.0, lo_open=True)
+  jax.jit(lambda x: checks.float_in_range("rho", x, 0.0, 0.5))(jnp.ones(2))  # traced: unchecked (caller flags)
+  lq = np.log(np.full((2, 4), 0.25, np.float32))
+  assert checks.log_probs("log_q", lq, (2, 4)) is lq
+  with pytest.raises(ValueError, match="log_q must have logits' shape"):
+    checks.log_probs("log_q", lq, (2, 5))
+  with pytest.raises(ValueError, match="log_q must hold log probabilities"):
+    checks.log_probs("log_q", -lq, (2, 4))
+  key = jax.random.key(0)
+  assert checks.prng_key("key", key) is key
+  assert checks.prng_key("key", jax.random.PRNGKey(0)).shape == (2,)
+  with pytest.raises(ValueError, match="key must be a PRNG key"):
+    checks.prng_key("key", np.zeros(3, np.uint32))
+  assert checks.open_unit_tuple("epsilons", [0.1, 0.2]) == (0.1, 0.2)
+  for bad in ((), (0.0,), 0.1, "0.1"):
+    with pytest.raises(ValueError, match="epsilons"):
+      checks.open_unit_tuple("epsilons", bad)
+  assert checks.dtype_in("stat_dtype", "bfloat16", (jnp.float32, jnp.bfloat16)) == jnp.bfloat16
+  with pytest.raises(ValueError, match="stat_dtype must be float32 or bfloat16, got 'int8'"):
+    checks.dtype_in("stat_dtype", "int8", (jnp.float32, jnp.bfloat16))
+  assert checks.boolean("precompute", "auto", also=("auto",)) == "auto"
+  with pytest.raises(ValueError, match="precompute must be a bool \\(True or False\\) or 'auto'"):
+    checks.boolean("precompute", "yes", also=("auto",))

@@ -61,7 +61,7 @@ def test_bucket_probabilities_equal_enumeration(n, bucket, kappa):
   s = rff.rff_bucket_sampler(jax.random.key(3), D, nu, bucket=bucket, kappa=kappa)
   st = s.init(C)
   lq = np.asarray(s.log_probs(st, h), np.float64)
-  psi = np.asarray(features_lib._rff(h, st.W))
+  psi = np.asarray(features_lib.rff_map(h, st.W))
   for b in range(3):
     ref, nodes = _numpy_bucket_log_q(psi[b], h[b], st.class_vectors, st.W, nu, bucket, kappa)
     np.testing.assert_allclose(np.asarray(st.tree.nodes), nodes, atol=2e-5)
@@ -79,7 +79,7 @@ def test_chunked_build_equals_dense_build():
   n, d, D, b = 300, 5, 16, 8
   C = _unit(20, (n, d))
   W = rff.init_rff(jax.random.key(21), d, D, 2.0)
-  fn = lambda x: features_lib._rff(x, W)
+  fn = lambda x: features_lib.rff_map(x, W)
   small = jax.jit(lambda c: tree_lib.build_bucket_tree(c, fn, 2 * D, b, block_bytes=4 * b * 2 * D * 4))(C)
   dense = rff.build_tree(fn(C), bucket=b)
   np.testing.assert_allclose(small.nodes, dense.nodes, atol=1e-5)

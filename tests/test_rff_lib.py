@@ -41,7 +41,7 @@ def test_rff_estimate_std_is_one_minus_k_squared_over_sqrt_2d():
   y = jnp.cos(theta) * x + jnp.sin(theta) * u  # K = exp(nu (cos theta - 1)) from ~1 to ~0.02
   K = np.asarray(rff.exact_kernel(x, y, nu), np.float64)
   Ws = jax.random.normal(jax.random.key(32), (R, D, d)) * np.sqrt(nu)
-  est = np.asarray(jax.vmap(lambda W: jnp.sum(features_lib._rff(x, W) * features_lib._rff(y, W), -1))(Ws))
+  est = np.asarray(jax.vmap(lambda W: jnp.sum(features_lib.rff_map(x, W) * features_lib.rff_map(y, W), -1))(Ws))
   np.testing.assert_allclose(est.mean(0), K, atol=4 * 0.5 / np.sqrt(2 * D * R))  # unbiased
   pred = (1 - K**2) / np.sqrt(2 * D)
   np.testing.assert_allclose(est.std(0), pred, rtol=0.08)  # sd of a sample sd at R = 3000 is ~1.3 %
@@ -71,8 +71,8 @@ def _numpy_path_probs(psi, nodes, counts, n, kappa):
 def test_tree_path_probabilities_equal_enumerated_leaf_masses(n, kappa):
   C = _unit(2, (n, 6))
   W = rff.init_rff(jax.random.key(3), 6, 8, 3.0)  # small D: some clamped (negative) node masses
-  tree = rff.build_tree(features_lib._rff(C, W))
-  psi = features_lib._rff(_unit(4, (3, 6)), W)
+  tree = rff.build_tree(features_lib.rff_map(C, W))
+  psi = features_lib.rff_map(_unit(4, (3, 6)), W)
   lq, _ = jax.jit(rff.tree_log_probs)(psi, tree, kappa)
   for b in range(3):
     ref = _numpy_path_probs(psi[b], tree.nodes, tree.counts, n, kappa)
@@ -88,7 +88,7 @@ def test_tree_samples_the_path_product_not_the_leaf_clamped_kernel():
   C, h = _unit(33, (n, d)), _unit(34, (1, d))
   s = rff.rff_sampler(jax.random.key(35), 8, 4.0, kappa=kappa)
   st = s.init(C)
-  psi = features_lib._rff(h, st.W)
+  psi = features_lib.rff_map(h, st.W)
   assert float((psi @ st.tree.nodes[1:].T).min()) < 0  # clamping is active at some node
   path = _numpy_path_probs(psi[0], st.tree.nodes, st.tree.counts, n, kappa)[:n]
   leaf = np.exp(np.asarray(tree_lib.leaf_clamped_log_probs(psi, st.tree, kappa), np.float64)[0, :n])

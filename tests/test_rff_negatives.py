@@ -239,7 +239,7 @@ def test_shared_proposals_are_the_batch_mixtures():
                              k.sum(0) / k.sum(), rtol=1e-4)
   rf = rff.rff_sampler(jax.random.key(8), 32, 2.0, kappa=0.05)
   st = rf.init(C)
-  psi_bar = features_lib._rff(h, st.W).mean(0, keepdims=True)
+  psi_bar = features_lib.rff_map(h, st.W).mean(0, keepdims=True)
   ref, _ = tree_lib.tree_log_probs(psi_bar, st.tree, 0.05)
   lq = np.asarray(rf.log_probs(st, h, shared=True), np.float64)
   np.testing.assert_allclose(lq, np.asarray(ref[0, :n]), atol=1e-6)

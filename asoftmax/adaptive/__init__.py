@@ -9,6 +9,7 @@
 from asoftmax.adaptive.core import (
     EXACT_BELOW,
     ORDERS,
+    PHASES,
     AdaptiveConfig,
     AdaptiveResult,
     PreparedMatrix,
@@ -18,7 +19,8 @@ from asoftmax.adaptive.core import (
     prepare_matrix,
 )
 from asoftmax.adaptive.exact import ExactResult, softmax_topk
-from asoftmax.adaptive.synthetic import gaussian_problem, planted_problem, toy_problem
+from asoftmax.adaptive.synthetic import (families, gaussian_problem, heavy_tailed_problem, llm_head_problem,
+                                         planted_problem, sparse_query_problem, toy_problem)
 from asoftmax.adaptive.tuning import (
     TuneResult,
     conformal_fudge,
@@ -32,4 +34,6 @@ __all__ = [
     "EXACT_BELOW", "ORDERS", "AdaptiveConfig", "AdaptiveResult", "ExactResult", "PreparedMatrix", "TuneResult", "adaptive_softmax",
     "conformal_fudge", "default_warmup", "exact_logits_batched", "gaussian_problem", "make_config", "planted_problem", "prepare_matrix",
     "softmax_topk", "success_mask", "toy_problem", "tune_and_evaluate", "tune_fudge",
+    # synthetic problems used by experiments and benchmarks; the phase names of `AdaptiveResult.phase_samples`
+    "PHASES", "families", "heavy_tailed_problem", "llm_head_problem", "sparse_query_problem",
 ]

@@ -17,7 +17,7 @@ from asoftmax import checks
 
 def _sizes(n, d) -> tuple[int, int]:
   """Checks the problem sizes: integers n >= 1 arms, d >= 1 coordinates."""
-  return checks.pos_int("n", n), checks.pos_int("d", d)
+  return checks.int_in_range("n", n), checks.int_in_range("d", d)
 
 
 def toy_problem(key: jax.Array, n: int, d: int) -> tuple[jax.Array, jax.Array]:
@@ -120,7 +120,18 @@ def heavy_tailed_problem(key: jax.Array, n: int, d: int, *, df: float = 2.5, pla
   """Student-t(df) entries in `A` (scaled by 1/sqrt(d)) and in `x`: heavy-tailed products `A_ij x_j`.
 
   With `planted_gap`, a random row gets `planted_gap` added to its logit along `x` (a planted top-1).
+
+  Returns:
+    (A, x): (n, d) and (d,) float32.
+
+  Example (shapes only: `jax.eval_shape` traces without compiling):
+    >>> make = lambda key: heavy_tailed_problem(key, 10, 16, df=3.0, planted_gap=1.0)
+    >>> A, x = jax.eval_shape(make, jax.random.key(0))
+    >>> A.shape, x.shape
+    ((10, 16), (16,))
   """
+  n, d = _sizes(n, d)
+  df = checks.positive("df", df)
   ka, kx, kp = jax.random.split(key, 3)
   A = _student_t(ka, df, n, d) / jnp.sqrt(d)
   x = jax.random.t(kx, df, (d,))
@@ -145,7 +156,17 @@ def dominant_coordinate_problem(key: jax.Array, n: int, d: int, *, factor: float
 
 def sparse_query_problem(key: jax.Array, n: int, d: int, *, density: float = 0.1, k: int = 1
                          ) -> tuple[jax.Array, jax.Array]:
-  """A planted-gap problem whose query keeps a random `density` fraction of its coordinates (rest 0)."""
+  """A planted-gap problem whose query keeps a random `density` fraction of its coordinates (rest 0).
+
+  Returns:
+    (A, x): (n, d) and (d,) float32 (`planted_problem`'s, with x sparsified).
+
+  Example (shapes only: `jax.eval_shape` traces without compiling):
+    >>> A, x = jax.eval_shape(lambda key: sparse_query_problem(key, 10, 200, density=0.1), jax.random.key(0))
+    >>> A.shape, x.shape
+    ((10, 200), (200,))
+  """
+  density = checks.positive("density", density)
   k1, k2 = jax.random.split(key)
   A, x = planted_problem(k1, n, d, k=k)
   keep = jax.random.uniform(k2, (d,)) < density
@@ -182,7 +203,17 @@ def families(n: int = 100, d: int = 1000) -> dict[str, Family]:
   """The input families AdaptiveSoftmax's guarantee is tested on (friendly and hard), at size (n, d).
 
   `n_much_larger_than_d` is always 50,000 x 64.
+
+  Returns:
+    {name: Family(make, k, options)}; `make(key)` returns (A (n, d), x (d,)).
+
+  Example (shapes only: `jax.eval_shape` traces without compiling):
+    >>> fam = families(10, 32)["near_tie_k3"]
+    >>> A, x = jax.eval_shape(fam.make, jax.random.key(0))
+    >>> A.shape, x.shape, fam.k
+    ((10, 32), (32,), 3)
   """
+  n, d = _sizes(n, d)
   return {
       "gaussian_planted": Family(lambda key: planted_problem(key, n, d)),
       "heavy_tailed": Family(lambda key: heavy_tailed_problem(key, n, d, df=2.5)),
@@ -221,6 +252,9 @@ def llm_head_problem(key: jax.Array, n: int, d: int, n_queries: int, *, top1: tu
     >>> A.shape, X.shape
     ((1000, 64), (8, 64))
   """
+  n, d = _sizes(n, d)
+  n_queries = checks.int_in_range("n_queries", n_queries)
+  logit_std = checks.positive("logit_std", logit_std)
   ks, ka, kg, kt, kp, kr, km = jax.random.split(key, 7)
   s = jnp.exp(col_spread * jax.random.normal(ks, (d,)))
   s = s / jnp.sqrt(jnp.mean(s * s))

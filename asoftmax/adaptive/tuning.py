@@ -11,7 +11,7 @@ implementation misses 1 - delta on held-out queries at delta = 10% for some mode
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ def exact_logits_batched(A, X, beta: float = 1.0, chunk: int = 256) -> np.ndarra
   if X.shape[1] != A.shape[1]:
     raise ValueError(f"X has shape {tuple(X.shape)} but A has shape {tuple(A.shape)}: X must be (b, {A.shape[1]})")
   beta = checks.positive("beta", beta)
-  chunk = checks.pos_int("chunk", chunk)
+  chunk = checks.int_in_range("chunk", chunk)
   ct = jnp.promote_types(A.dtype, jnp.float32)
   A = jnp.asarray(A, ct)
   out = []
@@ -120,7 +120,7 @@ def max_tuning_failures(n_tune: int, delta: float, *, margin: float = 0.5, confi
     >>> max_tuning_failures(60, 0.05), max_tuning_failures(60, 0.05, confidence=0.95)
     (1, 0)
   """
-  n_tune = checks.pos_int("n_tune", n_tune)
+  n_tune = checks.int_in_range("n_tune", n_tune)
   delta = checks.open_unit("delta", delta)
   if confidence is None:
     return int(math.floor(checks.positive("margin", margin) * delta * n_tune))
@@ -209,7 +209,7 @@ def tune_fudge(
   margin, lo, hi = checks.positive("margin", margin), checks.positive("lo", lo), checks.positive("hi", hi)
   if not lo <= hi:
     raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
-  iters = checks.pos_int("iters", iters)
+  iters = checks.int_in_range("iters", iters)
   X_tune = jnp.asarray(X_tune)
   if logits is None:
     logits = exact_logits_batched(prep, X_tune, beta)
@@ -289,7 +289,7 @@ def conformal_fudge(
   epsilon = checks.open_unit("epsilon", epsilon)
   lo, hi, num = grid
   values = np.exp(np.linspace(math.log(checks.positive("grid lo", lo)), math.log(checks.positive("grid hi", hi)),
-                              checks.pos_int("grid points", num, lo=2)))
+                              checks.int_in_range("grid points", num, lo=2)))
   if logits is None:
     logits = exact_logits_batched(prep, X_tune, beta)
   if kwargs.pop("mode", "paper") != "paper":
@@ -313,7 +313,7 @@ def conformal_rank(m: int, delta: float) -> int:
 
 
 class TuneResult(NamedTuple):
-  """What `tune_and_evaluate` measured on the held-out queries (field access, or `r["name"]` as before)."""
+  """What `tune_and_evaluate` measured on the held-out queries (`r.success`, ...; `r._asdict()` for a dict)."""
 
   fudge_bandit: float  # tuned factors (1 in certified mode)
   fudge_z: float
@@ -337,12 +337,6 @@ class TuneResult(NamedTuple):
   split: str = "random"  # how tuning queries were chosen: "random" (seeded) or "sequential" (the first n_tune)
   rule: str = ""  # the tuning rule: "margin 0.5", "binomial 0.95", "conformal" ("" in certified mode)
   tune_indices: list | None = None  # the tuning queries' indices in X
-
-  def __getitem__(self, key: Any) -> Any:  # dict-style access kept for existing callers
-    return getattr(self, key) if isinstance(key, str) else tuple.__getitem__(self, key)
-
-  def keys(self):
-    return self._fields
 
 
 def tune_and_evaluate(
@@ -393,7 +387,7 @@ def tune_and_evaluate(
   n_tune = checks.int_in_range("n_tune", n_tune, 1, X.shape[0] - 1)
   k = checks.int_in_range("k", k, 1, n)
   epsilon, delta = checks.open_unit("epsilon", epsilon), checks.open_unit("delta", delta)
-  batch = checks.pos_int("batch", batch)
+  batch = checks.int_in_range("batch", batch)
   checks.one_of("rule", rule, ("binary", "conformal"))
   checks.one_of("split", split, ("random", "sequential"))
   k_tune, k_eval = jax.random.split(key)

@@ -29,8 +29,6 @@ import jax.numpy as jnp
 from asoftmax.models import llama
 from asoftmax.topk import sketch as sk
 
-__all__ = ["QuantizedKVAttention", "SketchCacheAttention", "prepare_cache"]
-
 
 def _capacity(capacity, N: int) -> int:
   if isinstance(capacity, float):

@@ -17,8 +17,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def _prep(images: jax.Array, channels: int) -> jax.Array:
-  """uint8 or float images (N, H, W[, C]) -> float32 (N, H, W, C) in [0, 1]."""
+def prepare_images(images: jax.Array, channels: int) -> jax.Array:
+  """uint8 or float images (N, H, W[, C]) -> float32 (N, H, W, C); uint8 is scaled to [0, 1].
+
+  Shared by the image models of this package (`cnn`, `resnet`); not re-exported (package-internal).
+
+  >>> import numpy as np
+  >>> prepare_images(np.full((2, 4, 4), 255, np.uint8), 1).shape
+  (2, 4, 4, 1)
+  """
   x = jnp.asarray(images)
   if x.ndim == 3:
     x = x[..., None]
@@ -46,7 +53,7 @@ class MnistCNN(nnx.Module):
     self.head = nnx.Linear(self.dim, n_classes, use_bias=False, rngs=rngs)
 
   def features(self, images: jax.Array) -> jax.Array:
-    x = _prep(images, 1)
+    x = prepare_images(images, 1)
     x = _pool(jax.nn.relu(self.conv1(x)))
     x = jax.nn.relu(self.conv2(x))
     return x.reshape(x.shape[0], -1)
@@ -79,7 +86,7 @@ class EuroSATCNN(nnx.Module):
     self.dim = width
 
   def features(self, images: jax.Array) -> jax.Array:
-    x = _prep(images, 3)
+    x = prepare_images(images, 3)
     for conv in self.convs:
       x = _pool(jax.nn.relu(conv(x)))
     return jax.nn.relu(self.fc(x.reshape(x.shape[0], -1)))

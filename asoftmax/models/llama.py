@@ -446,8 +446,8 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, attention=None, dt
   """An empty cache for `batch` rows of up to `max_len` positions (`attention` adds its state; default dense).
 
   `dtype` is the storage type of keys and values (e.g. bfloat16; attention computes in float32)."""
-  batch = checks.pos_int("batch", batch)
-  max_len = checks.pos_int("max_len", max_len)
+  batch = checks.int_in_range("batch", batch)
+  max_len = checks.int_in_range("max_len", max_len)
   attention = DenseCacheAttention() if attention is None else attention
   shape = (batch, config.n_kv_heads, max_len, config.head_dim)
   one = attention.init({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)})
@@ -539,7 +539,7 @@ def prefill(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention
   Returns (hidden (b, t, d), cache, aux of the last chunk). With `chunk` None the whole prompt is one chunk.
   """
   tokens = np.asarray(tokens)
-  chunk = tokens.shape[1] if chunk is None else checks.pos_int("chunk", chunk)
+  chunk = tokens.shape[1] if chunk is None else checks.int_in_range("chunk", chunk)
   hs, aux = [], ()
   for i in range(0, tokens.shape[1], chunk):
     h, cache, aux = extend(params, tokens[:, i:i + chunk], cache, attention)

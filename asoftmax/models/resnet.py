@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from asoftmax.models.cnn import _prep
+from asoftmax.models.cnn import prepare_images
 
 
 def space_to_depth(x: jax.Array, block: int) -> jax.Array:
@@ -84,7 +84,7 @@ class EuroSATResNet(nnx.Module):
     self.dim = int(width)
 
   def _trunk(self, images: jax.Array, train: bool) -> jax.Array:
-    x = _prep(images, 3)
+    x = prepare_images(images, 3)
     x = (x - 0.5) / 0.25
     if self.stem_block > 1:
       x = space_to_depth(x, self.stem_block)

@@ -18,8 +18,8 @@ from asoftmax.rff.samplers import (Sampler, exact_sampler, normalize, quadratic_
                                    uniform_sampler, unigram_sampler)
 from asoftmax.rff.samplers import rff_bucket_sampler
 from asoftmax.rff.sparse_data import SparseDataset, load_sparse, precision_at_k
-from asoftmax.rff.tree import (KernelTree, build_tree, leaf_clamped_log_probs, tree_log_probs, tree_sample,
-                               tree_update)
+from asoftmax.rff.tree import (KernelTree, build_tree, leaf_clamped_log_probs, tree_log_probs, tree_nbytes,
+                               tree_sample, tree_update)
 
 __all__ = [
     "DistributionMetrics", "GradientBias", "KernelTree", "Negatives", "Sampler", "SparseDataset",
@@ -29,5 +29,5 @@ __all__ = [
     "quadratic_sampler", "rff_features", "rff_kernel", "rff_sampler", "sampled_softmax_loss",
     "tree_log_probs", "tree_sample", "tree_update", "uniform_sampler", "unigram_sampler",
     "cosine_logit_fn", "linear_logit_fn", "refresh", "sampled_logits",
-    "rff_bucket_sampler",
+    "rff_bucket_sampler", "tree_nbytes",
 ]

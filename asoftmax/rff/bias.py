@@ -103,28 +103,18 @@ def gradient_bias(key: jax.Array, logits: ArrayLike, log_q: ArrayLike, t, m: int
   """
   checks.floating_array("logits", logits, 1)
   checks.floating_array("log_q", log_q, 1, finite=False)
-  _check_log_q(log_q, logits.shape)
+  checks.log_probs("log_q", log_q, logits.shape)
   if checks.is_traced(t):
     raise ValueError("t must be a Python int (static: the true class indexes the replicates), got a traced value")
   if getattr(t, "ndim", None) == 0 and jnp.issubdtype(t.dtype, jnp.integer):
     t = int(t)  # a numpy / jax integer scalar
   t = checks.int_in_range("t", t, 0, logits.shape[0] - 1)
-  m = checks.pos_int("m", m)
-  reps = checks.pos_int("reps", reps)
-  chunk = reps if chunk is None else checks.pos_int("chunk", chunk)
+  m = checks.int_in_range("m", m)
+  reps = checks.int_in_range("reps", reps)
+  chunk = reps if chunk is None else checks.int_in_range("chunk", chunk)
   if reps % chunk:
     raise ValueError(f"reps ({reps}) must be a multiple of chunk ({chunk})")
   return _gradient_bias(key, jnp.asarray(logits), jnp.asarray(log_q), t, m, reps, chunk)
-
-
-def _check_log_q(log_q, shape):
-  """log_q: the shape of the logits, log probabilities (<= 0, -inf allowed, no NaN when concrete)."""
-  if tuple(log_q.shape) != tuple(shape):
-    raise ValueError(f"log_q must have the logits' shape {tuple(shape)}, got {tuple(log_q.shape)}")
-  if not checks.is_traced(log_q):
-    a = np.asarray(log_q, np.float32)
-    if np.isnan(a).any() or (a > 1e-4).any():
-      raise ValueError("log_q must hold log probabilities (<= 0, no NaN)")
 
 
 def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> DistributionMetrics:
@@ -142,7 +132,7 @@ def distribution_metrics(logits: ArrayLike, log_q: ArrayLike, t: ArrayLike) -> D
   """
   checks.floating_array("logits", logits, 2)
   checks.floating_array("log_q", log_q, 2, finite=False)
-  _check_log_q(log_q, logits.shape)
+  checks.log_probs("log_q", log_q, logits.shape)
   checks.index_array("t", t, logits.shape[-1], 1)
   if t.shape[0] != logits.shape[0]:
     raise ValueError(f"t must have shape ({logits.shape[0]},), got {t.shape}")

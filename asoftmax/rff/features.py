@@ -50,14 +50,19 @@ def init_rff(key: jax.Array, d: int, num_features: int, nu: float) -> jax.Array:
   Example:
     >>> W = init_rff(jax.random.key(0), d=64, num_features=256, nu=4.0)
   """
-  d = checks.pos_int("d", d)
-  D = checks.pos_int("num_features (D)", num_features)
-  nu = checks.pos_float("nu", nu)
+  d = checks.int_in_range("d", d)
+  D = checks.int_in_range("num_features (D)", num_features)
+  nu = checks.positive("nu", nu)
   return jax.random.normal(key, (D, d), jnp.float32) * jnp.sqrt(jnp.float32(nu))
 
 
 @jax.jit
-def _rff(x, W):
+def rff_map(x, W):
+  """`rff_features` without the argument checks (x [..., d], W [D, d] -> [..., 2D]), for the samplers' traced paths.
+
+  Package-internal (not in `asoftmax.rff.__all__`): the class vectors it maps may be zero rows that `rff_features`
+  would reject as not unit-norm.
+  """
   z = x @ W.T
   return jnp.concatenate([jnp.cos(z), jnp.sin(z)], -1) / jnp.sqrt(jnp.float32(W.shape[0]))
 
@@ -72,15 +77,10 @@ def rff_features(x: ArrayLike, W: ArrayLike) -> jax.Array:
   Returns:
     [..., 2D] float32.
   """
-  checks.finite("W", W, 2)
+  checks.floating_array("W", W, 2)
   checks.unit_rows("x", x)
-  _check_same_dim(x, W.shape[1], "W")
-  return _rff(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))
-
-
-def _check_same_dim(x, d, what):
-  if x.shape[-1] != d:
-    raise ValueError(f"x has dimension {x.shape[-1]} but {what} has {d}")
+  checks.same_dim("x", x, W.shape[1], "W")
+  return rff_map(jnp.asarray(x, jnp.float32), jnp.asarray(W, jnp.float32))
 
 
 def rff_kernel(x: ArrayLike, y: ArrayLike, W: ArrayLike) -> jax.Array:
@@ -89,7 +89,7 @@ def rff_kernel(x: ArrayLike, y: ArrayLike, W: ArrayLike) -> jax.Array:
   Unbiased for $K_\nu$ with standard deviation $(1 - K_\nu^2)/\sqrt{2D}$; can be < 0.
   """
   checks.unit_rows("y", y)
-  _check_same_dim(y, x.shape[-1], "y")
+  checks.same_dim("y", y, x.shape[-1], "x")
   return jnp.sum(rff_features(x, W) * rff_features(y, W), -1)
 
 
@@ -97,8 +97,8 @@ def exact_kernel(x: ArrayLike, y: ArrayLike, nu: float) -> jax.Array:
   r"""$K_\nu(x, y) = e^{-\nu\|x-y\|^2/2}$, the kernel the RFF estimate converges to (x, y: finite [..., d])."""
   checks.floating_array("x", x)
   checks.floating_array("y", y)
-  _check_same_dim(y, x.shape[-1], "y")
-  nu = checks.pos_float("nu", nu)
+  checks.same_dim("y", y, x.shape[-1], "x")
+  nu = checks.positive("nu", nu)
   x = jnp.asarray(x)
   y = jnp.asarray(y)
   return jnp.exp(-0.5 * nu * jnp.sum((x - y) ** 2, -1))
@@ -111,11 +111,12 @@ def quadratic_features(x: ArrayLike, alpha: float) -> jax.Array:
   Returns [..., d*d + 1].
   """
   checks.floating_array("x", x)
-  return _quadratic_features(x, checks.pos_float("alpha", alpha))
+  return quadratic_map(x, checks.positive("alpha", alpha))
 
 
 @jax.jit
-def _quadratic_features(x, alpha):
+def quadratic_map(x, alpha):
+  """`quadratic_features` without the argument checks (package-internal, for the samplers)."""
   x = jnp.asarray(x, jnp.float32)
   outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
   one = jnp.ones(x.shape[:-1] + (1,), jnp.float32)

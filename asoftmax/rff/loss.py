@@ -45,12 +45,11 @@ def _check_common(h, class_vectors, targets, tau):
   """h [B, d], class_vectors [n, d] finite floating; targets [B] ids in [0, n); tau > 0. Returns tau."""
   checks.floating_array("h", h, 2)
   checks.floating_array("class_vectors", class_vectors, 2)
-  if class_vectors.shape[1] != h.shape[1]:
-    raise ValueError(f"class_vectors has dimension {class_vectors.shape[1]}, h has {h.shape[1]}")
+  checks.same_dim("class_vectors", class_vectors, h.shape[1], "h")
   checks.index_array("targets", targets, class_vectors.shape[0], 1)
   if targets.shape[0] != h.shape[0]:
     raise ValueError(f"targets must have shape ({h.shape[0]},) (one per row of h), got {targets.shape}")
-  return checks.pos_float("tau", tau)
+  return checks.positive("tau", tau)
 
 
 def _flag_ids(loss, n, targets, ids=None):
@@ -202,7 +201,7 @@ def cosine_logit_fn(class_vectors: ArrayLike, tau: float):
     `logit_fn(h, class_ids)`: h [B, d]; class_ids [k] (shared) or [B, k] (per query) -> [B, k] logits.
   """
   checks.floating_array("class_vectors", class_vectors, 2)
-  tau = checks.pos_float("tau", tau)
+  tau = checks.positive("tau", tau)
   C = jnp.asarray(class_vectors)
 
   def logit_fn(h, class_ids):

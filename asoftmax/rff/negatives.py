@@ -53,7 +53,7 @@ def expected_count(log_q: jax.Array, num_tries: jax.Array, m: int, unique: bool)
     a = np.asarray(log_q, np.float32)
     if np.isnan(a).any() or (a > 0).any():
       raise ValueError("log_q must hold log probabilities (<= 0, no NaN)")
-  m = checks.pos_int("m", m)
+  m = checks.int_in_range("m", m)
   log_q = jnp.asarray(log_q)
   if not checks.boolean("unique", unique):
     return log_q + jnp.log(float(m))
@@ -191,14 +191,14 @@ def draw_negatives(sampler, state, key: jax.Array, h: jax.Array, m: int, *, shar
     >>> corrected_sampled_loss(h, C, t, neg.ids, neg.log_expected, 5.0).shape
     (4,)
   """
-  m = checks.pos_int("m", m)
+  m = checks.int_in_range("m", m)
   checks.unit_rows("h", h, 2)
   shared = checks.boolean("shared", shared)
   unique = checks.boolean("unique", unique)
-  chunk = 2 * m if chunk is None else checks.pos_int("chunk", chunk)
-  max_tries = max(1000 * m, 10_000) if max_tries is None else checks.pos_int("max_tries", max_tries)
+  chunk = 2 * m if chunk is None else checks.int_in_range("chunk", chunk)
+  max_tries = max(1000 * m, 10_000) if max_tries is None else checks.int_in_range("max_tries", max_tries)
   n = _sampler_classes(sampler, state, h)
-  if num_classes is not None and checks.pos_int("num_classes", num_classes) != n:
+  if num_classes is not None and checks.int_in_range("num_classes", num_classes) != n:
     raise ValueError(f"num_classes = {num_classes} but the sampler draws from n = {n} classes")
   if unique:
     if m > n:

@@ -78,16 +78,11 @@ def _normalize(x, axis=-1):
 
 def _check_sample_args(h, m, d=None, shared=False):
   checks.unit_rows("h", h, 2)
-  m = checks.pos_int("m", m)
+  m = checks.int_in_range("m", m)
   checks.boolean("shared", shared)
-  if d is not None and h.shape[-1] != d:
-    raise ValueError(f"h has dimension {h.shape[-1]}, the sampler's class vectors have {d}")
+  if d is not None:
+    checks.same_dim("h", h, d, "the sampler's class_vectors")
   return m
-
-
-def _check_class_vectors(c):
-  checks.finite("class_vectors", c, 2)
-  return jnp.asarray(c, jnp.float32)
 
 
 def _unique_ids(ids, n):
@@ -130,10 +125,6 @@ def _flag(ids, lq, n, h=None):
   return jnp.where(ok, jnp.clip(ids, 0, n - 1), n - 1).astype(jnp.int32), jnp.where(ok, lq, jnp.nan)
 
 
-def _check_h(h):
-  checks.unit_rows("h", h, 2)
-
-
 def _search(cdf, u):
   """Inverse-CDF lookup: smallest i with cdf[i] > u (clipped to the last index)."""
   return jnp.minimum(jnp.searchsorted(cdf, u, side="right"), cdf.shape[-1] - 1).astype(jnp.int32)
@@ -148,7 +139,7 @@ class CountState:
 
 def uniform_sampler(num_classes: int) -> Sampler:
   """q_i = 1/n."""
-  n = checks.pos_int("num_classes", num_classes)
+  n = checks.int_in_range("num_classes", num_classes)
 
   def init(class_vectors=None):
     del class_vectors
@@ -164,7 +155,7 @@ def uniform_sampler(num_classes: int) -> Sampler:
     return _sample(state, key, h, m, bool(shared))
 
   def log_probs(state, h, shared=False):
-    _check_h(h)
+    checks.unit_rows("h", h, 2)
     return state.log_q if checks.boolean("shared", shared) else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "uniform")
@@ -183,7 +174,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
   counts = np.asarray(counts, np.float64)
   if counts.ndim != 1 or counts.size == 0 or not np.isfinite(counts).all() or (counts < 0).any():
     raise ValueError("counts must be a non-empty 1-D array of finite nonnegative numbers")
-  smoothing = checks.pos_float("smoothing", smoothing, allow_zero=True)
+  smoothing = checks.positive("smoothing", smoothing, allow_zero=True)
   w = counts + smoothing
   if w.sum() <= 0:
     raise ValueError("counts + smoothing must have a positive sum")
@@ -207,7 +198,7 @@ def unigram_sampler(counts: Any, smoothing: float = 1.0) -> Sampler:
     return _sample(state, key, h, m, bool(shared))
 
   def log_probs(state, h, shared=False):
-    _check_h(h)
+    checks.unit_rows("h", h, 2)
     return state.log_q if checks.boolean("shared", shared) else jnp.broadcast_to(state.log_q, (h.shape[0], n))
 
   return Sampler(init, sample, lambda state, ids, cv=None: state, log_probs, "unigram")
@@ -221,10 +212,10 @@ class ExactState:
 
 def exact_sampler(tau: float) -> Sampler:
   r"""The oracle q = softmax($\tau C h$) (O(nd) per query): the "Exp" baseline of the paper."""
-  tau = checks.pos_float("tau", tau)
+  tau = checks.positive("tau", tau)
 
   def init(class_vectors):
-    return ExactState(_normalize(_check_class_vectors(class_vectors)))
+    return ExactState(_normalize(jnp.asarray(checks.floating_array("class_vectors", class_vectors, 2), jnp.float32)))
 
   @functools.partial(jax.jit, static_argnames=("shared",))
   def _log_probs(state, h, shared=False):
@@ -266,16 +257,6 @@ def exact_sampler(tau: float) -> Sampler:
 
 
 # ---------------------------------------------------------------------------------------------- kernel trees
-def _check_precompute(precompute):
-  """True, False or "auto"."""
-  if isinstance(precompute, str) and precompute == "auto":
-    return precompute
-  try:
-    return checks.boolean("precompute", precompute)
-  except ValueError:
-    raise ValueError(f"precompute must be True, False or 'auto', got {precompute!r}") from None
-
-
 def _auto_precompute(precompute, tree, m):
   if precompute == "auto":
     return tree.num_buckets <= m * max(tree.depth, 1)
@@ -308,18 +289,18 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     kappa: defensive uniform-mixing rate (>= 0).
     precompute: True / False / "auto" (see `tree.tree_sample`).
   """
-  D = checks.pos_int("num_features (D)", num_features)
-  nu = checks.pos_float("nu", nu)
-  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
-  precompute = _check_precompute(precompute)
+  D = checks.int_in_range("num_features (D)", num_features)
+  nu = checks.positive("nu", nu)
+  kappa = checks.positive("kappa", kappa, allow_zero=True)
+  precompute = checks.boolean("precompute", precompute, also=("auto",))
 
   def init(class_vectors):
-    c = _normalize(_check_class_vectors(class_vectors))
+    c = _normalize(jnp.asarray(checks.floating_array("class_vectors", class_vectors, 2), jnp.float32))
     W = features_lib.init_rff(key, c.shape[1], D, nu)
-    return RFFState(W=W, tree=tree_lib.build_tree(features_lib._rff(c, W), bucket=1))
+    return RFFState(W=W, tree=tree_lib.build_tree(features_lib.rff_map(c, W), bucket=1))
 
   def _psi(state, h, shared):
-    psi = features_lib._rff(h, state.W)
+    psi = features_lib.rff_map(h, state.W)
     return psi.mean(0, keepdims=True) if shared else psi
 
   @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
@@ -342,7 +323,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
     n, P = t.num_classes, t.num_buckets
     uid = _unique_ids(ids, n)
     valid = uid < n
-    new = features_lib._rff(_normalize(class_vectors[jnp.minimum(uid, n - 1)]), state.W)
+    new = features_lib.rff_map(_normalize(class_vectors[jnp.minimum(uid, n - 1)]), state.W)
     old = t.nodes[P + jnp.minimum(uid, n - 1)]
     delta = jnp.where(valid[:, None], new - old, 0.0)
     return state.replace(tree=tree_lib.tree_update(t, jnp.where(valid, uid, P), delta))
@@ -374,14 +355,14 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
   (F = d^2 + 1); inside the drawn bucket the exact kernel values pick the class. Cost O(d^2 log(n/b) + b d)
   per sample. The kernel is positive, so no clamping is ever active (kappa = 0 by default).
   """
-  alpha = checks.pos_float("alpha", alpha)
-  b = checks.pos_int("bucket", bucket)
-  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
-  precompute = _check_precompute(precompute)
+  alpha = checks.positive("alpha", alpha)
+  b = checks.int_in_range("bucket", bucket)
+  kappa = checks.positive("kappa", kappa, allow_zero=True)
+  precompute = checks.boolean("precompute", precompute, also=("auto",))
   sa = float(np.sqrt(alpha))
 
   def init(class_vectors):
-    c = _normalize(_check_class_vectors(class_vectors))
+    c = _normalize(jnp.asarray(checks.floating_array("class_vectors", class_vectors, 2), jnp.float32))
     n, d = c.shape
     P = tree_lib.num_buckets_for(n, b)
     cp = jnp.zeros((P * b, d), jnp.float32).at[:n].set(c).reshape(P, b, d)
@@ -403,7 +384,7 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
     return jnp.where(members < n, jnp.log(_kernel(cm, h, shared)), -jnp.inf)
 
   def _psi(h, shared):
-    psi = features_lib._quadratic_features(h, alpha)
+    psi = features_lib.quadratic_map(h, alpha)
     return psi.mean(0, keepdims=True) if shared else psi
 
   @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
@@ -553,25 +534,25 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
     >>> ids.shape, state.tree.num_buckets
     ((3, 5), 16)
   """
-  D = checks.pos_int("num_features (D)", num_features)
-  nu = checks.pos_float("nu", nu)
-  b = checks.pos_int("bucket", bucket)
-  kappa = checks.pos_float("kappa", kappa, allow_zero=True)
-  precompute = _check_precompute(precompute)
-  block_bytes = checks.pos_int("block_bytes", block_bytes)
+  D = checks.int_in_range("num_features (D)", num_features)
+  nu = checks.positive("nu", nu)
+  b = checks.int_in_range("bucket", bucket)
+  kappa = checks.positive("kappa", kappa, allow_zero=True)
+  precompute = checks.boolean("precompute", precompute, also=("auto",))
+  block_bytes = checks.int_in_range("block_bytes", block_bytes)
 
   @jax.jit
   def _init(c):
     c = _normalize(c)
     W = features_lib.init_rff(key, c.shape[1], D, nu)
-    tree = tree_lib.build_bucket_tree(c, lambda x: features_lib._rff(x, W), 2 * D, b, block_bytes)
+    tree = tree_lib.build_bucket_tree(c, lambda x: features_lib.rff_map(x, W), 2 * D, b, block_bytes)
     return RFFBucketState(W=W, class_vectors=c, tree=tree)
 
   def init(class_vectors):
-    return _init(_check_class_vectors(class_vectors))
+    return _init(jnp.asarray(checks.floating_array("class_vectors", class_vectors, 2), jnp.float32))
 
   def _psi(state, h, shared):
-    psi = features_lib._rff(h, state.W)
+    psi = features_lib.rff_map(h, state.W)
     return psi.mean(0, keepdims=True) if shared else psi
 
   @functools.partial(jax.jit, static_argnames=("m", "pre", "shared"))
@@ -606,7 +587,7 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
     safe = jnp.minimum(uid, n - 1)
     new = _normalize(class_vectors[safe])
     old = state.class_vectors[safe]
-    delta = jnp.where(valid[:, None], features_lib._rff(new, state.W) - features_lib._rff(old, state.W), 0.0)
+    delta = jnp.where(valid[:, None], features_lib.rff_map(new, state.W) - features_lib.rff_map(old, state.W), 0.0)
     tree = tree_lib.tree_update(t, jnp.where(valid, uid // b, P), delta)  # duplicates within a bucket add up
     # The written rows depend on `old` (padding rows, dropped anyway, keep it): that orders the gather before the
     # in-place scatter; without it XLA:CPU copied the whole [n, d] table twice per update (seen in the HLO).

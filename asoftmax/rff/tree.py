@@ -89,7 +89,7 @@ def tree_from_buckets(bucket_sums: jax.Array, bucket_counts: jax.Array, num_clas
 def build_tree(leaf_features: jax.Array, bucket: int = 1) -> KernelTree:
   """Builds the tree from per-class features [n, F] (bucket sums are formed here; finite floating, bucket >= 1)."""
   checks.floating_array("leaf_features", leaf_features, 2)
-  bucket = checks.pos_int("bucket", bucket)
+  bucket = checks.int_in_range("bucket", bucket)
   n, F = leaf_features.shape
   P = num_buckets_for(n, bucket)
   padded = jnp.zeros((P * bucket, F), jnp.float32).at[:n].set(leaf_features.astype(jnp.float32))
@@ -103,11 +103,6 @@ def _check_query_features(query_features, tree):
   if query_features.shape[1] != tree.nodes.shape[1]:
     raise ValueError(f"query_features has {query_features.shape[1]} features, the tree's nodes have "
                      f"{tree.nodes.shape[1]}")
-
-
-def _check_kappa(kappa):
-  """kappa >= 0 and finite (a traced kappa is passed through unchecked)."""
-  return kappa if checks.is_traced(kappa) else checks.pos_float("kappa", kappa, allow_zero=True)
 
 
 def tree_update(tree: KernelTree, bucket_ids: jax.Array, delta: jax.Array) -> KernelTree:
@@ -163,8 +158,8 @@ def tree_sample(key: jax.Array, query_features: jax.Array, tree: KernelTree, m: 
     flags every query.
   """
   _check_query_features(query_features, tree)
-  m = checks.pos_int("m", m)
-  kappa = _check_kappa(kappa)
+  m = checks.int_in_range("m", m)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return _tree_sample(key, query_features, tree, m, kappa, checks.boolean("precompute", precompute))
 
 
@@ -209,7 +204,7 @@ def tree_log_probs(query_features: jax.Array, tree: KernelTree, kappa: float) ->
     (log_q [B, P], floor [B]); under `jax.jit` a query with non-finite features gets a NaN row (the flag).
   """
   _check_query_features(query_features, tree)
-  kappa = _check_kappa(kappa)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return _tree_log_probs(query_features, tree, kappa)
 
 
@@ -237,7 +232,7 @@ def leaf_clamped_log_probs(query_features: jax.Array, tree: KernelTree, kappa: f
   distribution a dense sampler clamping each leaf would draw, kept to measure the difference.
   """
   _check_query_features(query_features, tree)
-  kappa = _check_kappa(kappa)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return _leaf_clamped_log_probs(query_features, tree, kappa)
 
 
@@ -260,17 +255,17 @@ def tree_nbytes(num_classes: int, num_features: int, bucket: int = 1) -> int:
   >>> tree_nbytes(10**6, 2 * 1024, bucket=32) / 2**30   # n = 1e6, D = 1024 frequencies (F = 2D)
   0.5
   """
-  n = checks.pos_int("num_classes", num_classes)
-  F = checks.pos_int("num_features", num_features)
-  b = checks.pos_int("bucket", bucket)
+  n = checks.int_in_range("num_classes", num_classes)
+  F = checks.int_in_range("num_features", num_features)
+  b = checks.int_in_range("bucket", bucket)
   return 2 * num_buckets_for(n, b) * F * 4
 
 
 def bucket_for_budget(num_classes: int, num_features: int, max_bytes: float) -> int:
   """The smallest power-of-two bucket whose tree (`tree_nbytes`) fits in max_bytes (ValueError if none does)."""
-  n = checks.pos_int("num_classes", num_classes)
-  F = checks.pos_int("num_features", num_features)
-  max_bytes = checks.pos_float("max_bytes", max_bytes)
+  n = checks.int_in_range("num_classes", num_classes)
+  F = checks.int_in_range("num_features", num_features)
+  max_bytes = checks.positive("max_bytes", max_bytes)
   b = 1
   while tree_nbytes(n, F, b) > max_bytes:
     if b >= n:
@@ -319,9 +314,9 @@ def build_bucket_tree(class_vectors: jax.Array, feature_fn, num_features: int, b
   sampler's tree of Blanc & Rendle, ICML 2018, Sec. 4.
   """
   checks.floating_array("class_vectors", class_vectors, 2)
-  F = checks.pos_int("num_features", num_features)
-  b = checks.pos_int("bucket", bucket)
-  block_bytes = checks.pos_int("block_bytes", block_bytes)
+  F = checks.int_in_range("num_features", num_features)
+  b = checks.int_in_range("bucket", bucket)
+  block_bytes = checks.int_in_range("block_bytes", block_bytes)
   n = class_vectors.shape[0]
   P = num_buckets_for(n, b)
   L = int(np.log2(P))

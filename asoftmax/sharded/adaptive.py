@@ -92,7 +92,7 @@ def prepare_matrix(A, mesh, *, axis: str = "vocab", key: jax.Array | None = None
   mesh = _mesh.check_mesh(mesh)
   axis = _mesh.check_axis(mesh, "axis", axis)
   checks.floating_array("A", A, 2)
-  key = jax.random.key(0) if key is None else adaptive_lib.core._check_key("key", key)
+  key = jax.random.key(0) if key is None else checks.prng_key("key", key)
   n = A.shape[0]
   S = _mesh.axis_size(mesh, axis)
   A = _mesh.pad_axis(jnp.asarray(A), 0, _mesh.padded(n, S))
@@ -240,7 +240,7 @@ def adaptive_softmax(key: jax.Array, prep: ShardedMatrix, x, mesh, *, k: int = 1
   for name in ("exact_winners", "shared_order", "check_finite", "key"):
     if name in options:
       raise ValueError(f"{name} cannot be set for the sharded call (exact winners and per-query keys are required)")
-  key = adaptive_lib.core._check_key("key", key)
+  key = checks.prng_key("key", key)
   n, d = prep.num_rows, prep.prep.A.shape[1]
   S, D = _mesh.axis_size(mesh, axis), _mesh.axis_size(mesh, data_axis)
   if prep.prep.A.shape[0] != _mesh.padded(n, S) or prep.shards != S:

@@ -150,8 +150,8 @@ def threshold_attention(q, keys, values, epsilon, mesh, *, axis: str = "seq", ke
   """
   mesh = _mesh.check_mesh(mesh)
   axis = _mesh.check_axis(mesh, "axis", axis)
-  checks.epsilon(epsilon)
-  iters = checks.pos_int("iters", iters)
+  checks.open_unit("epsilon", epsilon)
+  iters = checks.int_in_range("iters", iters)
   for name, x in (("q", q), ("keys", keys), ("values", values)):
     checks.floating_array(name, x, (2, 3), finite=name == "q")
   if not q.ndim == keys.ndim == values.ndim:
@@ -271,7 +271,7 @@ def progressive_attention(q_rot, prepared, values, epsilon, mesh, *, scale: floa
 
   mesh = _mesh.check_mesh(mesh)
   axis = _mesh.check_axis(mesh, "axis", axis)
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   checks.floating_array("q_rot", q_rot, 2)
   checks.floating_array("values", values, 2, finite=False)
   if not isinstance(prepared, prog.PreparedKeys) or prepared.keys.ndim != 2:
@@ -285,10 +285,10 @@ def progressive_attention(q_rot, prepared, values, epsilon, mesh, *, scale: floa
   blocks = edges if blocks is None else prog._stage_edges(blocks, d)
   if not set(edges) <= set(blocks) or prepared.block_norms.shape[-1] != len(blocks):
     raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges} and match prepared.block_norms")
-  search_fraction = checks.pos_float("search_fraction", search_fraction)
+  search_fraction = checks.positive("search_fraction", search_fraction)
   if search_fraction > 1.0:
     raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
-  scale = checks.pos_float("scale", scale)
+  scale = checks.positive("scale", scale)
   if not checks.is_traced(*prepared):
     prog._check_prepared(prepared, tuple(blocks))
   kv = jnp.ones((N,), bool) if key_valid is None else jnp.asarray(key_valid, bool)

@@ -81,7 +81,7 @@ def build_tree(leaf_features, mesh, *, axis: str = "classes", bucket: int = 1) -
   mesh = _mesh.check_mesh(mesh)
   axis = _mesh.check_axis(mesh, "axis", axis)
   checks.floating_array("leaf_features", leaf_features, 2)
-  bucket = checks.pos_int("bucket", bucket)
+  bucket = checks.int_in_range("bucket", bucket)
   n, F = leaf_features.shape
   Pb = tree_lib.num_buckets_for(n, bucket)
   S = _mesh.axis_size(mesh, axis)
@@ -217,7 +217,7 @@ def _check(query_features, tree, kappa, mesh, data_axis):
   if query_features.shape[1] != tree.nodes.shape[1]:
     raise ValueError(f"query_features has {query_features.shape[1]} features, the tree's nodes have "
                      f"{tree.nodes.shape[1]}")
-  kappa = kappa if checks.is_traced(kappa) else checks.pos_float("kappa", kappa, allow_zero=True)
+  kappa = kappa if checks.is_traced(kappa) else checks.positive("kappa", kappa, allow_zero=True)
   return mesh, S, D, jnp.asarray(query_features, jnp.float32), jnp.asarray(kappa, jnp.float32)
 
 
@@ -235,7 +235,7 @@ def tree_sample(key, query_features, tree: ShardedTree, m: int, kappa: float, me
     log q NaN (the flag) and in-range ids.
   """
   mesh, S, D, psi, kappa = _check(query_features, tree, kappa, mesh, data_axis)
-  m = checks.pos_int("m", m)
+  m = checks.int_in_range("m", m)
   key = jax.random.key_data(key) if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key) else None
   if key is None:
     raise ValueError("key must be a PRNG key from jax.random.key(seed)")
@@ -313,7 +313,7 @@ def sampled_softmax_loss(h, class_vectors, targets, ids, log_q, tau: float, mesh
   S, D = _mesh.axis_size(mesh, axis), _mesh.axis_size(mesh, data_axis)
   if h.shape[0] % D:
     raise ValueError(f"h has {h.shape[0]} rows, not a multiple of the data axis size {D}")
-  tau = tau if checks.is_traced(tau) else checks.pos_float("tau", tau)
+  tau = tau if checks.is_traced(tau) else checks.positive("tau", tau)
   C = _mesh.pad_axis(jnp.asarray(class_vectors), 0, _mesh.padded(n, S))
   return _sampled_loss(jnp.asarray(h), C, jnp.asarray(targets), jnp.asarray(ids), jnp.asarray(log_q, jnp.float32),
                        jnp.asarray(tau, jnp.float32), mesh, axis, data_axis, n)

@@ -4,9 +4,9 @@ TV(P, P_hat) equals the tail mass outside the kept top-k; this package computes 
 logits or cell bounds, bounds the attention output error, and predicts k under a Gaussian model.
 Reference: Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647.
 
-Public API: the names in `__all__` (each public module also lists its own `__all__`). `asoftmax.topk._core` holds
-the traceable internals the modules share; it is not part of the API. The tail mass is always called `tail_mass`
-in code (`tau` is the rff inverse temperature).
+Public API: the names in this package's `__all__` (the one list; modules hold the code and are imported from here,
+as in optax). `asoftmax.topk._core` holds the traceable internals the modules share; it is not part of the API. The
+tail mass is always called `tail_mass` in code (`tau` is the rff inverse temperature).
 
 Input contract (issue 14): every public function raises `ValueError` naming the argument on invalid input; under
 `jax.jit`, where array values cannot be checked, invalid rows are flagged in the result (k = 0 and a NaN
@@ -23,6 +23,7 @@ from asoftmax.topk.output_error import OutputError, head_mask, output_error
 from asoftmax.topk.progressive import (Basis, PreparedKeys, ProgressiveResult, fit_basis,
                                        prepare_keys, progressive_search, rotate_queries)
 from asoftmax.topk.search import (Cells, SearchResult, cell_upper_bounds, chunk_cells, kmeans_cells, mc_search)
+from asoftmax.topk.sketch import KeySketch, SketchResult, build_key_sketch, sketch_bounds, sketch_bytes, sketch_search
 from asoftmax.topk.tail import (Divergences, SortedRows, divergences, sort_rows, tail_mass, truncated_divergences,
                                 tv_from_kl)
 
@@ -35,9 +36,6 @@ __all__ = [
     "truncated_divergences", "tv_from_kl", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys",
     "progressive_search", "rotate_queries", "ThresholdHeads", "threshold_heads", "threshold_topk_probs",
     "AttentionCertificate", "dot_product_attention",
+    # Issue 28: certified decode attention from a quantized key sketch.
+    "KeySketch", "SketchResult", "build_key_sketch", "sketch_bounds", "sketch_bytes", "sketch_search",
 ]
-
-# Issue 28: certified decode attention from a quantized key sketch.
-from asoftmax.topk.sketch import KeySketch, SketchResult, build_key_sketch, sketch_bounds, sketch_search  # noqa: E402
-
-__all__ += ["KeySketch", "SketchResult", "build_key_sketch", "sketch_bounds", "sketch_search"]

@@ -188,4 +188,4 @@ def check_scale(scale: Any) -> Any:
   """A positive finite logit scale (a float); a traced scale is returned as is (callers flag scale <= 0)."""
   if checks.is_traced(scale):
     return scale
-  return checks.pos_float("scale", scale)
+  return checks.positive("scale", scale)

@@ -24,8 +24,6 @@ from asoftmax import checks
 from asoftmax.topk import _core
 from asoftmax.topk import certificates
 
-__all__ = ["AttentionOutput", "TruncatedProbs", "certified_topk_attention", "topk_probs"]
-
 
 class AttentionOutput(NamedTuple):
   r"""out: (..., Q, dv) truncated attention; k: (..., Q) int32 head size; certificate: (..., Q) bound on the TV
@@ -83,7 +81,7 @@ def topk_probs(logits: ArrayLike, valid: ArrayLike | None, epsilon: float, metho
     >>> r.probs.round(3), r.k
     (Array([0.526, 0.316, 0.158, 0.   ], dtype=float32), Array(3, dtype=int32))
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   certificates.check_methods(method)
   if not isinstance(method, str):
     raise ValueError(f"method must be one of {certificates.METHODS}, got {method!r}")
@@ -130,7 +128,7 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
     ValueError: (outside jit) epsilon not in (0, 1), non-finite q / keys / values at an unmasked key, no keys,
       a query with every key masked, a bad method or scale, or mismatched shapes.
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   if method not in certificates.METHODS:
     raise ValueError(f"method must be one of {certificates.METHODS}, got {method!r}")
   for name, x in (("q", q), ("keys", keys), ("values", values)):

@@ -28,8 +28,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["METHODS", "BlockStats", "Bounds", "CertifiedHead", "CertifiedK", "TailInterval", "block_minmax",
-           "blockwise_bounds", "certified_k", "tail_bounds"]
 
 METHODS = ("exact", "single_gap", "exact_head", "multi_gap")
 
@@ -206,7 +204,7 @@ def certified_k(logits: ArrayLike, valid: ArrayLike | None, epsilon: float,
     >>> ck.exact.k, ck.exact.tv.round(4), ck.single_gap.k
     (Array([3], dtype=int32), Array([0.05], dtype=float32), Array([4], dtype=int32))
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   _core.check_logits(logits, valid)
   methods = check_methods(methods)
   return _certified_k(_core.as_float(logits), None if valid is None else jnp.asarray(valid), epsilon, methods)
@@ -332,7 +330,7 @@ def block_minmax(logits: ArrayLike, valid: ArrayLike | None, block_of_key: Array
     >>> st.log_lower, st.log_upper, st.sizes
     (Array([[1., 0.]], dtype=float32), Array([[3., 2.]], dtype=float32), Array([[2, 2]], dtype=int32))
   """
-  num_blocks = checks.pos_int("num_blocks", num_blocks)
+  num_blocks = checks.int_in_range("num_blocks", num_blocks)
   _core.check_logits(logits, valid)
   checks.int_array("block_of_key", block_of_key, 0, num_blocks - 1, shape=(logits.shape[-1],))
   return _block_minmax(_core.as_float(logits), None if valid is None else jnp.asarray(valid),

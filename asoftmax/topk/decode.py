@@ -37,8 +37,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["ThresholdHeads", "threshold_heads", "threshold_topk_probs"]
-
 
 class ThresholdHeads(NamedTuple):
   r"""Per row and epsilon (leading dims (...), last axis E = len(epsilons)).
@@ -127,8 +125,8 @@ def _threshold_heads(logits, valid, epsilons, iters, row_block):
 def _check(logits, valid, iters, row_block):
   checks.logits(logits)
   checks.valid(valid, logits.shape)
-  iters = checks.pos_int("iters", iters)
-  row_block = checks.pos_int("row_block", row_block)
+  iters = checks.int_in_range("iters", iters)
+  row_block = checks.int_in_range("row_block", row_block)
   if not checks.is_traced(logits, valid):
     vv = np.asarray(logits) > -np.inf
     if valid is not None:
@@ -136,19 +134,6 @@ def _check(logits, valid, iters, row_block):
     if not vv.any(-1).all():
       raise ValueError("valid/logits: a row has no valid key (all masked or -inf)")
   return iters, row_block
-
-
-def _check_epsilons(epsilons) -> tuple[float, ...]:
-  """A non-empty sequence of static Python numbers in (0, 1) (one bisection pass serves them all)."""
-  if checks.is_traced(epsilons) or isinstance(epsilons, (str, bytes)) or not hasattr(epsilons, "__iter__"):
-    raise ValueError(f"epsilons must be a sequence of Python numbers in (0, 1), got {epsilons!r}")
-  eps = tuple(epsilons)
-  if not eps:
-    raise ValueError("epsilons must hold at least one value")
-  if checks.is_traced(*eps):
-    raise ValueError("epsilons must be Python numbers (static), got a traced value; threshold_topk_probs takes a "
-                     "traced epsilon")
-  return tuple(float(checks.open_unit("epsilons", e)) for e in eps)
 
 
 def threshold_heads(logits: ArrayLike, valid: ArrayLike | None, epsilons, iters: int = 26,
@@ -172,7 +157,7 @@ def threshold_heads(logits: ArrayLike, valid: ArrayLike | None, epsilons, iters:
       +inf logits or a row with no valid key.
   """
   iters, row_block = _check(logits, valid, iters, row_block)
-  eps = _check_epsilons(epsilons)
+  eps = checks.open_unit_tuple("epsilons", epsilons)
   logits = jnp.asarray(logits)
   v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
   return _threshold_heads(logits, v, eps, iters, row_block)
@@ -220,6 +205,6 @@ def threshold_topk_probs(logits: ArrayLike, valid: ArrayLike | None, epsilon: fl
     [3] [[0.526 0.316 0.158 0.   ]] [0.05]
   """
   iters, row_block = _check(logits, valid, iters, row_block)
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
   return _threshold_topk_probs(jnp.asarray(logits), v, jnp.asarray(epsilon, jnp.float32), iters, row_block)

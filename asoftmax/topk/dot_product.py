@@ -58,8 +58,6 @@ from asoftmax import checks
 from asoftmax.topk import _core
 from asoftmax.topk.decode import sum_margin
 
-__all__ = ["AttentionCertificate", "dot_product_attention"]
-
 
 class AttentionCertificate(NamedTuple):
   r"""Per query row, in flax's weight layout `[..., heads, q_len]`.
@@ -259,10 +257,10 @@ def dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, bi
                      f"{tuple(value.shape)}")
   if H % Hk:
     raise ValueError(f"query heads ({H}) must be a multiple of key heads ({Hk})")
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   scale = 1.0 / math.sqrt(D) if scale is None else _core.check_scale(scale)
-  iters = checks.pos_int("iters", iters, lo=0)
-  query_block = max(1, min(Q, 2 ** 18 // N)) if query_block is None else checks.pos_int("query_block", query_block)
+  iters = checks.int_in_range("iters", iters, lo=0)
+  query_block = max(1, min(Q, 2 ** 18 // N)) if query_block is None else checks.int_in_range("query_block", query_block)
   query_block = min(query_block, Q)
   is_causal = checks.boolean("is_causal", is_causal)
   return_certificate = checks.boolean("return_certificate", return_certificate)

@@ -19,24 +19,11 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["gaussian_prediction", "gaussian_tail_mass", "predicted_keep_fraction", "row_sigma"]
-
 
 def _float_arg(name, x):
   x = _core.as_float_array(name, x)
   checks.floating_array(name, x)
   return x
-
-
-def _check_range(name, x, lo, hi, lo_open=False):
-  """Concrete values in [lo, hi] (or (lo, hi]); traced values are flagged by the caller."""
-  if checks.is_traced(x):
-    return
-  a = np.asarray(x, np.float32)
-  below = (a <= lo) if lo_open else (a < lo)
-  if (below | (a > hi)).any():
-    raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got values in "
-                     f"[{float(a.min())}, {float(a.max())}]")
 
 
 def _shapes(a, b, na, nb):
@@ -72,8 +59,8 @@ def gaussian_tail_mass(kept_fraction: ArrayLike, sigma: ArrayLike) -> jax.Array:
   kept_fraction = _float_arg("kept_fraction", kept_fraction)
   sigma = _float_arg("sigma", sigma)
   _shapes(kept_fraction, sigma, "kept_fraction", "sigma")
-  _check_range("kept_fraction", kept_fraction, 0.0, 1.0)
-  _check_range("sigma", sigma, 0.0, float("inf"))
+  checks.float_in_range("kept_fraction", kept_fraction, 0.0, 1.0)
+  checks.float_in_range("sigma", sigma, 0.0, float("inf"))
   return _gaussian_tail_mass(kept_fraction, sigma)
 
 
@@ -101,9 +88,9 @@ def predicted_keep_fraction(sigma: ArrayLike, epsilon: ArrayLike) -> jax.Array:
     >>> round(float(predicted_keep_fraction(2.0, 0.01)), 3)
     0.628
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   sigma = _float_arg("sigma", sigma)
-  _check_range("sigma", sigma, 0.0, float("inf"))
+  checks.float_in_range("sigma", sigma, 0.0, float("inf"))
   _shapes(sigma, epsilon, "sigma", "epsilon")
   return _keep_fraction(sigma, epsilon)
 
@@ -150,7 +137,7 @@ def gaussian_prediction(logits: ArrayLike, valid: ArrayLike | None, epsilon: flo
     >>> np.asarray(gaussian_prediction(jnp.array([[0.0, 2.0, 4.0]]), None, 0.01), float).round(3)  # sigma 1.63
     array([0.756])
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   _core.check_logits(logits, valid)
   return _keep_fraction(_row_sigma(_core.as_float(logits), None if valid is None else jnp.asarray(valid)),
                         epsilon)

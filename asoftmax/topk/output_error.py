@@ -25,8 +25,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["OutputError", "head_mask", "output_error"]
-
 
 class OutputError(NamedTuple):
   r"""Per-query output error of the top-k truncation and its bounds (all (...,) unless noted).

@@ -49,9 +49,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["Basis", "PreparedKeys", "ProgressiveResult", "fit_basis", "prepare_keys", "progressive_search",
-           "rotate_queries"]
-
 
 class Basis(NamedTuple):
   """Per-head orthogonal basis. rotation: (..., d, d), columns = basis vectors; key_mean: (..., d) offset mu."""
@@ -121,13 +118,6 @@ def _fit_one(keys, queries, kvalid, qvalid):
   return Basis(jnp.where(bad, jnp.nan, v[:, ::-1]), jnp.where(bad, jnp.nan, mu))
 
 
-def _check_vectors(name, x):
-  """(..., L, d) finite floating vectors."""
-  checks.floating_array(name, x)
-  if x.ndim < 2:
-    raise ValueError(f"{name} must have shape (..., L, d), got {tuple(x.shape)}")
-
-
 @jax.jit
 def _fit_basis(keys, queries, kv, qv):
   lead = keys.shape[:-2]
@@ -159,8 +149,8 @@ def fit_basis(keys: ArrayLike, queries: ArrayLike, key_valid: ArrayLike, query_v
     >>> bool(jnp.allclose(b.rotation.T @ b.rotation, jnp.eye(8), atol=1e-5))
     True
   """
-  _check_vectors("keys", keys)
-  _check_vectors("queries", queries)
+  checks.vectors("keys", keys, "(..., L, d)")
+  checks.vectors("queries", queries, "(..., L, d)")
   if keys.shape[-1] != queries.shape[-1] or keys.shape[:-2] != queries.shape[:-2]:
     raise ValueError(f"keys and queries must have the same leading dims and last dim d, got {tuple(keys.shape)} "
                      f"and {tuple(queries.shape)}")
@@ -214,7 +204,7 @@ def _blocks(x, edges):
 
 
 def _check_basis_dim(name, x, basis):
-  _check_vectors(name, x)
+  checks.vectors(name, x, "(..., L, d)")
   _check_basis(basis)
   d = basis.rotation.shape[-1]
   if x.shape[-1] != d:
@@ -496,7 +486,7 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     >>> bool((r.certificate <= 0.1).all()), r.k.shape  # head sizes; r.macs / (64 * 8): cost vs dense scoring
     (True, (4,))
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   checks.floating_array("q_rot", q_rot, finite=False)
   if q_rot.ndim < 2:
     raise ValueError(f"q_rot must have shape (..., Q, d), got {tuple(q_rot.shape)}")
@@ -510,10 +500,10 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges}")
   if prepared.block_norms.shape[-1] != len(blocks):
     raise ValueError(f"prepared.block_norms has {prepared.block_norms.shape[-1]} blocks, blocks= has {len(blocks)}")
-  search_fraction = checks.pos_float("search_fraction", search_fraction)
+  search_fraction = checks.positive("search_fraction", search_fraction)
   if not search_fraction <= 1.0:
     raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
-  scale = checks.pos_float("scale", scale)
+  scale = checks.positive("scale", scale)
   q_rot = _core.as_float(q_rot)
   N = prepared.keys.shape[-2]
   lshape = jnp.broadcast_shapes(q_rot.shape[:-2], prepared.keys.shape[:-2]) + (q_rot.shape[-2], N)

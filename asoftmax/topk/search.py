@@ -25,8 +25,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["Cells", "SearchResult", "cell_upper_bounds", "chunk_cells", "kmeans_cells", "mc_search"]
-
 
 class Cells(NamedTuple):
   """A partition of N keys into M cells.
@@ -81,9 +79,7 @@ def _kmeans_one(keys, valid, rng, num_cells, iters):
 
 def _check_keys(keys, valid, num_cells) -> int:
   """keys (..., N, d) finite floating, valid (..., N) bool with a valid key per head, 1 <= num_cells <= N."""
-  checks.floating_array("keys", keys)
-  if keys.ndim < 2:
-    raise ValueError(f"keys must have shape (..., N, d), got {tuple(keys.shape)}")
+  checks.vectors("keys", keys)
   checks.valid(valid, keys.shape[:-1], against="keys[..., 0]")
   if valid is None:
     raise ValueError("valid must be a bool array of shape (..., N), got None")
@@ -121,7 +117,7 @@ def kmeans_cells(keys: ArrayLike, valid: ArrayLike, rng: jax.Array, num_cells: i
     [2, 2]
   """
   num_cells = _check_keys(keys, valid, num_cells)
-  iters = checks.pos_int("iters", iters)
+  iters = checks.int_in_range("iters", iters)
   keys = _core.as_float(keys)
   valid = jnp.broadcast_to(jnp.asarray(valid), keys.shape[:-1])
   return _kmeans_cells(keys, valid, rng, num_cells, iters)
@@ -303,7 +299,7 @@ def mc_search(logits: ArrayLike, valid: ArrayLike | None, upper: ArrayLike, cell
     ValueError: bad epsilon / shapes, a row with no valid key, or (concrete inputs) an `upper` entry below a valid
       logit of its cell: such an `upper` would make the certificate meaningless.
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   _core.check_logits(logits, valid)
   if logits.ndim < 2:
     raise ValueError(f"logits must have shape (..., Q, N), got {tuple(logits.shape)}")

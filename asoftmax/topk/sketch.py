@@ -54,7 +54,6 @@ from jax.typing import ArrayLike
 from asoftmax import checks
 from asoftmax.topk import _core
 
-__all__ = ["KeySketch", "SketchResult", "build_key_sketch", "sketch_bounds", "sketch_search"]
 
 _U = float(np.finfo(np.float32).eps) / 2  # float32 unit roundoff
 _MAX_CODE = 255.0  # codes are uint8: every bound below holds for any bits <= 8
@@ -127,25 +126,13 @@ def quantize_pages(keys, valid, bits, page_size, stat_dtype):
 
 
 def _check_sketch_args(keys, valid, bits, page_size):
-  checks.floating_array("keys", keys)
-  if keys.ndim < 2:
-    raise ValueError(f"keys must have shape (..., N, d), got {tuple(keys.shape)}")
+  checks.vectors("keys", keys)
   checks.valid(valid, keys.shape[:-1], against="keys[..., 0]")
   bits = checks.int_in_range("bits", bits, 1, 8)
-  page_size = checks.pos_int("page_size", page_size)
+  page_size = checks.int_in_range("page_size", page_size)
   if keys.shape[-2] % page_size:
     raise ValueError(f"page_size ({page_size}) must divide the number of slots N = {keys.shape[-2]}")
   return bits, page_size
-
-
-def _check_stat_dtype(stat_dtype):
-  try:
-    dt = jnp.dtype(stat_dtype)
-  except TypeError:
-    dt = None
-  if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
-    raise ValueError(f"stat_dtype must be float32, float16 or bfloat16, got {stat_dtype!r}")
-  return dt
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "page_size", "stat_dtype"))
@@ -178,13 +165,31 @@ def build_key_sketch(keys: ArrayLike, valid: ArrayLike | None, bits: int = 4, pa
     ([[0, 15], [15, 0]], [[0.06666667014360428, 0.13333334028720856]])
   """
   bits, page_size = _check_sketch_args(keys, valid, bits, page_size)
-  dt = _check_stat_dtype(stat_dtype)
+  dt = checks.dtype_in("stat_dtype", stat_dtype, (jnp.float32, jnp.float16, jnp.bfloat16))
   v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
   return _build(jnp.asarray(keys), v, bits, page_size, dt)
 
 
 def sketch_bytes(num_keys, num_pages, d: int, bits: int, stat_bytes: int = 4):
-  """Bytes of the sketch for `num_keys` keys on `num_pages` pages: codes (bits d / 8 per key) + 2 d stats per page."""
+  """Bytes of the sketch for `num_keys` keys on `num_pages` pages: codes (bits d / 8 per key) + 2 d stats per page.
+
+  Args:
+    num_keys, num_pages: counts >= 0 (Python ints, or integer arrays that broadcast).
+    d: key dimension >= 1; bits: code width in [1, 8]; stat_bytes: bytes of one page statistic (4 for float32,
+      2 for float16 / bfloat16).
+
+  Returns:
+    Bytes, a float (an array of the broadcast shape for array counts).
+
+  Example:
+    >>> sketch_bytes(2048, 128, 64, 4, stat_bytes=2)  # 4-bit codes, 16-key pages, 16-bit stats
+    98304.0
+  """
+  for name, count in (("num_keys", num_keys), ("num_pages", num_pages)):  # Python ints or integer arrays
+    checks.int_array(name, count, 0) if np.ndim(count) else checks.int_in_range(name, count, 0)
+  d = checks.int_in_range("d", d)
+  bits = checks.int_in_range("bits", bits, 1, 8)
+  stat_bytes = checks.int_in_range("stat_bytes", stat_bytes)
   return num_keys * d * bits / 8 + num_pages * 2 * d * stat_bytes
 
 
@@ -365,7 +370,7 @@ def sketch_search(queries: ArrayLike, keys: ArrayLike, values: ArrayLike, sketch
     >>> int(r.k), r.indices.tolist()[:1], r.out.round(3).tolist()
     (1, [0], [[1.0, 0.0, 0.0, 0.0]])
   """
-  checks.epsilon(epsilon)
+  checks.open_unit("epsilon", epsilon)
   checks.floating_array("queries", queries)
   checks.floating_array("keys", keys, finite=False)
   checks.floating_array("values", values, finite=False)

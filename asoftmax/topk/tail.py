@@ -25,9 +25,6 @@ from asoftmax import checks
 from asoftmax.topk import _core
 from asoftmax.topk._core import SortedRows
 
-__all__ = ["Divergences", "SortedRows", "divergences", "sort_rows", "tail_mass", "truncated_divergences",
-           "tv_from_kl"]
-
 
 def _valid(valid):
   return None if valid is None else jnp.asarray(valid)

@@ -137,16 +137,16 @@ def adaptive_rows(config, rng: jax.Array, A: np.ndarray, X: np.ndarray, base: di
                                    split=str(config.get("tune_split", "random")),
                                    exact_below=0)  # the paper's tables study the algorithm: always sample
     row = {
-        **base, "mode": mode, "phases": common.phase_split(r["phase_samples_mean"]),
-        "phase_samples_mean": r["phase_samples_mean"], "n": n, "d": d, "nnz_mean": nnz, "k": k, "epsilon": config.epsilon, "delta": delta,
-        "n_tune": config.n_tune, "n_eval": r["n_eval"], "gain": r["gain_dense"], "gain_nnz": r["gain_nnz"],
-        "success": r["success"], "success_lo": r["success_lo"], "success_hi": r["success_hi"],
-        "meets_target": bool(r["success"] >= 1 - delta), "identified": r["identified"],
-        "max_rel_error": r["max_rel_error"], "samples_mean": r["samples_mean"],
-        "samples_median": r["samples_median"], "samples_std": r["samples_std"], "naive": r["naive_dense"],
-        "naive_nnz_mean": r["naive_nnz_mean"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
-        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "status": "ok",
-        "tune_rule": r["rule"] if "rule" in r.keys() else "", "tune_split": r["split"] if "split" in r.keys() else "",
+        **base, "mode": mode, "phases": common.phase_split(r.phase_samples_mean),
+        "phase_samples_mean": r.phase_samples_mean, "n": n, "d": d, "nnz_mean": nnz, "k": k, "epsilon": config.epsilon, "delta": delta,
+        "n_tune": config.n_tune, "n_eval": r.n_eval, "gain": r.gain_dense, "gain_nnz": r.gain_nnz,
+        "success": r.success, "success_lo": r.success_lo, "success_hi": r.success_hi,
+        "meets_target": bool(r.success >= 1 - delta), "identified": r.identified,
+        "max_rel_error": r.max_rel_error, "samples_mean": r.samples_mean,
+        "samples_median": r.samples_median, "samples_std": r.samples_std, "naive": r.naive_dense,
+        "naive_nnz_mean": r.naive_nnz_mean, "fudge_bandit": r.fudge_bandit, "fudge_z": r.fudge_z,
+        "samples": r.samples, "wall_s": time.perf_counter() - t0, "status": "ok",
+        "tune_rule": r.rule, "tune_split": r.split,
     }
     row.update(paper_entry(base["key"], delta) if k == 1 and mode == "paper" else
                {"paper_gain": None, "paper_success": None, "paper_ref": "paper mode only"} if k == 1 else

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import jax
 
-from asoftmax.adaptive import core
+from asoftmax import adaptive
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -30,10 +30,10 @@ def exact_topk(A, x):
 
 
 def phase_split(phase_means: Sequence[float]) -> str:
-  """Percent of the samples read in each phase (`core.PHASES`), as "warm-up/elimination/winners/Z".
+  """Percent of the samples read in each phase (`adaptive.PHASES`), as "warm-up/elimination/winners/Z".
 
   >>> phase_split([10.0, 60.0, 20.0, 10.0])
   '10/60/20/10'
   """
   total = float(sum(phase_means)) or 1.0
-  return "/".join(f"{100.0 * v / total:.0f}" for v in phase_means[: len(core.PHASES)])
+  return "/".join(f"{100.0 * v / total:.0f}" for v in phase_means[: len(adaptive.PHASES)])

@@ -10,7 +10,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive, stats
-from asoftmax.adaptive import synthetic
 from experiments import registry, tables
 from experiments.adaptive import common
 
@@ -49,7 +48,7 @@ def target_status(successes: int, runs: int, delta: float) -> str:
 
 def run(config, workdir, rng) -> registry.Output:
   del workdir
-  fams = synthetic.families(n=config.n, d=config.d)
+  fams = adaptive.families(n=config.n, d=config.d)
   unknown = sorted(set(config.families) - set(fams))
   if unknown:
     raise ValueError(f"unknown families {unknown}; known: {sorted(fams)}")

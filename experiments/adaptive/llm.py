@@ -137,10 +137,11 @@ def _smollm2_queries(config, workdir: str, dataset: str, model_cache: dict) -> t
              "cache": os.path.basename(cache)}
 
 
-def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="importance", warmup=None) -> dict:
+def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="importance",
+                     warmup=None) -> adaptive.TuneResult:
   """Held-out evaluation with both fudge factors = 1 (the algorithm's own guarantee, no tuning).
 
-  Returns the same fields as `adaptive.tune_and_evaluate` (fudge_bandit = fudge_z = 1).
+  Returns an `adaptive.TuneResult` like `adaptive.tune_and_evaluate` (fudge_bandit = fudge_z = 1, rule "").
   """
   from asoftmax import stats
 
@@ -156,15 +157,16 @@ def evaluate_untuned(key, prep, X_eval, *, k, epsilon, delta, beta=1.0, order="i
   samples = np.asarray(res.samples).astype(np.int64)
   succ = int(ok.sum())
   lo, hi = stats.binomial_interval(succ, len(ok))
-  return {
-      "fudge_bandit": 1.0, "fudge_z": 1.0, "n_eval": int(len(ok)), "successes": succ, "success": succ / len(ok),
-      "success_lo": lo, "success_hi": hi, "identified": float(ident.mean()),
-      "max_rel_error": float(np.abs(np.asarray(res.probs) / p_true - 1).max()),
-      "samples_mean": float(samples.mean()), "samples_std": float(samples.std()),
-      "samples_median": float(np.median(samples)), "samples": samples.tolist(), "naive_dense": int(n * d),
-      "gain_dense": float(n * d / samples.mean()),
-      "phase_samples_mean": np.asarray(res.phase_samples).mean(0).tolist(), "mode": "paper",
-  }
+  nnz = float((X_eval != 0).sum(1).mean())
+  return adaptive.TuneResult(
+      fudge_bandit=1.0, fudge_z=1.0, n_eval=int(len(ok)), successes=succ, success=succ / len(ok),
+      success_lo=lo, success_hi=hi, identified=float(ident.mean()),
+      max_rel_error=float(np.abs(np.asarray(res.probs) / p_true - 1).max()),
+      samples_mean=float(samples.mean()), samples_std=float(samples.std()),
+      samples_median=float(np.median(samples)), samples=samples.tolist(),
+      phase_samples_mean=np.asarray(res.phase_samples).mean(0).tolist(), mode="paper", naive_dense=int(n * d),
+      naive_nnz_mean=n * nnz, gain_dense=float(n * d / samples.mean()), gain_nnz=float(n * nnz / samples.mean()),
+      split="none")
 
 
 def _lm_quality(A: np.ndarray, X: np.ndarray, targets: np.ndarray) -> dict:
@@ -267,16 +269,16 @@ def run(config, workdir, rng) -> registry.Output:
       r = evaluate_untuned(key, prep, X[config.n_tune:], k=k, epsilon=config.epsilon, delta=delta, beta=config.beta,
                            order=config.order, warmup=warmup)
     row = {
-        **base, "mode": mode, "phases": common.phase_split(r["phase_samples_mean"]),
-        "phase_samples_mean": r["phase_samples_mean"],
+        **base, "mode": mode, "phases": common.phase_split(r.phase_samples_mean),
+        "phase_samples_mean": r.phase_samples_mean,
         "k": k, "epsilon": config.epsilon, "delta": delta, "n_tune": config.n_tune,
-        "n_eval": r["n_eval"], "gain": r["gain_dense"], "success": r["success"], "success_lo": r["success_lo"],
-        "success_hi": r["success_hi"], "meets_target": bool(r["success"] >= 1 - delta),
-        "identified": r["identified"], "max_rel_error": r["max_rel_error"],
-        "samples_mean": r["samples_mean"], "samples_median": r["samples_median"], "samples_std": r["samples_std"],
-        "naive": r["naive_dense"], "fudge_bandit": r["fudge_bandit"], "fudge_z": r["fudge_z"],
-        "samples": r["samples"], "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and alg_mode == "paper",
-        "tune_rule": ((r["rule"] if "rule" in r.keys() else "") if config.tune else "") if alg_mode == "paper" else "",
+        "n_eval": r.n_eval, "gain": r.gain_dense, "success": r.success, "success_lo": r.success_lo,
+        "success_hi": r.success_hi, "meets_target": bool(r.success >= 1 - delta),
+        "identified": r.identified, "max_rel_error": r.max_rel_error,
+        "samples_mean": r.samples_mean, "samples_median": r.samples_median, "samples_std": r.samples_std,
+        "naive": r.naive_dense, "fudge_bandit": r.fudge_bandit, "fudge_z": r.fudge_z,
+        "samples": r.samples, "wall_s": time.perf_counter() - t0, "tuned": bool(config.tune) and alg_mode == "paper",
+        "tune_rule": (r.rule if config.tune else "") if alg_mode == "paper" else "",
         "tune_split": tune_split,
         "status": "ok",
     }
@@ -284,7 +286,7 @@ def run(config, workdir, rng) -> registry.Output:
       row.update(paper_model=paper["model"], paper_gain=paper["gain"].get(delta),
                  paper_success=paper.get("success", {}).get(delta))
     if config.n_windows < 1000 and config.model == "smollm2":
-      row["note"] = f"{config.n_windows} windows ({config.n_tune} tune / {r['n_eval']} eval), not the paper's 1000"
+      row["note"] = f"{config.n_windows} windows ({config.n_tune} tune / {r.n_eval} eval), not the paper's 1000"
     results.write_keyed_json(row_cache, ident, row)
     rows.append(row)
   order = {name: i for i, name in enumerate(datasets)}

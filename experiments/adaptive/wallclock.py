@@ -24,7 +24,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive, stats
-from asoftmax.adaptive import synthetic
 from experiments import registry, tables
 from experiments.adaptive.common import exact_topk, median_ms
 
@@ -71,9 +70,9 @@ def _problem(name, key, n, d):
   if name == "gaussian":
     return adaptive.gaussian_problem(key, n, d)
   if name == "heavy_tailed":
-    return synthetic.heavy_tailed_problem(key, n, d, df=2.5)
+    return adaptive.heavy_tailed_problem(key, n, d, df=2.5)
   if name == "sparse_query":
-    return synthetic.sparse_query_problem(key, n, d, density=0.1)
+    return adaptive.sparse_query_problem(key, n, d, density=0.1)
   if name == "planted":
     return adaptive.planted_problem(key, n, d)
   raise ValueError(f"unknown problem {name!r}")

@@ -36,8 +36,6 @@ import optax
 import scipy.stats
 
 from asoftmax import rff
-from asoftmax.rff import features as features_lib
-from asoftmax.rff import tree as tree_lib
 from experiments import registry
 
 
@@ -146,13 +144,13 @@ def proposal_diagnostics(spec, sampler, params, Xq, tau):
   kl = jnp.sum(jnp.exp(lp) * (lp - lq), -1)
   out = {"KL": float(jnp.median(kl))}
   if spec["sampler"] == "rff":
-    psi = features_lib._rff(h, state.W)
-    leaf = tree_lib.leaf_clamped_log_probs(psi, state.tree, spec["kappa"])[:, : C.shape[0]]
+    psi = rff.rff_features(h, state.W)
+    leaf = rff.leaf_clamped_log_probs(psi, state.tree, spec["kappa"])[:, : C.shape[0]]
     out["TV_vs_leaf_clamp"] = float(jnp.median(0.5 * jnp.abs(jnp.exp(lq) - jnp.exp(leaf)).sum(-1)))
     cos = logits / tau
     kexact = jnp.exp(spec["nu"] * (cos - 1.0))
     out["below_noise"] = float((kexact < 1.0 / np.sqrt(2 * spec["D"])).mean())
-    est = psi @ features_lib._rff(rff.normalize(C), state.W).T
+    est = psi @ rff.rff_features(rff.normalize(C), state.W).T
     out["negative_estimates"] = float((est < 0).mean())
   return out
 

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from asoftmax import checks, results, rff
 from asoftmax.data import text
-from asoftmax.models.lm import FeatureHead, WordLSTM
+from asoftmax.models import FeatureHead, WordLSTM
 from experiments import progress, registry, tables
 from experiments.rff import paper as paper_numbers
 

@@ -4,7 +4,7 @@ Four tables, one row per device count S in `config.devices`: a `(S,)` mesh of th
 launcher builds from `config.mesh` (a count above its size is a row marked not run; without a mesh, one device). On
 one machine, start the launcher with `XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu`.
 
-* `exact`: an LLM-like head (`adaptive.synthetic.llm_head_problem`, `head` = (n, d), `queries` queries): per-device
+* `exact`: an LLM-like head (`adaptive.llm_head_problem`, `head` = (n, d), `queries` queries): per-device
   bytes of A, `sharded.softmax_topk` wall-clock, products per device, top-1 ids equal to one device's;
 * `adaptive`: `sharded.adaptive_softmax` (certified, epsilon, delta) on that head: per-device bytes of the prepared
   matrix, wall-clock, success (top-1 = the exact one), certified fraction, products read by the busiest device;
@@ -30,7 +30,7 @@ import numpy as np
 from scipy import stats
 
 from asoftmax import rff, sharded, topk
-from asoftmax.adaptive.synthetic import llm_head_problem
+from asoftmax.adaptive import llm_head_problem
 from experiments import registry, tables
 from experiments.adaptive.common import median_ms
 

@@ -5,7 +5,7 @@ over WikiText-2 test, the project's JAX Llama runs three kinds of forward pass, 
 every layer (`llama.hidden_states_with_attention`; one layer at a time inside `lax.scan`, reduced immediately):
 
 1. **dense + statistics**: dense softmax, and per layer, head and query row the exact oracle k_eps (smallest head
-   with tail mass <= eps, `asoftmax.topk.decode.threshold_heads`: a bisection on the logit threshold, the same head
+   with tail mass <= eps, `asoftmax.topk.threshold_heads`: a bisection on the logit threshold, the same head
    as sorting except at exact ties) for every eps at once; on every `cert_stride`-th row (and the last) also the
    logit-only multi-gap certificate and the sorted library oracle (`asoftmax.topk.certified_k`), which checks the
    bisection;
@@ -32,7 +32,6 @@ import numpy as np
 from asoftmax import topk
 from asoftmax.data import text
 from asoftmax.models import llama
-from asoftmax.topk import decode
 
 from experiments import progress, registry, tables
 
@@ -117,7 +116,8 @@ def tiny_random_llama(seed: int, vocab: int = 97, dim: int = 48, layers: int = 2
   return llama.params_from_tensors({k: v.astype(np.float32) for k, v in t.items()}, cfg)
 
 
-def _model(config):
+def load_model(config):
+  """(params, tokenize, model name) for `config.model`: "smollm2" (the GGUF checkpoint) or "random" (tiny)."""
   if config.model == "smollm2":
     params, tok = llama.load_smollm2()
     from asoftmax.models import gguf_loader
@@ -130,7 +130,7 @@ def _model(config):
   raise ValueError(f"config.model must be 'smollm2' or 'random', got {config.model!r}")
 
 
-def _windows(config, tokenize):
+def eval_windows(config, tokenize):
   """(W, window + 1) token windows spread evenly over the text, and a source string."""
   if config.data_dir:
     raw = text.read_text(config.data_dir, "wikitext", "test")
@@ -152,7 +152,7 @@ def _sampled_rows(t: int, stride: int) -> np.ndarray:
 def _stats_attention(logits, mask, *, epsilons, oracle_stride, stride, iters, row_block):
   """Dense softmax; aux = oracle k and TV per sampled row and eps, and the certificate / sorted oracle on rarer rows."""
   orows = _sampled_rows(logits.shape[-1], oracle_stride)
-  th = decode.threshold_heads(logits[:, :, orows, :], mask[orows], epsilons, iters, row_block)
+  th = topk.threshold_heads(logits[:, :, orows, :], mask[orows], epsilons, iters, row_block)
   rows = _sampled_rows(logits.shape[-1], stride)
   sub, vsub = logits[:, :, rows, :], mask[rows]
   ck = [topk.certified_k(sub, vsub, e, ("exact", "multi_gap")) for e in epsilons]
@@ -166,7 +166,7 @@ def _topk_attention(logits, mask, *, epsilon, start, method, iters, row_block):
   """Certified top-k on rows >= start (dense before); aux = head size and realised TV of the sparse rows."""
   s, v = logits[:, :, start:, :], mask[start:]
   if method == "oracle":
-    p, k, tv = decode.threshold_topk_probs(s, v, epsilon, iters, row_block)
+    p, k, tv = topk.threshold_topk_probs(s, v, epsilon, iters, row_block)
   else:
     p, k, _ = topk.topk_probs(s, v, epsilon, method)
     tv = jnp.sum(jnp.where(p > 0, 0.0, jax.nn.softmax(s, -1)), -1)  # underflowed head keys count as tail
@@ -200,7 +200,7 @@ def _analyse_window(params, tokens, config, attns):
 
 def run(config, workdir, rng):
   del workdir, rng  # deterministic: fixed windows, no sampling
-  params, tokenize, model_name = _model(config)
+  params, tokenize, model_name = load_model(config)
   t = int(config.window)
   eps_all = tuple(float(e) for e in config.epsilons)
   D = int(config.decode_positions)
@@ -209,7 +209,7 @@ def run(config, workdir, rng):
   if config.cert_stride % config.oracle_stride:
     raise ValueError(f"cert_stride ({config.cert_stride}) must be a multiple of oracle_stride ({config.oracle_stride})")
   try:
-    wins, source = _windows(config, tokenize)
+    wins, source = eval_windows(config, tokenize)
   except (FileNotFoundError, ValueError) as e:
     return registry.Output(rows=[SPARSITY.row(n=t, status=f"not run: {e}")], notes={"model": model_name})
   kw = dict(iters=config.iters, row_block=config.row_block)

@@ -31,10 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asoftmax import topk
-from asoftmax.models import cache_attention as ca
+from asoftmax import models, topk
 from asoftmax.models import llama
-from asoftmax.topk import sketch as sk
 
 from experiments import progress, registry, tables
 from experiments.topk import decoder as dec
@@ -94,11 +92,11 @@ def _oracle_probs(logits, mask, *, epsilons, group):
 def _bytes_ratio(keys_read, n, d, bits, page_size, stat_bytes):
   """Sketch + exact reads over dense bf16 K + V (see the module docstring)."""
   dense = n * 2 * d * 2
-  return (sk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) + keys_read * 2 * d * 2) / dense
+  return (topk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) + keys_read * 2 * d * 2) / dense
 
 
 def _quant_ratio(n, d, bits, page_size, stat_bytes):
-  return 2 * sk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) / (n * 2 * d * 2)
+  return 2 * topk.sketch_bytes(n, -(-n // page_size), d, bits, stat_bytes) / (n * 2 * d * 2)
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -120,7 +118,7 @@ def _decode(params, window, cache, att, start):
 
 def run(config, workdir, rng):
   del workdir, rng  # deterministic: fixed windows
-  params, tokenize, model_name = dec._model(config)
+  params, tokenize, model_name = dec.load_model(config)
   t, D = int(config.window), int(config.decode_positions)
   if not 0 < D < t:
     raise ValueError(f"decode_positions must be in (0, window), got {D}")
@@ -128,7 +126,7 @@ def run(config, workdir, rng):
   if any(t % p for p in pages):
     raise ValueError(f"window ({t}) must be a multiple of every page size {sorted(pages)}")
   try:
-    wins, source = dec._windows(config, tokenize)
+    wins, source = dec.eval_windows(config, tokenize)
   except (FileNotFoundError, ValueError) as e:
     return registry.Output(rows=[SUMMARY.row(n=t, status=f"not run: {e}")], notes={"model": model_name})
   cfg = params.config
@@ -139,10 +137,10 @@ def run(config, workdir, rng):
       functools.partial(_oracle_probs, epsilons=eps_all, group=G))}
   for bits, page in config.sketches:
     for e in eps_all:
-      methods[("sketch", e, int(bits), int(page))] = ca.SketchCacheAttention(
+      methods[("sketch", e, int(bits), int(page))] = models.SketchCacheAttention(
           e, int(bits), int(page), float(config.capacity), config.stat_dtype, measure=True)
   for bits in config.quant_bits:
-    methods[(f"int{bits} KV", None, int(bits), int(config.quant_page_size))] = ca.QuantizedKVAttention(
+    methods[(f"int{bits} KV", None, int(bits), int(config.quant_page_size))] = models.QuantizedKVAttention(
         int(bits), int(config.quant_page_size), config.stat_dtype)
   per = []
   t0 = time.perf_counter()
@@ -156,7 +154,7 @@ def run(config, workdir, rng):
       for key, att in methods.items():
         c = jax.tree.map(jnp.copy, cache)
         if key[0] != "dense":
-          c = ca.prepare_cache(c, att)
+          c = models.prepare_cache(c, att)
         out[key] = _decode(params, w, c, att, t - D)
         del c
       per.append(out)
