@@ -345,14 +345,6 @@ def int_in_range(name: str, value: Any, lo: int = 1, hi: int | None = None) -> i
   return v
 
 
-def pos_int(name: str, value: Any, lo: int = 1) -> int:
-  """Deprecated name of `int_in_range(name, value, lo)`, kept only for `asoftmax/adaptive/core.py` (being rewritten).
-
-  Remove once core.py calls `int_in_range`; nothing else may use it (tests/test_checks.py checks that).
-  """
-  return int_in_range(name, value, lo)
-
-
 def boolean(name: str, value: Any, *, also: Sequence[str] = ()) -> bool | str:
   """Checks `value` is a bool (Python or numpy; a concrete 0-d bool array too) and returns it as a Python bool.
 

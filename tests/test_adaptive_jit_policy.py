@@ -70,6 +70,6 @@ def test_boolean_options_must_be_bools(name):
 
 
 def test_legacy_uint32_key_is_accepted():
-  from asoftmax.adaptive import core
+  from asoftmax import checks
   key = jax.random.PRNGKey(1)
-  assert core._check_key("key", key) is key
+  assert checks.prng_key("key", key) is key

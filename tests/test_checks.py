@@ -70,19 +70,17 @@ def test_numbers_always_checked():
 
 
 def test_one_name_per_check():
-  """Issue 30: `pos_float`, `epsilon` and `finite` were second names of `positive`, `open_unit`, `floating_array`.
-
-  `pos_int` survives only for asoftmax/adaptive/core.py (being rewritten); no other module may call it.
-  """
+  """Issue 30: `pos_float`, `epsilon`, `finite` and `pos_int` were second names of `positive`, `open_unit`,
+  `floating_array` and `int_in_range`; none is left, and nothing calls them."""
   import pathlib
   import re
-  for gone in ("pos_float", "epsilon", "finite"):
+  for gone in ("pos_float", "epsilon", "finite", "pos_int"):
     assert not hasattr(checks, gone), gone
   root = pathlib.Path(checks.__file__).resolve().parents[1]
   callers = sorted(str(p.relative_to(root)) for d in ("asoftmax", "experiments", "scripts", "tests")
-                   for p in (root / d).rglob("*.py") if re.search(r"\bpos_int\(", p.read_text())
-                   and p.name not in ("checks.py", "test_checks.py"))
-  assert callers in ([], ["asoftmax/adaptive/core.py"]), callers
+                   for p in (root / d).rglob("*.py")
+                   if re.search(r"checks\.(pos_int|pos_float|epsilon|finite)\(", p.read_text()))
+  assert callers == [], callers
 
 
 def test_not_an_array():

@@ -160,7 +160,7 @@ def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
   """
   if isinstance(A, PreparedMatrix):
     return A
-  key = jax.random.key(0) if key is None else _check_key("key", key)
+  key = jax.random.key(0) if key is None else checks.prng_key("key", key)
   if checks.is_traced(A):
     if A.ndim != 2 or not jnp.issubdtype(A.dtype, jnp.floating) or 0 in A.shape:
       raise ValueError(f"A must be a non-empty 2-D floating array, got shape {A.shape} dtype {A.dtype}")
@@ -182,17 +182,6 @@ def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
   absA = jnp.abs(A)
   return PreparedMatrix(A=A, At=At, Ap=Ap, perm=ext, inv=inv, col_l1=jnp.sum(absA, axis=0, dtype=ct),
                         col_max=jnp.max(absA, axis=0).astype(ct))
-
-
-def _check_key(name, key):
-  """A PRNG key (new-style `jax.random.key` or legacy uint32[2]); anything else is a named error."""
-  dt = getattr(key, "dtype", None)
-  if dt is not None and jnp.issubdtype(dt, jax.dtypes.prng_key) and key.ndim == 0:
-    return key
-  if dt is not None and dt == jnp.uint32 and tuple(key.shape) == (2,):
-    return key
-  raise ValueError(f"{name} must be a PRNG key from jax.random.key(seed), got {type(key).__name__} "
-                   f"{getattr(key, 'shape', '')} {dt if dt is not None else ''}".rstrip())
 
 
 # ============================================================================================ config
@@ -262,9 +251,9 @@ def default_warmup(n: int, d: int, delta: float, min_warmup: int = 32) -> int:
   Raises:
     ValueError: `n`, `d` or `min_warmup` not an integer >= 1, or `delta` not in (0, 1).
   """
-  n, d = checks.pos_int("n", n), checks.pos_int("d", d)
+  n, d = checks.int_in_range("n", n), checks.int_in_range("d", d)
   delta = checks.open_unit("delta", delta)
-  min_warmup = checks.pos_int("min_warmup", min_warmup)
+  min_warmup = checks.int_in_range("min_warmup", min_warmup)
   v0 = 1.0 / (17.0 * math.log(6.0 * n / delta))
   m0 = max(min_warmup, math.ceil(d * v0))
   m0 = min(m0, max(min_warmup, math.ceil(0.1 * d)))
@@ -299,13 +288,13 @@ def make_config(
       integer in [1, d], `exact_below` not an integer >= 0, `growth <= 1`, `min_cap` < 1, `cap_ratio` < 2, `head_size` < 0, unknown
       `mode`/`order`/`normalization`, a boolean option that is not a bool.
   """
-  n, d = checks.pos_int("n", n), checks.pos_int("d", d)
+  n, d = checks.int_in_range("n", n), checks.int_in_range("d", d)
   k = checks.int_in_range("k", k, 1, n)
   delta = checks.open_unit("delta", delta)
-  min_cap = checks.pos_int("min_cap", min_cap)
-  cap_ratio = checks.pos_int("cap_ratio", cap_ratio, lo=2)
-  head_size = checks.pos_int("head_size", head_size, lo=0)
-  exact_below = checks.pos_int("exact_below", exact_below, lo=0)
+  min_cap = checks.int_in_range("min_cap", min_cap)
+  cap_ratio = checks.int_in_range("cap_ratio", cap_ratio, lo=2)
+  head_size = checks.int_in_range("head_size", head_size, lo=0)
+  exact_below = checks.int_in_range("exact_below", exact_below, lo=0)
   checks.one_of("mode", mode, MODES)
   checks.one_of("order", order, ORDERS)
   checks.one_of("normalization", normalization, NORMALIZATIONS)
@@ -1216,7 +1205,7 @@ def adaptive_softmax(
     >>> int(adaptive.adaptive_softmax(jax.random.key(1), prep, x).samples)  # default: n * d <= 4e6 is exact
     1000000
   """
-  key = _check_key("key", key)
+  key = checks.prng_key("key", key)
   prep = prepare_matrix(A)
   n, d = prep.A.shape
   if getattr(x, "ndim", None) not in (1, 2):

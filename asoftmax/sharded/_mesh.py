@@ -35,7 +35,7 @@ def make_mesh(shape, axis_names, devices=None) -> Mesh:
     shape = (shape,)
   if not isinstance(shape, (tuple, list)) or not shape:
     raise ValueError(f"shape must be a non-empty tuple of axis sizes, e.g. (8,) or (2, 4), got {shape!r}")
-  shape = tuple(checks.pos_int("shape (each axis size)", s) for s in shape)
+  shape = tuple(checks.int_in_range("shape (each axis size)", s) for s in shape)
   names = (axis_names,) if isinstance(axis_names, str) else axis_names
   if not isinstance(names, (tuple, list)):
     raise ValueError(f"axis_names must be a tuple of names, e.g. ('vocab',), got {axis_names!r}")
