@@ -20,7 +20,7 @@ A cell whose tree would exceed --max_tree_gb is skipped and the reason printed (
 Bucketed RF-softmax (`rff_bucket`, issue 27): a tree over buckets of --rff_bucket classes (node memory
 2P x 2D float32 with P ~ n / bucket; the drawn bucket's members are scored with the exact kernel), timed like `rff`
 and with its build time (`init`, chunked) and measured node memory. (Not named results.json: `docs/results/*/results.json` are
-experiment snapshots that `tests/test_report.py` re-renders.) At n = 1e6, D = 1024, bucket 32 the nodes take
+experiment snapshots that `tests/experiments/test_report.py` re-renders.) At n = 1e6, D = 1024, bucket 32 the nodes take
 0.5 GiB (one-class leaves: 16 GiB). The issue-27 run (n = 1e5 and 1e6, results.json with device, jax, load and
 command):
 

@@ -15,7 +15,7 @@ import tempfile
 import jax
 
 # XLA:CPU's LLVM optimization level 0 for the suite: its programs are compile-bound (small shapes, many distinct
-# static configurations), and level 0 cuts compile CPU by about a quarter (tests/test_adaptive_jit_policy.py:
+# static configurations), and level 0 cuts compile CPU by about a quarter (tests/adaptive/test_core_jit.py:
 # 34 s -> 26 s user); HLO-level passes (fusion, buffer assignment) are unchanged. Benchmarks do not use it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()

@@ -514,7 +514,7 @@ register("topk.sketch_search", build=_sketch_build,
                 "epsilon": Num("unit"), "scale": Num("pos"), "capacity": Int(1, N)},
          jit=("queries", "keys", "values"),
          # under jit a NaN in a key or value the search never reads is not seen (it is certified by its sketch:
-         # the point of the search); a NaN in a read key or value flags the row (tests/test_topk_sketch.py)
+         # the point of the search); a NaN in a read key or value flags the row (tests/topk/test_sketch.py)
          jit_ok={"keys": {"nan"}, "values": {"nan"}})
 
 # ---- rff
@@ -712,7 +712,7 @@ register("rff.refresh",
          kinds={"class_vectors": Arr((2,), matched=False)}, jit=("class_vectors",))
 
 
-# ---- sharded (issue 29): one-device meshes in-process (tests/test_sharded.py runs 1-8 devices in a subprocess)
+# ---- sharded (issue 29): one-device meshes in-process (tests/sharded/test_sharded.py runs 1-8 devices in a subprocess)
 def _mesh1(name):
   return sharded.make_mesh((1,), (name,))
 

@@ -66,7 +66,7 @@ sums, never a re-read), C positions per step (head and unused coordinates masked
 cheapest of three read paths by a measured cost model (`_READ_COST`): the *slab* (C contiguous rows of the
 ordered `A^T`, every arm, a small GEMV/GEMM per step), *segments* (C contiguous entries of each moving arm's
 ordered row, the arms compacted into the smallest static buffer that holds them: n, n/8, ...), or their
-*full rows* (`A @ x`, the arms become exact; below the top level only with `exact_rows=True`). No (n, d) array other than `A` and `A^T` is formed (tests/test_adaptive_perf.py reads the
+*full rows* (`A @ x`, the arms become exact; below the top level only with `exact_rows=True`). No (n, d) array other than `A` and `A^T` is formed (tests/adaptive/test_core_perf.py reads the
 compiled program). A 16-bit `A` is read as stored and multiplied in float32. Rounds are `lax.while_loop`s with
 masks; a batch runs query by query (`lax.map`), or, with `shared_order=True`, as one group sharing one order.
 """

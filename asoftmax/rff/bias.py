@@ -87,7 +87,7 @@ def gradient_bias(key: jax.Array, logits: ArrayLike, log_q: ArrayLike, t, m: int
   """Monte-Carlo bias of the sampled-softmax logit gradient for one query.
 
   Draws `reps` replicates of m i.i.d. negatives from q~ by inverse-CDF search on the dense q (the tree samplers
-  draw exactly this distribution, checked by chi-square in tests/test_rff_lib.py).
+  draw exactly this distribution, checked by chi-square in tests/rff/test_lib.py).
 
   Args:
     key: PRNG key.

@@ -16,7 +16,7 @@ sampler state with the parameters (`jax.jit(step, donate_argnums=...)`): without
 tree every step (issue 26 reports 60 / 216 ms per step instead of 10 / 13 ms at D = 64 / 256). Every `init`
 returns fresh arrays, so a donated state never deletes the sampler's own copy. Optimizers with per-parameter
 state (Adam, momentum, weight decay) move every class row: call `refresh(sampler, state, C)` (a rebuild), not
-`update` on the touched rows only (tests/test_rff_optax.py).
+`update` on the touched rows only (tests/rff/test_loss_optax.py).
 
 Samples are i.i.d. with replacement; `log_q` is the exact log-probability of each drawn class under the
 distribution the sampler actually used (so the log-q correction in `loss.sampled_softmax_loss` is exact).
@@ -454,7 +454,7 @@ def refresh(sampler: Sampler, state: Any, class_vectors: jax.Array, ids: jax.Arr
     of the class table at every step, even rows with zero gradient, so the whole state is rebuilt from
     `class_vectors` (`sampler.init`; the same random features W, since they come from the sampler's key):
     O(n D) for `rff_sampler`, O(n d^2) for `quadratic_sampler`. Updating only the touched rows after Adam leaves
-    leaves stale (tests/test_rff_optax.py: after 8 Adam steps on 64 classes, 52 % of the leaves differ from a
+    leaves stale (tests/rff/test_loss_optax.py: after 8 Adam steps on 64 classes, 52 % of the leaves differ from a
     rebuild by > 1e-3 of the largest node; with `refresh` the largest relative difference is 9e-8).
   * `ids` given (plain SGD on the gathered rows): only those rows moved; `sampler.update(state, ids,
     class_vectors)`, O(|ids| D log n).

@@ -26,7 +26,7 @@ product no longer telescopes, and q is **not** $\propto \max(\psi^\top\phi(c_j),
 leaf-clamped kernel, `leaf_clamped_log_probs`): a subtree whose kernel sum is negative is entered only
 through the floor, even when it holds leaves with positive estimates, and a subtree with a positive sum
 shares out its net sum, which is less than the sum of its positive leaves. The two distributions differ by
-a total variation measured in `docs/rff.md` (section "What is sampled"; `tests/test_rff_lib.py`
+a total variation measured in `docs/rff.md` (section "What is sampled"; `tests/rff/test_lib.py`
 checks the sampled frequencies against the path product and rejects the leaf-clamped form). The log-q
 correction uses the path product, so the sampled softmax estimate of Z stays unbiased whatever the clamp
 does. Reference: Rawat et al. NeurIPS 2019, Sec. 4 (tree sampling); the clamping/floor scheme is ours

@@ -28,7 +28,7 @@ call, so results do not depend on the device count.
 
 Reference: Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation" (NeurIPS 2024), Algorithms 1-2.
 
-Example (not a doctest: a compile of the algorithm costs ~10 s; `tests/test_sharded.py` runs it on 8 devices):
+Example (not a doctest: a compile of the algorithm costs ~10 s; `tests/sharded/test_sharded.py` runs it on 8 devices):
 
     A, x = adaptive.gaussian_problem(jax.random.key(0), 64, 256)
     mesh = sharded.make_mesh((8,), ("vocab",))

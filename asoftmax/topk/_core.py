@@ -128,7 +128,7 @@ def rounding_margin(num_keys: int, dtype=jnp.float32) -> float:
   A computed tail mass $\tilde\tau$ of a row of `num_keys` shifted logits satisfies
   $|\tilde\tau - \tau| \le m\,\tau$ with $m = 64\,u\,\lceil\log_2 N + 1\rceil$ ($u$ = unit roundoff; a
   log-sum-exp scan of depth $O(\log N)$ over values of magnitude $O(\log N + |\log\epsilon|)$); measured errors
-  are 10-100x smaller (tests/test_topk_library.py). Stopping rules compare with $\epsilon/(1+m)$ so that the true
+  are 10-100x smaller (tests/topk/test_library.py). Stopping rules compare with $\epsilon/(1+m)$ so that the true
   tail mass of the chosen head is $\le \epsilon$.
   """
   u = float(jnp.finfo(dtype).eps) / 2

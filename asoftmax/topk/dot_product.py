@@ -211,7 +211,7 @@ def dot_product_attention(query: ArrayLike, key: ArrayLike, value: ArrayLike, bi
     precision: passed to the two matrix products.
     module: a flax NNX module (flax passes it when called with `sow_weights=True`): `k` and `certificate` are
       sown as `nnx.Intermediate` values `topk_k` and `topk_certificate`; read them with `nnx.capture(fn,
-      nnx.Intermediate)` (test_topk_attention_fn.py shows it).
+      nnx.Intermediate)` (tests/topk/test_dot_product.py shows it).
     promote_dtype: ignored (accepted for flax's signature).
     is_causal: keep key j for query i only if j <= i.
     epsilon: TV budget in (0, 1) per query row (may be traced).

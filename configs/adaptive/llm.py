@@ -95,6 +95,6 @@ def get_config(arg=None):
     c.batch = 12
     c.n_tune = 6
     c.deltas = (0.1,)
-    c.ks = (1,)  # k > 1 is exercised by tests/test_adaptive_llm.py on a small user-supplied head
+    c.ks = (1,)  # k > 1 is exercised by tests/experiments/test_adaptive_llm.py on a small user-supplied head
     c.topk_deltas = (0.1,)
   return c

@@ -67,5 +67,5 @@ def get_config(arg=None):
     c.n_queries = 50
     c.n_tune = 20
     c.deltas = (0.1,)
-    c.ks = (1,)  # k = 3 is exercised by tests/test_cnn.py
+    c.ks = (1,)  # k = 3 is exercised by tests/models/test_cnn.py
   return c

@@ -12,7 +12,7 @@ KL(p||q), TV(p, q), chi^2(p~||q~) on the negatives, and the bias of the sampled-
 by Monte Carlo with R replicates of m i.i.d. draws from q~, the proposal restricted to the negatives N_t and
 renormalized (the form the bias theory uses: with q~ = p~ every w_j = Z_t/m and the gradient is unbiased; drawing
 from q over all n and masking hits, as training does, is also unbiased for Z_t but not zero-variance) (drawn by inverse-CDF search on the dense q; the
-tree samplers draw exactly this distribution, which `tests/test_rff_lib.py` checks by chi-square).
+tree samplers draw exactly this distribution, which `tests/rff/test_lib.py` checks by chi-square).
 Reference: Rawat et al., NeurIPS 2019 (bias analysis, Theorem 1-type bound, [R]); Sec. 3.
 """
 

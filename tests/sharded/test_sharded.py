@@ -1,7 +1,7 @@
 """Sharded methods on 1, 2, 4 and 8 forced host devices (issue 29), MaxText style.
 
 pytest-xdist workers already hold one device, so the checks run in **one** subprocess started with
-`XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu` (`python tests/test_sharded.py`), which
+`XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu` (`python tests/sharded/test_sharded.py`), which
 runs every function registered with `@check`, and writes one line per check; each pytest case below reads its line.
 Tiny shapes (compiles dominate). Each check compares the sharded result with one device's on meshes of 1, 2, 4
 and 8 devices, with shapes not divisible by the device count.
@@ -340,7 +340,7 @@ def _run_checks(names):
 def _subprocess(tmp_path_factory, names):
   path = tmp_path_factory.mktemp("sharded") / "results.json"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)] + names, env=env, cwd=root,
                         capture_output=True, text=True, timeout=600)
@@ -408,7 +408,7 @@ def test_multihost_two_processes(tmp_path):
     sock.bind(("localhost", 0))
     port = sock.getsockname()[1]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--multihost", str(i), str(port),
                              str(tmp_path / f"ok{i}")], env=env, cwd=root, stdout=subprocess.PIPE,

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from asoftmax.models import hidden_cache, llama
-from test_llama import _random_params
 
 
-def test_all_positions_match_forward_pass_and_resume(tmp_path, monkeypatch):
-  p = _random_params()
+def test_all_positions_match_forward_pass_and_resume(tmp_path, monkeypatch, random_params):
+  p = random_params()
   ctx = np.random.default_rng(1).integers(0, p.config.vocab_size, size=(5, 6)).astype(np.int32)
   path = str(tmp_path / "f.npz")
   want = np.asarray(llama.hidden_states(p, ctx))
@@ -32,8 +31,8 @@ def test_all_positions_match_forward_pass_and_resume(tmp_path, monkeypatch):
   assert calls == [2, 1]
 
 
-def test_last_and_all_caches_do_not_mix(tmp_path):
-  p = _random_params()
+def test_last_and_all_caches_do_not_mix(tmp_path, random_params):
+  p = random_params()
   ctx = np.random.default_rng(2).integers(0, p.config.vocab_size, size=(3, 4)).astype(np.int32)
   path = str(tmp_path / "h.npz")
   last = hidden_cache.cached_hidden_states(p, ctx, path, batch=3, mode="last")
@@ -43,8 +42,8 @@ def test_last_and_all_caches_do_not_mix(tmp_path):
   assert hidden_cache.fingerprint(ctx, "last") != hidden_cache.fingerprint(ctx, "all")
 
 
-def test_bad_arguments(tmp_path):
-  p = _random_params()
+def test_bad_arguments(tmp_path, random_params):
+  p = random_params()
   ctx = np.zeros((2, 3), np.int32)
   with pytest.raises(ValueError, match="mode"):
     hidden_cache.cached_hidden_states(p, ctx, str(tmp_path / "a.npz"), 1, mode="first")
@@ -54,10 +53,10 @@ def test_bad_arguments(tmp_path):
     hidden_cache.cached_hidden_states(p, ctx.astype(np.float32), str(tmp_path / "a.npz"), 1)
 
 
-def test_cache_keyed_by_weights_and_verified_on_load(tmp_path):
+def test_cache_keyed_by_weights_and_verified_on_load(tmp_path, random_params):
   """Issue 14: a cache built with other weights is not reused; a truncated or corrupted file is rebuilt with a
   warning naming it (before: other weights reused silently; truncation crashed with a traceback without the path)."""
-  p = _random_params()
+  p = random_params()
   ctx = np.random.default_rng(3).integers(0, p.config.vocab_size, size=(3, 4)).astype(np.int32)
   path = str(tmp_path / "c.npz")
   want = hidden_cache.cached_hidden_states(p, ctx, path, batch=3)

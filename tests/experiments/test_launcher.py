@@ -11,7 +11,7 @@ import pytest
 from asoftmax import configlib, results
 from experiments import registry, run, tables
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _cli(*args, cwd=ROOT):

@@ -108,7 +108,7 @@ def _success_rate(order, k, n_problems=10, per_problem=50, n=100, d=1000, delta=
 @pytest.mark.parametrize("order,k", [("importance", 1), ("importance", 3), ("uniform", 1), ("uniform", 3)])
 def test_paper_mode_pac_success_over_500_seeded_queries(order, k):
   """Paper mode (fudge 1) on the friendly planted family: success >= 1 - delta, one-sided 99% Clopper-Pearson
-  lower bound over 500 runs. The certified mode's tests on hard families are in test_adaptive_certified.py."""
+  lower bound over 500 runs. The certified mode's tests on hard families are in tests/adaptive/test_core_certified.py."""
   delta = 0.1
   ok, ident, trials, samples = _success_rate(order, k, delta=delta)
   lower = stats.binomial_lower_bound(ok, trials, confidence=0.99)

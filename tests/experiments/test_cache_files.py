@@ -17,7 +17,7 @@ from asoftmax import results
 from asoftmax.models import cnn, train
 from experiments import run
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def _model(seed=0):

@@ -102,28 +102,8 @@ def numpy_reference(p: llama.LlamaParams, tokens: np.ndarray) -> np.ndarray:
   return np.stack(out)
 
 
-def _random_params(seed=0, vocab=97, dim=48, layers=2, heads=6, kv=2, hidden=80):
-  cfg = llama.LlamaConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
-                          hidden_dim=hidden, rope_theta=10000.0, norm_eps=1e-5)
-  rng = np.random.default_rng(seed)
-  hd = dim // heads
-  t = {"token_embd.weight": rng.normal(size=(vocab, dim)), "output_norm.weight": 1 + 0.1 * rng.normal(size=dim)}
-  for i in range(layers):
-    t[f"blk.{i}.attn_norm.weight"] = 1 + 0.1 * rng.normal(size=dim)
-    t[f"blk.{i}.ffn_norm.weight"] = 1 + 0.1 * rng.normal(size=dim)
-    t[f"blk.{i}.attn_q.weight"] = rng.normal(size=(heads * hd, dim)) / np.sqrt(dim)
-    t[f"blk.{i}.attn_k.weight"] = rng.normal(size=(kv * hd, dim)) / np.sqrt(dim)
-    t[f"blk.{i}.attn_v.weight"] = rng.normal(size=(kv * hd, dim)) / np.sqrt(dim)
-    t[f"blk.{i}.attn_output.weight"] = rng.normal(size=(dim, heads * hd)) / np.sqrt(dim)
-    t[f"blk.{i}.ffn_gate.weight"] = rng.normal(size=(hidden, dim)) / np.sqrt(dim)
-    t[f"blk.{i}.ffn_up.weight"] = rng.normal(size=(hidden, dim)) / np.sqrt(dim)
-    t[f"blk.{i}.ffn_down.weight"] = rng.normal(size=(dim, hidden)) / np.sqrt(hidden)
-  t = {k: v.astype(np.float32) for k, v in t.items()}
-  return llama.params_from_tensors(t, cfg)
-
-
-def test_random_llama_matches_numpy_reference():
-  p = _random_params()
+def test_random_llama_matches_numpy_reference(random_params):
+  p = random_params()
   tokens = np.random.default_rng(1).integers(0, p.config.vocab_size, size=(3, 13)).astype(np.int32)
   got = np.asarray(jax.jit(llama.hidden_states)(p, tokens))
   want = numpy_reference(p, tokens)
@@ -131,8 +111,8 @@ def test_random_llama_matches_numpy_reference():
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_causality_and_batch_independence():
-  p = _random_params(seed=2)
+def test_causality_and_batch_independence(random_params):
+  p = random_params(seed=2)
   rng = np.random.default_rng(3)
   a = rng.integers(0, p.config.vocab_size, size=(2, 10)).astype(np.int32)
   b = a.copy()
@@ -145,8 +125,8 @@ def test_causality_and_batch_independence():
   np.testing.assert_allclose(np.asarray(llama.last_hidden_state(p, a)), ha[:, -1], rtol=1e-6, atol=1e-6)
 
 
-def test_bad_tokens_raise():
-  p = _random_params()
+def test_bad_tokens_raise(random_params):
+  p = random_params()
   with pytest.raises(ValueError, match="tokens"):
     llama.hidden_states(p, np.zeros(5, np.int32))
   with pytest.raises(ValueError, match="tokens"):

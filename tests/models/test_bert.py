@@ -13,7 +13,7 @@ import pytest
 
 from asoftmax.models import bert
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_reference.npz")
+FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "minilm_reference.npz")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def ref():
 def _sentences():
   import importlib.util
 
-  path = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_bert_fixture.py")
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "scripts", "make_bert_fixture.py")
   spec = importlib.util.spec_from_file_location("make_bert_fixture", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
