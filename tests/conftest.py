@@ -13,6 +13,8 @@ import os
 import tempfile
 
 import jax
+import numpy as np
+import pytest
 
 # XLA:CPU's LLVM optimization level 0 for the suite: its programs are compile-bound (small shapes, many distinct
 # static configurations), and level 0 cuts compile CPU by about a quarter (tests/adaptive/test_core_jit.py:
@@ -28,3 +30,33 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs",
                   float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+# ------------------------------------------------------------------------------------------------ shared fixtures
+def _random_params(seed=0, vocab=97, dim=48, layers=2, heads=6, kv=2, hidden=80):
+  """A small random Llama (`asoftmax.models.llama.LlamaParams`) from numpy-drawn GGUF-named tensors."""
+  from asoftmax.models import llama
+
+  cfg = llama.LlamaConfig(vocab_size=vocab, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv,
+                          hidden_dim=hidden, rope_theta=10000.0, norm_eps=1e-5)
+  rng = np.random.default_rng(seed)
+  hd = dim // heads
+  t = {"token_embd.weight": rng.normal(size=(vocab, dim)), "output_norm.weight": 1 + 0.1 * rng.normal(size=dim)}
+  for i in range(layers):
+    t[f"blk.{i}.attn_norm.weight"] = 1 + 0.1 * rng.normal(size=dim)
+    t[f"blk.{i}.ffn_norm.weight"] = 1 + 0.1 * rng.normal(size=dim)
+    t[f"blk.{i}.attn_q.weight"] = rng.normal(size=(heads * hd, dim)) / np.sqrt(dim)
+    t[f"blk.{i}.attn_k.weight"] = rng.normal(size=(kv * hd, dim)) / np.sqrt(dim)
+    t[f"blk.{i}.attn_v.weight"] = rng.normal(size=(kv * hd, dim)) / np.sqrt(dim)
+    t[f"blk.{i}.attn_output.weight"] = rng.normal(size=(dim, heads * hd)) / np.sqrt(dim)
+    t[f"blk.{i}.ffn_gate.weight"] = rng.normal(size=(hidden, dim)) / np.sqrt(dim)
+    t[f"blk.{i}.ffn_up.weight"] = rng.normal(size=(hidden, dim)) / np.sqrt(dim)
+    t[f"blk.{i}.ffn_down.weight"] = rng.normal(size=(dim, hidden)) / np.sqrt(hidden)
+  t = {k: v.astype(np.float32) for k, v in t.items()}
+  return llama.params_from_tensors(t, cfg)
+
+
+@pytest.fixture(scope="session")
+def random_params():
+  """`random_params(seed=0, vocab=97, dim=48, layers=2, heads=6, kv=2, hidden=80)`: a small random Llama."""
+  return _random_params

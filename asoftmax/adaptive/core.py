@@ -57,6 +57,10 @@ Algorithm, per query (one function per step below):
    `_paper_normalization` (`normalization="paper"`): Algorithm 2, target variances from the first-pass
    estimates, point estimate `log Z = logsumexp(mu_hat)`.
 
+Time, not samples (defaults; `exact_below=0` turns both off): a problem with `n * d <= exact_below` is one exact
+`A @ x` (`_exact_group`), and before each elimination round the call finishes with one exact `A @ x` when the
+survivors are predicted to read more than that costs (`_predicted_reads`: radius / gap to the top-k boundary).
+
 Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
 products; exact arms `nnz(x)`. `phase_samples` splits them into warm-up, elimination, winners and
 normalization (`PHASES`).
@@ -205,6 +209,8 @@ class AdaptiveConfig:
     normalization: paper mode's partition function: "bracket" or "paper" (Algorithm 2).
     exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
     exact: the problem is small (n * d <= exact_below): the call computes `A x` exactly, no sampling.
+    fallback: before each elimination round, finish with one exact `A @ x` when the sampling still predicted
+      costs more (`_predicted_reads`); off with `exact_below=0`.
     growth: ratio of consecutive levels.
     c: constant in paper mode's union-bound log term.
   """
@@ -225,6 +231,7 @@ class AdaptiveConfig:
   normalization: str = "bracket"
   exact_rows: bool = False
   exact: bool = False
+  fallback: bool = False
   growth: float = 2.0
   c: float = 6.0
 
@@ -320,7 +327,7 @@ def make_config(
       n=n, d=d, k=k, delta=float(delta), mode=mode, order=order, levels=tuple(levels), caps=caps,
       z_capacity=zc, exact_winners=bool(exact_winners), head_ratio=float(head_ratio), head_size=head_size,
       shared_order=bool(shared_order), normalization=normalization, exact_rows=bool(exact_rows),
-      exact=n * d <= exact_below, growth=float(growth),
+      exact=n * d <= exact_below, fallback=exact_below > 0, growth=float(growth),
   )
 
 
@@ -802,9 +809,48 @@ def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
   return alive & (hi >= kth[:, None])
 
 
+# The fallback's price of one predicted sampled product against one product of the streamed `A @ x`: below the
+# cheapest read path's measured cost (`_READ_COST`, 1.8 at best), so the call falls back only when sampling on is
+# clearly slower.
+_FALLBACK_READ_COST = 1.5
+
+
+def _predicted_reads(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
+  """(B,) positions x products the survivors are predicted still to read before elimination ends.
+
+  A survivor's radius r shrinks about as 1/sqrt(m) with its m tail products; it is settled once r is below its
+  distance to the boundary `theta` between the k-th and (k+1)-th estimates, i.e. after about `m (r / gap)^2`
+  products (at most its tail). A heuristic for time only: the fallback it triggers computes every arm exactly.
+  """
+  est, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
+  mt, _ = _arm_tables(arms, tabs, g.P)
+  vals = jax.lax.top_k(jnp.where(alive, est, -jnp.inf), min(cfg.k + 1, cfg.n))[0]
+  theta = 0.5 * (vals[:, cfg.k - 1] + vals[:, -1])
+  gap = jnp.abs(est - theta[:, None])
+  r = 0.5 * (hi - lo)
+  m = jnp.maximum(mt, 1).astype(est.dtype)
+  N = g.P.n_tail[:, None].astype(est.dtype)
+  need = jnp.minimum(m * jnp.square(r / jnp.maximum(gap, jnp.finfo(est.dtype).tiny)), N)
+  need = jnp.where(jnp.isfinite(need), need, N)
+  # The reads step through positions of the order: an unused coordinate (x_j = 0) costs a position too.
+  per_product = cfg.d / jnp.maximum(g.P.nnz, 1).astype(est.dtype)
+  return per_product * jnp.sum(jnp.where(alive & (arms.lvl < g.P.top_level), jnp.maximum(need - m, 0.0), 0.0), axis=1)
+
+
+def _all_exact(g: _Group, cfg: AdaptiveConfig, arms: _Arms) -> _Arms:
+  """Every arm's product computed in full (one `A @ x`): the arms become exact."""
+  exact = _full_dot(g.A, g.P.X)
+  z = jnp.zeros_like(exact)
+  return _Arms(lvl=jnp.full_like(arms.lvl, g.P.top_level), s_head=exact, s1=z, s2=z)
+
+
 def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   """Algorithm 1 (successive elimination, for a top-k set): round l moves the survivors from level l to l + 1
-  until k remain or every survivor is exact. Returns (arms, tables, alive, rounds)."""
+  until k remain or every survivor is exact. Returns (arms, tables, alive, rounds).
+
+  With `cfg.fallback`, a round whose survivors are predicted to read more than one exact `A @ x` costs
+  (`_predicted_reads`, at `_FALLBACK_READ_COST` per product) computes every arm exactly instead (the call is then
+  exact; it only ever trades samples for time)."""
   B, n, L = g.P.X.shape[0], cfg.n, len(cfg.levels)
   top = g.P.top_level
   alive = _survivors(arms, tabs, jnp.ones((B, n), bool), g, cfg, ctx)
@@ -816,8 +862,15 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
 
   def body(c):
     l, arms, tabs, alive, done, rounds = c
+    move = alive & ~done[:, None] & (arms.lvl == l)
+    if cfg.fallback:
+      cost = _FALLBACK_READ_COST * _predicted_reads(arms, tabs, alive & ~done[:, None], g, cfg, ctx)
+      fall = jnp.all(done | (cost > float(cfg.n) * float(cfg.d)))
+    else:
+      fall = jnp.asarray(False)
     # Survivors below the top are all at level l (a round may have made some exact: full rows were cheaper).
-    arms, tabs = _advance(g, cfg, arms, tabs, alive & ~done[:, None] & (arms.lvl == l), l, cfg.caps)
+    arms, tabs = jax.lax.cond(fall, lambda a, t: (_all_exact(g, cfg, a), t),
+                              lambda a, t: _advance(g, cfg, a, t, move, l, cfg.caps), arms, tabs)
     alive = jnp.where(done[:, None], alive, _survivors(arms, tabs, alive, g, cfg, ctx))
     rounds = rounds + (~done).astype(jnp.int32)
     all_exact = ~jnp.any(alive & (arms.lvl < top), axis=1)
@@ -1178,7 +1231,10 @@ def adaptive_softmax(
     exact_below: problems with `n * d <= exact_below` are computed exactly (`A x` in full: exact top-k,
       probabilities and log Z, `samples = n * d`, `rounds = 0`); default `EXACT_BELOW` (4e6 products,
       where a call's rounds cost more than the whole `A @ x` on XLA:CPU: configs/adaptive/wallclock.py).
-      Pass 0 to always run the algorithm (studies of its sample complexity; the paper tables do).
+      Any exact_below > 0 also turns on the fallback: before each elimination round, if the survivors are
+      predicted to read more than one `A @ x` costs (at their current radii and gaps), every arm is computed
+      exactly instead (time only; the answer is then exact). Pass 0 to always run the algorithm as published
+      (studies of its sample complexity; the paper tables and tests do).
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).
 

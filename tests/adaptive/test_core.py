@@ -47,6 +47,24 @@ def test_sparse_query_costs_at_most_n_nnz():
   np.testing.assert_allclose(np.asarray(res.probs), p, rtol=1e-4)
 
 
+def test_fallback_trades_rounds_for_one_exact_product():
+  """With exact_below > 0 (the default) a round whose survivors are predicted to read more than one `A @ x` costs
+  finishes with that product: on a near tie (certified mode reads every coordinate) fewer rounds, the same exact
+  answer; on Fig. 2's gaussian (elimination works) it never fires: the same samples with or without it."""
+  A, x = synthetic.planted_problem(jax.random.key(0), 300, 2000, k=1, gap=1e-3)
+  ex = adaptive.softmax_topk(A, x, k=1)
+  fb = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=1)  # fallback on, the problem not "small"
+  no = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=0)
+  assert int(fb.rounds) < int(no.rounds)
+  for r in (fb, no):
+    assert int(r.indices[0]) == int(ex.indices[0]) and bool(r.certified)
+    np.testing.assert_allclose(float(r.probs[0]), float(ex.probs[0]), rtol=1e-4)
+  A, x = adaptive.gaussian_problem(jax.random.key(0), 100, 20_000)
+  fb = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=1)
+  no = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=0)
+  assert int(fb.samples) == int(no.samples) < 0.2 * 100 * 20_000
+
+
 def test_polar_student_t_matches_the_t_distribution():
   """The large-problem Student-t sampler (Bailey's polar method) against scipy's t(2.5) CDF (KS, 200k draws), and
   the blocked (n, d) path is used above `_T_CHUNK` entries."""

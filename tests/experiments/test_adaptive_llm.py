@@ -87,11 +87,10 @@ def test_missing_text_gives_not_run_rows(tmp_path):
   assert all(r["status"].startswith("not run:") and "ptb/ptb.test.txt" in r["status"] for r in out.rows)
 
 
-def test_hidden_state_cache_is_reused_and_resumed(tmp_path, monkeypatch):
+def test_hidden_state_cache_is_reused_and_resumed(tmp_path, monkeypatch, random_params):
   from asoftmax.models import llama
-  from test_llama import _random_params
 
-  p = _random_params()
+  p = random_params()
   ctx = np.random.default_rng(0).integers(0, p.config.vocab_size, size=(5, 7)).astype(np.int32)
   path = str(tmp_path / "h.npz")
   want = np.asarray(llama.last_hidden_state(p, ctx))
