@@ -27,7 +27,10 @@ page's true max logit, so a certificate built on them reads every page. Here eve
   `decode.py`), so the realised TV is $\le \epsilon$ on every row. If no prefix within `capacity` certifies, the
   row falls back to dense attention over all keys and is flagged (`fallback`).
 
-Bytes (`sketch_bytes`): per valid key $b\,d/8$ bytes of codes, per page $2\,d$ stats; then K and V of the keys read.
+Bytes (`sketch_bytes`): per valid key $d/2$ bytes of codes for $b \le 4$ -- the codes are stored packed, two 4-bit
+codes per byte along the channel axis (d even), and `_bounds` unpacks them by shift and mask, so the array held and
+read is the packed one -- and $d$ bytes for $b$ in 5..8 (one per byte); this is $b\,d/8$ at 4 and 8 bits. Per page
+$2\,d$ stats; then K and V of the keys read. The bytes counted are the bytes the code stores and reads.
 Reads: this XLA implementation gathers all `capacity` candidates (static shapes) and scores the whole sketch; the
 algorithm needs only the first `keys_read` of them, which a kernel reading them in order (e.g. a paged decode
 kernel that stops when the certificate holds) would read. `keys_read` counts those.
