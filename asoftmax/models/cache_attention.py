@@ -11,6 +11,9 @@ write re-quantizes the whole page a key enters from the exact keys):
 * `QuantizedKVAttention`: the baseline at equal bytes: keys and values stored as b-bit codes on per page and
   channel ranges (the same quantizer), decode steps attend densely over the dequantized cache.
 
+Codes of b <= 4 bits are stored two per byte along head_dim (`*_codes` is (..., N, head_dim / 2) uint8; head_dim
+must be even), 8-bit codes one per byte; the dequantization unpacks them by shift and mask.
+
 Example:
   >>> att = SketchCacheAttention(epsilon=0.01, bits=4, page_size=4, capacity=0.5)
   >>> cache = llama.init_cache(params.config, 1, 64, att)                         # doctest: +SKIP
@@ -40,14 +43,16 @@ def _capacity(capacity, N: int) -> int:
   return int(capacity)
 
 
-def _state_shapes(layer_cache, names, page_size, stat_dtype):
+def _state_shapes(layer_cache, names, bits, page_size, stat_dtype):
   k = layer_cache["k"]
   b, Hkv, N, hd = k.shape
   if N % page_size:
     raise ValueError(f"page_size ({page_size}) must divide the cache's max_len {N}")
+  if bits <= 4 and hd % 2:
+    raise ValueError(f"bits = {bits} <= 4 stores two codes per byte: the head_dim ({hd}) must be even")
   out = dict(layer_cache)
   for n in names:
-    out[f"{n}_codes"] = jnp.zeros((b, Hkv, N, hd), jnp.uint8)
+    out[f"{n}_codes"] = jnp.zeros((b, Hkv, N, sk.code_width(hd, bits)), jnp.uint8)
     out[f"{n}_lo"] = jnp.zeros((b, Hkv, N // page_size, hd), stat_dtype)
     out[f"{n}_step"] = jnp.zeros((b, Hkv, N // page_size, hd), stat_dtype)
   return out
@@ -67,14 +72,14 @@ def _requantize(cache_layers, layer, names, pos, t, bits, page_size, stat_dtype)
       vp = (page * P + jnp.arange(P)) <= pos
       codes, lo, step = sk.quantize_pages(xp.astype(jnp.float32).reshape(-1, P, hd),
                                           jnp.broadcast_to(vp, (b * Hkv, P)), bits, P, stat_dtype)
-      out = llama.write_slots(out, layer, f"{n}_codes", codes.reshape(b, Hkv, P, hd), page * P)
+      out = llama.write_slots(out, layer, f"{n}_codes", codes.reshape(b, Hkv, P, -1), page * P)
       out = llama.write_slots(out, layer, f"{n}_lo", lo.reshape(b, Hkv, 1, hd), page)
       out = llama.write_slots(out, layer, f"{n}_step", step.reshape(b, Hkv, 1, hd), page)
     else:
       v = jnp.arange(N) < pos + t
       codes, lo, step = sk.quantize_pages(x.astype(jnp.float32).reshape(-1, N, hd),
                                           jnp.broadcast_to(v, (b * Hkv, N)), bits, P, stat_dtype)
-      out = llama.write_slots(out, layer, f"{n}_codes", codes.reshape(b, Hkv, N, hd), 0)
+      out = llama.write_slots(out, layer, f"{n}_codes", codes.reshape(b, Hkv, N, -1), 0)
       out = llama.write_slots(out, layer, f"{n}_lo", lo.reshape(b, Hkv, N // P, hd), 0)
       out = llama.write_slots(out, layer, f"{n}_step", step.reshape(b, Hkv, N // P, hd), 0)
   return out
@@ -93,7 +98,7 @@ def _prepare_all(cache_layers, filled, names, bits, page_size, stat_dtype):
 
     def one(xl):
       codes, lo, step = sk.quantize_pages(xl.astype(jnp.float32).reshape(-1, N, hd), v, bits, page_size, stat_dtype)
-      return (codes.reshape(b, Hkv, N, hd), lo.reshape(b, Hkv, N // page_size, hd),
+      return (codes.reshape(b, Hkv, N, -1), lo.reshape(b, Hkv, N // page_size, hd),
               step.reshape(b, Hkv, N // page_size, hd))
 
     out[f"{n}_codes"], out[f"{n}_lo"], out[f"{n}_step"] = jax.lax.map(one, x)
@@ -101,9 +106,10 @@ def _prepare_all(cache_layers, filled, names, bits, page_size, stat_dtype):
 
 
 def _dequantize(codes, lo, step):
+  """codes (..., N, hd / 2) packed or (..., N, hd) uint8, lo / step (..., N / P, hd) -> (..., N, hd) float32."""
   P = codes.shape[-2] // lo.shape[-2]
   rep = lambda a: jnp.repeat(a.astype(jnp.float32), P, axis=-2)
-  return rep(lo) + rep(step) * codes.astype(jnp.float32)
+  return rep(lo) + rep(step) * sk.unpack_codes(codes, lo.shape[-1]).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +133,7 @@ class SketchCacheAttention:
   measure: bool = False
 
   def init(self, layer_cache):
-    return _state_shapes(layer_cache, ("k",), self.page_size, jnp.dtype(self.stat_dtype))
+    return _state_shapes(layer_cache, ("k",), self.bits, self.page_size, jnp.dtype(self.stat_dtype))
 
   def prepare(self, cache_layers, filled):
     return _prepare_all(cache_layers, filled, ("k",), self.bits, self.page_size, jnp.dtype(self.stat_dtype))
@@ -173,7 +179,7 @@ class QuantizedKVAttention:
   stat_dtype: str = "float32"
 
   def init(self, layer_cache):
-    return _state_shapes(layer_cache, ("k", "v"), self.page_size, jnp.dtype(self.stat_dtype))
+    return _state_shapes(layer_cache, ("k", "v"), self.bits, self.page_size, jnp.dtype(self.stat_dtype))
 
   def prepare(self, cache_layers, filled):
     return _prepare_all(cache_layers, filled, ("k", "v"), self.bits, self.page_size, jnp.dtype(self.stat_dtype))

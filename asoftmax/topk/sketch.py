@@ -27,7 +27,10 @@ page's true max logit, so a certificate built on them reads every page. Here eve
   `decode.py`), so the realised TV is $\le \epsilon$ on every row. If no prefix within `capacity` certifies, the
   row falls back to dense attention over all keys and is flagged (`fallback`).
 
-Bytes (`sketch_bytes`): per valid key $b\,d/8$ bytes of codes, per page $2\,d$ stats; then K and V of the keys read.
+Bytes (`sketch_bytes`): per valid key $d/2$ bytes of codes for $b \le 4$ -- the codes are stored packed, two 4-bit
+codes per byte along the channel axis (d even), and `_bounds` unpacks them by shift and mask, so the array held and
+read is the packed one -- and $d$ bytes for $b$ in 5..8 (one per byte); this is $b\,d/8$ at 4 and 8 bits. Per page
+$2\,d$ stats; then K and V of the keys read. The bytes counted are the bytes the code stores and reads.
 Reads: this XLA implementation gathers all `capacity` candidates (static shapes) and scores the whole sketch; the
 algorithm needs only the first `keys_read` of them, which a kernel reading them in order (e.g. a paged decode
 kernel that stops when the certificate holds) would read. `keys_read` counts those.
@@ -63,7 +66,9 @@ class KeySketch(NamedTuple):
   r"""A per-key quantized copy of a key cache, with per page and channel ranges (leading dims (...)).
 
   Attributes:
-    codes: (..., N, d) uint8, $u_{ic} \in \{0..2^b - 1\}$ (0 at invalid slots).
+    codes: (..., N, d / 2) uint8 for b <= 4: two codes per byte, $u_{i,2j} + 16\,u_{i,2j+1}$ (d even); (..., N, d)
+      uint8, one per byte, for b > 4. $u_{ic} \in \{0..2^b - 1\}$ (0 at invalid slots). Consumers accept either
+      layout (the shape against `page_lo`'s d tells which).
     page_lo: (..., N / P, d) range start $\ell_{pc}$ (stat dtype; rounded down).
     page_step: (..., N / P, d) $\Delta_{pc} \ge 0$ (stat dtype; rounded up; 0 on a page with no valid key).
   """
@@ -103,13 +108,38 @@ def _round_out(x, dtype, up: bool):
   return jnp.where(bad, jnp.nextafter(y, far), y)
 
 
-def quantize_pages(keys, valid, bits, page_size, stat_dtype):
-  """keys (R, N, d) float32, valid (R, N) -> codes (R, N, d) uint8, lo, step (R, N/P, d) stat_dtype.
+def code_width(d: int, bits: int) -> int:
+  """Bytes of one key's codes: d / 2 for bits <= 4 (two codes per byte, d must be even), else d (one per byte)."""
+  if bits > 4:
+    return d
+  if d % 2:
+    raise ValueError(f"the key dimension d = {d} must be even for bits = {bits} <= 4 (two codes per byte)")
+  return d // 2
 
-  The sketch of N / P pages (module docstring); traceable and unchecked, for caches that re-quantize the page a new
-  key enters (not exported)."""
+
+def pack_codes(u):
+  """(..., d) uint8 codes < 16 -> (..., d / 2) uint8, two per byte: channel 2j in the low nibble, 2j + 1 the high.
+
+  d must be even (unchecked, traceable; not exported)."""
+  return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_codes(codes, d: int):
+  """Codes as stored -> (..., d) uint8, one per channel: packed (..., d / 2) are split by shift and mask (an
+  elementwise op XLA can fuse into its consumer); (..., d) are returned as they are (not exported)."""
+  if codes.shape[-1] == d:
+    return codes
+  return jnp.stack([codes & 15, codes >> 4], -1).reshape(codes.shape[:-1] + (d,))
+
+
+def quantize_pages(keys, valid, bits, page_size, stat_dtype):
+  """keys (R, N, d) float32, valid (R, N) -> codes (R, N, `code_width(d, bits)`) uint8, lo, step (R, N/P, d).
+
+  The sketch of N / P pages (module docstring), codes packed two per byte for bits <= 4 (d even, else ValueError);
+  traceable and unchecked otherwise, for caches that re-quantize the page a new key enters (not exported)."""
   R, N, d = keys.shape
   P = page_size
+  code_width(d, bits)  # d even for packed codes
   levels = float(2 ** bits - 1)
   kp = keys.reshape(R, N // P, P, d)
   vp = valid.reshape(R, N // P, P, 1)
@@ -122,7 +152,8 @@ def quantize_pages(keys, valid, bits, page_size, stat_dtype):
   lo32, st32 = lo.astype(jnp.float32)[:, :, None], step.astype(jnp.float32)[:, :, None]
   u = jnp.where(st32 > 0, jnp.round((kp - lo32) / jnp.where(st32 > 0, st32, 1.0)), 0.0)
   u = jnp.where(vp & jnp.isfinite(u), jnp.clip(u, 0.0, levels), 0.0)
-  return u.astype(jnp.uint8).reshape(R, N, d), lo, step
+  u = u.astype(jnp.uint8).reshape(R, N, d)
+  return (pack_codes(u) if bits <= 4 else u), lo, step
 
 
 def _check_sketch_args(keys, valid, bits, page_size):
@@ -130,6 +161,9 @@ def _check_sketch_args(keys, valid, bits, page_size):
   checks.valid(valid, keys.shape[:-1], against="keys[..., 0]")
   bits = checks.int_in_range("bits", bits, 1, 8)
   page_size = checks.int_in_range("page_size", page_size)
+  if bits <= 4 and keys.shape[-1] % 2:
+    raise ValueError(f"keys: the key dimension d = {keys.shape[-1]} must be even for bits = {bits} <= 4 (codes "
+                     "are stored two per byte)")
   if keys.shape[-2] % page_size:
     raise ValueError(f"page_size ({page_size}) must divide the number of slots N = {keys.shape[-2]}")
   return bits, page_size
@@ -141,7 +175,8 @@ def _build(keys, valid, bits, page_size, stat_dtype):
   k = keys.astype(jnp.float32).reshape((-1, N, d))
   v = jnp.broadcast_to(valid, keys.shape[:-1]).reshape((-1, N))
   codes, lo, step = quantize_pages(k, v, bits, page_size, stat_dtype)
-  return KeySketch(codes.reshape(lead + (N, d)), lo.reshape(lead + lo.shape[1:]), step.reshape(lead + step.shape[1:]))
+  un = lambda x: x.reshape(lead + x.shape[1:])
+  return KeySketch(un(codes), un(lo), un(step))
 
 
 def build_key_sketch(keys: ArrayLike, valid: ArrayLike | None, bits: int = 4, page_size: int = 16,
@@ -161,8 +196,8 @@ def build_key_sketch(keys: ArrayLike, valid: ArrayLike | None, bits: int = 4, pa
 
   Example:
     >>> sk = build_key_sketch(jnp.array([[0.0, 1.0], [1.0, -1.0]]), None, bits=4, page_size=2)
-    >>> sk.codes.tolist(), sk.page_step.tolist()
-    ([[0, 15], [15, 0]], [[0.06666667014360428, 0.13333334028720856]])
+    >>> sk.codes.tolist(), sk.page_step.tolist()  # codes [[0, 15], [15, 0]], packed: 0 + 16 * 15, 15 + 16 * 0
+    ([[240], [15]], [[0.06666667014360428, 0.13333334028720856]])
   """
   bits, page_size = _check_sketch_args(keys, valid, bits, page_size)
   dt = checks.dtype_in("stat_dtype", stat_dtype, (jnp.float32, jnp.float16, jnp.bfloat16))
@@ -171,12 +206,15 @@ def build_key_sketch(keys: ArrayLike, valid: ArrayLike | None, bits: int = 4, pa
 
 
 def sketch_bytes(num_keys, num_pages, d: int, bits: int, stat_bytes: int = 4):
-  """Bytes of the sketch for `num_keys` keys on `num_pages` pages: codes (bits d / 8 per key) + 2 d stats per page.
+  """Bytes of the sketch as stored for `num_keys` keys on `num_pages` pages: codes + 2 d stats per page.
+
+  Codes take d / 2 bytes per key for bits <= 4 (two codes per byte, as `build_key_sketch` stores them; = bits d / 8
+  at 4 bits) and d bytes for bits in 5..8 (one per byte; = bits d / 8 at 8 bits).
 
   Args:
     num_keys, num_pages: counts >= 0 (Python ints, or integer arrays that broadcast).
-    d: key dimension >= 1; bits: code width in [1, 8]; stat_bytes: bytes of one page statistic (4 for float32,
-      2 for float16 / bfloat16).
+    d: key dimension >= 1 (even for bits <= 4); bits: code width in [1, 8]; stat_bytes: bytes of one page statistic
+      (4 for float32, 2 for float16 / bfloat16).
 
   Returns:
     Bytes, a float (an array of the broadcast shape for array counts).
@@ -190,7 +228,7 @@ def sketch_bytes(num_keys, num_pages, d: int, bits: int, stat_bytes: int = 4):
   d = checks.int_in_range("d", d)
   bits = checks.int_in_range("bits", bits, 1, 8)
   stat_bytes = checks.int_in_range("stat_bytes", stat_bytes)
-  return num_keys * d * bits / 8 + num_pages * 2 * d * stat_bytes
+  return num_keys * float(code_width(d, bits)) + num_pages * 2 * d * stat_bytes
 
 
 # ------------------------------------------------------------------------------------------------ bounds
@@ -207,12 +245,13 @@ def _page_terms(q, lo, step, scale):
 
 
 def _bounds(q, codes, lo, step, scale):
-  """q (R, G, d), codes (R, N, d) -> s_hat, radius+guard per key, guard per key: (R, G, N) each."""
-  R, N, d = codes.shape
-  NP = lo.shape[1]
+  """q (R, G, d), codes (R, N, d / 2) packed or (R, N, d) -> s_hat, radius+guard per key, guard per key: (R, G, N)."""
+  R, N = codes.shape[:2]
+  NP, d = lo.shape[1:]
   P = N // NP
+  u = unpack_codes(codes, d)  # shift / mask of the packed array read
   khat = (lo.astype(jnp.float32)[:, :, None] + step.astype(jnp.float32)[:, :, None]
-          * codes.reshape(R, NP, P, d).astype(jnp.float32)).reshape(R, N, d)
+          * u.reshape(R, NP, P, d).astype(jnp.float32)).reshape(R, N, d)
   s_hat = jnp.einsum("rgd,rnd->rgn", q, khat, precision="highest") * scale
   r, g = _page_terms(q, lo, step, scale)
   rep = lambda x: jnp.repeat(x, P, axis=-1)
@@ -220,10 +259,12 @@ def _bounds(q, codes, lo, step, scale):
 
 
 def _check_sketch(sketch, shape) -> None:
-  """`sketch` fits keys of shape (..., N, d): codes (..., N, d) uint8, ranges (..., N / P, d)."""
-  if tuple(sketch.codes.shape) != tuple(shape) or sketch.codes.dtype != jnp.uint8:
-    raise ValueError(f"sketch.codes must be uint8 of the keys' shape {tuple(shape)}, got "
-                     f"{sketch.codes.dtype}{tuple(sketch.codes.shape)}")
+  """`sketch` fits keys (..., N, d): codes (..., N, d) or packed (..., N, d / 2) uint8, ranges (..., N / P, d)."""
+  shape = tuple(shape)
+  ok = {shape} | ({shape[:-1] + (shape[-1] // 2,)} if shape and shape[-1] % 2 == 0 else set())
+  if tuple(sketch.codes.shape) not in ok or sketch.codes.dtype != jnp.uint8:
+    raise ValueError(f"sketch.codes must be uint8 of the keys' shape {shape} (or {shape[:-1]} + (d / 2,), two codes "
+                     f"per byte), got {sketch.codes.dtype}{tuple(sketch.codes.shape)}")
   lo, st = tuple(sketch.page_lo.shape), tuple(sketch.page_step.shape)
   ok = (lo == st and len(lo) == len(shape) and lo[:-2] == tuple(shape[:-2]) and lo[-1] == shape[-1]
         and lo[-2] >= 1 and shape[-2] % lo[-2] == 0)
@@ -249,8 +290,8 @@ def sketch_bounds(queries: ArrayLike, sketch: KeySketch, scale: float) -> tuple[
     True
   """
   checks.floating_array("queries", queries)
-  _check_sketch(sketch, sketch.codes.shape)
-  d = sketch.codes.shape[-1]
+  d = sketch.page_lo.shape[-1] if sketch.page_lo.ndim else 0
+  _check_sketch(sketch, tuple(sketch.codes.shape[:-1]) + (d,))
   if queries.ndim < 2 or queries.shape[-1] != d or tuple(queries.shape[:-2]) != tuple(sketch.codes.shape[:-2]):
     raise ValueError(f"queries must have shape {tuple(sketch.codes.shape[:-2])} + (G, {d}), got "
                      f"{tuple(queries.shape)}")
@@ -260,9 +301,9 @@ def sketch_bounds(queries: ArrayLike, sketch: KeySketch, scale: float) -> tuple[
 
 @jax.jit
 def _sketch_bounds(q, sketch, scale):
-  lead, (N, d) = sketch.codes.shape[:-2], sketch.codes.shape[-2:]
-  G = q.shape[-2]
-  s_hat, w, _ = _bounds(q.reshape(-1, G, d), sketch.codes.reshape(-1, N, d),
+  lead, (N, width) = sketch.codes.shape[:-2], sketch.codes.shape[-2:]
+  G, d = q.shape[-2:]
+  s_hat, w, _ = _bounds(q.reshape(-1, G, d), sketch.codes.reshape(-1, N, width),
                         sketch.page_lo.reshape((-1,) + sketch.page_lo.shape[-2:]),
                         sketch.page_step.reshape((-1,) + sketch.page_step.shape[-2:]), scale)
   ok = jnp.all(jnp.isfinite(q.reshape(-1, G, d)), -1, keepdims=True) & (scale > 0) & jnp.isfinite(scale)
@@ -272,7 +313,8 @@ def _sketch_bounds(q, sketch, scale):
 
 # ------------------------------------------------------------------------------------------------ search
 def _search(q, keys, values, codes, lo, step, valid, epsilon, scale, capacity):
-  """Flat inputs: q (R, G, d), keys (R, N, d), values (R, N, dv), codes (R, N, d), lo/step (R, NP, d), valid (R, N)."""
+  """Flat inputs: q (R, G, d), keys (R, N, d), values (R, N, dv), codes (R, N, d / 2 or d), lo/step (R, NP, d),
+  valid (R, N)."""
   R, G, d = q.shape
   N = keys.shape[1]
   C = capacity
@@ -336,9 +378,9 @@ def _sketch_search(q, keys, values, sketch, valid, epsilon, scale, capacity):
   N, dv = keys.shape[-2], values.shape[-1]
   flat = lambda x, tail: x.reshape((-1,) + tail)
   v = jnp.broadcast_to(valid, keys.shape[:-1]).reshape((-1, N))
-  res = _search(flat(q, (G, d)), flat(keys, (N, d)), flat(values, (N, dv)), flat(sketch.codes, (N, d)),
-                flat(sketch.page_lo, sketch.page_lo.shape[-2:]), flat(sketch.page_step, sketch.page_step.shape[-2:]),
-                v, epsilon, scale, capacity)
+  res = _search(flat(q, (G, d)), flat(keys, (N, d)), flat(values, (N, dv)),
+                flat(sketch.codes, (N, sketch.codes.shape[-1])), flat(sketch.page_lo, sketch.page_lo.shape[-2:]),
+                flat(sketch.page_step, sketch.page_step.shape[-2:]), v, epsilon, scale, capacity)
   return jax.tree.map(lambda x: x.reshape(lead + x.shape[1:]), res)
 
 

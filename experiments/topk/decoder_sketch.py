@@ -14,8 +14,9 @@ tokens decoded one step at a time (`llama.decode_step`, teacher forcing) with, i
   per page and channel quantizer for keys and values).
 
 Bytes read per decode step and key/value head, relative to dense K + V in bfloat16 (`n * 2 * d * 2` bytes, n = the
-filled positions): sketch = codes (bits d / 8 per key) + page ranges (2 d stats of `stat_bytes` per page) + exact K
-and V (2 d * 2 bytes) of every key the search read; quantized KV = codes of K and V + their page ranges; oracle =
+filled positions): sketch = codes as the library stores them (`topk.sketch_bytes`: d / 2 bytes per key at 4 bits,
+packed two per byte; d at 8 bits) + page ranges (2 d stats of `stat_bytes` per page) + exact K and V (2 d * 2 bytes)
+of every key the search read; quantized KV = codes of K and V + their page ranges; oracle =
 the union head's K and V (no sketch: the best any exact-read method certifying that head could do). Perplexity over
 the decoded tokens against dense, with the standard error of the mean per-token NLL difference and the dense run's
 own standard error.
@@ -165,7 +166,8 @@ def run(config, workdir, rng):
            "prefill_s": [round(p["prefill_s"], 1) for p in per], "capacity": float(config.capacity),
            "stat_dtype": config.stat_dtype,
            "bytes": "relative to dense K + V in bfloat16 (n * 2 * d * 2 bytes per key/value head and step); sketch "
-                    f"codes bits*d/8 per key + 2*d stats of {stat_bytes} bytes per page; exact K + V of keys read",
+                    "codes as stored (4-bit packed two per byte: d/2 per key; 8-bit: d) + 2*d stats of "
+                    f"{stat_bytes} bytes per page; exact K + V of keys read",
            "reads": "keys_read counts the prefix of candidates the search needs; this XLA implementation gathers all "
                     "`capacity` candidates (static shapes)"}
   return registry.Output(rows=rows, notes=notes)

@@ -92,3 +92,28 @@ def test_sketch_and_quantized_cache_attention():
       assert np.abs(np.asarray(logits) - full[:, i]).max() < tol
       if aux:
         assert np.all(np.asarray(aux["tv"]) <= 0.01) and np.all(np.asarray(aux["certificate"]) <= 0.01)
+
+
+def test_int4_kv_cache_is_packed():
+  """int4 KV: two codes per byte (d / 2 bytes per key and head), written by prefill and decode steps alike; the
+  dequantized cache is within the quantizer's error of the exact keys and values at every filled slot."""
+  from asoftmax.models import cache_attention as ca
+  params = tiny_random_llama(0)
+  toks = np.random.default_rng(1).integers(0, params.config.vocab_size, size=(1, 19)).astype(np.int32)
+  att = ca.QuantizedKVAttention(4, page_size=8)
+  cache = llama.prefill(params, toks[:, :16], llama.init_cache(params.config, 1, 24, att), att)[1]
+  for i in range(16, 19):  # decode writes re-quantize one page
+    cache = llama.decode_step(params, toks[:, i], cache, att)[1]
+  L = cache.layers
+  for n in ("k", "v"):
+    x, codes = np.asarray(L[n], np.float32), L[f"{n}_codes"]
+    assert codes.dtype == jnp.uint8 and codes.shape == x.shape[:-1] + (x.shape[-1] // 2,)
+    assert codes.nbytes == x.size // 2
+    lo, step = np.asarray(L[f"{n}_lo"], np.float32), np.asarray(L[f"{n}_step"], np.float32)
+    xh = np.asarray(ca._dequantize(codes, L[f"{n}_lo"], L[f"{n}_step"]))
+    rep = lambda a: np.repeat(a, 8, axis=-2)
+    err = 0.5 * rep(step) * (1 + 2.0 ** -10) + 16 * 2.0 ** -24 * (np.abs(rep(lo)) + 255 * rep(step))
+    filled = (np.arange(24) < 19)[:, None]
+    assert np.all((np.abs(xh - x) <= err) | ~filled), n
+  with pytest.raises(ValueError, match="head_dim|bits"):
+    ca.QuantizedKVAttention(4).init({"k": jnp.zeros((1, 1, 16, 3)), "v": jnp.zeros((1, 1, 16, 3))})

@@ -8,6 +8,8 @@
   moderate -- the certificate is <= epsilon and the realised TV of every query head (float64) is <= certificate,
   for eps in {0.1, 0.01, 0.001}; the output equals the truncated softmax over the head.
 * Capacity: a flat row with a small capacity falls back to dense attention, flagged, with the dense output.
+* Layout: 4-bit codes are stored packed, two per byte (codes nbytes = `sketch_bytes`' code part); bounds and search
+  on the packed sketch equal those on the same codes unpacked one per byte (same certificates, same heads).
 """
 
 import jax
@@ -120,6 +122,27 @@ def test_fallback_is_flagged_and_dense():
   assert int(r.k[1]) <= 8
 
 
+def test_packed_codes_match_bytes_and_unpacked_search(rows):
+  q, K, V, valid = (x[:32] for x in rows)
+  for bits in (3, 4, 8):
+    sketch = topk.build_key_sketch(K, valid, bits=bits, page_size=P)
+    width = D // 2 if bits <= 4 else D
+    assert sketch.codes.shape == (32, N, width) and sketch.codes.dtype == jnp.uint8
+    assert sketch.codes.nbytes == topk.sketch_bytes(32 * N, 0, D, bits)  # what is stored is what is counted
+  sketch_4 = topk.build_key_sketch(K, valid, bits=4, page_size=P)
+  flat = np.asarray(sketch_4.codes)
+  unpacked = np.stack([flat & 15, flat >> 4], -1).reshape(32, N, D)  # channel 2j: low nibble, 2j + 1: high
+  one_per_byte = sketch_4._replace(codes=jnp.asarray(unpacked))
+  for a, b in zip(topk.sketch_bounds(q, sketch_4, D ** -0.5), topk.sketch_bounds(q, one_per_byte, D ** -0.5)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for eps in (0.1, 0.01):
+    r, u = _search(q, K, V, sketch_4, valid, eps), _search(q, K, V, one_per_byte, valid, eps)
+    for name in ("certificate", "k", "indices", "fallback", "out"):
+      np.testing.assert_array_equal(np.asarray(getattr(r, name)), np.asarray(getattr(u, name)), err_msg=name)
+  # the docstring's 2 x 2 example: codes [[0, 15], [15, 0]] -> one byte per key, low nibble first
+  assert topk.build_key_sketch(jnp.array([[0.0, 1.0], [1.0, -1.0]]), None, 4, 2).codes.tolist() == [[240], [15]]
+
+
 def test_bad_input():
   K = np.zeros((N, D), np.float32)
   sketch = topk.build_key_sketch(K, None)
@@ -128,6 +151,11 @@ def test_bad_input():
     topk.build_key_sketch(K, None, page_size=7)
   with pytest.raises(ValueError, match="bits"):
     topk.build_key_sketch(K, None, bits=9)
+  with pytest.raises(ValueError, match="keys"):  # two 4-bit codes per byte: d must be even
+    topk.build_key_sketch(K[:, :3], None, bits=4, page_size=4)
+  assert topk.build_key_sketch(K[:, :3], None, bits=8, page_size=4).codes.shape == (N, 3)
+  with pytest.raises(ValueError, match="d"):
+    topk.sketch_bytes(N, 1, 3, 4)
   with pytest.raises(ValueError, match="capacity"):
     topk.sketch_search(q, K, K, sketch, None, 0.1, 1.0, N + 1)
   with pytest.raises(ValueError, match="epsilon"):
