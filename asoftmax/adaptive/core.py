@@ -59,7 +59,8 @@ Algorithm, per query (one function per step below):
 
 Time, not samples (defaults; `exact_below=0` turns both off): a problem with `n * d <= exact_below` is one exact
 `A @ x` (`_exact_group`), and before each elimination round the call finishes with one exact `A @ x` when the
-survivors are predicted to read more than that costs (`_predicted_reads`: radius / gap to the top-k boundary).
+survivors of the warm-up are predicted to read more than that costs (`_predicted_reads`: radius / gap to the top-k
+boundary; checked once).
 
 Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
 products; exact arms `nnz(x)`. `phase_samples` splits them into warm-up, elimination, winners and
@@ -209,8 +210,8 @@ class AdaptiveConfig:
     normalization: paper mode's partition function: "bracket" or "paper" (Algorithm 2).
     exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
     exact: the problem is small (n * d <= exact_below): the call computes `A x` exactly, no sampling.
-    fallback: before each elimination round, finish with one exact `A @ x` when the sampling still predicted
-      costs more (`_predicted_reads`); off with `exact_below=0`.
+    fallback: after the warm-up, finish with one exact `A @ x` when sampling on is predicted to cost more
+      (`_predicted_reads`); off with `exact_below=0`.
     growth: ratio of consecutive levels.
     c: constant in paper mode's union-bound log term.
   """
@@ -666,10 +667,11 @@ def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int)
   return p, (s1, s2), cnt, ws
 
 
-def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l, buckets):
+def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l, buckets, all_rows=None):
   """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1: their next tail
   coordinates (and the head at warm-up) by the cheapest read path, or their full rows when that is cheaper and
-  allowed (they become exact). Returns (arms, tables)."""
+  allowed (they become exact). `all_rows` (traced bool, optional): read the full rows of `move` (any levels)
+  regardless of cost (the fallback). Returns (arms, tables)."""
   n, d = cfg.n, cfg.d
   P = g.P
   X = P.X
@@ -769,7 +771,8 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
   fits = [l >= -1, rows_ok & (l >= 0)] + [(u <= c) & (l >= 0) for c in small] + [rows_ok & (u <= c) & (l >= 0)
                                                                                   for c in small]
   costs = jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
-  return jax.lax.switch(jnp.argmin(costs), branches, (arms, tabs))
+  pick = jnp.argmin(costs) if all_rows is None else jnp.where(all_rows, 1, jnp.argmin(costs))  # 1: rows(n)
+  return jax.lax.switch(pick, branches, (arms, tabs))
 
 
 # ============================================================================================ the algorithm
@@ -837,24 +840,26 @@ def _predicted_reads(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: Adaptive
   return per_product * jnp.sum(jnp.where(alive & (arms.lvl < g.P.top_level), jnp.maximum(need - m, 0.0), 0.0), axis=1)
 
 
-def _all_exact(g: _Group, cfg: AdaptiveConfig, arms: _Arms) -> _Arms:
-  """Every arm's product computed in full (one `A @ x`): the arms become exact."""
-  exact = _full_dot(g.A, g.P.X)
-  z = jnp.zeros_like(exact)
-  return _Arms(lvl=jnp.full_like(arms.lvl, g.P.top_level), s_head=exact, s1=z, s2=z)
-
-
 def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   """Algorithm 1 (successive elimination, for a top-k set): round l moves the survivors from level l to l + 1
   until k remain or every survivor is exact. Returns (arms, tables, alive, rounds).
 
-  With `cfg.fallback`, a round whose survivors are predicted to read more than one exact `A @ x` costs
-  (`_predicted_reads`, at `_FALLBACK_READ_COST` per product) computes every arm exactly instead (the call is then
-  exact; it only ever trades samples for time)."""
+  With `cfg.fallback`, when the survivors of the warm-up are predicted to read more than one exact `A @ x` costs
+  (`_predicted_reads`, at `_FALLBACK_READ_COST` per product), every arm is computed exactly instead and no round
+  runs (the call is then exact; it only ever trades samples for time). Checked once: a check per round cost
+  XLA:CPU about 0.1 ms per round.)"""
   B, n, L = g.P.X.shape[0], cfg.n, len(cfg.levels)
   top = g.P.top_level
   alive = _survivors(arms, tabs, jnp.ones((B, n), bool), g, cfg, ctx)
   done = (jnp.sum(alive, axis=1) <= cfg.k) | (top <= 0)
+  if cfg.fallback:  # once, after the warm-up: every arm below the top reads its full row (one `A @ x`)
+    cost = _FALLBACK_READ_COST * _predicted_reads(arms, tabs, alive & ~done[:, None], g, cfg, ctx)
+    fall = jnp.all(done | (cost > float(cfg.n) * float(cfg.d))) & ~jnp.all(done)
+    arms, tabs = jax.lax.cond(fall, lambda a, t: _advance(g, cfg, a, t, a.lvl < top, jnp.int32(0), cfg.caps,
+                                                          all_rows=jnp.asarray(True)),
+                              lambda a, t: (a, t), arms, tabs)
+    alive = jnp.where(fall, _survivors(arms, tabs, alive, g, cfg, ctx), alive)
+    done = done | fall
 
   def cond(c):
     l, _, _, _, done, _ = c
@@ -862,15 +867,8 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
 
   def body(c):
     l, arms, tabs, alive, done, rounds = c
-    move = alive & ~done[:, None] & (arms.lvl == l)
-    if cfg.fallback:
-      cost = _FALLBACK_READ_COST * _predicted_reads(arms, tabs, alive & ~done[:, None], g, cfg, ctx)
-      fall = jnp.all(done | (cost > float(cfg.n) * float(cfg.d)))
-    else:
-      fall = jnp.asarray(False)
     # Survivors below the top are all at level l (a round may have made some exact: full rows were cheaper).
-    arms, tabs = jax.lax.cond(fall, lambda a, t: (_all_exact(g, cfg, a), t),
-                              lambda a, t: _advance(g, cfg, a, t, move, l, cfg.caps), arms, tabs)
+    arms, tabs = _advance(g, cfg, arms, tabs, alive & ~done[:, None] & (arms.lvl == l), l, cfg.caps)
     alive = jnp.where(done[:, None], alive, _survivors(arms, tabs, alive, g, cfg, ctx))
     rounds = rounds + (~done).astype(jnp.int32)
     all_exact = ~jnp.any(alive & (arms.lvl < top), axis=1)
@@ -1231,9 +1229,8 @@ def adaptive_softmax(
     exact_below: problems with `n * d <= exact_below` are computed exactly (`A x` in full: exact top-k,
       probabilities and log Z, `samples = n * d`, `rounds = 0`); default `EXACT_BELOW` (4e6 products,
       where a call's rounds cost more than the whole `A @ x` on XLA:CPU: configs/adaptive/wallclock.py).
-      Any exact_below > 0 also turns on the fallback: before each elimination round, if the survivors are
-      predicted to read more than one `A @ x` costs (at their current radii and gaps), every arm is computed
-      exactly instead (time only; the answer is then exact). Pass 0 to always run the algorithm as published
+      Any exact_below > 0 also turns on the fallback: after the warm-up, if the survivors are predicted to
+      read more than one `A @ x` costs (at their radii and gaps), every arm is computed exactly instead (time only; the answer is then exact). Pass 0 to always run the algorithm as published
       (studies of its sample complexity; the paper tables and tests do).
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).

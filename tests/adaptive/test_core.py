@@ -48,17 +48,17 @@ def test_sparse_query_costs_at_most_n_nnz():
 
 
 def test_fallback_trades_rounds_for_one_exact_product():
-  """With exact_below > 0 (the default) a round whose survivors are predicted to read more than one `A @ x` costs
-  finishes with that product: on a near tie (certified mode reads every coordinate) fewer rounds, the same exact
-  answer; on Fig. 2's gaussian (elimination works) it never fires: the same samples with or without it."""
-  A, x = synthetic.planted_problem(jax.random.key(0), 300, 2000, k=1, gap=1e-3)
+  """With exact_below > 0 (the default), when the warm-up's survivors are predicted to read more than one `A @ x`
+  costs, the call finishes with that product: on a planted problem that certified mode reads in full round by round
+  no round runs and the answer is exact; on Fig. 2's gaussian (elimination works) it does not fire: same samples."""
+  A, x = synthetic.planted_problem(jax.random.key(0), 100, 40_000, k=1)
   ex = adaptive.softmax_topk(A, x, k=1)
   fb = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=1)  # fallback on, the problem not "small"
   no = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=0)
-  assert int(fb.rounds) < int(no.rounds)
-  for r in (fb, no):
+  assert int(fb.rounds) == 0 < int(no.rounds)
+  for r in (fb, no):  # exact products; the probability is the bracket's (float32 rounding margin at d = 40,000)
     assert int(r.indices[0]) == int(ex.indices[0]) and bool(r.certified)
-    np.testing.assert_allclose(float(r.probs[0]), float(ex.probs[0]), rtol=1e-4)
+    np.testing.assert_allclose(float(r.probs[0]), float(ex.probs[0]), rtol=2e-3)
   A, x = adaptive.gaussian_problem(jax.random.key(0), 100, 20_000)
   fb = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=1)
   no = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=0)
