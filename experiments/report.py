@@ -32,7 +32,7 @@ README_SNAPSHOTS = (
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
     ("docs/results/adaptive_llm_issue11", "configs/adaptive/llm.py"),
-    ("docs/results/adaptive_llm_tuned", "configs/adaptive/llm.py"),
+    ("docs/results/adaptive_llm_ptb", "configs/adaptive/llm.py"),  # :data=ptb, issue 11's protocol (table.md's config)
     ("docs/results/topk_synthetic", "configs/topk/synthetic.py"),
     ("docs/results/topk_bert", "configs/topk/bert.py"),
     ("docs/results/topk_decoder", "configs/topk/decoder.py"),
