@@ -26,16 +26,14 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 # (snapshot directory, config that reproduces it), in README order.
 README_SNAPSHOTS = (
-    # topk_bert_n128_rerun first: the n = 128 part re-run after the cell-search fix; topk_bert is the full (stale) run.
     ("docs/results/adaptive_synthetic", "configs/adaptive/synthetic.py"),  # --config.trials=20
     ("docs/results/adaptive_wallclock", "configs/adaptive/wallclock.py"),  # see the config's docstring for the flags
     ("docs/results/adaptive_families", "configs/adaptive/families.py"),
     ("docs/results/adaptive_mnist", "configs/adaptive/mnist.py"),
     ("docs/results/adaptive_eurosat", "configs/adaptive/eurosat.py"),
     ("docs/results/adaptive_llm_issue11", "configs/adaptive/llm.py"),
-    ("docs/results/adaptive_llm_tuned", "configs/adaptive/llm.py"),
+    ("docs/results/adaptive_llm_ptb", "configs/adaptive/llm.py"),  # :data=ptb, issue 11's protocol (table.md's config)
     ("docs/results/topk_synthetic", "configs/topk/synthetic.py"),
-    ("docs/results/topk_bert_n128_rerun", "configs/topk/bert.py"),
     ("docs/results/topk_bert", "configs/topk/bert.py"),
     ("docs/results/topk_decoder", "configs/topk/decoder.py"),
     ("docs/results/topk_decoder_sketch_n8192", "configs/topk/decoder_sketch.py"),  # :one_sketch,window=8192,...

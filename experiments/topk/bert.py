@@ -464,14 +464,13 @@ def plot(rows, notes):
 
 
 def readme(res: dict) -> list[tables.ReadmeRow]:
-  """README rows: keys scored by the cell search at the paper's epsilon and largest n; embedding drift."""
+  """README rows: keys scored by the cell search at the paper's epsilon, one row per n; embedding drift."""
   ref = paper_numbers.BERT_MC_SEARCH
   eps = ref["epsilon"]
   ck = [r for r in res["rows"] if r.get("table") == "certified_k" and r.get("epsilon") == eps
         and r.get("method") == "mc_kmeans" and r.get("status") is None]
   out = []
-  if ck:
-    r = max(ck, key=lambda r: r["n"])
+  for r in sorted(ck, key=lambda r: r["n"]):
     paper = ref["keys_scored"].get(r["n"])
     out.append(tables.ReadmeRow(
         f"Certified top-k, BERT attention (ε = {eps}, n = {r['n']}): keys scored by the cell search",
