@@ -39,7 +39,6 @@ README_SNAPSHOTS = (
     ("docs/results/topk_decoder_sketch_n8192", "configs/topk/decoder_sketch.py"),  # :one_sketch,window=8192,...
     ("docs/results/topk_decoder_sketch_n2048", "configs/topk/decoder_sketch.py"),  # :window=2048,...
     ("docs/results/rf_lm", "configs/rff/lm.py"),
-    ("docs/results/rf_lm_smollm2", "configs/rff/lm.py"),
     ("docs/results/rf_lm_smollm2_plateau", "configs/rff/lm.py"),  # variant :plateau
     ("docs/results/rf_lm_smollm2_plateau_exact", "configs/rff/lm.py"),  # variant :plateau, samplers=(exact,)
     ("docs/results/rf_bias", "configs/rff/bias.py"),

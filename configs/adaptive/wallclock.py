@@ -9,12 +9,11 @@ Also run by `python scripts/bench_adaptive.py --map`.
     python -m experiments.run --config configs/adaptive/wallclock.py --workdir docs/results/adaptive_wallclock
     python -m experiments.run --config configs/adaptive/wallclock.py:smoke --workdir /tmp/wall_smoke
 
-Memory: the committed snapshot was run with `--config.seeds=10 "--config.ns=(10, 100, 1000)" "--config.problems=()"`.
-Two full runs were killed by the OOM killer (about 16 GB RSS of the 23 GB machine): one during the n = 10,000,
-d = 1e4 cell (not reproduced when that cell runs alone: ~0.9 GB), one while generating the heavy-tailed 100 x 1e6
-problem (`jax.random.t` on 1e8 entries eagerly holds its rejection sampler's state for every entry).
+The committed snapshot: `--config.seeds=10` (all cells up to n·d = 1e8 and the other problems; peak ~4 GB).
+Earlier full runs were killed by the OOM killer while generating the heavy-tailed 100 x 1e6 problem
+(`jax.random.t` on 1e8 entries); that generator now draws large problems in row blocks by the polar method.
 
-Time (measured, CPU, 2 cores): full ~15 min (generating and preparing the 1e8-entry matrices dominates);
+Time (measured, CPU, one pinned core): 17 min with seeds=10 (generating and preparing the 1e8-entry matrices dominates);
 smoke ~10 s (one compiled cell).
 """
 
