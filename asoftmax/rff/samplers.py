@@ -92,6 +92,15 @@ def _unique_ids(ids, n):
   return jnp.unique(flat, size=flat.shape[0], fill_value=n)
 
 
+def _changed_rows(stored, ids, class_vectors):
+  """The rows an `update` rewrites: (unique ids padded with n, valid (ids < n), their new normalized vectors, their
+  stored vectors), each of length `ids.size`; padding slots hold row n - 1 (masked by `valid`)."""
+  n = stored.shape[0]
+  uid = _unique_ids(ids, n)
+  safe = jnp.minimum(uid, n - 1)
+  return uid, uid < n, _normalize(class_vectors[safe]), stored[safe]
+
+
 def _check_update_args(ids, class_vectors, shape):
   """ids: integer, in [0, n) when concrete; class_vectors: finite floating [n, d] like the sampler's."""
   checks.index_array("ids", ids, shape[0])
@@ -411,12 +420,8 @@ def quadratic_sampler(alpha: float = 100.0, bucket: int = 16, kappa: float = 0.0
   @jax.jit
   def _update(state, ids, class_vectors):
     t = state.tree
-    n, P = t.num_classes, t.num_buckets
-    uid = _unique_ids(ids, n)
-    valid = uid < n
-    safe = jnp.minimum(uid, n - 1)
-    new = _normalize(class_vectors[safe])
-    old = state.class_vectors[safe]
+    P = t.num_buckets
+    uid, valid, new, old = _changed_rows(state.class_vectors, ids, class_vectors)
     douter = (new[:, :, None] * new[:, None, :] - old[:, :, None] * old[:, None, :]).reshape(uid.shape[0], -1)
     delta = jnp.concatenate([sa * douter, jnp.zeros((uid.shape[0], 1))], 1)
     delta = jnp.where(valid[:, None], delta, 0.0)
@@ -581,12 +586,8 @@ def rff_bucket_sampler(key: jax.Array, num_features: int, nu: float, bucket: int
   @jax.jit
   def _update(state, ids, class_vectors):
     t = state.tree
-    n, P = t.num_classes, t.num_buckets
-    uid = _unique_ids(ids, n)
-    valid = uid < n
-    safe = jnp.minimum(uid, n - 1)
-    new = _normalize(class_vectors[safe])
-    old = state.class_vectors[safe]
+    P = t.num_buckets
+    uid, valid, new, old = _changed_rows(state.class_vectors, ids, class_vectors)
     delta = jnp.where(valid[:, None], features_lib.rff_map(new, state.W) - features_lib.rff_map(old, state.W), 0.0)
     tree = tree_lib.tree_update(t, jnp.where(valid, uid // b, P), delta)  # duplicates within a bucket add up
     # The written rows depend on `old` (padding rows, dropped anyway, keep it): that orders the gather before the
