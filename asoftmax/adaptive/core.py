@@ -58,9 +58,8 @@ Algorithm, per query (one function per step below):
    estimates, point estimate `log Z = logsumexp(mu_hat)`.
 
 Time, not samples (defaults; `exact_below=0` turns both off): a problem with `n * d <= exact_below` is one exact
-`A @ x` (`_exact_group`), and before each elimination round the call finishes with one exact `A @ x` when the
-survivors of the warm-up are predicted to read more than that costs (`_predicted_reads`: radius / gap to the top-k
-boundary; checked once).
+`A @ x` (`_exact_group`), and after the warm-up the call finishes with one exact `A @ x` when the survivors are
+predicted to read more than that costs (`_predicted_reads`: radius / gap to the top-k boundary; checked once).
 
 Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
 products; exact arms `nnz(x)`. `phase_samples` splits them into warm-up, elimination, winners and
@@ -847,7 +846,7 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   With `cfg.fallback`, when the survivors of the warm-up are predicted to read more than one exact `A @ x` costs
   (`_predicted_reads`, at `_FALLBACK_READ_COST` per product), every arm is computed exactly instead and no round
   runs (the call is then exact; it only ever trades samples for time). Checked once: a check per round cost
-  XLA:CPU about 0.1 ms per round.)"""
+  XLA:CPU about 0.1 ms per round."""
   B, n, L = g.P.X.shape[0], cfg.n, len(cfg.levels)
   top = g.P.top_level
   alive = _survivors(arms, tabs, jnp.ones((B, n), bool), g, cfg, ctx)
@@ -1084,7 +1083,7 @@ def _exact_group(prep: PreparedMatrix, X, ctx: _Ctx, cfg: AdaptiveConfig) -> Ada
   `certified` is True where log Z is finite (a NaN/inf query makes it NaN/inf: flagged)."""
   B = X.shape[0]
   if B == 1:  # 1-D: XLA:CPU reduces a (1, n) row far slower than an (n,) vector
-    logits = ctx.beta * (prep.A.astype(X.dtype) @ X[0])
+    logits = ctx.beta * _mv(prep.A, X)[0]
     log_z = jax.nn.logsumexp(logits)[None]
     top, win = (a[None] for a in jax.lax.top_k(logits, cfg.k))
   else:
@@ -1230,8 +1229,9 @@ def adaptive_softmax(
       probabilities and log Z, `samples = n * d`, `rounds = 0`); default `EXACT_BELOW` (4e6 products,
       where a call's rounds cost more than the whole `A @ x` on XLA:CPU: configs/adaptive/wallclock.py).
       Any exact_below > 0 also turns on the fallback: after the warm-up, if the survivors are predicted to
-      read more than one `A @ x` costs (at their radii and gaps), every arm is computed exactly instead (time only; the answer is then exact). Pass 0 to always run the algorithm as published
-      (studies of its sample complexity; the paper tables and tests do).
+      read more than one `A @ x` costs (at their radii and gaps), every arm is computed exactly instead
+      (time only; the answer is then exact). Pass 0 to always run the algorithm as published (studies of its
+      sample complexity; the paper tables and tests do).
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).
 
