@@ -7,12 +7,25 @@
 README's rows live between the markers `<!-- results:begin -->` and `<!-- results:end -->`; each row comes from
 one committed snapshot `docs/results/<name>/results.json` (listed in `README_SNAPSHOTS`) through its
 experiment's `readme` function: one headline number per cell, a link to the config and to the table.
+
+Every other result table in README.md and docs/*.md is an *include*: a block
+
+    <!-- table: docs/results/<name> [section=TABLE] [columns=a,b,c] [where=col=value&col2=value] -->
+    ...generated, never edited by hand...
+    <!-- table:end -->
+
+that `--readme` redraws from that snapshot's results.json (an experiment's rows, or a benchmark's
+`{"bench": ..., "tables": {name: {"columns": [...], "rows": [...]}}}` written by `scripts/bench_*.py`), and that
+`--readme --check` (and tests/experiments/test_report.py) reports when stale. `where` keeps rows whose formatted
+cell equals the value; `columns` picks and orders columns (default: the table's own).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -169,19 +182,104 @@ def render_readme(text: str, rows: str) -> str:
   return f"{head}{BEGIN}\n{rows}{END}{tail}"
 
 
+# ------------------------------------------------------------------------------------------ includes
+INCLUDE = re.compile(r"<!-- table: (?P<spec>[^\n]*?) -->\n(?P<body>.*?)<!-- table:end -->", re.S)
+# Markdown files whose include blocks `--readme` rewrites (paths relative to ROOT).
+INCLUDE_FILES = ("README.md", "docs/*.md")
+
+
+def _parse_spec(spec: str) -> tuple[str, dict[str, str]]:
+  parts = spec.split()
+  if not parts:
+    raise ValueError("empty table include")
+  opts = {}
+  for p in parts[1:]:
+    key, sep, value = p.partition("=")
+    if not sep or key not in ("section", "columns", "where"):
+      raise ValueError(f"table include {spec!r}: unknown option {p!r} (known: section=, columns=, where=)")
+    opts[key] = value
+  return parts[0], opts
+
+
+def _snapshot_tables(snap: str, root: str) -> tuple[dict, dict[str, tuple[tuple[str, ...], list[dict]]]]:
+  """(results dict, {table name: (columns, rows)}) of one committed snapshot, experiment or benchmark."""
+  path = os.path.join(root, snap, "results.json")
+  if not os.path.exists(path):
+    raise ValueError(f"table include names {snap}, which has no results.json")
+  with open(path) as f:
+    res = json.load(f)
+  if "bench" in res:
+    return res, {name: (tuple(t["columns"]), list(t["rows"])) for name, t in res["tables"].items()}
+  exp = registry.get(res["experiment"])
+  rows = _rows_of(res, exp)
+  return res, {t.name: (t.columns, [r for r in rows if r.get("table") == t.name]) for t in experiment_tables(exp)}
+
+
+def include_table(spec: str, root: str = ROOT) -> str:
+  """The markdown an include block `<!-- table: SPEC -->` holds (see the module docstring)."""
+  snap, opts = _parse_spec(spec)
+  res, found = _snapshot_tables(snap, root)
+  name = opts.get("section") or next(iter(found))
+  if name not in found:
+    raise ValueError(f"table include {spec!r}: {snap} has no table {name!r} (has {sorted(found)})")
+  columns, rows = found[name]
+  if "columns" in opts:
+    columns = tuple(c for c in opts["columns"].split(",") if c)
+    missing = [c for c in columns if all(c not in r for r in rows)]
+    if missing:
+      raise ValueError(f"table include {spec!r}: no row of {snap}:{name} has columns {missing}")
+  for cond in filter(None, opts.get("where", "").split("&")):
+    col, _, value = cond.partition("=")
+    rows = [r for r in rows if tables.format_value(r.get(col)) == value]
+  if not rows:
+    raise ValueError(f"table include {spec!r}: no rows left in {snap}:{name}")
+  src = f"[`{snap}`]({snap}/{'table.md' if 'experiment' in res else 'results.json'})"
+  device = res.get("device")
+  return (tables.markdown_table(rows, columns) + "\n"
+          + f"<sub>Generated from {src}" + (f" ({device})" if device else "")
+          + " by `python -m experiments.report --readme`; do not edit.</sub>\n")
+
+
+def render_includes(text: str, root: str = ROOT) -> str:
+  """`text` with every include block redrawn from its snapshot."""
+  return INCLUDE.sub(lambda m: f"<!-- table: {m['spec']} -->\n{include_table(m['spec'], root)}<!-- table:end -->",
+                     text)
+
+
+def include_paths(root: str = ROOT) -> list[str]:
+  """The markdown files that may hold include blocks."""
+  out = []
+  for pattern in INCLUDE_FILES:
+    out += sorted(glob.glob(os.path.join(root, pattern)))
+  return out
+
+
+def regenerate(root: str = ROOT) -> dict[str, tuple[str, str]]:
+  """{path: (current text, regenerated text)} for README.md (results rows and includes) and docs/*.md."""
+  out = {}
+  for path in include_paths(root):
+    with open(path) as f:
+      text = f.read()
+    new = text
+    if os.path.abspath(path) == os.path.abspath(os.path.join(root, "README.md")):
+      new = render_readme(new, readme_rows(root))
+    out[path] = (text, render_includes(new, root))
+  return out
+
+
 def main(argv):
   del argv
   if flags.FLAGS.readme:
-    with open(README) as f:
-      text = f.read()
-    new = render_readme(text, readme_rows())
+    stale = {p: new for p, (text, new) in regenerate().items() if new != text}
     if flags.FLAGS.check:
-      if new != text:
-        print("README.md results rows are stale: run `python -m experiments.report --readme`", file=sys.stderr)
+      if stale:
+        print(f"stale generated tables in {sorted(stale)}: run `python -m experiments.report --readme`",
+              file=sys.stderr)
         sys.exit(1)
       return
-    results_lib.write_text(README, new)
-    print(README)
+    for path, new in stale.items():
+      results_lib.write_text(path, new)
+      print(path)
     return
   if not flags.FLAGS.workdir:
     raise app.UsageError("give --workdir DIR or --readme")
@@ -192,6 +290,7 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import time: the launcher imports this module and has its own --workdir.
   flags.DEFINE_string("workdir", None, "Directory holding results.json.")
-  flags.DEFINE_bool("readme", False, "Rewrite README.md's results rows from docs/results/*/results.json.")
+  flags.DEFINE_bool("readme", False, "Rewrite README.md's results rows and every `<!-- table: ... -->` block in README.md and docs/*.md from "
+                    "docs/results/*/results.json.")
   flags.DEFINE_bool("check", False, "With --readme: only check, exit 1 if README.md differs.")
   app.run(main)

@@ -92,3 +92,31 @@ def test_config_in_results_json_is_optional():
   bare = {k: v for k, v in res.items() if k != "config"}
   assert report.render_table({**bare, "config": {"seed": 0, "experiment": exp.name}}, exp) == report.render_table(
       bare, exp)
+
+
+def test_generated_tables_match_committed_results():
+  """Every `<!-- table: ... -->` block in README.md and docs/*.md is what `experiments.report --readme` draws."""
+  stale = [p for p, (text, new) in report.regenerate().items() if new != text]
+  assert not stale, f"stale generated tables in {stale}: run python -m experiments.report --readme"
+
+
+def test_include_renders_bench_and_experiment_snapshots(tmp_path):
+  bench = {"bench": "demo", "device": "cpu", "tables": {"t": {"columns": ["n", "ms"], "rows": [
+      {"n": 1, "ms": 0.5}, {"n": 2, "ms": 1.25}]}}}
+  os.makedirs(tmp_path / "b")
+  with open(tmp_path / "b" / "results.json", "w") as f:
+    json.dump(bench, f)
+  text = "x\n<!-- table: b where=n=2 -->\nold\n<!-- table:end -->\ny\n"
+  out = report.render_includes(text, str(tmp_path))
+  assert "| 2 | 1.25 |" in out and "| 1 | 0.5 |" not in out and "old" not in out
+  assert out.startswith("x\n<!-- table: b where=n=2 -->\n") and out.endswith("<!-- table:end -->\ny\n")
+  assert report.render_includes(out, str(tmp_path)) == out  # idempotent
+  with pytest.raises(ValueError, match="unknown option 'sort=n'"):
+    report.render_includes("<!-- table: b sort=n -->\n<!-- table:end -->", str(tmp_path))
+  with pytest.raises(ValueError, match="no rows left"):
+    report.render_includes("<!-- table: b where=n=3 -->\n<!-- table:end -->", str(tmp_path))
+  with pytest.raises(ValueError, match="has no results.json"):
+    report.render_includes("<!-- table: nowhere -->\n<!-- table:end -->", str(tmp_path))
+  snap = os.path.relpath(os.path.dirname(SNAPSHOTS[0]), registry.ROOT)
+  out = report.render_includes(f"<!-- table: {snap} -->\n<!-- table:end -->")
+  assert out.count("\n|") >= 3 and f"({snap}/table.md)" in out
