@@ -9,7 +9,7 @@ kernel. With $w_1..w_D \sim N(0, \nu I_d)$ drawn once,
 e^{-\nu} e^{\nu h^\top c}$, so nu = tau makes E[q] the softmax itself and nu < tau a flatter softmax. Other
 code uses the bandwidth form $e^{-\|x-y\|^2/(2\sigma^2)}$ with $w \sim N(0, \sigma^{-2} I)$ and calls
 $\sigma^2$ "nu" (the MIDX reimplementation draws w with std $\sqrt{1/\nu}$): its "nu = 4" is our nu = 0.25.
-Which form the paper's reported "nu" uses is unverified here [R]; sweep both ends.
+Which form the paper's reported "nu" (Rawat et al., NeurIPS 2019, Sec. 4) uses is unverified; sweep both ends.
 
 **Error.** Each estimate is an average of D terms $\cos(w_i^\top(x-y))$, unbiased for K with
 $\mathrm{Var} = (1 + K^4)/2 - K^2 = (1-K^2)^2/2$ per term, so the standard deviation of the estimate is

@@ -288,7 +288,7 @@ def rff_sampler(key: jax.Array, num_features: int, nu: float, kappa: float = 0.0
   \phi(c_i), 0)$ + floor (see `tree.py`, "What is sampled"); `log_q` is exact for what is drawn either way.
   Cost O(D log n) per sample. With `shared=True` the walk uses $\bar\psi = \mathrm{mean}_b \phi(h_b)$.
   Reference: Rawat et al., NeurIPS 2019, Sec. 3-4. Clamping and floor: ours (see asoftmax/rff/features.py)
-  (the paper's exact handling of negative estimates is [R], unverified).
+  (the paper's exact handling of negative estimates was not verified: its full text was not available to us).
 
   Args:
     key: PRNG key for W (drawn once, shared by queries and classes).

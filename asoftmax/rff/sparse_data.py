@@ -1,8 +1,8 @@
 """Loader for extreme-classification datasets in the standard sparse text format.
 
 The format of the Extreme Classification Repository (AmazonCat-13K, Delicious-200K, WikiLSHTC-325K, used
-by Rawat et al., NeurIPS 2019 [R]): a header line `num_points num_features num_labels`, then one line per
-point, `l1,l2,... f1:v1 f2:v2 ...` (labels may be empty, so a line can start with a space).
+in the experiments of Rawat et al., NeurIPS 2019): a header line `num_points num_features num_labels`, then one
+line per point, `l1,l2,... f1:v1 f2:v2 ...` (labels may be empty, so a line can start with a space).
 These files are not available offline here; the loader is tested on a generated file.
 """
 

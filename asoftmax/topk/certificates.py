@@ -2,7 +2,8 @@ r"""Certificates on the tail mass from ordered logits, and the certified $k$ per
 
 Tzachristas et al., "Certified Top-k Attention via Total Variation", arXiv:2512.07647, Sec. 4.
 
-Every bound $B_k$ here satisfies $B_k \ge \tau_k$ for all $k$ (proofs in the spec, Sec. 3). They use
+Every bound $B_k$ here satisfies $B_k \ge \tau_k$ for all $k$ (Theorem 4.5 for the single gap; the others follow
+from the same monotonicity argument, sketched below, and are checked numerically in tests/topk). They use
 $f(A, B) = B / (A + B)$, increasing in $B$ and decreasing in $A$: a lower bound on the head sum $Z_H$ and an upper
 bound on the tail sum $Z_T$ give an upper bound on $\tau = Z_T / Z$. All are computed in log space as
 $\mathrm{sigmoid}(\log Z_T^{\uparrow} - \log Z_H^{\downarrow})$.

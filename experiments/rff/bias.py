@@ -13,7 +13,8 @@ by Monte Carlo with R replicates of m i.i.d. draws from q~, the proposal restric
 renormalized (the form the bias theory uses: with q~ = p~ every w_j = Z_t/m and the gradient is unbiased; drawing
 from q over all n and masking hits, as training does, is also unbiased for Z_t but not zero-variance) (drawn by inverse-CDF search on the dense q; the
 tree samplers draw exactly this distribution, which `tests/rff/test_lib.py` checks by chi-square).
-Reference: Rawat et al., NeurIPS 2019 (bias analysis, Theorem 1-type bound, [R]); Sec. 3.
+Reference: Rawat et al., "Sampled Softmax with Random Fourier Features", NeurIPS 2019, Sec. 3 (bias analysis;
+the exact theorem statement was not verified: the full text was not available to us).
 """
 
 from __future__ import annotations

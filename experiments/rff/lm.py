@@ -13,7 +13,8 @@ Optionally (`config.smollm2.plateau`) each run stops at a dev-perplexity plateau
 slice of the training split (`feature_positions`), rows in the `plateau` table; `config.smollm2.negatives =
 "shared"` draws one set of m negatives per batch instead of per position.
 The extreme-classification datasets are listed as rows that were not run (data not present).
-Reference: Rawat et al., NeurIPS 2019, PTB table ([R]: no verified numbers).
+Reference: Rawat et al., "Sampled Softmax with Random Fourier Features", NeurIPS 2019, PTB language-model
+experiment (none of its numbers was verified: the full text was not available to us).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Published RF-softmax numbers we compare against, in one place.
 
 Source: Rawat, Chen, Yu, Suresh, Kumar, "Sampled Softmax with Random Fourier Features", NeurIPS 2019
-(arXiv:1907.10747, NeurIPS 2019). The full text could not be read offline:
-that spec found NO verified numeric table values, so no number is listed here and the tables carry
-qualitative claims only (marked [R] = recalled, unverified).
+(arXiv:1907.10747). The full text could not be read offline and no numeric table value of the paper was
+verified, so no number is listed here and the tables carry qualitative claims only: [V] = stated in the
+abstract, [R] = recalled from secondary sources, unverified.
 """
 
 # Headline claim (abstract, [V]): low bias in both the sampling distribution and the gradient, with cost

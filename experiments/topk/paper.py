@@ -1,8 +1,8 @@
 """Every published number of the certified top-k paper we compare against, in one place.
 
 Source: Tzachristas, Deng, Tzachristas, Zhang, Chen, "Certified Top-k attention via total variation",
-arXiv:2512.07647 (Dec 2025), Sec. 5 and 7. The BERT numbers come from a
-research note quoting the PDF [V in the spec]; numbers for other epsilons were not available.
+arXiv:2512.07647 (Dec 2025), Sec. 5 and 7. The BERT numbers come from a third-party research note quoting the
+paper's PDF (not read here directly); numbers for other epsilons were not available.
 """
 
 # bert-base-uncased, all 12 layers x 12 heads, MC-Search at epsilon = 0.01: mean keys scored of n.
@@ -14,7 +14,8 @@ BERT_MC_SEARCH = {
     "abstract_claim": "2-4x fewer scored keys on average while meeting the TV budget",
 }
 
-# Spec Sec. 5: simulation at n = 2e5 (empirical / predicted k_eps / n), derived in the spec, not from the paper.
+# Not from the paper: our own simulation at n = 2e5 of the Gaussian score model of the paper's Sec. 5 (empirical /
+# predicted k_eps / n, rule k_eps / n = Phi_c(sigma + Phi^-1(eps))), kept for reference (no code reads it).
 GAUSSIAN_SIMULATION_SPEC = {
     (1.0, 0.1): (0.610, 0.611), (1.0, 0.01): (0.908, 0.908),
     (2.0, 0.1): (0.239, 0.236), (2.0, 0.01): (0.626, 0.628),
