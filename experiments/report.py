@@ -215,8 +215,11 @@ def _snapshot_tables(snap: str, root: str) -> tuple[dict, dict[str, tuple[tuple[
   return res, {t.name: (t.columns, [r for r in rows if r.get("table") == t.name]) for t in experiment_tables(exp)}
 
 
-def include_table(spec: str, root: str = ROOT) -> str:
-  """The markdown an include block `<!-- table: SPEC -->` holds (see the module docstring)."""
+def include_table(spec: str, root: str = ROOT, doc: str = "README.md") -> str:
+  """The markdown an include block `<!-- table: SPEC -->` holds (see the module docstring).
+
+  `doc` is the markdown file (relative to `root`) the block sits in: the link to the snapshot is relative to it.
+  """
   snap, opts = _parse_spec(spec)
   res, found = _snapshot_tables(snap, root)
   name = opts.get("section") or next(iter(found))
@@ -233,17 +236,18 @@ def include_table(spec: str, root: str = ROOT) -> str:
     rows = [r for r in rows if tables.format_value(r.get(col)) == value]
   if not rows:
     raise ValueError(f"table include {spec!r}: no rows left in {snap}:{name}")
-  src = f"[`{snap}`]({snap}/{'table.md' if 'experiment' in res else 'results.json'})"
+  target = os.path.join(snap, "table.md" if "experiment" in res else "results.json")
+  src = f"[`{snap}`]({os.path.relpath(target, os.path.dirname(doc) or '.')})"
   device = res.get("device")
   return (tables.markdown_table(rows, columns) + "\n"
           + f"<sub>Generated from {src}" + (f" ({device})" if device else "")
           + " by `python -m experiments.report --readme`; do not edit.</sub>\n")
 
 
-def render_includes(text: str, root: str = ROOT) -> str:
-  """`text` with every include block redrawn from its snapshot."""
-  return INCLUDE.sub(lambda m: f"<!-- table: {m['spec']} -->\n{include_table(m['spec'], root)}<!-- table:end -->",
-                     text)
+def render_includes(text: str, root: str = ROOT, doc: str = "README.md") -> str:
+  """`text` (the markdown file `doc`, relative to `root`) with every include block redrawn from its snapshot."""
+  return INCLUDE.sub(
+      lambda m: f"<!-- table: {m['spec']} -->\n{include_table(m['spec'], root, doc)}<!-- table:end -->", text)
 
 
 def include_paths(root: str = ROOT) -> list[str]:
@@ -263,7 +267,7 @@ def regenerate(root: str = ROOT) -> dict[str, tuple[str, str]]:
     new = text
     if os.path.abspath(path) == os.path.abspath(os.path.join(root, "README.md")):
       new = render_readme(new, readme_rows(root))
-    out[path] = (text, render_includes(new, root))
+    out[path] = (text, render_includes(new, root, os.path.relpath(path, root)))
   return out
 
 

@@ -120,3 +120,6 @@ def test_include_renders_bench_and_experiment_snapshots(tmp_path):
   snap = os.path.relpath(os.path.dirname(SNAPSHOTS[0]), registry.ROOT)
   out = report.render_includes(f"<!-- table: {snap} -->\n<!-- table:end -->")
   assert out.count("\n|") >= 3 and f"({snap}/table.md)" in out
+  # In docs/x.md the link to the snapshot is relative to docs/.
+  out = report.render_includes("<!-- table: b -->\n<!-- table:end -->", str(tmp_path), "docs/x.md")
+  assert "(../b/results.json)" in out
