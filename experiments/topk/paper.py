@@ -14,7 +14,7 @@ BERT_MC_SEARCH = {
     "abstract_claim": "2-4x fewer scored keys on average while meeting the TV budget",
 }
 
-# Not from the paper: our own simulation at n = 2e5 of the Gaussian score model of the paper's Sec. 5 (empirical /
+# Not from the paper: our own simulation at n = 2e5 of the Gaussian score model of the paper's Sec. 6 (empirical /
 # predicted k_eps / n, rule k_eps / n = Phi_c(sigma + Phi^-1(eps))), kept for reference (no code reads it).
 GAUSSIAN_SIMULATION_SPEC = {
     (1.0, 0.1): (0.610, 0.611), (1.0, 0.01): (0.908, 0.908),

@@ -213,7 +213,7 @@ def test_certified_topk_attention_matches_reference():
 def test_gaussian_rule_matches_simulation_at_2e5():
   """k_eps/n vs Phi_c(sigma + Phi^-1(eps)) at n = 2e5: within 0.01 absolute for sigma <= 2.
 
-  The Gaussian score model of Tzachristas et al., "Certified Top-k attention via total variation", Sec. 5.
+  The Gaussian score model of Tzachristas et al., "Certified Top-k attention via total variation", Sec. 6.
   """
   n = 200_000
   s = jax.random.normal(jax.random.key(8), (1, n))
