@@ -1,8 +1,9 @@
 """Every published number of the certified top-k paper we compare against, in one place.
 
 Source: Tzachristas, Deng, Tzachristas, Zhang, Chen, "Certified Top-k attention via total variation",
-arXiv:2512.07647 (Dec 2025), Sec. 5 and 7. The BERT numbers come from a third-party research note quoting the
-paper's PDF (not read here directly); numbers for other epsilons were not available.
+arXiv:2512.07647 (Dec 2025): its BERT experiment with MC-Search (Algorithm 2, Theorem 7.2). The BERT numbers
+come from a third-party research note quoting the paper's PDF (not read here directly); numbers for other
+epsilons were not available.
 """
 
 # bert-base-uncased, all 12 layers x 12 heads, MC-Search at epsilon = 0.01: mean keys scored of n.
