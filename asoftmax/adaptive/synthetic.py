@@ -24,7 +24,7 @@ def toy_problem(key: jax.Array, n: int, d: int) -> tuple[jax.Array, jax.Array]:
   """Paper Fig. 2(a) "toy": `A_ij ~ N(0, s^2)` with `s = 1/(sqrt(10) d)`, row 0 shifted by +1/d,
   `x = 1`. So `mu_0 = 1 + O(d^-1/2)` and the other logits are O(d^-1/2): a planted best arm.
 
-  Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation" (NeurIPS 2024), Sec. 5 / Fig. 2, write
+  Baharav et al., "Adaptive Sampling for Efficient Softmax Approximation" (NeurIPS 2024), Fig. 2, write
   the noise as N(0, 1/(sqrt(10) d)); we read the second argument as the standard deviation (numpy's `scale`),
   which is what makes row 0 a clear winner.
   """
