@@ -5,6 +5,8 @@ success >= 1 - delta with a one-sided 99% Clopper-Pearson lower bound. Success =
 and every returned probability is within epsilon * p (`tuning.success_mask`).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,21 @@ from asoftmax.adaptive import core, synthetic
 
 N_PROBLEMS, SEEDS = 100, 5
 
+# The suite compiles at XLA:CPU's optimization level 0 (tests/conftest.py: its programs are compile-bound). These
+# loops run one program hundreds of times (t-distributed generators, the adaptive call), where level 0 code is up
+# to 9x slower (heavy-tailed 100 x 1000 draw: 0.36 s vs 0.04 s), so they compile that one program at level 3.
+_OPTIMIZED = {"xla_backend_optimization_level": 3}
+
+
+@functools.cache
+def _maker(family: synthetic.Family):
+  return jax.jit(family.make, compiler_options=_OPTIMIZED)
+
+
+@functools.partial(jax.jit, static_argnames=("options",), compiler_options=_OPTIMIZED)
+def _adaptive(key, A, X, options):
+  return adaptive.adaptive_softmax(key, A, X, **dict(options), exact_below=0)
+
 
 def success_counts(family: synthetic.Family, *, delta: float, epsilon: float = 0.3, n_problems: int = N_PROBLEMS,
                    seeds: int = SEEDS, **options):
@@ -22,11 +39,12 @@ def success_counts(family: synthetic.Family, *, delta: float, epsilon: float = 0
   ok_total = ident_total = trials = 0
   frac = []
   opts = dict(family.options)
-  opts.update(options)
+  opts.update(options, k=family.k, epsilon=epsilon, delta=delta)
+  opts = tuple(sorted(opts.items()))
   for p in range(n_problems):
-    A, x = family.make(jax.random.key(10_000 + p))
+    A, x = _maker(family)(jax.random.key(10_000 + p))
     X = jnp.tile(x, (seeds, 1))
-    res = adaptive.adaptive_softmax(jax.random.key(p), A, X, k=family.k, epsilon=epsilon, delta=delta, **opts, exact_below=0)
+    res = _adaptive(jax.random.key(p), A, X, opts)
     ident, ok = adaptive.success_mask(res, adaptive.exact_logits_batched(A, X), epsilon)
     ok_total += int(ok.sum())
     ident_total += int(ident.sum())
@@ -111,18 +129,16 @@ def test_every_family_at_delta_001(name):
   assert_pac(FAMILIES[name], 0.01)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",), compiler_options=_OPTIMIZED)
+@functools.partial(jax.vmap, in_axes=(0, None, None, None))
 def _all_intervals(key, A, x, cfg):
-  """(L, n) lower and upper bounds of every arm at every level (what the algorithm may ever use)."""
+  """(L, n) lower and upper bounds of every arm at every level (what the algorithm may ever use), per key."""
   prep = core.prepare_matrix(A)
   P = core._make_plan(key, x, prep.col_l1, prep.col_max, cfg)
   L = len(cfg.levels)
   log_terms = (jnp.log(4.0 * cfg.n * L / cfg.delta), jnp.log(20.0 * cfg.n * L / cfg.delta))
-  los, his = [], []
-  for level in range(L):
-    _, lo, hi = core._level_stats(prep.A, jnp.int32(level), P, 1.0, log_terms, cfg)
-    los.append(lo)
-    his.append(hi)
-  return np.stack(los), np.stack(his)
+  stats_at = lambda level: core._level_stats(prep.A, level, P, 1.0, log_terms, cfg)[1:]  # noqa: E731
+  return jax.lax.map(stats_at, jnp.arange(L, dtype=jnp.int32))
 
 
 @pytest.mark.parametrize("name", ["heavy_tailed", "dominant_coordinate", "gaussian_planted"])
@@ -134,14 +150,14 @@ def test_every_interval_holds_simultaneously(name):
   delta = 0.1
   fam = FAMILIES[name]
   bad = trials = 0
+  keys = jax.vmap(jax.random.key)(jnp.arange(3))  # seeds 0, 1, 2 for every problem (vmapped)
   for p in range(100):
-    A, x = fam.make(jax.random.key(20_000 + p))
+    A, x = _maker(fam)(jax.random.key(20_000 + p))
     mu = np.asarray(A, np.float64) @ np.asarray(x, np.float64)
     cfg = core.make_config(*A.shape, k=fam.k, delta=delta)
-    for s in range(3):
-      lo, hi = _all_intervals(jax.random.key(s), A, x, cfg)
-      bad += int(((lo > mu[None]) | (hi < mu[None])).any())
-      trials += 1
+    lo, hi = map(np.asarray, _all_intervals(keys, A, x, cfg))  # (3, L, n) each
+    bad += int(((lo > mu) | (hi < mu)).any(axis=(1, 2)).sum())
+    trials += 3
   upper = 1 - stats.binomial_lower_bound(trials - bad, trials, confidence=0.99)
   assert upper <= delta, f"{bad}/{trials} queries had an interval miss its logit"
 
@@ -189,12 +205,14 @@ def test_paper_mode_estimator_is_unbiased():
   A, x = synthetic.toy_problem(jax.random.key(0), 5, 2000)
   prep = core.prepare_matrix(A)
   cfg = core.make_config(5, 2000, mode="paper", warmup=64)
-  ests = []
-  for s in range(400):
-    P = core._make_plan(jax.random.key(s), x, prep.col_l1, prep.col_max, cfg)
-    est, _, _ = core._level_stats(prep.A, jnp.int32(0), P, 1.0, 1.0, cfg)
-    ests.append(np.asarray(est))
-  ests = np.stack(ests)
+
+  @jax.jit
+  @jax.vmap
+  def estimate(key):
+    P = core._make_plan(key, x, prep.col_l1, prep.col_max, cfg)
+    return core._level_stats(prep.A, jnp.int32(0), P, 1.0, 1.0, cfg)[0]
+
+  ests = np.asarray(estimate(jax.vmap(jax.random.key)(jnp.arange(400))))  # 400 seeded plans
   exact = np.asarray(A @ x)
   se = ests.std(0) / np.sqrt(len(ests))
   assert (np.abs(ests.mean(0) - exact) < 4 * se + 1e-4).all(), (ests.mean(0), exact, se)
