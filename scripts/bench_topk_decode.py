@@ -219,6 +219,13 @@ def main():
   cols = ["n", *names.values(), "k_over_n", "progressive_macs_over_dense", "progressive_full_keys_over_n",
           "max_truncation_error"]
   print(" | ".join(cols))
+  notes = {"setup": f"{args.queries} query(ies) per call against an n-key cache, d_h = {d}, epsilon = {eps}, "
+                    f"progressive stages {stages}, seed {args.seed}; one synthetic head per n (decaying spectrum + "
+                    "offset), tau = query scale; every method jitted, ms = median of "
+                    f"{args.repeats} calls after a compile and a warm-up call, one process",
+           "columns": "k_over_n: certified head size k_eps / n (both oracles); progressive_macs_over_dense: the "
+                      "progressive search's multiply-adds / n d; progressive_full_keys_over_n: keys it scored in "
+                      "full / n; max_truncation_error: max |out - dense| of the sorted and bisection oracles"}
   tables = {}
   for tau in (float(x) for x in args.tau.split(",")):
     rows = []
@@ -244,15 +251,9 @@ def main():
              "progressive_full_keys_over_n": float(np.mean(full)) / n, "max_truncation_error": err}
       rows.append(row)
       print(" | ".join(_fmt(row[c]) for c in cols), flush=True)
-    tables[f"tau_{tau:g}"] = benchlib.table(cols, rows)
-    notes = {"setup": f"{args.queries} query(ies) per call against an n-key cache, d_h = {d}, epsilon = {eps}, "
-                      f"progressive stages {stages}, seed {args.seed}; one synthetic head per n (decaying spectrum + "
-                      "offset), tau = query scale; every method jitted, ms = median of "
-                      f"{args.repeats} calls after a compile and a warm-up call, one process",
-             "columns": "k_over_n: certified head size k_eps / n (both oracles); progressive_macs_over_dense: the "
-                        "progressive search's multiply-adds / n d; progressive_full_keys_over_n: keys it scored in "
-                        "full / n; max_truncation_error: max |out - dense| of the sorted and bisection oracles"}
-    path = benchlib.write(args.workdir, run, tables, notes, path=args.out or None)
+      tables[f"tau_{tau:g}"] = benchlib.table(cols, rows)
+      # Rewritten after every row (a run cut by a time limit keeps the rows before it).
+      path = benchlib.write(args.workdir, run, tables, notes, path=args.out or None)
   print(f"wrote {path}")
 
 
