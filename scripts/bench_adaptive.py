@@ -31,7 +31,12 @@ the heat map into `--workdir` (default docs/results/adaptive_wallclock):
 Exact paths (the fastest honest one is reported): batch 1 `A @ x` (GEMV); batch 64 the faster of
 `X @ A^T` (GEMM) and `vmap(A @ x)`; for bfloat16 storage also a row-chunked float32 conversion, since
 XLA:CPU's bf16 dot converts the whole matrix first. Top-k and the softmax normalization are included.
-Device, jax version and machine load (other jobs share the CPU) are printed.
+Device, jax version and machine load (other jobs share the CPU) are printed and recorded: the rows are written to
+`--workdir` (default docs/results/bench_adaptive; `--micro`: docs/results/bench_adaptive_micro)/results.json and
+table.md by `experiments.benchlib` (table `llm_heads`, or `micro`), which README's Benchmarks section includes:
+
+    JAX_PLATFORMS=cpu ASOFTMAX_DATA_DIR=/work/shared/data taskset -c 1 python scripts/bench_adaptive.py \
+        --heads llm32k smollm2 --dtypes float32 --variants paper certified --batch 1 --n_tune 32 --n_queries 32
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import numpy as np
 
 from asoftmax import adaptive
 from asoftmax.adaptive import core
+from experiments import benchlib
 from experiments.adaptive.common import median_ms as _median_ms  # median of repeats after a warm-up call
 
 EPSILON, DELTA, K = 0.3, 0.1, 1
@@ -212,8 +218,11 @@ def micro(repeats):
       / (2048 * 512),
   }
   print(f"GEMV {n}x{d}: {t_gemv * n * d:.1f} ms")
+  rows = [{"read_path": "GEMV (A @ x, streamed)", "ms": t_gemv * n * d, "cost_over_gemv": 1.0}]
   for name, t in out.items():
     print(f"{name}: {t / t_gemv:.1f}x the GEMV's time per product")
+    rows.append({"read_path": name, "cost_over_gemv": t / t_gemv})
+  return rows
 
 
 def main():
@@ -227,26 +236,41 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--micro", action="store_true", help="only the per-product cost of the read paths")
   ap.add_argument("--map", action="store_true", help="the wall-clock map over n x d (configs/adaptive/wallclock.py)")
-  ap.add_argument("--workdir", default="docs/results/adaptive_wallclock", help="where --map writes its results")
+  benchlib.add_flags(ap, "adaptive", default=None, note="; --micro: docs/results/bench_adaptive_micro; --map: "
+                     "docs/results/adaptive_wallclock, the launcher's workdir")
   ap.add_argument("--fudge", default=None, metavar="FB,FZ",
                   help="use these fudge factors for the paper variants instead of tuning them (say where they came "
                        "from: e.g. a CPU tuning run of the same head and queries)")
   args = ap.parse_args()
+  if args.workdir is None:
+    args.workdir = ("docs/results/adaptive_wallclock" if args.map else
+                    benchlib.default_workdir("adaptive_micro" if args.micro else "adaptive"))
   if args.map:
     import subprocess
     import sys
     raise SystemExit(subprocess.call([sys.executable, "-m", "experiments.run", "--config", "configs/adaptive/wallclock.py",
                                       "--workdir", args.workdir]))
-  dev = jax.devices()[0]
-  print(f"jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '')} x{len(jax.devices())}, "
-        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (start)", flush=True)
+  bench = benchlib.start("adaptive_micro" if args.micro else "adaptive")
+  print(f"jax {bench['jax_version']}, device {bench['device']} x{bench['device_count']}, {bench['cpu_count']} CPUs, "
+        f"load average {bench['load_average'][0]:.1f} (start)", flush=True)
   if args.micro:
-    micro(args.repeats)
+    rows = micro(args.repeats)
+    path = benchlib.write(args.workdir, bench, {"micro": benchlib.table(["read_path", "ms", "cost_over_gemv"], rows)},
+                          {"setup": f"32,000 x 4096 float32; median of {args.repeats} calls after a warm-up call; "
+                                    "cost_over_gemv = time per product read / the GEMV's (core._READ_COST)"})
+    print(f"wrote {path}")
     return
   print("| head | dtype | variant | batch | order | samples / n·d | gain | ms adaptive | ms exact | exact / adaptive | "
         "held-out success |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
-  notes = []
+  notes, rows = {}, []
+  columns = ["head", "dtype", "variant", "batch", "order", "samples_over_nd", "gain", "ms_adaptive", "ms_exact",
+             "exact_path", "speedup", "success"]
+  setup = (f"epsilon = {EPSILON}, delta = {DELTA}, k = {K}; ms = median of {args.repeats} calls after a warm-up call "
+           "(compile excluded), batch 1 cycling through distinct queries; speedup = ms_exact / ms_adaptive (> 1: "
+           "AdaptiveSoftmax faster); samples_over_nd = mean products read per query / n d, gain = its inverse; "
+           f"success = fraction of the {args.n_queries} held-out queries (batch 1) or of the batch with top-1 right "
+           f"and probability within epsilon; paper variants tuned on {args.n_tune} other queries unless --fudge")
   for head in args.heads:
     q = max(args.n_queries, max(args.batch))
     A32, X_all = load_head(head, q + args.n_tune)
@@ -264,16 +288,17 @@ def main():
         if tuned and args.fudge:
           fb, fz = (float(v) for v in args.fudge.split(","))
           kw.update(fudge_bandit=fb, fudge_z=fz)
-          notes.append(f"{head} {dtype} {variant}: fudge_bandit {fb:.3g}, fudge_z {fz:.3g} (given by --fudge, not tuned)")
+          notes[f"{head} {dtype} {variant}"] = f"fudge_bandit {fb:.3g}, fudge_z {fz:.3g} (given by --fudge, not tuned)"
         elif tuned:
           t0 = time.perf_counter()
           fb, fz = adaptive.tune_fudge(jax.random.key(2), prep, jnp.asarray(X_tune, jnp.float32), confidence=0.95,
                                      logits=X_tune.astype(np.float64) @ Av.T,
                                      **{a: v for a, v in kw.items() if a != "check_finite"})
           kw.update(fudge_bandit=fb, fudge_z=fz)
-          print(f"  ({head} {dtype} {variant}: tuning {time.perf_counter() - t0:.1f} s)", flush=True)
-          notes.append(f"{head} {dtype} {variant}: fudge_bandit {fb:.3g}, fudge_z {fz:.3g} "
-                       f"(tuned on {args.n_tune} queries, binomial rule at 95 %)")
+          tune_s = time.perf_counter() - t0
+          print(f"  ({head} {dtype} {variant}: tuning {tune_s:.1f} s)", flush=True)
+          notes[f"{head} {dtype} {variant}"] = (f"fudge_bandit {fb:.3g}, fudge_z {fz:.3g} (tuned on {args.n_tune} "
+                                                f"queries, binomial rule at 95 %, {tune_s:.0f} s)")
         run = lambda x, **o: adaptive.adaptive_softmax(jax.random.key(1), prep, x, **kw, **o)  # noqa: E731
         # Success and samples over the held-out queries, one order per query.
         t0 = time.perf_counter()
@@ -298,9 +323,14 @@ def main():
             print(f"| {head} {n:,} x {d:,} | {dtype} | {variant} | {b} | {order} | {f:.3f} | {1 / f:.2f}x | "
                   f"{t_ada:.1f} | {t_ex:.1f} (`{how}`) | {t_ex / t_ada:.2f} | {np.mean(s):.3f} ({len(s)}) |",
                   flush=True)
-  for line in notes:
-    print(line)
-  print(f"load average {os.getloadavg()[0]:.1f} (end)")
+            rows.append(dict(head=f"{head} {n:,} x {d:,}", dtype=dtype, variant=variant, batch=b, order=order,
+                             samples_over_nd=f, gain=1 / f, ms_adaptive=t_ada, ms_exact=t_ex, exact_path=how,
+                             speedup=t_ex / t_ada, success=float(np.mean(s)), success_of=len(s)))
+            benchlib.write(args.workdir, bench, {"llm_heads": benchlib.table(columns, rows)},
+                           {"setup": setup, **notes})
+  for name, line in notes.items():
+    print(f"{name}: {line}")
+  print(f"load average {os.getloadavg()[0]:.1f} (end); wrote {args.workdir}/results.json")
 
 
 if __name__ == "__main__":

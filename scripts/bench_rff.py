@@ -13,20 +13,21 @@ wall-clock (>= 5 repetitions after compilation and one warm-up step) of:
   - the sampling call alone, and the tree's memory (2P nodes x 2D float32, P = 2^ceil(log2 n)).
 A cell whose tree would exceed --max_tree_gb is skipped and the reason printed (building it needs ~2.5x that).
 
-    JAX_PLATFORMS=cpu nice -n 10 .venv/bin/python scripts/bench_rff.py --out results/bench_rff/bench.json
-    JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_rff.py --ns 1000,4000 --Ds 16 --reps 2   # quick check
-    .venv/bin/python scripts/bench_rff.py --render docs/results/bench_rff/results_issue27.json   # markdown rows (README)
+    JAX_PLATFORMS=cpu taskset -c 1 .venv/bin/python scripts/bench_rff.py     # writes docs/results/bench_rff
+    JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_rff.py --ns 1000,4000 --Ds 16 --reps 2 --workdir /tmp/b  # quick
+    .venv/bin/python scripts/bench_rff.py --render docs/results/bench_rff/results.json   # print its tables
+
+Writes `--workdir`/results.json and table.md (`experiments.benchlib`; rewritten after every n): table `full_step`
+(one row per n and measurement, before / after the sampled rows) and table `sampled_step` (one row per sampler,
+negatives mode and D; a skipped cell says why in `status`), which docs/rff.md includes.
 
 Bucketed RF-softmax (`rff_bucket`, issue 27): a tree over buckets of --rff_bucket classes (node memory
 2P x 2D float32 with P ~ n / bucket; the drawn bucket's members are scored with the exact kernel), timed like `rff`
-and with its build time (`init`, chunked) and measured node memory. (Not named results.json: `docs/results/*/results.json` are
-experiment snapshots that `tests/experiments/test_report.py` re-renders.) At n = 1e6, D = 1024, bucket 32 the nodes take
-0.5 GiB (one-class leaves: 16 GiB). The issue-27 run (n = 1e5 and 1e6, results.json with device, jax, load and
-command):
+and with its build time (`init`, chunked) and measured node memory. At n = 1e6, D = 1024, bucket 32 the nodes take
+0.5 GiB (one-class leaves: 16 GiB). E.g. (issue 27):
 
-    JAX_PLATFORMS=cpu taskset -c 0 nice -n 10 .venv/bin/python scripts/bench_rff.py --ns 100000,1000000 \
-      --samplers full,rff_bucket,unigram --Ds 64,256,1024 --reps 3 --max_step_s 60 \
-      --out docs/results/bench_rff/results_issue27.json
+    JAX_PLATFORMS=cpu taskset -c 1 .venv/bin/python scripts/bench_rff.py --ns 100000,1000000 \
+      --samplers full,rff_bucket,unigram --Ds 64,256,1024 --reps 3 --max_step_s 60
 
 Quadratic (Blanc & Rendle) features have d^2 + 1 = 16,385 entries at d = 128 (tree over buckets, slow on CPU):
 add `quadratic` to --samplers to time it (per-query only), see --quadratic_refresh.
@@ -38,15 +39,18 @@ import argparse
 import functools
 import json
 import os
-import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asoftmax import results, rff
+from asoftmax import rff
+from experiments import benchlib
+
+FULL_COLUMNS = ["n", "when", "step_ms", "step_min_ms", "step_max_ms", "compile_and_first_s"]
+SAMPLED_COLUMNS = ["n", "sampler", "mode", "D", "bucket", "tree_MB", "init_s", "step_ms", "ratio_to_full",
+                   "ratio_to_full_after", "sample_ms", "status"]
 
 
 def _median_time(fn, reps):
@@ -106,9 +110,12 @@ def tree_bytes(n, features, bucket=1):
 
 
 def render(path):
-  """Markdown rows (README / docs) from a saved results.json: memory per (n, D) and step time per sampler."""
+  """Markdown rows from a saved results file: a benchlib snapshot's table.md text, or (files written before
+  benchlib) memory per (n, D) and step time per sampler."""
   with open(path) as f:
     res = json.load(f)
+  if "bench" in res:
+    return benchlib.render_markdown(res)
   full = {}
   for r in res["rows"]:
     if r["sampler"] == "full" and r.get("step_ms"):
@@ -138,10 +145,8 @@ def render(path):
 
 
 def main():
-  if len(sys.argv) == 3 and sys.argv[1] == "--render":
-    print(render(sys.argv[2]))
-    return
-  ap = argparse.ArgumentParser()
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--render", metavar="RESULTS_JSON", help="only print the tables of a saved results file")
   ap.add_argument("--ns", default="10000,100000,1000000")
   ap.add_argument("--d", type=int, default=128)
   ap.add_argument("--m", type=int, default=100)
@@ -160,13 +165,15 @@ def main():
   ap.add_argument("--reps", type=int, default=5)
   ap.add_argument("--max_step_s", type=float, default=30.0, help="a first step slower than this is timed once")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default="results/bench_rff/bench.json")
+  benchlib.add_flags(ap, "rff")
+  ap.add_argument("--out", default="", help="write the results JSON to this file instead of WORKDIR/results.json")
   a = ap.parse_args()
-  dev = jax.devices()[0]
-  device = f"{dev.platform}:{getattr(dev, 'device_kind', '')} ({os.cpu_count()} cpus, {platform.processor() or platform.machine()})"
-  load_start = os.getloadavg()
-  command = " ".join(["python"] + sys.argv)
-  print(f"device {device}; jax {jax.__version__}; load average {load_start}", flush=True)
+  if a.render:
+    print(render(a.render))
+    return
+  run = benchlib.start("rff")
+  device = run["device"]
+  print(f"device {device}; jax {jax.__version__}; load average {run['load_average'][0]}", flush=True)
   key = jax.random.key(a.seed)
   rows = []
 
@@ -195,12 +202,13 @@ def main():
       jax.block_until_ready(call())  # warm-up
       med, ts = _median_time(call, a.reps)
       full_ms.append(1e3 * med)
-      emit({"n": n, "sampler": "full", "mode": when, "step_ms": 1e3 * med, "step_ms_all": [1e3 * x for x in ts],
+      emit({"n": n, "sampler": "full", "mode": f"full ({when})", "when": when, "step_ms": 1e3 * med,
+            "step_ms_all": [1e3 * x for x in ts], "step_min_ms": 1e3 * min(ts), "step_max_ms": 1e3 * max(ts),
             "compile_and_first_s": first, "ratio_to_full": None})
       del state, C
 
     if "full" in a.samplers.split(","):
-      time_full("full (before)")
+      time_full("before")
     cells = []
     for name in a.samplers.split(","):
       if name == "full":
@@ -277,10 +285,11 @@ def main():
       emit(row)
       del state, C, sstate
     if "full" in a.samplers.split(","):
-      time_full("full (after)")
+      time_full("after")
       for r in rows:
         if r["n"] == n and r.get("step_ms") and r["sampler"] != "full":
           r["ratio_to_full_after"] = r["step_ms"] / full_ms[-1]
+    write(a, run, rows)
 
   print(f"\ndevice {device}; jax {jax.__version__}; median of {a.reps} steps after compile + 1 warm-up; "
         f"d={a.d}, m={a.m}, batch={a.batch}, nu={a.nu}")
@@ -298,12 +307,26 @@ def main():
     s = r.get("sample_ms")
     print(f"| {r['n']} | {r['sampler']} | {r['mode']} | {D} | {mb} | {r['step_ms']:.1f} | {ratio} | "
           f"{'' if s is None else f'{s:.1f}'} |")
-  os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-  results.write_json(a.out, {"args": vars(a), "command": command, "device": device, "jax": jax.__version__,
-                             "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-                             "note": "CPU shared with other agents' jobs: timings are noisy (see loadavg_1m per row)",
-                             "rows": rows})
-  print("wrote", a.out)
+  print("wrote", write(a, run, rows))
+
+
+def write(a, run, rows):
+  """Writes the snapshot (benchlib) of the rows so far; returns its path."""
+  full = [r for r in rows if r["sampler"] == "full"]
+  sampled = [r for r in rows if r["sampler"] != "full"]
+  notes = {"setup": f"per output-layer training step, d = {a.d}, m = {a.m}, batch {a.batch}, tau = {a.tau}, "
+                    f"nu = {a.nu}, kappa = 0.01; RF-softmax by the O(D log n) tree walk (precompute=False); "
+                    f"step_ms = median of {a.reps} steps after compilation and one warm-up step (one step where the "
+                    f"first took more than --max_step_s={a.max_step_s} s; every step's time in step_ms_all)",
+           "columns": "mode per_query: B x m negatives per step (B m gathered rows), shared: one set of m for the batch; "
+                      "tree_MB: node memory (2P x 2D float32, measured where built); init_s: sampler build, compile "
+                      "included; ratio_to_full(_after): step_ms / the full step measured before (after) the sampled "
+                      "rows of the same n; sample_ms: the sampling call alone",
+           "skipped": f"cells whose tree exceeds --max_tree_gb={a.max_tree_gb} are skipped (building one peaks at "
+                      "~2.5x its size); their status says why"}
+  return benchlib.write(a.workdir, run, {"full_step": benchlib.table(FULL_COLUMNS, full),
+                                         "sampled_step": benchlib.table(SAMPLED_COLUMNS, sampled)}, notes,
+                        path=a.out or None)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ the notes. Run on forced host devices:
         --head 32064 4096 --workdir docs/results/sharded_scaleout
 
 Forced host devices share the machine's CPU cores: wall-clock there measures overhead, not speed-up.
+
+Unlike the other `scripts/bench_*.py`, this one does not write through `experiments.benchlib`: it runs an
+experiment, so its results.json is the launcher's (typed tables, device, jax version, load average, CPU count, and
+this command in `config_name`), which `experiments.report` renders and README/docs include the same way.
 """
 
 from __future__ import annotations

@@ -13,18 +13,18 @@ one process. Dense paths (the fastest is the reference):
 Ours: `topk.dot_product_attention(epsilon=--epsilon, iters=...)` for each `--iters`; its mean head size k / kv_len
 and max certificate are printed next to the time. `--causal` adds the causal mask to every method.
 
-    JAX_PLATFORMS=cpu taskset -c 0 python scripts/bench_topk_attention.py          # writes --out results.json
+    JAX_PLATFORMS=cpu taskset -c 1 python scripts/bench_topk_attention.py   # docs/results/bench_topk_attention
+
+Writes `--workdir`/results.json and table.md (`experiments.benchlib`): table `forward`, one row per method (ms,
+median of the interleaved rounds; every round's time in `ms_all`), which README's Benchmarks section includes.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import topk
+from experiments import benchlib
 
 
 def _time_interleaved(fns, args, repeats):
@@ -85,15 +86,15 @@ def main():
   ap.add_argument("--q_scale", type=float, default=2.0)
   ap.add_argument("--causal", action="store_true")
   ap.add_argument("--repeats", type=int, default=9)
-  ap.add_argument("--out", default="docs/results/bench_topk_attention/results.json")
+  benchlib.add_flags(ap, "topk_attention")
+  ap.add_argument("--out", default="", help="write the results JSON to this file instead of WORKDIR/results.json")
   args = ap.parse_args()
   if args.repeats < 5:
     raise SystemExit("--repeats must be >= 5")
   B, L, H, D = (int(x) for x in args.shape.split(","))
-  dev = jax.devices()[0]
-  load0 = os.getloadavg()
-  print(f"jax {jax.__version__}, device {dev.platform}:{getattr(dev, 'device_kind', '')}, {os.cpu_count()} CPUs, "
-        f"affinity {len(os.sched_getaffinity(0))} cores, load average {load0[0]:.2f} (start)", flush=True)
+  run = benchlib.start("topk_attention")
+  print(f"jax {run['jax_version']}, device {run['device']}, {run['cpu_count']} CPUs, affinity {run['cpu_affinity']} "
+        f"cores, load average {run['load_average'][0]:.2f} (start)", flush=True)
   kq, kk, kv = jax.random.split(jax.random.key(0), 3)
   q = args.q_scale * jax.random.normal(kq, (B, L, H, D))
   k = jax.random.normal(kk, (B, L, H, D))
@@ -117,9 +118,12 @@ def main():
     out = f(q, k, v)
     ref = out if ref is None else ref
     ms, all_ms = times[name]
-    rows.append(dict(method=name, ms=ms, ms_all=all_ms, max_abs_diff_vs_first=float(jnp.max(jnp.abs(out - ref)))))
+    rows.append(dict(method=name, ms=ms, ms_all=all_ms, mean_k_over_n=1.0,
+                     max_abs_diff_vs_first=float(jnp.max(jnp.abs(out - ref)))))
     print(f"{name}: {ms:.1f} ms", flush=True)
   best = min(r["ms"] for r in rows)
+  for r in rows:
+    r.update(ratio_to_jax_nn=r["ms"] / rows[0]["ms"], ratio_to_fastest_dense=r["ms"] / best)
   for name, (it, f) in ours.items():
     ms, all_ms = times[name]
     out, cert = f(q, k, v)
@@ -130,18 +134,14 @@ def main():
     print(f"ours iters={it}: {ms:.1f} ms ({ms / best:.2f}x the fastest dense, {ms / rows[0]['ms']:.2f}x "
           f"jax.nn), mean k/n {rows[-1]['mean_k_over_n']:.3f}, max certificate {rows[-1]['max_certificate']:.4f} "
           f"(epsilon {args.epsilon})", flush=True)
-  load1 = os.getloadavg()
-  print(f"load average {load1[0]:.2f} (end)")
-  res = dict(command=" ".join([os.path.basename(sys.executable)] + sys.argv), args=vars(args),
-             device=f"{dev.platform}:{getattr(dev, 'device_kind', '')} ({os.cpu_count()} cpus, "
-                    f"{len(os.sched_getaffinity(0))} in affinity, {platform.machine()})",
-             jax=jax.__version__, loadavg_start=load0, loadavg_end=load1, fastest_dense_ms=best, rows=rows)
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as fh:
-      json.dump(res, fh, indent=1)
-    print(f"wrote {args.out}")
-
+  columns = ["method", "ms", "mean_k_over_n", "max_certificate", "ratio_to_jax_nn", "ratio_to_fastest_dense"]
+  notes = {"setup": f"forward, [batch, length, heads, dim] = [{B}, {L}, {H}, {D}], self attention, queries "
+                    f"{args.q_scale} x N(0, 1), keys and values N(0, 1), epsilon {args.epsilon}, causal {args.causal}; "
+                    f"ms = median of {args.repeats} interleaved rounds after a compile and a warm-up call, one process",
+           "ratios": "ratio_to_jax_nn = ms / ms of jax.nn.dot_product_attention; ratio_to_fastest_dense = ms / the "
+                     "fastest dense method's ms (both from the same rounds)"}
+  path = benchlib.write(args.workdir, run, {"forward": benchlib.table(columns, rows)}, notes, path=args.out or None)
+  print(f"wrote {path}")
 
 if __name__ == "__main__":
   main()

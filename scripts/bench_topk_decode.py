@@ -18,6 +18,10 @@ sets how peaked attention is): SmolLM2's context is 8,192 tokens, so a real 32,7
 
     JAX_PLATFORMS=cpu python scripts/bench_topk_decode.py                      # all n, eps = 0.01, 7 repeats
     JAX_PLATFORMS=cpu python scripts/bench_topk_decode.py --ns 2048 --repeats 5
+    JAX_PLATFORMS=cpu taskset -c 1 python scripts/bench_topk_decode.py --tau 0.25,0.1   # one table per tau
+
+Writes `--workdir` (default docs/results/bench_topk_decode)/results.json and table.md (`experiments.benchlib`):
+one table `tau_<tau>` per `--tau`, one row per n, times in ms.
 
 `--step` (issue 28) times a *whole decode step* of SmolLM2-135M (all 30 layers, LM head included;
 `llama.decode_step` over a KV cache) at n = 2,048 / 8,192 cached positions, batch 1 and 8, for: dense attention,
@@ -27,10 +31,10 @@ attention over an 8-bit quantized KV cache (`QuantizedKVAttention`). The cache h
 the first max(ns) tokens of WikiText-2 test at batch 1 (the first n positions serve every n, the rows are
 repeated for batch 8). Times: median of `--repeats` decode steps after a compile call and a warm-up call, all in
 one process; each step also reports the sketch search's mean keys read / n and its fallback rate. Writes
-`--out` (a results.json-style file, e.g. bench.json: device, jax version, load average before and after, command, rows):
+`--workdir` (default docs/results/bench_topk_decode_step)/results.json and table.md, table `step` (rewritten after
+every row, so a run killed for memory keeps the rows before it):
 
-    ASOFTMAX_DATA_DIR=/work/shared/data JAX_PLATFORMS=cpu taskset -c 0 python scripts/bench_topk_decode.py --step \
-        --out docs/results/bench_topk_decode_step/bench.json
+    ASOFTMAX_DATA_DIR=/work/shared/data JAX_PLATFORMS=cpu taskset -c 1 python scripts/bench_topk_decode.py --step
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import topk
+from experiments import benchlib
 
 
 def _head(seed, n, d, tau, n_queries=1):
@@ -82,7 +87,6 @@ def _tile(x, b, room):
 def _step_bench(args):
   """Whole decode steps of SmolLM2 (module docstring, `--step`); writes results.json."""
   import json
-  import sys
 
   from asoftmax import configlib
   from asoftmax.data import text
@@ -92,24 +96,19 @@ def _step_bench(args):
   ns = [int(x) for x in args.step_ns.split(",")]
   batches = [int(x) for x in args.batches.split(",")]
   eps_list = [float(x) for x in args.step_epsilons.split(",")]
-  load0 = os.getloadavg()
+  run = benchlib.start("topk_decode_step")
   params, tok = llama.load_smollm2()
   data_dir = configlib.default_data_dir()
   raw = text.read_text(data_dir, "wikitext", "test") if data_dir else text.BUILTIN_TEXT * 200
   ids = text.tokenize(tok, raw)
   nmax, room = max(ns), -(-(args.repeats + 4) // args.page_size) * args.page_size
-  t0 = time.perf_counter()
-  cache_dtype = jnp.dtype(args.cache_dtype)
-  cache = llama.init_cache(params.config, 1, nmax, dtype=cache_dtype)
-  _, cache, _ = llama.prefill(params, ids[None, :nmax], cache, chunk=args.chunk)
-  jax.block_until_ready(cache)
-  prefill_s = time.perf_counter() - t0
-  dev = jax.devices()[0]
-  info = dict(device=f"{dev.device_kind} ({jax.default_backend()}; {os.cpu_count()} CPUs visible)",
-              jax=jax.__version__, command="python " + " ".join(sys.argv), loadavg_start=load0,
-              prefill_s=round(prefill_s, 1), text="WikiText-2 test" if data_dir else "built-in text (no data dir)",
-              cache_dtype=args.cache_dtype, bits=args.bits, page_size=args.page_size, capacity=args.capacity)
-  print(json.dumps(info), flush=True)
+  notes = dict(
+      setup=f"SmolLM2-135M, all 30 layers and the LM head (llama.decode_step) over a KV cache holding the first n "
+            f"tokens of {'WikiText-2 test' if data_dir else 'built-in text (no data dir)'} (batch rows repeated); "
+            f"sketch {args.bits}-bit, page size {args.page_size}, capacity {args.capacity} n; ms = median of "
+            f"{args.repeats} decode steps after a compile and a warm-up step, one process; ratio_to_dense: ms / the "
+            "dense row's ms at the same n, batch and cache dtype")
+  print(json.dumps({k: run[k] for k in ("device", "jax_version", "load_average", "command")} | notes), flush=True)
   methods = [("dense", None), ("int8 KV", models.QuantizedKVAttention(8, args.page_size))]
   methods += [(f"sketch eps={e}", models.SketchCacheAttention(e, args.bits, args.page_size, args.capacity))
               for e in eps_list]
@@ -117,35 +116,44 @@ def _step_bench(args):
     keep = [m.strip() for m in args.methods.split(",")]
     methods = [m for m in methods if m[0] in keep]
   rows = []
-  for n in ns:
-    base = {"k": cache.layers["k"][:, :, :, :n], "v": cache.layers["v"][:, :, :, :n]}
-    for b in batches:
-      for name, att in methods:
-        c = llama.LlamaCache({k: _tile(v, b, room) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
-        if att is not None:
-          c = models.prepare_cache(c, att)
-        toks = jnp.asarray(np.repeat(ids[n:n + room][None], b, 0))
-        ts, auxes = [], []
-        for i in range(args.repeats + 2):  # compile + warm-up, then timed steps
-          t1 = time.perf_counter()
-          logits, c, aux = llama.decode_step(params, toks[:, i], c, att)
-          jax.block_until_ready(logits)
-          if i >= 2:
-            ts.append(time.perf_counter() - t1)
-            auxes.append(aux)
-        row = dict(n=n, batch=b, method=name, ms=round(1e3 * statistics.median(ts), 1),
-                   ms_min=round(1e3 * min(ts), 1), loadavg_1m=os.getloadavg()[0])
-        if auxes and auxes[0]:
-          row["keys_read_over_n"] = round(float(np.mean([np.mean(a["k"]) for a in auxes])) / n, 4)
-          row["fallback_rate"] = round(float(np.mean([np.mean(a["fallback"]) for a in auxes])), 4)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del c
-        info["loadavg_end"] = os.getloadavg()
-        if args.out:  # rewritten after every row (a later row may run out of memory)
-          os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-          with open(args.out, "w") as f:
-            json.dump(dict(info, rows=rows), f, indent=1)
+  for cache_name in args.cache_dtype.split(","):
+    t0 = time.perf_counter()
+    cache = llama.init_cache(params.config, 1, nmax, dtype=jnp.dtype(cache_name))
+    _, cache, _ = llama.prefill(params, ids[None, :nmax], cache, chunk=args.chunk)
+    jax.block_until_ready(cache)
+    notes[f"prefill_s_{cache_name}"] = round(time.perf_counter() - t0, 1)
+    for n in ns:
+      base = {"k": cache.layers["k"][:, :, :, :n], "v": cache.layers["v"][:, :, :, :n]}
+      for b in batches:
+        for name, att in methods:
+          c = llama.LlamaCache({k: _tile(v, b, room) for k, v in base.items()}, jnp.asarray(n, jnp.int32))
+          if att is not None:
+            c = models.prepare_cache(c, att)
+          toks = jnp.asarray(np.repeat(ids[n:n + room][None], b, 0))
+          ts, auxes = [], []
+          for i in range(args.repeats + 2):  # compile + warm-up, then timed steps
+            t1 = time.perf_counter()
+            logits, c, aux = llama.decode_step(params, toks[:, i], c, att)
+            jax.block_until_ready(logits)
+            if i >= 2:
+              ts.append(time.perf_counter() - t1)
+              auxes.append(aux)
+          row = dict(n=n, batch=b, cache=cache_name, method=name, ms=round(1e3 * statistics.median(ts), 1),
+                     ms_min=round(1e3 * min(ts), 1), loadavg_1m=os.getloadavg()[0])
+          if auxes and auxes[0]:
+            row["keys_read_over_n"] = round(float(np.mean([np.mean(a["k"]) for a in auxes])) / n, 4)
+            row["fallback_rate"] = round(float(np.mean([np.mean(a["fallback"]) for a in auxes])), 4)
+          rows.append(row)
+          print(json.dumps(row), flush=True)
+          del c
+          dense_ms = {(r["n"], r["batch"], r["cache"]): r["ms"] for r in rows if r["method"] == "dense"}
+          for r in rows:
+            r["ratio_to_dense"] = dense_ms.get((r["n"], r["batch"], r["cache"]))
+            r["ratio_to_dense"] = r["ms"] / r["ratio_to_dense"] if r["ratio_to_dense"] else None
+          cols = ["n", "batch", "cache", "method", "ms", "ratio_to_dense", "keys_read_over_n", "fallback_rate"]
+          # Rewritten after every row (a later row may run out of memory).
+          benchlib.write(args.workdir, run, {"step": benchlib.table(cols, rows)}, notes, path=args.out or None)
+    del cache
 
 
 def main():
@@ -153,7 +161,8 @@ def main():
   ap.add_argument("--ns", default="2048,4096,8192,16384,32768")
   ap.add_argument("--d", type=int, default=64)
   ap.add_argument("--epsilon", type=float, default=0.01)
-  ap.add_argument("--tau", type=float, default=0.25, help="query scale (smaller = flatter attention)")
+  ap.add_argument("--tau", default="0.25", help="query scale (smaller = flatter attention); a comma-separated list "
+                                                 "runs each (one table per tau)")
   ap.add_argument("--repeats", type=int, default=7)
   ap.add_argument("--stages", default="16,64")
   ap.add_argument("--seed", type=int, default=0)
@@ -169,19 +178,25 @@ def main():
   ap.add_argument("--capacity", type=float, default=0.5, help="sketch search: candidates read at most, / n")
   ap.add_argument("--chunk", type=int, default=512, help="prefill chunk")
   ap.add_argument("--methods", default="", help="--step: comma-separated subset, e.g. 'int8 KV,sketch eps=0.1'")
-  ap.add_argument("--cache_dtype", default="bfloat16", help="K/V storage of the cache (attention runs in float32)")
-  ap.add_argument("--out", default="", help="--step: results.json path")
+  ap.add_argument("--cache_dtype", default="bfloat16", help="--step: K/V storage of the cache (attention runs in "
+                                                              "float32); a comma-separated list runs each")
+  benchlib.add_flags(ap, "topk_decode", default=None, note="; --step: docs/results/bench_topk_decode_step")
+  ap.add_argument("--out", default="", help="write the results JSON to this file instead of WORKDIR/results.json")
   args = ap.parse_args()
   if args.repeats < 5:
     raise SystemExit("--repeats must be >= 5 (median of at least 5 timed runs)")
+  if args.workdir is None:
+    args.workdir = benchlib.default_workdir("topk_decode_step" if args.step else "topk_decode")
   if args.step:
     return _step_bench(args)
+  run = benchlib.start("topk_decode")
   stages = tuple(int(s) for s in args.stages.split(","))
   d, eps = args.d, args.epsilon
   scale = d ** -0.5
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind} ({jax.default_backend()}; {os.cpu_count()} CPUs visible, "
-        f"{platform.processor() or platform.machine()}), jax {jax.__version__}", flush=True)
+        f"{platform.processor() or platform.machine()}), jax {jax.__version__}, load average "
+        f"{run['load_average'][0]:.2f} (start)", flush=True)
   print(f"queries per call = {args.queries}, d_h = {d}, epsilon = {eps}, tau = {args.tau}, progressive stages {stages}, median of {args.repeats} "
         "after compile + warm-up; times in ms")
 
@@ -199,29 +214,51 @@ def main():
     r = topk.progressive_search(q_rot, pk, None, eps, scale, stages)
     return jax.nn.softmax(r.head_logits, -1) @ V, r.macs, r.keys_full
 
-  cols = ("n", "dense", "sorted oracle", "multi_gap", "bisection oracle", "progressive", "k/n",
-          "prog. MACs/dense", "prog. full keys/n", "max |out - dense| (truncation)")
+  names = {"dense": "dense_ms", "sorted": "sorted_oracle_ms", "multi_gap": "multi_gap_ms",
+           "bisection": "bisection_oracle_ms", "progressive": "progressive_ms"}
+  cols = ["n", *names.values(), "k_over_n", "progressive_macs_over_dense", "progressive_full_keys_over_n",
+          "max_truncation_error"]
   print(" | ".join(cols))
-  for n in (int(x) for x in args.ns.split(",")):
-    K, V, q, A, rng = _head(args.seed, n, d, args.tau, args.queries)
-    held_K = (rng.normal(size=(min(n, 4096), d)) @ A.T + 0.5).astype(np.float32)
-    held_q = ((rng.normal(size=(256, d)) @ A.T) * args.tau).astype(np.float32)
-    basis = topk.fit_basis(held_K, held_q, np.ones(len(held_K), bool), np.ones(len(held_q), bool))
-    pk = topk.prepare_keys(K, basis, stages)  # once per cache entry, not per query
-    qr = topk.rotate_queries(q, basis)  # folded into W_q in a deployment
-    Kj, Vj, qj = jnp.asarray(K), jnp.asarray(V), jnp.asarray(q)
-    t = {"dense": _time(dense, qj, Kj, Vj, repeats=args.repeats),
-         "sorted": _time(sorted_exact, qj, Kj, Vj, repeats=args.repeats),
-         "multi_gap": _time(multi_gap, qj, Kj, Vj, repeats=args.repeats),
-         "bisection": _time(bisection, qj, Kj, Vj, repeats=args.repeats),
-         "progressive": _time(progressive, qr, pk, Vj, repeats=args.repeats)}
-    ref = np.asarray(dense(qj, Kj, Vj))
-    _, macs, full = progressive(qr, pk, Vj)
-    k = float(np.mean(np.asarray(topk.threshold_heads((q @ K.T) * scale, None, (eps,)).k)))
-    err = max(float(np.abs(np.asarray(f(qj, Kj, Vj)) - ref).max()) for f in (sorted_exact, bisection))
-    print(f"{n} | " + " | ".join(f"{1e3 * t[m]:.3f}" for m in ("dense", "sorted", "multi_gap", "bisection",
-                                                                  "progressive"))
-          + f" | {k / n:.4f} | {float(np.mean(macs)) / (n * d):.3f} | {float(np.mean(full)) / n:.3f} | {err:.2e}", flush=True)
+  notes = {"setup": f"{args.queries} query(ies) per call against an n-key cache, d_h = {d}, epsilon = {eps}, "
+                    f"progressive stages {stages}, seed {args.seed}; one synthetic head per n (decaying spectrum + "
+                    "offset), tau = query scale; every method jitted, ms = median of "
+                    f"{args.repeats} calls after a compile and a warm-up call, one process",
+           "columns": "k_over_n: certified head size k_eps / n (both oracles); progressive_macs_over_dense: the "
+                      "progressive search's multiply-adds / n d; progressive_full_keys_over_n: keys it scored in "
+                      "full / n; max_truncation_error: max |out - dense| of the sorted and bisection oracles"}
+  tables = {}
+  for tau in (float(x) for x in args.tau.split(",")):
+    rows = []
+    for n in (int(x) for x in args.ns.split(",")):
+      K, V, q, A, rng = _head(args.seed, n, d, tau, args.queries)
+      held_K = (rng.normal(size=(min(n, 4096), d)) @ A.T + 0.5).astype(np.float32)
+      held_q = ((rng.normal(size=(256, d)) @ A.T) * tau).astype(np.float32)
+      basis = topk.fit_basis(held_K, held_q, np.ones(len(held_K), bool), np.ones(len(held_q), bool))
+      pk = topk.prepare_keys(K, basis, stages)  # once per cache entry, not per query
+      qr = topk.rotate_queries(q, basis)  # folded into W_q in a deployment
+      Kj, Vj, qj = jnp.asarray(K), jnp.asarray(V), jnp.asarray(q)
+      t = {"dense": _time(dense, qj, Kj, Vj, repeats=args.repeats),
+           "sorted": _time(sorted_exact, qj, Kj, Vj, repeats=args.repeats),
+           "multi_gap": _time(multi_gap, qj, Kj, Vj, repeats=args.repeats),
+           "bisection": _time(bisection, qj, Kj, Vj, repeats=args.repeats),
+           "progressive": _time(progressive, qr, pk, Vj, repeats=args.repeats)}
+      ref = np.asarray(dense(qj, Kj, Vj))
+      _, macs, full = progressive(qr, pk, Vj)
+      k = float(np.mean(np.asarray(topk.threshold_heads((q @ K.T) * scale, None, (eps,)).k)))
+      err = max(float(np.abs(np.asarray(f(qj, Kj, Vj)) - ref).max()) for f in (sorted_exact, bisection))
+      row = {"n": n, **{names[m]: 1e3 * t[m] for m in names}, "k_over_n": k / n,
+             "progressive_macs_over_dense": float(np.mean(macs)) / (n * d),
+             "progressive_full_keys_over_n": float(np.mean(full)) / n, "max_truncation_error": err}
+      rows.append(row)
+      print(" | ".join(_fmt(row[c]) for c in cols), flush=True)
+      tables[f"tau_{tau:g}"] = benchlib.table(cols, rows)
+      # Rewritten after every row (a run cut by a time limit keeps the rows before it).
+      path = benchlib.write(args.workdir, run, tables, notes, path=args.out or None)
+  print(f"wrote {path}")
+
+
+def _fmt(v):
+  return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@
 #   adaptive32k   scripts/bench_adaptive.py on the 32,000 x 4096 head, f32
 #   decode_q32    the same with 32 queries per call (a GPU needs more than one 64-d query to fill)
 #   rff           scripts/bench_rff.py at n = 1e5 and 1e6 with the D = 256 / 1024 trees that a CPU run skips
-# The logs are the results: copy them into docs/results/device/ with the device line they print.
+# Each section writes its log and a benchmark snapshot ($OUT/bench_<section>/results.json and table.md, through
+# experiments/benchlib.py: device, jax version, load, command); commit a snapshot directory under docs/results/
+# (e.g. docs/results/bench_decode_h200) and show its tables with include blocks, never retyped.
 set -u
 OUT=${OUT:-results/device}
 mkdir -p "$OUT"
@@ -36,10 +38,11 @@ section() {  # name, seconds, command...
 } >"$OUT/suite.log"
 
 section adaptive128k 200 $PY scripts/bench_adaptive.py --heads llm128k --dtypes float32 bfloat16 \
-  --variants paper certified --batch 1 64
-section decode 100 $PY scripts/bench_topk_decode.py --repeats 7
+  --variants paper certified --batch 1 64 --workdir "$OUT/bench_adaptive128k"
+section decode 100 $PY scripts/bench_topk_decode.py --repeats 7 --workdir "$OUT/bench_decode"
 section adaptive32k 80 $PY scripts/bench_adaptive.py --heads llm32k --dtypes float32 --variants paper certified \
-  --batch 1 64
-section decode_q32 40 $PY scripts/bench_topk_decode.py --repeats 7 --queries 32 --ns 4096,32768
-section rff 80 $PY scripts/bench_rff.py --ns 100000,1000000 --max_tree_gb 40 --out "$OUT/bench_rff.json"
+  --batch 1 64 --workdir "$OUT/bench_adaptive32k"
+section decode_q32 40 $PY scripts/bench_topk_decode.py --repeats 7 --queries 32 --ns 4096,32768 \
+  --workdir "$OUT/bench_decode_q32"
+section rff 80 $PY scripts/bench_rff.py --ns 100000,1000000 --max_tree_gb 40 --workdir "$OUT/bench_rff"
 echo "suite done after $SECONDS s" | tee -a "$OUT/suite.log"
