@@ -236,7 +236,8 @@ def include_table(spec: str, root: str = ROOT, doc: str = "README.md") -> str:
     rows = [r for r in rows if tables.format_value(r.get(col)) == value]
   if not rows:
     raise ValueError(f"table include {spec!r}: no rows left in {snap}:{name}")
-  target = os.path.join(snap, "table.md" if "experiment" in res else "results.json")
+  has_md = "experiment" in res or os.path.exists(os.path.join(root, snap, "table.md"))  # benchlib writes one too
+  target = os.path.join(snap, "table.md" if has_md else "results.json")
   src = f"[`{snap}`]({os.path.relpath(target, os.path.dirname(doc) or '.')})"
   device = res.get("device")
   return (tables.markdown_table(rows, columns) + "\n"
