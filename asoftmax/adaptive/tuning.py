@@ -400,8 +400,11 @@ def tune_and_evaluate(
   mode = kwargs.pop("mode", "paper")
   rule_name = ""
   if mode == "paper" and rule == "conformal":
-    f, _ = conformal_fudge(k_tune, prep, X[tune_idx], k=k, epsilon=epsilon, delta=delta, beta=beta,
-                           logits=logits[tune_idx], **kwargs)
+    # With fewer than 1/delta - 1 tuning queries the conformal rank exceeds their count: the factor is inf whatever
+    # the scores are, so the grid of calls is skipped.
+    f = (conformal_fudge(k_tune, prep, X[tune_idx], k=k, epsilon=epsilon, delta=delta, beta=beta,
+                         logits=logits[tune_idx], **kwargs)[0]
+         if conformal_rank(len(tune_idx), delta) <= len(tune_idx) else math.inf)
     fb = fz = f if math.isfinite(f) else 1.0
     rule_name = "conformal" if math.isfinite(f) else "conformal (too few tuning queries: factor 1)"
   elif mode == "paper":

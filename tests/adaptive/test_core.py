@@ -293,3 +293,20 @@ def test_normalization_is_paper_mode_only_and_named():
     adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), normalization="paper", exact_below=0)
   with pytest.raises(ValueError, match="normalization"):
     adaptive.adaptive_softmax(jax.random.key(0), A, jnp.ones(3), mode="paper", normalization="exactish", exact_below=0)
+
+
+def test_conformal_rule_with_too_few_tuning_queries_skips_the_grid(monkeypatch):
+  """Fewer than 1/delta - 1 tuning queries: the conformal factor is inf whatever the scores, so `tune_and_evaluate`
+  uses the theoretical factor 1 without running the grid (it took 25 s of the LLM smoke run's 38 s)."""
+  from asoftmax.adaptive import tuning
+
+  calls = []
+  monkeypatch.setattr(tuning, "conformal_fudge", lambda *a, **kw: calls.append(1) or (0.5, None))
+  A, x = adaptive.planted_problem(jax.random.key(3), 30, 200, k=1)
+  X = x[None] + 0.05 * jax.random.normal(jax.random.key(4), (12, 200))
+  row = adaptive.tune_and_evaluate(jax.random.key(5), A, X, delta=0.1, n_tune=8, rule="conformal", progress=False,
+                                   exact_below=0)
+  assert not calls and row.fudge_bandit == row.fudge_z == 1.0 and "too few" in row.rule
+  row = adaptive.tune_and_evaluate(jax.random.key(5), A, X, delta=0.2, n_tune=8, rule="conformal", progress=False,
+                                   exact_below=0)  # rank ceil(9 * 0.8) = 8 <= 8: calibrated
+  assert calls == [1] and row.fudge_bandit == row.fudge_z == 0.5 and row.rule == "conformal"
