@@ -60,3 +60,17 @@ def _random_params(seed=0, vocab=97, dim=48, layers=2, heads=6, kv=2, hidden=80)
 def random_params():
   """`random_params(seed=0, vocab=97, dim=48, layers=2, heads=6, kv=2, hidden=80)`: a small random Llama."""
   return _random_params
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _smollm2_read_once():
+  """Within one pytest process, SmolLM2-135M's GGUF is read once per `n_layers` (~8 s each: metadata parsing and
+  dequantization), not once per test or smoke run that loads it. The cached params are immutable jax arrays."""
+  import functools
+
+  from asoftmax.models import llama
+
+  original = llama.load_smollm2
+  llama.load_smollm2 = functools.cache(original)
+  yield
+  llama.load_smollm2 = original
