@@ -96,22 +96,42 @@ def list_text() -> str:
 
 
 def field_comments(path: str) -> dict[str, str]:
-  """{field: comment} from a config's source: `c.field = ...  # comment`, or the comment lines just above."""
+  """{field: comment} for `--show_config`: the comment on a config's `c.field = ...` line, else the comment lines
+  right above it (no blank line between). Only documentation comes from the file (read with `tokenize` and
+  `ast`, the first assignment of a field in the file wins); every value comes from the resolved config."""
+  import ast
+  import io
+  import tokenize
+
   with open(os.path.join(_root(), path) if not os.path.exists(path) else path) as f:
-    lines = f.read().splitlines()
-  out, above = {}, []
-  for line in lines:
-    s = line.strip()
-    if s.startswith("#"):
-      above.append(s.lstrip("# ").rstrip())
+    src = f.read()
+  comments = {t.start[0]: t.string.lstrip("#").strip()
+              for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+  lines = src.splitlines()
+
+  def dotted(node) -> str | None:  # c.a.b -> "a.b"
+    parts = []
+    while isinstance(node, ast.Attribute):
+      parts.append(node.attr)
+      node = node.value
+    return ".".join(reversed(parts)) if isinstance(node, ast.Name) and node.id == "c" and parts else None
+
+  out = {}
+  assigns = sorted((n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Assign)), key=lambda n: n.lineno)
+  for node in assigns:
+    names = [dotted(t) for t in node.targets]
+    names = [n for n in names if n and n not in out]
+    if not names:
       continue
-    m = re.match(r"c\.([\w.]+)\s*=[^#]*(?:#\s*(.*))?$", s)
-    if m and m.group(1) not in out:
-      out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
-    if not s.startswith("#"):
-      above = [] if not m else above
-    if not s:
-      above = []
+    text = next((comments[i] for i in range(node.lineno, node.end_lineno + 1) if i in comments), "")
+    if not text:
+      above, i = [], node.lineno - 1
+      while i >= 1 and lines[i - 1].strip().startswith("#"):
+        above.insert(0, comments.get(i, ""))
+        i -= 1
+      text = " ".join(x for x in above if x)
+    for n in names:
+      out[n] = text
   return out
 
 

@@ -64,6 +64,9 @@ def get_config(arg=None):
   c.update(configlib.adaptive_protocol())
   c.deltas = (0.01, 0.05, 0.1)
   c.ks = (1, 5)
+  # A derived field: one window in five tunes (1,000 -> 200 as the protocol; --config.n_windows=300 -> 60, issue
+  # 11's split), unless --config.n_tune is given.
+  c.n_tune = c.get_ref("n_windows") // 5
   c.topk_deltas = (0.01, 0.05, 0.1)  # deltas at which the k > 1 rows are run
   # Warm-up pulls per arm (0 = the default rule d / (17 log(6n/delta)) clipped to [32, d/10]). At d = 576 the
   # default is 32, too few for reliable variance estimates on SmolLM2's heavy-tailed hidden states

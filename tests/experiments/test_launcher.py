@@ -234,3 +234,23 @@ def test_bool_config_fields_reject_truthy_non_bools():
           with pytest.raises(TypeError):
             setattr(cfg, k, bad)
   assert fields >= 5
+
+
+def test_show_config_comment_belongs_to_its_own_field():
+  """A comment block above one field does not leak onto the fields after it (the line-regex reader attached the
+  llm config's warm-up comment to every later field up to a blank line)."""
+  cfg = registry.load_config("configs/adaptive/llm.py")
+  lines = {ln.split("=", 1)[0].strip(): ln for ln in run.show_config_text(cfg, "configs/adaptive/llm.py").splitlines()}
+  assert "Warm-up pulls per arm" in lines["warmup"]
+  assert "Warm-up" not in lines["tune"] and "Warm-up" not in lines["cached_rows_only"]
+
+
+def test_derived_field_follows_its_reference():
+  """configs/adaptive/llm.py: n_tune is n_windows // 5 (a FieldReference) unless set itself."""
+  cfg = registry.load_config("configs/adaptive/llm.py")
+  assert cfg.n_tune == 200
+  cfg.n_windows = 300
+  assert cfg.n_tune == 60
+  cfg.n_tune = 100
+  assert (cfg.n_tune, cfg.n_windows) == (100, 300)
+  assert registry.load_config("configs/adaptive/llm.py", "smoke").n_tune == 6
