@@ -381,3 +381,46 @@ def one_of(name: str, value: Any, choices) -> Any:
   if value not in choices:
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
   return value
+
+
+# ------------------------------------------------------------------------------------------ the flag under jit
+def flag(bad: Any, x: Any) -> Any:
+  """`x` with NaN where `bad` (broadcast over x's trailing axes): the validity flag of a floating output.
+
+  Apply it last, after every transcendental: XLA:CPU (jax 0.10) miscompiles `exp(where(p, nan, x))` into finite
+  garbage, so a NaN must never be selected *into* an `exp`.
+  """
+  bad = jnp.reshape(bad, bad.shape + (1,) * (x.ndim - bad.ndim))
+  return jnp.where(bad, jnp.nan, x)
+
+
+def open_unit_ok(value: Any) -> Any:
+  """Scalar bool array: 0 < value < 1 (False for NaN); the traced side of `open_unit`, for the flag."""
+  e = jnp.asarray(value)
+  return jnp.all((e > 0) & (e < 1))
+
+
+def positive_or_traced(name: str, value: Any) -> Any:
+  """`positive(name, value)` for a concrete value; a traced value is returned as is (callers flag value <= 0)."""
+  return value if is_traced(value) else positive(name, value)
+
+
+def rounding_margin(num_keys: int, dtype: Any = "float32") -> float:
+  r"""Relative safety margin $m$ for comparing a float tail mass (or a bound on it) with $\epsilon$.
+
+  A computed tail mass $\tilde\tau$ of a row of `num_keys` shifted logits satisfies
+  $|\tilde\tau - \tau| \le m\,\tau$ with $m = 64\,u\,\lceil\log_2 N + 1\rceil$ ($u$ = unit roundoff; a
+  log-sum-exp scan of depth $O(\log N)$ over values of magnitude $O(\log N + |\log\epsilon|)$); measured errors
+  are 10-100x smaller (tests/topk/test_library.py). Stopping rules compare with $\epsilon/(1+m)$ so that the true
+  tail mass of the chosen head is $\le \epsilon$.
+  """
+  u = float(jnp.finfo(dtype).eps) / 2
+  return 64.0 * u * (math.ceil(math.log2(max(int(num_keys), 2))) + 1)
+
+
+def stage_edges(name: str, stages: Any, d: int) -> tuple[int, ...]:
+  """Increasing positive coordinate counts ending at `d` (the stages or norm blocks of a progressive search)."""
+  edges = [int(s) for s in stages]
+  if not edges or edges[-1] != d or any(b <= a for a, b in zip([0] + edges, edges)):
+    raise ValueError(f"{name} must be increasing positive coordinate counts ending at d = {d}, got {tuple(stages)}")
+  return tuple(edges)

@@ -131,3 +131,54 @@ def test_checks_folded_from_module_helpers():
   assert checks.boolean("precompute", "auto", also=("auto",)) == "auto"
   with pytest.raises(ValueError, match="precompute must be a bool \\(True or False\\) or 'auto'"):
     checks.boolean("precompute", "yes", also=("auto",))
+
+
+def _private_reach_ins(root) -> list[str]:
+  """`file: name` for every private name (`_x`) a file takes from another asoftmax package: imported
+  (`from asoftmax.topk import _core`) or read as an attribute of a module imported from there (`prog._search`)."""
+  import ast
+
+  out = []
+  for d in ("asoftmax", "experiments", "scripts"):
+    for path in sorted((root / d).rglob("*.py")):
+      rel = path.relative_to(root)
+      parts = rel.parts
+      own = parts[1] if parts[0] == "asoftmax" and len(parts) > 2 else None  # None: top-level module or not library
+      tree = ast.parse(path.read_text())
+      foreign = set()  # local names bound to modules of another package
+      for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("asoftmax"):
+          mod = node.module.split(".")
+          pkg = mod[1] if len(mod) > 1 else None
+          for a in node.names:
+            target_pkg = pkg if pkg is not None else a.name  # `from asoftmax import topk`: the package is the name
+            if target_pkg == own and own is not None:
+              continue
+            if a.name.startswith("_") or (len(mod) > 2 and mod[2].startswith("_")):
+              out.append(f"{rel}: {node.module}.{a.name}")
+            foreign.add(a.asname or a.name)
+      for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in foreign):
+          out.append(f"{rel}: {node.value.id}.{node.attr}")
+  return sorted(set(out))
+
+
+def test_no_private_names_across_packages():
+  """Issue 30's API rule: a package's private names stay inside it (asoftmax.sharded used topk's `_core`,
+  `progressive._progressive`, `_stage_edges` and `_check_prepared`; they are now public checks or the public
+  `topk.progressive_search`)."""
+  import pathlib
+
+  root = pathlib.Path(checks.__file__).resolve().parents[1]
+  assert _private_reach_ins(root) == []
+
+
+def test_stage_edges_names_its_argument():
+  """`topk.prepare_keys(blocks=...)` said "stages must be ..." for bad blocks; the shared check names the argument."""
+  assert checks.stage_edges("blocks", (4, 8), 8) == (4, 8)
+  for bad in ((8, 4), (4, 6), (), (0, 8)):
+    with pytest.raises(ValueError, match="blocks must be increasing positive coordinate counts ending at d = 8"):
+      checks.stage_edges("blocks", bad, 8)
+  assert checks.rounding_margin(1024) > checks.rounding_margin(2) > 0
+  assert bool(checks.open_unit_ok(0.5)) and not bool(checks.open_unit_ok(float("nan")))

@@ -35,7 +35,6 @@ from jax.sharding import PartitionSpec as P
 
 from asoftmax import checks
 from asoftmax.sharded import _mesh
-from asoftmax.topk import _core
 from asoftmax.topk.decode import sum_margin
 
 
@@ -75,7 +74,7 @@ def _shard_heads(q, keys, values, kv, qpos, eps, scale, n_keys, iters, axis):
   # Masked slots may hold garbage (an unused cache slot); a NaN / +inf logit at a valid key flags the row.
   bad = jax.lax.psum(jnp.sum(v & (jnp.isnan(s) | (s == jnp.inf)), -1), axis) > 0
   v = v & (s > -jnp.inf) & ~jnp.isnan(s)
-  bad = bad | (jax.lax.psum(jnp.sum(v, -1), axis) == 0) | ~_core.eps_ok(eps)
+  bad = bad | (jax.lax.psum(jnp.sum(v, -1), axis) == 0) | ~checks.open_unit_ok(eps)
   bad = bad | ~((scale > 0) & jnp.isfinite(scale))  # a traced scale is checked here (flag)
   mx = jax.lax.pmax(jnp.max(jnp.where(v, s, -jnp.inf), -1), axis)
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
@@ -110,7 +109,7 @@ def _shard_heads(q, keys, values, kv, qpos, eps, scale, n_keys, iters, axis):
   o_s = jnp.einsum("bqn,bnd->bqd", w, vals) / jnp.maximum(l_s, jnp.finfo(jnp.float32).tiny)[..., None]
   out = flash_merge(o_s, l_s, m_s, axis)
   bad = bad | ~jnp.all(jnp.isfinite(out), -1)
-  return ShardedAttention(_core.flag(bad, out), jnp.where(bad, 0, k), _core.flag(bad, tv), _core.flag(bad, lo))
+  return ShardedAttention(checks.flag(bad, out), jnp.where(bad, 0, k), checks.flag(bad, tv), checks.flag(bad, lo))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "n_keys", "iters", "axis", "causal"))
@@ -174,7 +173,7 @@ def threshold_attention(q, keys, values, epsilon, mesh, *, axis: str = "seq", ke
   if causal:
     checks.int_array("q_positions", q_positions, 0, None, shape=(q.shape[1],))
     qpos = jnp.asarray(q_positions, jnp.int32)
-  scale = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else _core.check_scale(scale)
+  scale = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else checks.positive_or_traced("scale", scale)
   S = _mesh.axis_size(mesh, axis)
   Np = _mesh.padded(N, S)
   keys, values = _mesh.pad_axis(keys, 1, Np), _mesh.pad_axis(values, 1, Np)
@@ -205,7 +204,7 @@ class ShardedProgressive(NamedTuple):
                                              "search_fraction"))
 def _progressive(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps, mesh, axis, n_keys, causal, scale,
                  stages, blocks, search_fraction):
-  from asoftmax.topk import progressive as prog  # noqa: PLC0415 (only here)
+  from asoftmax import topk  # noqa: PLC0415 (only here)
 
   def shard(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps):
     N_s = keys.shape[0]
@@ -216,10 +215,11 @@ def _progressive(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps, me
     has = jnp.any(v, -1)  # (Q,) this shard holds a visible key for the query
     # Every shard certifies its own part with the final budget of the *global* key count: the per-shard search uses
     # eps / (1 + m_local)^2, so scale eps to make that eps / (1 + m_global)^2.
-    m_loc, m_glob = _core.rounding_margin(N_s), _core.rounding_margin(n_keys)
+    m_loc, m_glob = checks.rounding_margin(N_s), checks.rounding_margin(n_keys)
     eps_s = eps * ((1.0 + m_loc) / (1.0 + m_glob)) ** 2
-    r = prog._progressive(q_rot, prog.PreparedKeys(keys, block_norms, guard_norm), v | ~has[:, None], eps_s, scale,
-                          search_fraction, stages, blocks)
+    # The one-device search on this shard's keys (traced here: its value checks ran eagerly, see below).
+    r = topk.progressive_search(q_rot, topk.PreparedKeys(keys, block_norms, guard_norm), v | ~has[:, None], eps_s,
+                                scale, stages, blocks, search_fraction)
     head = r.head & has[:, None]
     cert = jnp.where(has, r.certificate, 0.0)
     bad = jax.lax.psum((has & jnp.isnan(r.certificate)).astype(jnp.int32), axis) > 0
@@ -236,7 +236,7 @@ def _progressive(q_rot, keys, block_norms, guard_norm, values, kv, qpos, eps, me
     k = jax.lax.psum(jnp.sum(head, -1), axis).astype(jnp.int32)
     cert = jax.lax.pmax(cert, axis)
     bad = bad | ~jnp.all(jnp.isfinite(out), -1)
-    return ShardedProgressive(_core.flag(bad, out), jnp.where(bad, 0, k), _core.flag(bad, cert), head & ~bad[:, None])
+    return ShardedProgressive(checks.flag(bad, out), jnp.where(bad, 0, k), checks.flag(bad, cert), head & ~bad[:, None])
 
   seq = P(axis, None)
   f = jax.shard_map(shard, mesh=mesh, in_specs=(P(), seq, seq, P(axis), seq, P(axis), P(), P()),
@@ -267,30 +267,33 @@ def progressive_attention(q_rot, prepared, values, epsilon, mesh, *, scale: floa
   Returns:
     `ShardedProgressive(out, k, certificate, head)`.
   """
-  from asoftmax.topk import progressive as prog  # noqa: PLC0415
+  from asoftmax import topk  # noqa: PLC0415
 
   mesh = _mesh.check_mesh(mesh)
   axis = _mesh.check_axis(mesh, "axis", axis)
   checks.open_unit("epsilon", epsilon)
   checks.floating_array("q_rot", q_rot, 2)
   checks.floating_array("values", values, 2, finite=False)
-  if not isinstance(prepared, prog.PreparedKeys) or prepared.keys.ndim != 2:
+  if not isinstance(prepared, topk.PreparedKeys) or prepared.keys.ndim != 2:
     raise ValueError("prepared must be a topk.PreparedKeys of one head: keys (N, d), block_norms (N, B), "
                      "guard_norm (N,)")
   N, d = prepared.keys.shape
   if q_rot.shape[-1] != d or values.shape[0] != N:
     raise ValueError(f"shapes do not match: q_rot {q_rot.shape} (Q, d), prepared.keys {prepared.keys.shape} (N, d), "
                      f"values {values.shape} (N, dv)")
-  edges = prog._stage_edges(stages, d)
-  blocks = edges if blocks is None else prog._stage_edges(blocks, d)
+  edges = checks.stage_edges("stages", stages, d)
+  blocks = edges if blocks is None else checks.stage_edges("blocks", blocks, d)
   if not set(edges) <= set(blocks) or prepared.block_norms.shape[-1] != len(blocks):
     raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges} and match prepared.block_norms")
   search_fraction = checks.positive("search_fraction", search_fraction)
   if search_fraction > 1.0:
     raise ValueError(f"search_fraction must be in (0, 1], got {search_fraction}")
   scale = checks.positive("scale", scale)
-  if not checks.is_traced(*prepared):
-    prog._check_prepared(prepared, tuple(blocks))
+  if not checks.is_traced(q_rot, *prepared):
+    # topk's own value checks of a prepared head (block norms that bound, guard norms), run on the concrete arrays
+    # by tracing the one-device search abstractly (`jax.eval_shape` computes nothing).
+    jax.eval_shape(lambda: topk.progressive_search(q_rot, prepared, None, epsilon, scale, edges, blocks,
+                                                   search_fraction))
   kv = jnp.ones((N,), bool) if key_valid is None else jnp.asarray(key_valid, bool)
   if key_valid is not None:
     checks.valid(key_valid, (N,), "key_valid", against="keys' (N,)")
@@ -303,7 +306,9 @@ def progressive_attention(q_rot, prepared, values, epsilon, mesh, *, scale: floa
   S = _mesh.axis_size(mesh, axis)
   Np = _mesh.padded(N, S)
   pad = lambda a, value=0: _mesh.pad_axis(jnp.asarray(a), 0, Np, value)  # noqa: E731
-  r = _progressive(_core.as_float(q_rot), pad(prepared.keys), pad(prepared.block_norms), pad(prepared.guard_norm),
+  q_rot = jnp.asarray(q_rot)
+  q_rot = q_rot.astype(jnp.promote_types(q_rot.dtype, jnp.float32))  # bf16 / f16 computed in float32
+  r = _progressive(q_rot, pad(prepared.keys), pad(prepared.block_norms), pad(prepared.guard_norm),
                    pad(values), pad(kv, False), qpos, jnp.asarray(epsilon, jnp.float32), mesh, axis, N, causal,
                    float(scale), tuple(edges), tuple(blocks), float(search_fraction))
   return r._replace(head=r.head[:, :N])

@@ -12,7 +12,6 @@ each other's private names.
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from asoftmax import checks
+from asoftmax.checks import flag, rounding_margin  # noqa: F401 (shared with asoftmax.sharded through checks)
+from asoftmax.checks import open_unit_ok as eps_ok  # noqa: F401
+
+
+def check_scale(scale: Any) -> Any:
+  """A positive finite logit scale (a float); a traced scale is returned as is (callers flag scale <= 0)."""
+  return checks.positive_or_traced("scale", scale)
 
 
 class SortedRows(NamedTuple):
@@ -73,20 +79,6 @@ def bad_rows(logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   return nonfinite | ~jnp.any(effective_valid(logits, valid), -1)
 
 
-def flag(bad: jax.Array, x: jax.Array) -> jax.Array:
-  """`x` with NaN where `bad` (broadcast over x's trailing axes): the validity flag of a floating output.
-
-  Apply it last, after every transcendental: XLA:CPU (jax 0.10) miscompiles `exp(where(p, nan, x))` into finite
-  garbage, so a NaN must never be selected *into* an `exp`.
-  """
-  bad = jnp.reshape(bad, bad.shape + (1,) * (x.ndim - bad.ndim))
-  return jnp.where(bad, jnp.nan, x)
-
-
-def eps_ok(epsilon: Any) -> jax.Array:
-  """Scalar bool: 0 < epsilon < 1 (False for NaN); for a traced epsilon that the eager check could not see."""
-  e = jnp.asarray(epsilon)
-  return jnp.all((e > 0) & (e < 1))
 
 
 def sort_rows(logits: jax.Array, valid: jax.Array | None) -> SortedRows:
@@ -122,17 +114,6 @@ def shift_by_max(ss: jax.Array) -> jax.Array:
   return ss - jnp.where(jnp.isfinite(top), top, 0.0)
 
 
-def rounding_margin(num_keys: int, dtype=jnp.float32) -> float:
-  r"""Relative safety margin $m$ for comparing a float tail mass (or a bound on it) with $\epsilon$.
-
-  A computed tail mass $\tilde\tau$ of a row of `num_keys` shifted logits satisfies
-  $|\tilde\tau - \tau| \le m\,\tau$ with $m = 64\,u\,\lceil\log_2 N + 1\rceil$ ($u$ = unit roundoff; a
-  log-sum-exp scan of depth $O(\log N)$ over values of magnitude $O(\log N + |\log\epsilon|)$); measured errors
-  are 10-100x smaller (tests/topk/test_library.py). Stopping rules compare with $\epsilon/(1+m)$ so that the true
-  tail mass of the chosen head is $\le \epsilon$.
-  """
-  u = float(jnp.finfo(dtype).eps) / 2
-  return 64.0 * u * (math.ceil(math.log2(max(int(num_keys), 2))) + 1)
 
 
 def log_tail(logits: jax.Array, valid: jax.Array | None) -> tuple[jax.Array, SortedRows]:
@@ -182,10 +163,3 @@ def check_finite_at_used_keys(name: str, x: Any, mask: Any | None, lshape: tuple
   fin = np.isfinite(a).all(-1)
   if not (np.broadcast_to(fin, np.broadcast_shapes(fin.shape, used.shape)) | ~used).all():
     raise ValueError(f"{name} must be finite at every unmasked key (it contains -inf, +inf or NaN)")
-
-
-def check_scale(scale: Any) -> Any:
-  """A positive finite logit scale (a float); a traced scale is returned as is (callers flag scale <= 0)."""
-  if checks.is_traced(scale):
-    return scale
-  return checks.positive("scale", scale)

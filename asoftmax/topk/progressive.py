@@ -96,11 +96,8 @@ class ProgressiveResult(NamedTuple):
   macs: jax.Array
 
 
-def _stage_edges(stages, d):
-  edges = [int(s) for s in stages]
-  if not edges or edges[-1] != d or any(b <= a for a, b in zip([0] + edges, edges)):
-    raise ValueError(f"stages must be increasing positive coordinate counts ending at d = {d}, got {tuple(stages)}")
-  return tuple(edges)
+def _stage_edges(stages, d, name="stages"):
+  return checks.stage_edges(name, stages, d)
 
 
 def _fit_one(keys, queries, kvalid, qvalid):
@@ -231,7 +228,7 @@ def prepare_keys(keys: ArrayLike, basis: Basis, blocks: tuple[int, ...]) -> Prep
     ((16, 4), (16, 2))
   """
   _check_basis_dim("keys", keys, basis)
-  edges = _stage_edges(blocks, keys.shape[-1])
+  edges = _stage_edges(blocks, keys.shape[-1], "blocks")
   return _prepare_keys(_core.as_float(keys), basis, edges)
 
 
@@ -495,7 +492,7 @@ def progressive_search(q_rot: ArrayLike, prepared: PreparedKeys, valid: ArrayLik
     raise ValueError(f"q_rot has d = {d} but prepared.keys must have shape (..., N >= 1, d), got "
                      f"{tuple(prepared.keys.shape)}")
   edges = _stage_edges(stages, d)
-  blocks = edges if blocks is None else _stage_edges(blocks, d)
+  blocks = edges if blocks is None else _stage_edges(blocks, d, "blocks")
   if not set(edges) <= set(blocks):
     raise ValueError(f"blocks {tuple(blocks)} must contain every stage edge {edges}")
   if prepared.block_norms.shape[-1] != len(blocks):
