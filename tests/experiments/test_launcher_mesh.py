@@ -73,7 +73,7 @@ print(json.dumps({"mesh": res["mesh"], "rows": res["rows"]}))
 
 def test_synthetic_experiment_on_a_forced_4_device_mesh(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip(), JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run([sys.executable, "-c", _SUBPROCESS, str(tmp_path)], env=env, cwd=root, capture_output=True,
                         text=True, timeout=300)

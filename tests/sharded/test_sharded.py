@@ -339,7 +339,7 @@ def _run_checks(names):
 # ------------------------------------------------------------------------------------------------ pytest side
 def _subprocess(tmp_path_factory, names):
   path = tmp_path_factory.mktemp("sharded") / "results.json"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip(), JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(path)] + names, env=env, cwd=root,
@@ -407,7 +407,7 @@ def test_multihost_two_processes(tmp_path):
   with socket.socket() as sock:
     sock.bind(("localhost", 0))
     port = sock.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip(), JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--multihost", str(i), str(port),
