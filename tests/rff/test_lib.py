@@ -48,40 +48,21 @@ def test_rff_estimate_std_is_one_minus_k_squared_over_sqrt_2d():
   assert K.min() < 0.2 and K.max() > 0.9
 
 
-def _numpy_path_probs(psi, nodes, counts, n, kappa):
-  """Reference: enumerate every leaf and multiply the branch probabilities along its path."""
-  P = nodes.shape[0] // 2
-  psi = np.asarray(psi, np.float64)
-  nodes = np.asarray(nodes, np.float64)
-  counts = np.asarray(counts, np.float64)
-  floor = kappa * max(psi @ nodes[1], 0.0) / n + 1e-12
-  mass = np.maximum(nodes @ psi, 0.0) + floor * counts
-  q = np.zeros(P)
-  for leaf in range(P):
-    k, p = P + leaf, 1.0
-    while k > 1:
-      tot = mass[k] + mass[k ^ 1]
-      p *= mass[k] / tot if tot > 0 else 0.0
-      k //= 2
-    q[leaf] = p
-  return q
-
-
 @pytest.mark.parametrize("n,kappa", [(13, 0.01), (32, 0.0), (5, 0.1)])
-def test_tree_path_probabilities_equal_enumerated_leaf_masses(n, kappa):
+def test_tree_path_probabilities_equal_enumerated_leaf_masses(n, kappa, numpy_path_probs):
   C = _unit(2, (n, 6))
   W = rff.init_rff(jax.random.key(3), 6, 8, 3.0)  # small D: some clamped (negative) node masses
   tree = rff.build_tree(features_lib.rff_map(C, W))
   psi = features_lib.rff_map(_unit(4, (3, 6)), W)
   lq, _ = jax.jit(rff.tree_log_probs)(psi, tree, kappa)
   for b in range(3):
-    ref = _numpy_path_probs(psi[b], tree.nodes, tree.counts, n, kappa)
+    ref = numpy_path_probs(psi[b], tree.nodes, tree.counts, n, kappa)
     np.testing.assert_allclose(np.exp(np.asarray(lq[b], np.float64)), ref, rtol=2e-4, atol=1e-7)
     np.testing.assert_allclose(ref.sum(), 1.0, rtol=1e-6)
     assert (ref[:n] > 0).all() and (ref[n:] == 0).all()
 
 
-def test_tree_samples_the_path_product_not_the_leaf_clamped_kernel():
+def test_tree_samples_the_path_product_not_the_leaf_clamped_kernel(numpy_path_probs):
   """Under heavy clamping (nu = 4, D = 8) the draws follow the branch-probability product, and the
   documented-elsewhere q prop. to max(phi(h).phi(c), 0) + floor is rejected (measured TV > 0.1)."""
   n, d, m, kappa = 64, 6, 200000, 0.01
@@ -90,7 +71,7 @@ def test_tree_samples_the_path_product_not_the_leaf_clamped_kernel():
   st = s.init(C)
   psi = features_lib.rff_map(h, st.W)
   assert float((psi @ st.tree.nodes[1:].T).min()) < 0  # clamping is active at some node
-  path = _numpy_path_probs(psi[0], st.tree.nodes, st.tree.counts, n, kappa)[:n]
+  path = numpy_path_probs(psi[0], st.tree.nodes, st.tree.counts, n, kappa)[:n]
   leaf = np.exp(np.asarray(tree_lib.leaf_clamped_log_probs(psi, st.tree, kappa), np.float64)[0, :n])
   np.testing.assert_allclose(leaf.sum(), 1.0, rtol=1e-5)
   ids, _ = s.sample(st, jax.random.key(36), h, m)

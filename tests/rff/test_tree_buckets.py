@@ -15,7 +15,7 @@ def _unit(key, shape):
   return rff.normalize(jax.random.normal(jax.random.key(key), shape))
 
 
-def _numpy_bucket_log_q(psi, h, C, W, nu, bucket, kappa):
+def _numpy_bucket_log_q(psi, h, C, W, nu, bucket, kappa, path_probs):
   """Reference in float64: bucket sums of phi(c), heap, product of clamped branch probabilities per bucket,
   times the in-bucket softmax of nu h.c; every leaf enumerated."""
   n = C.shape[0]
@@ -33,17 +33,7 @@ def _numpy_bucket_log_q(psi, h, C, W, nu, bucket, kappa):
   for k in range(P - 1, 0, -1):
     nodes[k] = nodes[2 * k] + nodes[2 * k + 1]
     counts[k] = counts[2 * k] + counts[2 * k + 1]
-  psi = np.asarray(psi, np.float64)
-  floor = kappa * max(psi @ nodes[1], 0.0) / n + 1e-12
-  mass = np.maximum(nodes @ psi, 0.0) + floor * counts
-  qb = np.zeros(P)
-  for leaf in range(P):
-    k, p = P + leaf, 1.0
-    while k > 1:
-      tot = mass[k] + mass[k ^ 1]
-      p *= mass[k] / tot if tot > 0 else 0.0
-      k //= 2
-    qb[leaf] = p
+  qb = path_probs(psi, nodes, counts, n, kappa)
   s = nu * (C @ np.asarray(h, np.float64))
   q = np.zeros(n)
   for j in range(nb):
@@ -54,7 +44,7 @@ def _numpy_bucket_log_q(psi, h, C, W, nu, bucket, kappa):
 
 
 @pytest.mark.parametrize("n,bucket,kappa", [(37, 4, 0.01), (64, 8, 0.0), (5, 2, 0.1), (30, 1, 0.01)])
-def test_bucket_probabilities_equal_enumeration(n, bucket, kappa):
+def test_bucket_probabilities_equal_enumeration(n, bucket, kappa, numpy_path_probs):
   """Dense log q of the bucketed sampler = enumerated path product x in-bucket kernel softmax (clamping active)."""
   d, D, nu = 6, 8, 3.0  # small D: negative node estimates, the clamp is active
   C, h = _unit(2, (n, d)), _unit(4, (3, d))
@@ -63,7 +53,7 @@ def test_bucket_probabilities_equal_enumeration(n, bucket, kappa):
   lq = np.asarray(s.log_probs(st, h), np.float64)
   psi = np.asarray(features_lib.rff_map(h, st.W))
   for b in range(3):
-    ref, nodes = _numpy_bucket_log_q(psi[b], h[b], st.class_vectors, st.W, nu, bucket, kappa)
+    ref, nodes = _numpy_bucket_log_q(psi[b], h[b], st.class_vectors, st.W, nu, bucket, kappa, numpy_path_probs)
     np.testing.assert_allclose(np.asarray(st.tree.nodes), nodes, atol=2e-5)
     np.testing.assert_allclose(np.exp(lq[b]), ref, rtol=3e-4, atol=1e-7)
     np.testing.assert_allclose(ref.sum(), 1.0, rtol=1e-6)
