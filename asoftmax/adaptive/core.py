@@ -36,7 +36,9 @@ products read, the tail size `N`, and `R = tau` (every tail product is in `[-R, 
   `kappa = 7/3 + 3/sqrt(2)`) scaled by N, with the deterministic bound `|unread part| <= sum_{unread} w_j`.
   One union bound over n arms x L levels x 2 sides (`delta' = delta / (10 n L)`) makes *every* interval
   the algorithm may use hold at once with probability >= 1 - delta, so identification and normalization
-  share the whole delta. A float32 rounding margin `2 u sqrt(d) beta sum_j w_j` widens every interval.
+  share the whole delta. A float32 rounding margin `2 u sqrt(d) beta sum_j w_j` widens every sampled arm's
+  interval; an arm whose products were all read is as exact as `A @ x` in float32 and gets none (heavy tails make
+  the margin wide: with it, a call that had read everything could not close its probability bracket).
 * **mode="paper"**: the paper's radius `r = sqrt(2 fudge var log(c n L / delta'))` around the same
   estimate, `var` the *estimated* variance of the tail estimate (finite-population corrected sample
   variance, `N^2 (1 - m/N) s^2 / m`): a confidence interval only for sub-Gaussian products. Fudge
@@ -58,8 +60,10 @@ Algorithm, per query (one function per step below):
    estimates, point estimate `log Z = logsumexp(mu_hat)`.
 
 Time, not samples (defaults; `exact_below=0` turns both off): a problem with `n * d <= exact_below` is one exact
-`A @ x` (`_exact_group`), and after the warm-up the call finishes with one exact `A @ x` when the survivors are
-predicted to read more than that costs (`_predicted_reads`: radius / gap to the top-k boundary; checked once).
+`A @ x` (`_exact_group`), and the call stops sampling and finishes with one exact `A @ x` (every arm exact) when
+sampling on costs more: after the warm-up, when the survivors are predicted to read more than that product costs
+(`_predicted_reads`: each survivor's interval by the mode's own rule at the later levels), and before any round
+whose reads, added to those already spent, would pass it (ski rental: at most about twice the exact product).
 
 Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
 products; exact arms `nnz(x)`. `phase_samples` splits them into warm-up, elimination, winners and
@@ -209,8 +213,8 @@ class AdaptiveConfig:
     normalization: paper mode's partition function: "bracket" or "paper" (Algorithm 2).
     exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
     exact: the problem is small (n * d <= exact_below): the call computes `A x` exactly, no sampling.
-    fallback: after the warm-up, finish with one exact `A @ x` when sampling on is predicted to cost more
-      (`_predicted_reads`); off with `exact_below=0`.
+    fallback: finish with one exact `A @ x` when sampling on is predicted to cost more (`_predicted_reads`,
+      after the warm-up) or the reads spent would pass its cost (before each round); off with `exact_below=0`.
     growth: ratio of consecutive levels.
     c: constant in paper mode's union-bound log term.
   """
@@ -561,11 +565,18 @@ def _arm_tables(arms: _Arms, tabs: _Levels, P: _Plan):
 def _intervals(arms: _Arms, tabs: _Levels, P: _Plan, cfg: AdaptiveConfig, beta, fudge, log_term):
   """(est, lo, hi) of `beta * A_i x` for every arm: the mode's interval rule (module docstring)."""
   mt, unread = _arm_tables(arms, tabs, P)
+  return _interval_rule(arms.s_head, arms.s1, arms.s2, mt, unread, P, cfg, beta, fudge, log_term)
+
+
+def _interval_rule(s_head, s1, s2, mt, unread, P: _Plan, cfg: AdaptiveConfig, beta, fudge, log_term):
+  """(est, lo, hi) from an arm's sums: head sum, tail sum and sum of squares of its mt tail products, the unread
+  tail weight. Certified: `_bounds_from_sums`, the rounding margin on sampled arms only (a row read in full is as
+  exact as `A @ x`); paper: the paper's radius around `_paper_estimate`."""
   N = P.n_tail[:, None]
   if cfg.mode == "certified":
-    return _bounds_from_sums(arms.s_head + arms.s1, arms.s1, arms.s2, mt, N, unread, P.rng[:, None],
-                             P.margin[:, None], beta, log_term)
-  est, var = _paper_estimate(arms.s_head, arms.s1, arms.s2, mt, N)
+    margin = jnp.where(mt >= N, 0.0, P.margin[:, None])
+    return _bounds_from_sums(s_head + s1, s1, s2, mt, N, unread, P.rng[:, None], margin, beta, log_term)
+  est, var = _paper_estimate(s_head, s1, s2, mt, N)
   r = jnp.sqrt(2.0 * fudge * var * log_term)
   return beta * est, beta * (est - r), beta * (est + r)
 
@@ -760,18 +771,30 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
       return store(arms, tabs, cap, idx, gi, m, (exact, z, z), P.top_level, False)
     return run
 
-  # Branches and their cost in units of one streamed product of `A @ x` (see _READ_COST).
+  small = [c for c in buckets if c < n]
+  branches = [slab, rows(n)] + [segment(c) for c in small] + [rows(c) for c in small]
+  costs = _path_costs(g, cfg, move, l, buckets)
+  pick = jnp.argmin(costs) if all_rows is None else jnp.where(all_rows, 1, jnp.argmin(costs))  # 1: rows(n)
+  return jax.lax.switch(pick, branches, (arms, tabs))
+
+
+def _path_costs(g: _Group, cfg: AdaptiveConfig, move, l, buckets):
+  """Cost of each read path of `_advance` (slab, full rows of all arms, then segments and full rows of the moving
+  arms in each smaller buffer) for moving the arms in `move` from level l to l + 1, in units of one streamed product
+  of `A @ x` (`_READ_COST`); inf where a path does not apply. (branches,) float32."""
+  n, d, P = cfg.n, cfg.d, g.P
+  nl = l + 1
+  lc = jnp.maximum(l, 0)
+  count = P.need[nl] - jnp.where(l >= 0, P.need[lc], 0)
+  u = jnp.sum(jnp.any(move, axis=0))
   small = [c for c in buckets if c < n]
   ncols = count.astype(jnp.float32) * (d / jnp.maximum(jnp.sum(P.n_tail), 1).astype(jnp.float32)) ** (P.X.shape[0] == 1)
-  branches = [slab, rows(n)] + [segment(c) for c in small] + [rows(c) for c in small]
   costs = [n * ncols * _READ_COST["slab"], jnp.float32(n * d)]
   costs += [c * ncols * _READ_COST["segment"] for c in small] + [jnp.float32(c * d * _READ_COST["rows"]) for c in small]
   rows_ok = jnp.asarray(cfg.exact_rows) | (nl >= P.top_level)
   fits = [l >= -1, rows_ok & (l >= 0)] + [(u <= c) & (l >= 0) for c in small] + [rows_ok & (u <= c) & (l >= 0)
                                                                                   for c in small]
-  costs = jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
-  pick = jnp.argmin(costs) if all_rows is None else jnp.where(all_rows, 1, jnp.argmin(costs))  # 1: rows(n)
-  return jax.lax.switch(pick, branches, (arms, tabs))
+  return jnp.stack([jnp.where(f, jnp.asarray(c, jnp.float32), jnp.inf) for c, f in zip(costs, fits)])
 
 
 # ============================================================================================ the algorithm
@@ -818,64 +841,86 @@ _FALLBACK_READ_COST = 1.5
 
 
 def _predicted_reads(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
-  """(B,) positions x products the survivors are predicted still to read before elimination ends.
+  """(B,) positions x products the survivors of the warm-up are predicted still to read before elimination ends.
 
-  A survivor's radius r shrinks about as 1/sqrt(m) with its m tail products; it is settled once r is below its
-  distance to the boundary `theta` between the k-th and (k+1)-th estimates, i.e. after about `m (r / gap)^2`
-  products (at most its tail). A heuristic for time only: the fallback it triggers computes every arm exactly.
+  Each survivor's interval is evaluated at every later level by the mode's own rule (`_interval_rule`), as if its
+  tail mean and mean square stayed as read so far and the unread weight shrank in proportion: an arm is predicted
+  eliminated at the first level where its upper bound is below the k-th largest lower bound there (the elimination
+  rule, `_survivors`). Elimination ends at the level where the last arm goes (the top level if more than k are
+  never eliminated); each survivor reads up to its own elimination level or that end. This sees both ways the
+  radii shrink (1/sqrt(m) and the range term's 1/m) and radii that never beat the gaps (a range bound far above
+  the typical product: every arm to the top). A heuristic for time only: the fallback it triggers computes every
+  arm exactly. Cost: L interval evaluations and top-k's over the n arms, once per call.
   """
-  est, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
-  mt, _ = _arm_tables(arms, tabs, g.P)
-  vals = jax.lax.top_k(jnp.where(alive, est, -jnp.inf), min(cfg.k + 1, cfg.n))[0]
-  theta = 0.5 * (vals[:, cfg.k - 1] + vals[:, -1])
-  gap = jnp.abs(est - theta[:, None])
-  r = 0.5 * (hi - lo)
-  m = jnp.maximum(mt, 1).astype(est.dtype)
-  N = g.P.n_tail[:, None].astype(est.dtype)
-  need = jnp.minimum(m * jnp.square(r / jnp.maximum(gap, jnp.finfo(est.dtype).tiny)), N)
-  need = jnp.where(jnp.isfinite(need), need, N)
-  # The reads step through positions of the order: an unused coordinate (x_j = 0) costs a position too.
-  per_product = cfg.d / jnp.maximum(g.P.nnz, 1).astype(est.dtype)
-  return per_product * jnp.sum(jnp.where(alive & (arms.lvl < g.P.top_level), jnp.maximum(need - m, 0.0), 0.0), axis=1)
+  P = g.P
+  mt, unread = _arm_tables(arms, tabs, P)
+  m = jnp.maximum(mt, 1).astype(P.X.dtype)
+  N = P.n_tail[:, None]
+  Nf = jnp.maximum(N, 1).astype(m.dtype)
+  below = alive & (arms.lvl < P.top_level)
+  L = len(cfg.levels)
+
+  def at_level(l, gone):
+    mp = jnp.clip(jnp.maximum(P.need[l], mt), 0, N)  # (B, n) tail products held at level l
+    f = mp.astype(m.dtype) / m
+    left = jnp.maximum(Nf - mp, 0.0) / jnp.maximum(Nf - mt, 1.0)
+    _, lo, hi = _interval_rule(arms.s_head, arms.s1 * f, arms.s2 * f, mp, unread * left, P, cfg, ctx.beta,
+                               ctx.fudge_b, ctx.log_term)
+    kth = jax.lax.top_k(jnp.where(alive, lo, -jnp.inf), cfg.k)[0][:, cfg.k - 1]
+    out = below & (hi < kth[:, None]) & (gone == L)
+    return jnp.where(out, l, gone)
+
+  gone = jax.lax.fori_loop(0, L, at_level, jnp.full(mt.shape, L, jnp.int32))  # (B, n) level an arm goes
+  stays = below & (gone == L)
+  last = jnp.max(jnp.where(below & (gone < L), gone, 0), axis=1)
+  stop = jnp.where(jnp.sum(stays | (alive & ~below), axis=1) <= cfg.k, last, L - 1)  # (B,) level elimination ends
+  reach = jnp.minimum(jnp.where(gone < L, gone, L - 1), stop[:, None])
+  held = jnp.clip(jnp.maximum(P.need[reach], mt), 0, N)
+  per_product = cfg.d / jnp.maximum(P.nnz, 1).astype(m.dtype)  # an unused coordinate costs a position too
+  return per_product * jnp.sum(jnp.where(below, (held - mt).astype(m.dtype), 0.0), axis=1)
 
 
 def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   """Algorithm 1 (successive elimination, for a top-k set): round l moves the survivors from level l to l + 1
   until k remain or every survivor is exact. Returns (arms, tables, alive, rounds).
 
-  With `cfg.fallback`, when the survivors of the warm-up are predicted to read more than one exact `A @ x` costs
-  (`_predicted_reads`, at `_FALLBACK_READ_COST` per product), every arm is computed exactly instead and no round
-  runs (the call is then exact; it only ever trades samples for time). Checked once: a check per round cost
-  XLA:CPU about 0.1 ms per round."""
+  With `cfg.fallback` (time only: the call then computes every arm exactly, one `A @ x`, and its answer is exact):
+  * after the warm-up, when the survivors are predicted to read more than that product costs (`_predicted_reads`,
+    at `_FALLBACK_READ_COST` per product), no round runs;
+  * before each round, when the reads spent so far plus the round's would pass the cost of that product (the
+    cheapest path's `_path_costs`, one scalar per round), the call stops sampling there (ski rental: a call never
+    costs much more than twice the exact product, whatever the radii do)."""
   B, n, L = g.P.X.shape[0], cfg.n, len(cfg.levels)
   top = g.P.top_level
   alive = _survivors(arms, tabs, jnp.ones((B, n), bool), g, cfg, ctx)
   done = (jnp.sum(alive, axis=1) <= cfg.k) | (top <= 0)
-  if cfg.fallback:  # once, after the warm-up: every arm below the top reads its full row (one `A @ x`)
+  exact_cost = float(cfg.n) * float(cfg.d)
+  fall = jnp.asarray(False)
+  if cfg.fallback:
     cost = _FALLBACK_READ_COST * _predicted_reads(arms, tabs, alive & ~done[:, None], g, cfg, ctx)
-    fall = jnp.all(done | (cost > float(cfg.n) * float(cfg.d))) & ~jnp.all(done)
-    arms, tabs = jax.lax.cond(fall, lambda a, t: _advance(g, cfg, a, t, a.lvl < top, jnp.int32(0), cfg.caps,
-                                                          all_rows=jnp.asarray(True)),
-                              lambda a, t: (a, t), arms, tabs)
-    alive = jnp.where(fall, _survivors(arms, tabs, alive, g, cfg, ctx), alive)
-    done = done | fall
+    fall = jnp.all(done | (cost > exact_cost))
+  spent = jnp.min(_path_costs(g, cfg, jnp.ones((B, n), bool), jnp.int32(-1), (n,)))  # the warm-up's
 
   def cond(c):
-    l, _, _, _, done, _ = c
+    l, _, _, _, done, _, _, _ = c
     return (l < L - 1) & ~jnp.all(done)
 
   def body(c):
-    l, arms, tabs, alive, done, rounds = c
+    l, arms, tabs, alive, done, rounds, spent, fall = c
     # Survivors below the top are all at level l (a round may have made some exact: full rows were cheaper).
-    arms, tabs = _advance(g, cfg, arms, tabs, alive & ~done[:, None] & (arms.lvl == l), l, cfg.caps)
+    move = alive & ~done[:, None] & (arms.lvl == l)
+    step = jnp.min(_path_costs(g, cfg, move, l, cfg.caps))
+    if cfg.fallback:
+      fall = fall | (spent + step > exact_cost)
+    arms, tabs = _advance(g, cfg, arms, tabs, jnp.where(fall, arms.lvl < top, move), l, cfg.caps, all_rows=fall)
     alive = jnp.where(done[:, None], alive, _survivors(arms, tabs, alive, g, cfg, ctx))
-    rounds = rounds + (~done).astype(jnp.int32)
+    rounds = rounds + (~done & ~fall).astype(jnp.int32)
     all_exact = ~jnp.any(alive & (arms.lvl < top), axis=1)
-    done = done | (jnp.sum(alive, axis=1) <= cfg.k) | (top <= l + 1) | all_exact
-    return l + 1, arms, tabs, alive, done, rounds
+    done = done | (jnp.sum(alive, axis=1) <= cfg.k) | (top <= l + 1) | all_exact | fall
+    return l + 1, arms, tabs, alive, done, rounds, spent + step, fall
 
-  _, arms, tabs, alive, _, rounds = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), arms, tabs, alive, done, jnp.zeros((B,), jnp.int32)))
+  init = (jnp.int32(0), arms, tabs, alive, done, jnp.zeros((B,), jnp.int32), spent, fall)
+  _, arms, tabs, alive, _, rounds, _, _ = jax.lax.while_loop(cond, body, init)
   return arms, tabs, alive, rounds
 
 
@@ -1181,7 +1226,8 @@ def adaptive_softmax(
   is the top-k of `mu = beta * A x` and every returned probability satisfies `|p_hat - p| <= epsilon * p`,
   where `p_i = exp(mu_i) / sum_j exp(mu_j)` (empirical Bernstein-Serfling intervals with ranges from the column
   maxima of `A`; see the module docstring). Up to float32 rounding of the sums: a margin of `2 u sqrt(d)`
-  times `beta * sum_j |x_j| max_i |A_ij|` is added to every interval.
+  times `beta * sum_j |x_j| max_i |A_ij|` is added to every sampled arm's interval (an arm read in full is as
+  exact as the float32 `A @ x`).
 
   In `mode="paper"` the intervals are the paper's sub-Gaussian radii around an estimated variance,
   scaled by fudge factors tuned on training queries (`tuning.tune_fudge`): the guarantee then holds
@@ -1228,9 +1274,10 @@ def adaptive_softmax(
     exact_below: problems with `n * d <= exact_below` are computed exactly (`A x` in full: exact top-k,
       probabilities and log Z, `samples = n * d`, `rounds = 0`); default `EXACT_BELOW` (4e6 products,
       where a call's rounds cost more than the whole `A @ x` on XLA:CPU: configs/adaptive/wallclock.py).
-      Any exact_below > 0 also turns on the fallback: after the warm-up, if the survivors are predicted to
-      read more than one `A @ x` costs (at their radii and gaps), every arm is computed exactly instead
-      (time only; the answer is then exact). Pass 0 to always run the algorithm as published (studies of its
+      Any exact_below > 0 also turns on the fallback: if, after the warm-up, the survivors are predicted to
+      read more than one `A @ x` costs (their intervals at the later levels), or, before a round, the reads
+      spent plus the round's would pass that cost, every arm is computed exactly instead (time only; the
+      answer is then exact). Pass 0 to always run the algorithm as published (studies of its
       sample complexity; the paper tables and tests do).
     check_finite: scan `x` for NaN/inf on the host when it is concrete (one pass; turn off inside
       timing loops).

@@ -65,6 +65,31 @@ def test_fallback_trades_rounds_for_one_exact_product():
   assert int(fb.samples) == int(no.samples) < 0.2 * 100 * 20_000
 
 
+def test_fallback_fires_where_certified_intervals_cannot_separate():
+  """On an LLM-like head (a few massive hidden dimensions: the range bound R is ~100x a typical product) certified
+  mode reads every product round by round; the fallback's prediction must see that after the warm-up (the radii at
+  the later levels, not only their 1/sqrt(m) shrinkage) and finish with one exact product: no round, same answer."""
+  A, X = synthetic.llm_head_problem(jax.random.key(0), 4000, 1024, 2)
+  prep = adaptive.prepare_matrix(A)
+  for x in X:
+    ex = adaptive.softmax_topk(A, x, k=1)
+    fb = adaptive.adaptive_softmax(jax.random.key(1), prep, x, exact_below=1)
+    assert int(fb.rounds) == 0 and int(fb.samples) == 4000 * 1024
+    assert int(fb.indices[0]) == int(ex.indices[0]) and bool(fb.certified)
+
+
+def test_exact_arms_carry_no_rounding_margin():
+  """An arm whose whole row was read is as exact as `A @ x`: the float32 margin (2u sqrt(d) sum_j |x_j| M_j, which
+  heavy tails make wide) widens sampled intervals only. On a heavy-tailed problem whose call falls back to the exact
+  product, the probability is the exact one (it was the margin's bracket, 3.5 % off at d = 1e5, 70x at d = 1e6)."""
+  A, x = synthetic.heavy_tailed_problem(jax.random.key(0), 100, 100_000, df=2.5)
+  ex = adaptive.softmax_topk(A, x, k=1)
+  res = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=1)
+  assert int(res.samples) == 100 * 100_000 and bool(res.certified)
+  assert int(res.indices[0]) == int(ex.indices[0])
+  np.testing.assert_allclose(float(res.probs[0]), float(ex.probs[0]), rtol=1e-4)
+
+
 def test_polar_student_t_matches_the_t_distribution():
   """The large-problem Student-t sampler (Bailey's polar method) against scipy's t(2.5) CDF (KS, 200k draws), and
   the blocked (n, d) path is used above `_T_CHUNK` entries."""
