@@ -62,7 +62,7 @@ Algorithm, per query (one function per step below):
 Time, not samples (defaults; `exact_below=0` turns both off): a problem with `n * d <= exact_below` is one exact
 `A @ x` (`_exact_group`), and the call stops sampling and finishes with one exact `A @ x` (every arm exact) when
 sampling on costs more: after the warm-up, when the survivors are predicted to read more than that product costs
-(`_predicted_reads`: each survivor's interval by the mode's own rule at the later levels), and before any round
+(`_predicted_cost`: each survivor's interval by the mode's own rule at the later levels), and before any round
 whose reads, added to those already spent, would pass it (ski rental: at most about twice the exact product).
 
 Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
@@ -213,7 +213,7 @@ class AdaptiveConfig:
     normalization: paper mode's partition function: "bracket" or "paper" (Algorithm 2).
     exact_rows: read full rows (the arms become exact) whenever that costs less time than their new columns.
     exact: the problem is small (n * d <= exact_below): the call computes `A x` exactly, no sampling.
-    fallback: finish with one exact `A @ x` when sampling on is predicted to cost more (`_predicted_reads`,
+    fallback: finish with one exact `A @ x` when sampling on is predicted to cost more (`_predicted_cost`,
       after the warm-up) or the reads spent would pass its cost (before each round); off with `exact_below=0`.
     growth: ratio of consecutive levels.
     c: constant in paper mode's union-bound log term.
@@ -834,23 +834,21 @@ def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
   return alive & (hi >= kth[:, None])
 
 
-# The fallback's price of one predicted sampled product against one product of the streamed `A @ x`: below the
-# cheapest read path's measured cost (`_READ_COST`, 1.8 at best), so the call falls back only when sampling on is
-# clearly slower.
-_FALLBACK_READ_COST = 1.5
-
-
-def _predicted_reads(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
-  """(B,) positions x products the survivors of the warm-up are predicted still to read before elimination ends.
+def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
+  """Predicted cost of the elimination rounds still to run, in streamed products of `A @ x` (`_path_costs`).
 
   Each survivor's interval is evaluated at every later level by the mode's own rule (`_interval_rule`), as if its
   tail mean and mean square stayed as read so far and the unread weight shrank in proportion: an arm is predicted
-  eliminated at the first level where its upper bound is below the k-th largest lower bound there (the elimination
-  rule, `_survivors`). Elimination ends at the level where the last arm goes (the top level if more than k are
-  never eliminated); each survivor reads up to its own elimination level or that end. This sees both ways the
-  radii shrink (1/sqrt(m) and the range term's 1/m) and radii that never beat the gaps (a range bound far above
-  the typical product: every arm to the top). A heuristic for time only: the fallback it triggers computes every
-  arm exactly. Cost: L interval evaluations and top-k's over the n arms, once per call.
+  eliminated at the first level where its upper bound is below the k-th largest projected lower bound there (the
+  elimination rule, `_survivors`). Elimination ends at the level where the last arm goes (the top level if more
+  than k are never eliminated); each survivor reads up to its own elimination level or that end, and each round is priced by its cheapest read path (a slab reads every arm, however few
+  survive). This sees both ways the radii shrink (1/sqrt(m) and the range term's 1/m) and radii that never beat
+  the gaps (a range bound far above the typical product: every arm to the top). It is optimistic where the
+  largest warm-up estimates are high by chance and come down as the arms read on (paper mode on an LLM-like head,
+  32,000 x 4096: 0.1-0.3 n·d predicted against about 2.3 n·d spent; a boundary lowered by sqrt(2 log n) standard
+  deviations caught those but also fell back on Fig. 2's gaussian at d = 1e5, where sampling is 1.7x faster): the
+  check before each round (`_eliminate`) bounds what those cost. A heuristic for time only: the fallback it
+  triggers computes every arm exactly. Cost: L interval evaluations and top-k's over the n arms, once per call.
   """
   P = g.P
   mt, unread = _arm_tables(arms, tabs, P)
@@ -859,13 +857,15 @@ def _predicted_reads(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: Adaptive
   Nf = jnp.maximum(N, 1).astype(m.dtype)
   below = alive & (arms.lvl < P.top_level)
   L = len(cfg.levels)
+  mean, sq = arms.s1 / m, arms.s2 / m  # a tail product's mean and mean square, as read so far
 
   def at_level(l, gone):
     mp = jnp.clip(jnp.maximum(P.need[l], mt), 0, N)  # (B, n) tail products held at level l
-    f = mp.astype(m.dtype) / m
+    f = mp.astype(m.dtype)
     left = jnp.maximum(Nf - mp, 0.0) / jnp.maximum(Nf - mt, 1.0)
-    _, lo, hi = _interval_rule(arms.s_head, arms.s1 * f, arms.s2 * f, mp, unread * left, P, cfg, ctx.beta,
-                               ctx.fudge_b, ctx.log_term)
+    s1, s2 = jnp.where(mp > mt, mean * f, arms.s1), jnp.where(mp > mt, sq * f, arms.s2)
+    _, lo, hi = _interval_rule(arms.s_head, s1, s2, mp, unread * left, P, cfg, ctx.beta, ctx.fudge_b,
+                               ctx.log_term)
     kth = jax.lax.top_k(jnp.where(alive, lo, -jnp.inf), cfg.k)[0][:, cfg.k - 1]
     out = below & (hi < kth[:, None]) & (gone == L)
     return jnp.where(out, l, gone)
@@ -874,10 +874,13 @@ def _predicted_reads(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: Adaptive
   stays = below & (gone == L)
   last = jnp.max(jnp.where(below & (gone < L), gone, 0), axis=1)
   stop = jnp.where(jnp.sum(stays | (alive & ~below), axis=1) <= cfg.k, last, L - 1)  # (B,) level elimination ends
-  reach = jnp.minimum(jnp.where(gone < L, gone, L - 1), stop[:, None])
-  held = jnp.clip(jnp.maximum(P.need[reach], mt), 0, N)
-  per_product = cfg.d / jnp.maximum(P.nnz, 1).astype(m.dtype)  # an unused coordinate costs a position too
-  return per_product * jnp.sum(jnp.where(below, (held - mt).astype(m.dtype), 0.0), axis=1)
+  reach = jnp.where(below, jnp.minimum(jnp.where(gone < L, gone, L - 1), stop[:, None]), -1)  # last level read
+
+  def round_cost(l, total):  # round l moves the arms that read beyond level l, by the cheapest path
+    move = reach > l
+    return total + jnp.where(jnp.any(move), jnp.min(_path_costs(g, cfg, move, l, cfg.caps)), 0.0)
+
+  return jax.lax.fori_loop(0, L - 1, round_cost, jnp.float32(0.0))
 
 
 def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
@@ -885,8 +888,8 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   until k remain or every survivor is exact. Returns (arms, tables, alive, rounds).
 
   With `cfg.fallback` (time only: the call then computes every arm exactly, one `A @ x`, and its answer is exact):
-  * after the warm-up, when the survivors are predicted to read more than that product costs (`_predicted_reads`,
-    at `_FALLBACK_READ_COST` per product), no round runs;
+  * after the warm-up, when the rounds are predicted to cost more than that product (`_predicted_cost`), no round
+    runs;
   * before each round, when the reads spent so far plus the round's would pass the cost of that product (the
     cheapest path's `_path_costs`, one scalar per round), the call stops sampling there (ski rental: a call never
     costs much more than twice the exact product, whatever the radii do)."""
@@ -897,8 +900,7 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   exact_cost = float(cfg.n) * float(cfg.d)
   fall = jnp.asarray(False)
   if cfg.fallback:
-    cost = _FALLBACK_READ_COST * _predicted_reads(arms, tabs, alive & ~done[:, None], g, cfg, ctx)
-    fall = jnp.all(done | (cost > exact_cost))
+    fall = ~jnp.all(done) & (_predicted_cost(arms, tabs, alive & ~done[:, None], g, cfg, ctx) > exact_cost)
   spent = jnp.min(_path_costs(g, cfg, jnp.ones((B, n), bool), jnp.int32(-1), (n,)))  # the warm-up's
 
   def cond(c):
