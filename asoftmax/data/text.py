@@ -19,6 +19,8 @@ import os
 
 import numpy as np
 
+from asoftmax import checks
+
 DATASETS = ("wikitext", "ptb")
 SPLITS = ("valid", "test")
 
@@ -83,7 +85,7 @@ def words(text: str) -> list[str]:
   ['a', 'b', '<eos>', 'c', '<eos>']
   """
   out = []
-  for line in text.splitlines():
+  for line in checks.string("text", text).splitlines():
     out.extend(line.split() + ["<eos>"])
   return out
 
@@ -95,7 +97,7 @@ def wikitext_lines(text: str) -> list[str]:
   ['A 3,000-metre tower .']
   """
   out = []
-  for line in text.splitlines():
+  for line in checks.string("text", text).splitlines():
     s = line.strip()
     if not s or (s.startswith("=") and s.endswith("=")):
       continue
@@ -105,6 +107,7 @@ def wikitext_lines(text: str) -> list[str]:
 
 def tokenize(tokenizer, text: str) -> np.ndarray:
   """Token ids of `text` (no BOS/EOS added) as an int32 array."""
+  checks.string("text", text)
   return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 

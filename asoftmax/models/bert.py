@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from asoftmax import checks
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -136,7 +138,8 @@ def encode(model: BertEncoder, input_ids, attention_mask, token_type_ids=None, t
   Returns:
     `BertOutput`.
   """
-  ids = jnp.asarray(input_ids, jnp.int32)
+  ids = checks.index_array("input_ids", input_ids, model.cfg.vocab_size, ndims=2)
+  ids = jnp.asarray(ids, jnp.int32)
   B, N = ids.shape
   valid = jnp.asarray(attention_mask).astype(bool)
   tt = jnp.zeros_like(ids) if token_type_ids is None else jnp.asarray(token_type_ids, jnp.int32)
@@ -165,6 +168,7 @@ def sentence_embedding(hidden, attention_mask) -> jax.Array:
 
   Args: hidden (B, N, D); attention_mask (B, N). Returns (B, D) unit vectors.
   """
+  checks.floating_array("hidden", hidden, 3)
   m = jnp.asarray(attention_mask).astype(hidden.dtype)[..., None]
   e = jnp.sum(hidden * m, 1) / jnp.maximum(jnp.sum(m, 1), 1e-9)
   return e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
@@ -253,8 +257,7 @@ def load_bert(checkpoint_dir: str | None = None) -> tuple[BertEncoder, object, B
 
   d = checkpoint_dir or minilm_dir()
   for f in ("config.json", "model.safetensors"):
-    if not os.path.exists(os.path.join(d, f)):
-      raise FileNotFoundError(f"checkpoint_dir {d!r} has no {f}")
+    checks.existing_path("checkpoint_dir", os.path.join(d, f))
   cfg = BertConfig.from_json(os.path.join(d, "config.json"))
   model = BertEncoder(cfg, nnx.Rngs(0))
   load_weights(model, load_file(os.path.join(d, "model.safetensors")))
@@ -267,8 +270,7 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.
   Returns:
     (input_ids, attention_mask), both (len(texts), max_len) int32.
   """
-  if max_len < 2:
-    raise ValueError(f"max_len must be >= 2, got {max_len}")
+  max_len = checks.int_in_range("max_len", max_len, 2)
   cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
   pad_id = tokenizer.token_to_id("[PAD]") or 0
   ids = np.full((len(texts), max_len), pad_id, np.int32)
@@ -284,6 +286,8 @@ def tokenize(tokenizer, texts: list[str], max_len: int) -> tuple[np.ndarray, np.
 def pack_token_ids(tokenizer, lines: list[str], seq_len: int, num_sequences: int) -> np.ndarray:
   """Concatenates the WordPiece ids of `lines` and cuts them into `num_sequences` rows of [CLS] + seq_len-2 ids +
   [SEP] (no padding). Returns (S, seq_len) int32 with S <= num_sequences (fewer if the text runs out)."""
+  seq_len = checks.int_in_range("seq_len", seq_len, 3)
+  num_sequences = checks.int_in_range("num_sequences", num_sequences)
   cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
   body = seq_len - 2
   need = body * num_sequences

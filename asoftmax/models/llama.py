@@ -193,6 +193,8 @@ def load_smollm2(n_layers: int | None = None):
     (params, tokenizer): LlamaParams (V = 49152, d = 576, L = 30, 9 query / 3 key-value heads) and the
     GGUF `tokenizers.Tokenizer`.
   """
+  if n_layers is not None:  # before the 135M-parameter file is read
+    checks.int_in_range("n_layers", n_layers)
   params, meta = _load_gguf_with_metadata(gguf_loader.smollm2_path(), n_layers)
   return params, gguf_loader.tokenizer_from_metadata(meta)
 

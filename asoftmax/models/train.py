@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from asoftmax import results
+from asoftmax import checks, results
 
 
 def _loss(model, images, labels):
@@ -96,6 +96,7 @@ def train_classifier(model: nnx.Module, x_train: np.ndarray, y_train: np.ndarray
   Returns:
     {"steps", "final_loss" (mean of the last 50 steps), "train_s"}.
   """
+  batch_size = checks.int_in_range("batch_size", batch_size)
   n = len(y_train)
   if n < batch_size:
     raise ValueError(f"batch_size {batch_size} exceeds the {n} training images")
@@ -135,11 +136,13 @@ def predict(model: nnx.Module, images: np.ndarray, batch_size: int = 500) -> np.
 
 def accuracy(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_size: int = 500) -> float:
   """Top-1 accuracy on (images, labels)."""
+  batch_size = checks.int_in_range("batch_size", batch_size)
   return float((predict(model, images, batch_size) == np.asarray(labels)).mean())
 
 
 def extract_features(model: nnx.Module, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
   """(N, d) float32 penultimate activations `model.features(images)` (the AdaptiveSoftmax queries x)."""
+  batch_size = checks.int_in_range("batch_size", batch_size)
   return np.concatenate([np.asarray(_features(model, jnp.asarray(images[i:i + batch_size])), np.float32)
                          for i in range(0, len(images), batch_size)])
 
@@ -158,6 +161,7 @@ def save_params(model: nnx.Module, path: str, metadata: dict | None = None) -> N
   """Writes the model's nnx.Param and nnx.BatchStat leaves to a safetensors file (atomically); `metadata` is stored as json."""
   from safetensors.numpy import save_file
 
+  checks.string("path", path)
   tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in _named_params(model).items()}
   with results.atomic_path(path) as tmp:
     save_file(tensors, tmp, metadata={"info": json.dumps(metadata or {}), "sha256": _tensors_sha256(tensors)})
@@ -189,9 +193,9 @@ def load_params(model: nnx.Module, path: str) -> dict:
       header = f.metadata() or {}
     meta = json.loads(header.get("info", "{}"))
   except Exception as e:  # pylint: disable=broad-except -- SafetensorError, json errors, OSError, ...
-    raise ValueError(f"weights file {path} is unreadable ({type(e).__name__}: {e})") from e
+    raise ValueError(f"path: weights file {path} is unreadable ({type(e).__name__}: {e})") from e
   if header.get("sha256") != _tensors_sha256(tensors):
-    raise ValueError(f"weights file {path} has no checksum or fails it (corrupted or written by old code)")
+    raise ValueError(f"path: weights file {path} has no checksum or fails it (corrupted or written by old code)")
   state = nnx.state(model, nnx.Any(*_SAVED))
   expected = _named_params(model)
   if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
@@ -209,6 +213,9 @@ def train_or_load(model: nnx.Module, path: str, train_fn, *, retrain: bool = Fal
   Returns:
     (metadata, loaded_from_cache).
   """
+  retrain = checks.boolean("retrain", retrain)
+  if not callable(train_fn):
+    raise ValueError(f"train_fn must be callable () -> dict, got {train_fn!r}")
   if not retrain and os.path.exists(path):
     try:
       return load_params(model, path), True

@@ -21,7 +21,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from asoftmax import adaptive
-from asoftmax.models import cnn, resnet, train
+from asoftmax import models
 from experiments import tables
 from experiments.adaptive import common
 from experiments.adaptive import paper as paper_numbers
@@ -55,11 +55,11 @@ def build_model(config, seed: int) -> nnx.Module:
   `config.channels`/`width` (and `config.blocks` for the ResNet)."""
   rngs = nnx.Rngs(params=seed, dropout=seed + 1)
   if config.model == "mnist_cnn":
-    return cnn.MnistCNN(channels=tuple(config.channels), rngs=rngs)
+    return models.MnistCNN(channels=tuple(config.channels), rngs=rngs)
   if config.model == "eurosat_cnn":
-    return cnn.EuroSATCNN(channels=tuple(config.channels), width=config.width, dropout=config.dropout, rngs=rngs)
+    return models.EuroSATCNN(channels=tuple(config.channels), width=config.width, dropout=config.dropout, rngs=rngs)
   if config.model == "eurosat_resnet":
-    return resnet.EuroSATResNet(channels=tuple(config.channels), blocks=tuple(config.blocks), width=config.width,
+    return models.EuroSATResNet(channels=tuple(config.channels), blocks=tuple(config.blocks), width=config.width,
                                 dropout=config.dropout, rngs=rngs)
   raise ValueError(f"model must be 'mnist_cnn', 'eurosat_cnn' or 'eurosat_resnet', got {config.model!r}")
 
@@ -67,7 +67,7 @@ def build_model(config, seed: int) -> nnx.Module:
 def trained_classifier(config, workdir: str, splits, progress=None) -> tuple[nnx.Module, dict]:
   """Trains (or loads from `workdir/<model>_<tag>.safetensors`) the classifier; returns it and facts about it.
 
-  `progress(step, steps)` is passed to `train.train_classifier` (e.g. a training script's log line)."""
+  `progress(step, steps)` is passed to `asoftmax.models.train_classifier` (e.g. a training script's log line)."""
   model = build_model(config, config.seed)
   tag = f"{config.model}_{'x'.join(map(str, config.channels))}_w{config.get('width', 0)}_n{len(splits.y_train)}"
   if config.get("blocks"):
@@ -78,7 +78,7 @@ def trained_classifier(config, workdir: str, splits, progress=None) -> tuple[nnx
   path = os.path.join(workdir, tag + ".safetensors")
 
   def fit():
-    h = train.train_classifier(
+    h = models.train_classifier(
         model, splits.x_train, splits.y_train, epochs=config.epochs, batch_size=config.batch_size,
         learning_rate=config.learning_rate, weight_decay=config.weight_decay, seed=config.seed,
         max_steps=config.max_steps or None, augment_flips=config.augment_flips,
@@ -87,11 +87,11 @@ def trained_classifier(config, workdir: str, splits, progress=None) -> tuple[nnx
     return {**h, "source": splits.source}
 
   t0 = time.perf_counter()
-  meta, cached = train.train_or_load(model, path, fit, retrain=config.retrain)
+  meta, cached = models.train_or_load(model, path, fit, retrain=config.retrain)
   info = {"weights": os.path.basename(path), "loaded_from_cache": cached, **meta,
           "train_or_load_s": time.perf_counter() - t0}
   t0 = time.perf_counter()
-  info["test_accuracy"] = train.accuracy(model, splits.x_test, splits.y_test)
+  info["test_accuracy"] = models.accuracy(model, splits.x_test, splits.y_test)
   info["n_test"] = int(len(splits.y_test))
   info["n_train"] = int(len(splits.y_train))
   info["eval_s"] = time.perf_counter() - t0
@@ -186,7 +186,7 @@ def run_table(config, workdir: str, rng: jax.Array, dataset: str, load_fn) -> tu
   notes["model"] = {"name": config.model, "d": int(model.dim), **info}
   base["accuracy"] = info["test_accuracy"]
   q = query_indices(len(splits.y_test), config.n_queries, config.seed)
-  X = train.extract_features(model, splits.x_test[q])
+  X = models.extract_features(model, splits.x_test[q])
   A = np.asarray(model.head_matrix(), np.float32)
   notes["query_sparsity"] = {"nnz_mean": float((X != 0).sum(1).mean()), "d": int(X.shape[1])}
   rows = adaptive_rows(config, jax.random.fold_in(rng, 1), A, X, base)

@@ -16,7 +16,7 @@ import tempfile
 
 import numpy as np
 
-from asoftmax.data import eurosat
+from asoftmax import data
 from experiments import registry
 from experiments.adaptive import classification
 from experiments.adaptive import paper as paper_numbers
@@ -55,10 +55,10 @@ def load(config, workdir):
   data_dir = config.data_dir
   if config.generate_smoke_data:
     data_dir = os.path.join(workdir, "generated_eurosat")
-    if eurosat.find_image_folder(data_dir) is None:
+    if data.find_image_folder(data_dir) is None:
       write_generated_folder(data_dir, config.generated_per_class, seed=config.seed)
   cache = os.path.join(workdir, "eurosat_images.npz") if config.cache_images else ""
-  splits = eurosat.load_eurosat(data_dir, loader=config.get("loader", "folder"), tfds_dir=config.tfds_dir,
+  splits = data.load_eurosat(data_dir, loader=config.get("loader", "folder"), tfds_dir=config.tfds_dir,
                                 test_fraction=config.test_fraction, seed=config.seed, cache_path=cache)
   if config.generate_smoke_data:
     splits = splits._replace(source="GENERATED smoke images (not EuroSAT): " + splits.source)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from asoftmax.data import mnist
+from asoftmax import data
 from experiments import registry
 from experiments.adaptive import classification
 
@@ -20,7 +20,7 @@ from experiments.adaptive import classification
 def load(config, workdir):
   loader = config.get("loader", "auto")
   tfds_dir = config.tfds_dir or (os.path.join(workdir, "tfds") if loader == "tfds" else "")
-  return mnist.load_mnist(config.data_dir, tfds_dir, loader=loader)
+  return data.load_mnist(config.data_dir, tfds_dir, loader=loader)
 
 
 def run(config, workdir, rng) -> registry.Output:
