@@ -826,11 +826,18 @@ def _warm_up(g: _Group, cfg: AdaptiveConfig):
   return _advance(g, cfg, arms, _init_levels(g.P, cfg), jnp.ones((B, n), bool), jnp.int32(-1), (n,))
 
 
+def _kth_largest(v, k: int):
+  """(B,) the k-th largest entry of each row of v (B, n): a max for k = 1 (XLA:CPU's top_k is far slower)."""
+  if k == 1:
+    return jnp.max(v[0])[None] if v.shape[0] == 1 else jnp.max(v, axis=1)  # 1-D: XLA:CPU reduces a (1, n) row slowly
+  return jax.lax.top_k(v, k)[0][:, k - 1]
+
+
 def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
   """Algorithm 1's elimination rule: keep the arms whose upper bound reaches the k-th largest lower bound."""
   _, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
   lcb = jnp.where(alive, lo, -jnp.inf)
-  kth = jax.lax.top_k(lcb, cfg.k)[0][:, cfg.k - 1]
+  kth = _kth_largest(lcb, cfg.k)
   return alive & (hi >= kth[:, None])
 
 
@@ -866,7 +873,7 @@ def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveC
     s1, s2 = jnp.where(mp > mt, mean * f, arms.s1), jnp.where(mp > mt, sq * f, arms.s2)
     _, lo, hi = _interval_rule(arms.s_head, s1, s2, mp, unread * left, P, cfg, ctx.beta, ctx.fudge_b,
                                ctx.log_term)
-    kth = jax.lax.top_k(jnp.where(alive, lo, -jnp.inf), cfg.k)[0][:, cfg.k - 1]
+    kth = _kth_largest(jnp.where(alive, lo, -jnp.inf), cfg.k)
     out = below & (hi < kth[:, None]) & (gone == L)
     return jnp.where(out, l, gone)
 
