@@ -677,11 +677,13 @@ def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int)
   return p, (s1, s2), cnt, ws
 
 
-def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l, buckets, all_rows=None):
+def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l, buckets, all_rows=None,
+             costs=None):
   """Moves the arms in `move` (B, n), all at level l (traced; -1: warm-up), to level l + 1: their next tail
   coordinates (and the head at warm-up) by the cheapest read path, or their full rows when that is cheaper and
   allowed (they become exact). `all_rows` (traced bool, optional): read the full rows of `move` (any levels)
-  regardless of cost (the fallback). Returns (arms, tables)."""
+  regardless of cost (the fallback). `costs`: the paths' `_path_costs` for `move`, if the caller has them.
+  Returns (arms, tables)."""
   n, d = cfg.n, cfg.d
   P = g.P
   X = P.X
@@ -773,7 +775,7 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
 
   small = [c for c in buckets if c < n]
   branches = [slab, rows(n)] + [segment(c) for c in small] + [rows(c) for c in small]
-  costs = _path_costs(g, cfg, move, l, buckets)
+  costs = _path_costs(g, cfg, move, l, buckets) if costs is None else costs
   pick = jnp.argmin(costs) if all_rows is None else jnp.where(all_rows, 1, jnp.argmin(costs))  # 1: rows(n)
   return jax.lax.switch(pick, branches, (arms, tabs))
 
@@ -848,9 +850,10 @@ def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveC
   tail mean and mean square stayed as read so far and the unread weight shrank in proportion: an arm is predicted
   eliminated at the first level where its upper bound is below the k-th largest projected lower bound there (the
   elimination rule, `_survivors`). Elimination ends at the level where the last arm goes (the top level if more
-  than k are never eliminated); each survivor reads up to its own elimination level or that end, and each round is priced by its cheapest read path (a slab reads every arm, however few
-  survive). This sees both ways the radii shrink (1/sqrt(m) and the range term's 1/m) and radii that never beat
-  the gaps (a range bound far above the typical product: every arm to the top). It is optimistic where the
+  than k are never eliminated); each survivor reads up to its own elimination level or that end, and each round is
+  priced by its cheapest read path (a slab reads every arm, however few survive). This sees both ways the radii
+  shrink (1/sqrt(m) and the range term's 1/m) and radii that never beat the gaps (a range bound far above the
+  typical product: every arm to the top). It is optimistic where the
   largest warm-up estimates are high by chance and come down as the arms read on (paper mode on an LLM-like head,
   32,000 x 4096: 0.1-0.3 n·d predicted against about 2.3 n·d spent; a boundary lowered by sqrt(2 log n) standard
   deviations caught those but also fell back on Fig. 2's gaussian at d = 1e5, where sampling is 1.7x faster): the
@@ -918,10 +921,13 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
     l, arms, tabs, alive, done, rounds, spent, fall = c
     # Survivors below the top are all at level l (a round may have made some exact: full rows were cheaper).
     move = alive & ~done[:, None] & (arms.lvl == l)
-    step = jnp.min(_path_costs(g, cfg, move, l, cfg.caps))
+    costs = _path_costs(g, cfg, move, l, cfg.caps)
+    step = jnp.min(costs)
     if cfg.fallback:
       fall = fall | (spent + step > exact_cost)
-    arms, tabs = _advance(g, cfg, arms, tabs, jnp.where(fall, arms.lvl < top, move), l, cfg.caps, all_rows=fall)
+    # With `fall` the full-rows path is taken whatever the costs (which are those of `move`, computed once).
+    arms, tabs = _advance(g, cfg, arms, tabs, jnp.where(fall, arms.lvl < top, move), l, cfg.caps, all_rows=fall,
+                          costs=costs)
     alive = jnp.where(done[:, None], alive, _survivors(arms, tabs, alive, g, cfg, ctx))
     rounds = rounds + (~done & ~fall).astype(jnp.int32)
     all_exact = ~jnp.any(alive & (arms.lvl < top), axis=1)

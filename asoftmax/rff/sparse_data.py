@@ -8,11 +8,12 @@ These files are not available offline here; the loader is tested on a generated 
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
+
+from asoftmax import checks
 
 
 class SparseDataset(NamedTuple):
@@ -24,8 +25,7 @@ class SparseDataset(NamedTuple):
 
 def load_sparse(path: str) -> SparseDataset:
   """Reads one split file; raises ValueError (with the line number) on malformed content."""
-  if not os.path.exists(path):
-    raise ValueError(f"path {path!r} does not exist")
+  path = checks.existing_path("path", path)
   with open(path) as f:
     header = f.readline().split()
     if len(header) != 3:
