@@ -843,7 +843,7 @@ def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
   return alive & (hi >= kth[:, None])
 
 
-def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
+def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, boundary=None):
   """Predicted cost of the elimination rounds still to run, in streamed products of `A @ x` (`_path_costs`).
 
   Each survivor's interval is evaluated at every later level by the mode's own rule (`_interval_rule`), as if its
@@ -877,6 +877,8 @@ def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveC
     _, lo, hi = _interval_rule(arms.s_head, s1, s2, mp, unread * left, P, cfg, ctx.beta, ctx.fudge_b,
                                ctx.log_term)
     kth = _kth_largest(jnp.where(alive, lo, -jnp.inf), cfg.k)
+    if boundary is not None:
+      kth = jnp.minimum(kth, boundary)
     out = below & (hi < kth[:, None]) & (gone == L)
     return jnp.where(out, l, gone)
 
@@ -905,13 +907,18 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
     costs much more than twice the exact product, whatever the radii do)."""
   B, n, L = g.P.X.shape[0], cfg.n, len(cfg.levels)
   top = g.P.top_level
+  spent = jnp.min(_path_costs(g, cfg, jnp.ones((B, n), bool), jnp.int32(-1), (n,)))  # the warm-up's
+  boundary = None
+  if cfg.fallback and cfg.exact_winners:
+    arms, boundary = _leaders(g, cfg, ctx, arms, tabs)
+    spent = spent + B * cfg.k * cfg.d * _READ_COST["rows"]
   alive = _survivors(arms, tabs, jnp.ones((B, n), bool), g, cfg, ctx)
   done = (jnp.sum(alive, axis=1) <= cfg.k) | (top <= 0)
   exact_cost = float(cfg.n) * float(cfg.d)
   fall = jnp.asarray(False)
   if cfg.fallback:
-    fall = ~jnp.all(done) & (_predicted_cost(arms, tabs, alive & ~done[:, None], g, cfg, ctx) > exact_cost)
-  spent = jnp.min(_path_costs(g, cfg, jnp.ones((B, n), bool), jnp.int32(-1), (n,)))  # the warm-up's
+    fall = ~jnp.all(done) & (_predicted_cost(arms, tabs, alive & ~done[:, None], g, cfg, ctx, boundary)
+                             > exact_cost)
 
   def cond(c):
     l, _, _, _, done, _, _, _ = c
@@ -939,18 +946,39 @@ def _eliminate(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
   return arms, tabs, alive, rounds
 
 
+def _exact_rows(g: _Group, arms: _Arms, idx):
+  """Arms `idx` (B, r) read in full: their products `A_i x` computed exactly (r rows of A per query); they move
+  to the top level (exact: a zero-width interval)."""
+  B = idx.shape[0]
+  bidx = jnp.arange(B)[:, None]
+  exact = jnp.einsum("brd,bd->br", g.A[idx].astype(g.P.X.dtype), g.P.X)
+  lvl = arms.lvl.at[bidx, idx].set(jnp.maximum(g.P.top_level, arms.lvl[bidx, idx]))
+  return _Arms(lvl=lvl, s_head=arms.s_head.at[bidx, idx].set(exact), s1=arms.s1.at[bidx, idx].set(0.0),
+               s2=arms.s2.at[bidx, idx].set(0.0))
+
+
+def _leaders(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs):
+  """The k arms with the largest warm-up estimates, read in full (`_exact_rows`). Returns (arms, (B,) the k-th
+  largest of their exact logits).
+
+  With `exact_winners` the winners are read in full anyway, and the leaders usually are the winners: reading them
+  now costs nothing more, gives elimination an exact boundary from its first round, and gives `_predicted_cost` a
+  boundary that is not inflated by chance (the largest of n noisy warm-up estimates is high by chance)."""
+  est, _, _ = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
+  lead = jax.lax.top_k(est, cfg.k)[1]  # (B, k)
+  arms = _exact_rows(g, arms, lead)
+  vals = ctx.beta * jnp.take_along_axis(arms.s_head, lead, axis=1)
+  return arms, jnp.min(vals, axis=1)
+
+
 def _winners(g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, arms, tabs, alive):
   """Algorithm 1's output: the k surviving arms with the largest estimates; with `exact_winners` their
-  products are computed exactly (Sec. 3: "the best arm is then computed exactly")."""
+  products are computed exactly (Sec. 3: "the best arm is then computed exactly"), unless they already are."""
   est, _, _ = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
   win = jax.lax.top_k(jnp.where(alive, est, -jnp.inf), cfg.k)[1]  # (B, k)
   if cfg.exact_winners:
-    B = win.shape[0]
-    bidx = jnp.arange(B)[:, None]
-    exact = jnp.einsum("bkd,bd->bk", g.A[win].astype(g.P.X.dtype), g.P.X)
-    lvl = arms.lvl.at[bidx, win].set(jnp.maximum(g.P.top_level, arms.lvl[bidx, win]))
-    arms = _Arms(lvl=lvl, s_head=arms.s_head.at[bidx, win].set(exact), s1=arms.s1.at[bidx, win].set(0.0),
-                 s2=arms.s2.at[bidx, win].set(0.0))
+    sampled = jnp.take_along_axis(arms.lvl, win, axis=1) < g.P.top_level
+    arms = jax.lax.cond(jnp.any(sampled), lambda a: _exact_rows(g, a, win), lambda a: a, arms)
   return win, arms
 
 
@@ -1167,13 +1195,21 @@ def _valid_scalars(eps, beta, fudge_b, fudge_z):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _batched(keys, prep: PreparedMatrix, X, eps, beta, fudge_b, fudge_z, cfg):
-  """Shared order: one group with keys[0]. Per-query orders: query i is a group of one with keys[i], run one
-  after another (`lax.map`: real control flow per query, no lock-step over the batch).
+def _batched(key, prep: PreparedMatrix, x, eps, beta, fudge_b, fudge_z, cfg):
+  """The whole call after the argument checks, one jitted program (one dispatch per call); x (d,) or (b, d).
+
+  Shared order: one group with `key`. Per-query orders: query i is a group of one with `split(key, b)[i]` (a
+  single query uses `key` itself, so batched and per-query calls agree query by query), run one after another
+  (`lax.map`: real control flow per query, no lock-step over the batch).
 
   Invalid traced inputs (a scalar out of range, a non-finite query) run with neutral values and come back
   flagged: probabilities and log Z NaN, `certified` False.
   """
+  single = x.ndim == 1
+  ct = _compute_dtype(prep.A.dtype)  # 16-bit A: products and sums in float32
+  X = _no_grad((x[None] if single else x).astype(ct))
+  keys = key[None] if (single or cfg.shared_order) else jax.random.split(key, X.shape[0])
+  eps, beta, fudge_b, fudge_z = (jnp.asarray(v, ct) for v in (eps, beta, fudge_b, fudge_z))
   ok = _valid_scalars(eps, beta, fudge_b, fudge_z)
   one = jnp.ones((), X.dtype)
   ctx = _Ctx(beta=jnp.where(ok, beta, one), fudge_b=jnp.where(ok, fudge_b, one), fudge_z=jnp.where(ok, fudge_z, one),
@@ -1186,8 +1222,9 @@ def _batched(keys, prep: PreparedMatrix, X, eps, beta, fudge_b, fudge_z, cfg):
     res = jax.lax.map(lambda kx: jax.tree.map(lambda a: a[0], _group(kx[0], prep, kx[1][None], ctx, cfg)),
                       (keys, X))
   nan = jnp.asarray(jnp.nan, res.probs.dtype)
-  return res._replace(probs=jnp.where(ok, res.probs, nan), log_z=jnp.where(ok, res.log_z, nan),
-                      certified=res.certified & ok)
+  res = res._replace(probs=jnp.where(ok, res.probs, nan), log_z=jnp.where(ok, res.log_z, nan),
+                     certified=res.certified & ok)
+  return jax.tree.map(lambda a: a[0], res) if single else res
 
 
 @jax.custom_jvp
@@ -1356,17 +1393,7 @@ def adaptive_softmax(
                     exact_rows=exact_rows, exact_below=exact_below)
   if normalization != "bracket" and mode != "paper":
     raise ValueError(f"normalization={normalization!r} applies to mode='paper' only (got mode={mode!r})")
-  single = x.ndim == 1
-  ct = _compute_dtype(prep.A.dtype)  # 16-bit A: products and sums in float32
-  X = _no_grad((x[None] if single else x).astype(ct))
-  # A batch gets split(key, b)[i] for query i; a single query uses `key` itself, so that
-  # batched and per-query calls agree query by query. A shared order uses `key` itself.
-  keys = key[None] if (single or cfg.shared_order) else jax.random.split(key, X.shape[0])
-  f = lambda v: jnp.asarray(v, ct)  # noqa: E731
-  res = _batched(keys, prep, X, f(epsilon), f(beta), f(fudge_bandit), f(fudge_z), cfg)
-  if single:
-    res = jax.tree.map(lambda a: a[0], res)
-  return res
+  return _batched(key, prep, x, epsilon, beta, fudge_bandit, fudge_z, cfg)
 
 
 # ============================================================================================ reference
