@@ -64,6 +64,9 @@ Time, not samples (defaults; `exact_below=0` turns both off): a problem with `n 
 sampling on costs more: after the warm-up, when the survivors are predicted to read more than that product costs
 (`_predicted_cost`: each survivor's interval by the mode's own rule at the later levels), and before any round
 whose reads, added to those already spent, would pass it (ski rental: at most about twice the exact product).
+With the fallback on and `exact_winners`, the k arms with the largest warm-up estimates are read in full right
+after the warm-up (`_leaders`; they are usually the winners, read in full anyway): their exact logits bound the
+prediction's boundary, which the largest of n noisy estimates would otherwise inflate.
 
 Samples are counted as distinct products read: arm i at level l has read `min(levels[l], nnz(x))`
 products; exact arms `nnz(x)`. `phase_samples` splits them into warm-up, elimination, winners and
@@ -118,7 +121,7 @@ class PreparedMatrix(NamedTuple):
   """A matrix made ready for repeated AdaptiveSoftmax calls (validated once; the tail order drawn once).
 
   Holds three copies of A's entries (3x its memory): A as given (full rows), and A^T and A with columns in the
-  order `perm`, each extended by its first C positions (`read_chunk(n)`) so that any run of C positions of the
+  order `perm`, each extended by its first C positions (`big_chunk(n)`) so that any run of C positions of the
   cyclic order is one contiguous read.
 
   Attributes:
@@ -146,6 +149,14 @@ def read_chunk(n: int) -> int:
   """Positions of the order read per step of a read loop for an n-row matrix: about 64k products of the slab
   per step, a power of two in [16, 256]."""
   return int(min(256, max(16, 2 ** int(math.log2(max(1, 65536 // n))))))
+
+
+def big_chunk(n: int) -> int:
+  """Positions per step of a long read (`_read_tail`, while at least this many positions remain to read): about
+  1M products of the slab per step, a power of two in [read_chunk(n), 4096]. Fewer steps where d is large: each
+  step has a fixed cost of a few microseconds on XLA:CPU (a sparse query at d = 1e6 stepped 264 times in its
+  warm-up)."""
+  return int(min(4096, max(read_chunk(n), 2 ** int(math.log2(max(1, 2**20 // n))))))
 
 
 def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
@@ -177,7 +188,7 @@ def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
   n, d = A.shape
   perm = jax.random.permutation(key, d).astype(jnp.int32)
   inv = jnp.zeros((d,), jnp.int32).at[perm].set(jnp.arange(d, dtype=jnp.int32))
-  ext = jnp.concatenate([perm, jnp.tile(perm, -(-read_chunk(n) // d))[: read_chunk(n)]])
+  ext = jnp.concatenate([perm, jnp.tile(perm, -(-big_chunk(n) // d))[: big_chunk(n)]])
   if checks.is_traced(A) or checks.is_traced(perm):
     A = jnp.asarray(A)
     At, Ap = A.T[ext], A[:, ext]
@@ -639,41 +650,48 @@ def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int)
 
   Each step takes the C positions from the current one (stored at `(offset + p) mod d`: one contiguous run,
   thanks to the extension), masks the head, unused coordinates and any beyond `count`, and hands the run's
-  start and the coefficients to `reader(q, V, V^2) -> (sum, sum of squares)` over `width` arms. Returns (end
-  position, (s1, s2) each (B, width), tail products per query (B,), their w sum (B,)).
+  start and the coefficients to `reader(q, V, V^2) -> (sum, sum of squares)` over `width` arms. Steps take
+  `big_chunk(n)` positions while the positions still to read (`count` over the share of useful coordinates)
+  fill one, then `read_chunk(n)`. Returns (end position, (s1, s2) each (B, width), tail products per query (B,),
+  their w sum (B,)).
   """
   P, d = g.P, cfg.d
   X = P.X
   B = X.shape[0]
-  C = cfg.chunk
   ct = X.dtype
+  per_pos = jnp.maximum(jnp.sum(P.n_tail), 1).astype(jnp.float32) / d  # useful tail coordinates per position
 
-  def cond(c):
+  def step(C):
+    def body(c):
+      p, got, s1, s2, cnt, ws = c
+      q = (P.offset + p) % d
+      coord = jax.lax.dynamic_slice_in_dim(g.perm, q, C)
+      xc = X[:, coord]  # (B, C)
+      mc = g.col_max[coord]
+      aw = jnp.max(jnp.abs(xc), axis=0) * mc
+      flag = (p + jnp.arange(C) < d) & (aw > 0) & (aw <= P.tau)
+      lim = count - got
+      cum = jnp.cumsum(flag)
+      take = flag & (cum <= lim)
+      k = jnp.minimum(cum[-1], lim).astype(jnp.int32)
+      V = jnp.where(take[None], xc, 0.0)
+      a, b = reader(q, V, V * V)
+      last = jnp.argmax(jnp.where(take, jnp.arange(C), -1))
+      p_next = jnp.where(got + k >= count, p + last + 1, p + C)
+      return (p_next, got + k, s1 + a, s2 + b, cnt + jnp.sum(V != 0, axis=1).astype(jnp.int32),
+              ws + jnp.sum(jnp.abs(V) * mc[None], axis=1))
+    return body
+
+  def more(c):
     p, got = c[0], c[1]
     return (got < count) & (p < d)
 
-  def body(c):
-    p, got, s1, s2, cnt, ws = c
-    q = (P.offset + p) % d
-    coord = jax.lax.dynamic_slice_in_dim(g.perm, q, C)
-    xc = X[:, coord]  # (B, C)
-    mc = g.col_max[coord]
-    aw = jnp.max(jnp.abs(xc), axis=0) * mc
-    flag = (p + jnp.arange(C) < d) & (aw > 0) & (aw <= P.tau)
-    lim = count - got
-    cum = jnp.cumsum(flag)
-    take = flag & (cum <= lim)
-    k = jnp.minimum(cum[-1], lim).astype(jnp.int32)
-    V = jnp.where(take[None], xc, 0.0)
-    a, b = reader(q, V, V * V)
-    last = jnp.argmax(jnp.where(take, jnp.arange(C), -1))
-    p_next = jnp.where(got + k >= count, p + last + 1, p + C)
-    return (p_next, got + k, s1 + a, s2 + b, cnt + jnp.sum(V != 0, axis=1).astype(jnp.int32),
-            ws + jnp.sum(jnp.abs(V) * mc[None], axis=1))
-
+  C, CB = cfg.chunk, big_chunk(cfg.n)
   z = jnp.zeros((B, width), ct)
-  init = (start, jnp.int32(0), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), ct))
-  p, _, s1, s2, cnt, ws = jax.lax.while_loop(cond, body, init)
+  c = (start, jnp.int32(0), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), ct))
+  if CB > C:
+    c = jax.lax.while_loop(lambda c: more(c) & ((count - c[1]).astype(jnp.float32) >= CB * per_pos), step(CB), c)
+  p, _, s1, s2, cnt, ws = jax.lax.while_loop(more, step(C), c)
   return p, (s1, s2), cnt, ws
 
 
@@ -719,13 +737,11 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
     return _Levels(pos=tabs.pos.at[nl].set(p_end), cnt=tabs.cnt.at[:, nl].set(base_c + cnt),
                    wsum=tabs.wsum.at[:, nl].set(base_w + ws))
 
-  C = cfg.chunk
-
   def slab(state):
     arms, tabs = state
 
     def reader(q, V, V2):
-      blk = jax.lax.dynamic_slice_in_dim(g.At, q, C, axis=0)  # (C, n)
+      blk = jax.lax.dynamic_slice_in_dim(g.At, q, V.shape[1], axis=0)  # (C, n)
       return _vm(V, blk), _vm(V2, jnp.square(blk.astype(V.dtype)))
 
     p_end, (s1, s2), cnt, ws = _read_tail(g, cfg, start, count, reader, n)
@@ -742,7 +758,7 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
       idx, gi, m = compact(cap)
 
       def reader(q, V, V2):
-        blk = jax.vmap(lambda r: jax.lax.dynamic_slice(g.Ap, (r, q), (1, C))[0])(gi)  # (cap, C)
+        blk = jax.vmap(lambda r: jax.lax.dynamic_slice(g.Ap, (r, q), (1, V.shape[1]))[0])(gi)  # (cap, C)
         return _mv(blk, V), _mv(jnp.square(blk.astype(V.dtype)), V2)
 
       p_end, (s1, s2), cnt, ws = _read_tail(g, cfg, start, count, reader, cap)
@@ -835,12 +851,20 @@ def _kth_largest(v, k: int):
   return jax.lax.top_k(v, k)[0][:, k - 1]
 
 
-def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
-  """Algorithm 1's elimination rule: keep the arms whose upper bound reaches the k-th largest lower bound."""
-  _, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
+def _elimination_rule(lo, hi, alive, k: int):
+  """Algorithm 1's elimination rule on intervals (B, n): keep the arms whose upper bound reaches the k-th largest
+  lower bound. The arms holding the k largest lower bounds always stay: an exact arm's lower and upper bounds are
+  one number computed twice, and where two fusions round it differently its upper bound can sit one ulp below its
+  own lower bound (seen with XLA:CPU at optimization level 0: every arm eliminated, a wrong winner)."""
   lcb = jnp.where(alive, lo, -jnp.inf)
-  kth = _kth_largest(lcb, cfg.k)
-  return alive & (hi >= kth[:, None])
+  kth = _kth_largest(lcb, k)[:, None]
+  return alive & ((hi >= kth) | (lcb >= kth))
+
+
+def _survivors(arms, tabs, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx):
+  """Algorithm 1's elimination rule (`_elimination_rule`) on the arms' current intervals."""
+  _, lo, hi = _intervals(arms, tabs, g.P, cfg, ctx.beta, ctx.fudge_b, ctx.log_term)
+  return _elimination_rule(lo, hi, alive, cfg.k)
 
 
 def _predicted_cost(arms: _Arms, tabs: _Levels, alive, g: _Group, cfg: AdaptiveConfig, ctx: _Ctx, boundary=None):

@@ -50,7 +50,8 @@ def test_sparse_query_costs_at_most_n_nnz():
 def test_fallback_trades_rounds_for_one_exact_product():
   """With exact_below > 0 (the default), when the warm-up's survivors are predicted to read more than one `A @ x`
   costs, the call finishes with that product: on a planted problem that certified mode reads in full round by round
-  no round runs and the answer is exact; on Fig. 2's gaussian (elimination works) it does not fire: same samples."""
+  no round runs and the answer is exact; on Fig. 2's gaussian (elimination works) it does not fire, and reading the
+  warm-up's leader in full (`core._leaders`, with exact winners) costs no more samples than without the fallback."""
   A, x = synthetic.planted_problem(jax.random.key(0), 100, 40_000, k=1)
   ex = adaptive.softmax_topk(A, x, k=1)
   fb = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=1)  # fallback on, the problem not "small"
@@ -64,6 +65,19 @@ def test_fallback_trades_rounds_for_one_exact_product():
   no = adaptive.adaptive_softmax(jax.random.key(1), A, x, exact_below=0)
   assert int(fb.rounds) > 0 and int(fb.samples) <= int(no.samples) < 0.2 * 100 * 20_000
   assert int(fb.indices[0]) == int(no.indices[0]) == 0
+
+
+def test_elimination_keeps_the_arms_with_the_largest_lower_bounds():
+  """An exact arm's bounds are one number computed twice; rounded one ulp apart (hi just below lo), the plain rule
+  `hi >= k-th largest lo` eliminated every arm and the winner was arbitrary (a certified wrong answer at XLA:CPU
+  optimization level 0). The k arms holding the largest lower bounds stay."""
+  lo = jnp.asarray([[1.0, 0.5, 0.8, 0.2]])
+  hi = jnp.asarray([[np.nextafter(np.float32(1.0), np.float32(0.0)), 0.6, 0.9, 1.5]])
+  alive = jnp.asarray([[True, True, True, True]])
+  np.testing.assert_array_equal(np.asarray(core._elimination_rule(lo, hi, alive, 1)), [[True, False, False, True]])
+  np.testing.assert_array_equal(np.asarray(core._elimination_rule(lo, hi, alive, 2)), [[True, False, True, True]])
+  dead = alive.at[0, 0].set(False)  # an eliminated arm's bound does not count
+  np.testing.assert_array_equal(np.asarray(core._elimination_rule(lo, hi, dead, 1)), [[False, False, True, True]])
 
 
 def test_fallback_sees_paper_mode_on_an_llm_like_head():
