@@ -1384,6 +1384,9 @@ def adaptive_softmax(
   key = checks.prng_key("key", key)
   prep = prepare_matrix(A)
   n, d = prep.A.shape
+  if prep.perm.shape[0] < d + big_chunk(n) or prep.At.shape[0] != prep.perm.shape[0]:
+    raise ValueError(f"A is a PreparedMatrix whose order holds {prep.perm.shape[0]} positions, not d + big_chunk(n) = "
+                     f"{d + big_chunk(n)} (prepared by another version, or edited): prepare it again with prepare_matrix")
   if getattr(x, "ndim", None) not in (1, 2):
     raise ValueError(f"x must have 1 or 2 dimensions, got shape {getattr(x, 'shape', None)}")
   if checks.is_traced(x):

@@ -80,6 +80,15 @@ def test_elimination_keeps_the_arms_with_the_largest_lower_bounds():
   np.testing.assert_array_equal(np.asarray(core._elimination_rule(lo, hi, dead, 1)), [[False, False, True, True]])
 
 
+def test_a_prepared_matrix_with_a_short_order_is_rejected():
+  """A read step slices `big_chunk(n)` positions of the extended order; a shorter extension (a PreparedMatrix from
+  another version) would make XLA clamp the slice and read the wrong columns silently: rejected, naming A."""
+  prep = adaptive.prepare_matrix(jnp.ones((4, 300)))
+  short = prep._replace(perm=prep.perm[: 300 + 16], At=prep.At[: 300 + 16], Ap=prep.Ap[:, : 300 + 16])
+  with pytest.raises(ValueError, match="A is a PreparedMatrix"):
+    adaptive.adaptive_softmax(jax.random.key(0), short, jnp.ones((300,)), exact_below=0)
+
+
 def test_fallback_sees_paper_mode_on_an_llm_like_head():
   """Paper mode's radii are tuned narrow, but on an LLM-like head the largest of n noisy warm-up estimates is high by
   chance: projected from it, elimination looked cheap, rounds ran and the per-round check switched after three of
