@@ -645,14 +645,15 @@ def _full_dot(A, V, chunk: int = 4096):
   return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros((V.shape[0], n), V.dtype))
 
 
-def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int):
+def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int, big: bool = False):
   """Reads the next `count` tail coordinates of the order from position `start` into every arm of `reader`.
 
   Each step takes the C positions from the current one (stored at `(offset + p) mod d`: one contiguous run,
   thanks to the extension), masks the head, unused coordinates and any beyond `count`, and hands the run's
-  start and the coefficients to `reader(q, V, V^2) -> (sum, sum of squares)` over `width` arms. Steps take
-  `big_chunk(n)` positions while the positions still to read (`count` over the share of useful coordinates)
-  fill one, then `read_chunk(n)`. Returns (end position, (s1, s2) each (B, width), tail products per query (B,),
+  start and the coefficients to `reader(q, V, V^2) -> (sum, sum of squares)` over `width` arms. With `big` (the
+  slab), steps take `big_chunk(n)` positions while the positions still to read (`count` over the share of useful
+  coordinates) fill one, then `read_chunk(n)` (one loop more to compile, so only on the path that reads the most).
+  Returns (end position, (s1, s2) each (B, width), tail products per query (B,),
   their w sum (B,)).
   """
   P, d = g.P, cfg.d
@@ -689,7 +690,7 @@ def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int)
   C, CB = cfg.chunk, big_chunk(cfg.n)
   z = jnp.zeros((B, width), ct)
   c = (start, jnp.int32(0), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), ct))
-  if CB > C:
+  if big and C < CB <= d // 4:  # static: a loop to compile only where big steps can run several times
     c = jax.lax.while_loop(lambda c: more(c) & ((count - c[1]).astype(jnp.float32) >= CB * per_pos), step(CB), c)
   p, _, s1, s2, cnt, ws = jax.lax.while_loop(more, step(C), c)
   return p, (s1, s2), cnt, ws
@@ -744,7 +745,7 @@ def _advance(g: _Group, cfg: AdaptiveConfig, arms: _Arms, tabs: _Levels, move, l
       blk = jax.lax.dynamic_slice_in_dim(g.At, q, V.shape[1], axis=0)  # (C, n)
       return _vm(V, blk), _vm(V2, jnp.square(blk.astype(V.dtype)))
 
-    p_end, (s1, s2), cnt, ws = _read_tail(g, cfg, start, count, reader, n)
+    p_end, (s1, s2), cnt, ws = _read_tail(g, cfg, start, count, reader, n, big=True)
     head = jnp.zeros_like(s1)
     if cfg.n_head:
       vh = jnp.where(P.head_ok[None], X[:, P.head], 0.0)
