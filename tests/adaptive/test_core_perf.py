@@ -93,8 +93,10 @@ def test_shared_order_keeps_the_per_query_guarantee():
 
 @pytest.mark.parametrize("mode", ["certified", "paper"])
 def test_bf16_storage_accumulates_in_f32(mode):
-  """A bf16 matrix gives the same result as its exact float32 copy (same values; products and sums in f32)."""
-  A, x = synthetic.planted_problem(jax.random.key(4), 150, 900, k=2)
+  """A bf16 matrix gives the same result as its exact float32 copy (same values; products and sums in f32).
+  (200 x 2000, k = 2, 2 queries: the float32 calls are the programs test_core_certified.py's
+  test_phase_samples_add_up_and_winners_exact compiles.)"""
+  A, x = synthetic.planted_problem(jax.random.key(4), 200, 2000, k=2)
   A16 = A.astype(jnp.bfloat16)
   A32 = A16.astype(jnp.float32)
   X = jnp.stack([x, 0.5 * x])
@@ -146,12 +148,14 @@ def test_exact_rows_trades_samples_for_full_rows_and_keeps_the_answer(mode):
 def test_cost_model_picks_full_rows_when_cheaper(monkeypatch):
   """With segments priced as the old element gathers (100x a GEMV product), `exact_rows=True` makes the late
   survivors exact by their full rows (more samples, same answer); at the measured price it need not."""
+  # The cost is read when the program is traced: `_batched` (the one jit of the core) forgets its traces. Not
+  # `jax.clear_caches()`, which made every later test of this pytest worker re-trace and re-load its programs.
   monkeypatch.setitem(core._READ_COST, "segment", 100.0)
-  jax.clear_caches()  # the cost is read when the program is traced
+  core._batched.clear_cache()
   A, x = _exact_rows_problem()
   base = adaptive.adaptive_softmax(jax.random.key(3), A, x, exact_below=0)
   fast = adaptive.adaptive_softmax(jax.random.key(3), A, x, exact_rows=True, exact_below=0)
-  jax.clear_caches()
+  core._batched.clear_cache()
   assert int(fast.samples) > int(base.samples), "full rows were never chosen"
   assert int(fast.indices[0]) == int(base.indices[0]) == 0
 
