@@ -44,10 +44,16 @@ def exact_logits_batched(A, X, beta: float = 1.0, chunk: int = 256) -> np.ndarra
   ct = jnp.promote_types(A.dtype, jnp.float32)
   A = jnp.asarray(A, ct)
   out = []
-  f = jax.jit(lambda A, Xc: beta * (Xc @ A.T))
   for i in range(0, X.shape[0], chunk):
-    out.append(np.asarray(f(A, jnp.asarray(X[i : i + chunk], ct)), np.float32))
+    out.append(np.asarray(_scaled_products(A, jnp.asarray(X[i : i + chunk], ct), beta), np.float32))
   return np.concatenate(out, 0)
+
+
+@jax.jit
+def _scaled_products(A, Xc, beta):
+  """`beta * Xc A^T`, one compiled program per shape (a fresh `jax.jit(lambda)` per call re-traced and re-compiled
+  on every call)."""
+  return beta * (Xc @ A.T)
 
 
 def _queries(name: str, X, d: int):
