@@ -660,7 +660,6 @@ def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int,
   X = P.X
   B = X.shape[0]
   ct = X.dtype
-  per_pos = jnp.maximum(jnp.sum(P.n_tail), 1).astype(jnp.float32) / d  # useful tail coordinates per position
 
   def step(C):
     def body(c):
@@ -691,6 +690,7 @@ def _read_tail(g: _Group, cfg: AdaptiveConfig, start, count, reader, width: int,
   z = jnp.zeros((B, width), ct)
   c = (start, jnp.int32(0), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), ct))
   if big and C < CB <= d // 4:  # static: a loop to compile only where big steps can run several times
+    per_pos = jnp.maximum(jnp.sum(P.n_tail), 1).astype(jnp.float32) / d  # useful tail coordinates per position
     c = jax.lax.while_loop(lambda c: more(c) & ((count - c[1]).astype(jnp.float32) >= CB * per_pos), step(CB), c)
   p, _, s1, s2, cnt, ws = jax.lax.while_loop(more, step(C), c)
   return p, (s1, s2), cnt, ws
