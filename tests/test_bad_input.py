@@ -627,10 +627,15 @@ _ONCE: dict = {}
 
 
 def _once(name, make):
-  """One sampler instance per kind for the whole suite (a new instance has new jitted closures: recompiles)."""
+  """One sampler instance per kind for the whole suite (a new instance has new jitted closures: recompiles).
+
+  Built eagerly even when first asked for inside a jit trace (a `.init` test's traced call): a sampler built there
+  would hold tracers (its key) and leak them into every later test that reuses it.
+  """
   def get():
     if name not in _ONCE:
-      _ONCE[name] = make()
+      with jax.ensure_compile_time_eval():
+        _ONCE[name] = make()
     return _ONCE[name]
 
   return get
