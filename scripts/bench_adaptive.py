@@ -22,7 +22,8 @@ faster) and held-out success (top-1 right and probability within epsilon = 0.3, 
   * `certified`, `certified-fast` (`exact_rows=True`): no tuning.
 Times are medians of `--repeats` (>= 5) calls after a warm-up call (compile excluded); batch 1 cycles through
 distinct queries. `--micro` prints the per-product cost of the three read paths against the GEMV
-(`core._READ_COST`). `--map` runs the wall-clock map over n x d (paper Fig. 2's gaussian generator, both modes) and
+(`core._READ_COST`), and what an exact product over a sparse query's nonzero coordinates costs by its parts
+(`sparse_query`: why the map's sparse query cannot reach its target on XLA:CPU). `--map` runs the wall-clock map over n x d (paper Fig. 2's gaussian generator, both modes) and
 other d >> n problems through the launcher (`configs/adaptive/wallclock.py`), writing results.json, table.md and
 the heat map into `--workdir` (default docs/results/adaptive_wallclock):
 
@@ -225,6 +226,89 @@ def micro(repeats):
   return rows
 
 
+def sparse_query(repeats, n=100, d=1_000_000, density=0.1):
+  """What an exact product over a sparse query's nonzero coordinates costs on this backend, by its parts.
+
+  The wall-clock map's sparse query (`adaptive.sparse_query_problem`, 10 % of x nonzero, n = 100, d = 1e6) needs
+  every nonzero coordinate for its certificate, so the default call reads a fraction `density` of n d and falls back
+  to the dense `A @ x`. Reading only those coordinates exactly needs (1) their index list (a compaction of the mask
+  `x != 0`: a prefix sum and a scatter; XLA's `jnp.nonzero`, or ranks from two levels of 32-wide triangular matmuls)
+  and (2) a gather of their rows of the ordered `A^T` (contiguous n-vectors, 4096 per step). The best of (1) plus
+  (2) is the fastest sparse-exact path XLA gives here; its ratio to the GEMV bounds what any method reading all
+  nonzero coordinates can gain.
+  """
+  rng = np.random.default_rng(0)
+  A_np = rng.normal(size=(n, d)).astype(np.float32)
+  x_np = rng.normal(size=d).astype(np.float32)
+  x_np[rng.random(d) >= density] = 0.0
+  nz = np.flatnonzero(x_np).astype(np.int32)
+  cap = 1 << int(np.ceil(np.log2(max(1, nz.size))))  # static size of the index list (a power of two >= nnz)
+  A, x, At = jnp.asarray(A_np), jnp.asarray(x_np), jnp.asarray(np.ascontiguousarray(A_np.T))
+  idx = jnp.asarray(np.concatenate([nz, np.zeros(d - nz.size, np.int32)]))
+
+  gemv = jax.jit(lambda A, x: A @ x)
+  count = jax.jit(lambda x: jnp.sum(x != 0))
+  nonzero = jax.jit(lambda x: jnp.nonzero(x, size=cap, fill_value=0)[0])
+
+  @jax.jit
+  def matmul_rank(x, b=32):
+    m = (x != 0).astype(jnp.float32)
+    nb = -(-d // b)
+    m2 = jnp.pad(m, (0, nb * b - d)).reshape(nb, b)
+    tri = jnp.triu(jnp.ones((b, b), jnp.float32))
+    loc = m2 @ tri  # inclusive prefix sums inside each block of b
+    tot = loc[:, -1]
+    nb2 = -(-nb // b)
+    l2 = jnp.pad(tot, (0, nb2 * b - nb)).reshape(nb2, b) @ tri
+    off2 = jnp.cumsum(l2[:, -1]) - l2[:, -1]
+    off = (l2 + off2[:, None]).reshape(-1)[:nb] - tot
+    rank = ((loc + off[:, None]).reshape(-1)[:d] - 1).astype(jnp.int32)
+    return jnp.zeros((cap,), jnp.int32).at[jnp.where(m > 0, rank, cap)].set(jnp.arange(d, dtype=jnp.int32), mode="drop")
+
+  @jax.jit
+  def gather(At, x, idx, nnz):
+    C = 4096
+
+    def body(c):
+      i, acc = c
+      ii = jax.lax.dynamic_slice_in_dim(idx, i, C)
+      v = jnp.where(i + jnp.arange(C) < nnz, x[ii], 0.0)
+      return i + C, acc + v @ At[ii]
+
+    return jax.lax.while_loop(lambda c: c[0] < nnz, body, (0, jnp.zeros((n,), jnp.float32)))[1]
+
+  got = np.asarray(gather(At, x, idx, nz.size))
+  if not np.allclose(got, A_np @ x_np, rtol=1e-3, atol=1e-2):
+    raise AssertionError("sparse gather product differs from A @ x")
+  for f in (nonzero, matmul_rank):
+    if not np.array_equal(np.asarray(f(x))[: nz.size], nz):
+      raise AssertionError("compaction gave a wrong index list")
+  prep = adaptive.prepare_matrix(A)
+  call = jax.jit(lambda key, x: adaptive.adaptive_softmax(key, prep, x))
+  res = call(jax.random.key(1), x)
+  t = {
+      "dense GEMV A @ x (the exact path)": _median_ms(lambda i: gemv(A, x), repeats),
+      "count nonzeros (one O(d) pass)": _median_ms(lambda i: count(x), repeats),
+      "compaction: jnp.nonzero (prefix sum + scatter)": _median_ms(lambda i: nonzero(x), repeats),
+      "compaction: matmul ranks + scatter": _median_ms(lambda i: matmul_rank(x), repeats),
+      "gather of the nonzero rows of A^T + product (index list given)":
+          _median_ms(lambda i: gather(At, x, idx, nz.size), repeats),
+      "AdaptiveSoftmax, default call (prepared, jitted)": _median_ms(lambda i: call(jax.random.key(i), x), repeats),
+  }
+  best_compact = min(t["compaction: jnp.nonzero (prefix sum + scatter)"], t["compaction: matmul ranks + scatter"])
+  t["best sparse exact path (best compaction + gather)"] = best_compact + t[
+      "gather of the nonzero rows of A^T + product (index list given)"]
+  dense = t["dense GEMV A @ x (the exact path)"]
+  rows = [{"part": name, "ms": ms, "dense_over_part": dense / ms} for name, ms in t.items()]
+  for r in rows:
+    print(f"{r['part']}: {r['ms']:.2f} ms ({r['dense_over_part']:.2f}x)")
+  frac = float(res.samples) / (n * d)
+  return rows, {"sparse_setup": f"n = {n}, d = {d:,}, density {density} ({nz.size:,} nonzero), gaussian A, float32; "
+                                f"median of {repeats} calls after a warm-up call; dense_over_part = dense GEMV ms / the "
+                                f"part's ms; the default call read {frac:.3f} of n d (target for that fraction: "
+                                f"{min(2.0, 1.0 / (2.0 * frac)):.2f}x)"}
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--heads", nargs="*", default=["llm32k", "smollm2"], choices=["llm32k", "llm128k", "smollm2"])
@@ -255,9 +339,13 @@ def main():
         f"load average {bench['load_average'][0]:.1f} (start)", flush=True)
   if args.micro:
     rows = micro(args.repeats)
-    path = benchlib.write(args.workdir, bench, {"micro": benchlib.table(["read_path", "ms", "cost_over_gemv"], rows)},
+    sparse_rows, sparse_notes = sparse_query(max(args.repeats, 7))
+    path = benchlib.write(args.workdir, bench, {"micro": benchlib.table(["read_path", "ms", "cost_over_gemv"], rows),
+                                                "sparse_query": benchlib.table(["part", "ms", "dense_over_part"],
+                                                                               sparse_rows)},
                           {"setup": f"32,000 x 4096 float32; median of {args.repeats} calls after a warm-up call; "
-                                    "cost_over_gemv = time per product read / the GEMV's (core._READ_COST)"})
+                                    "cost_over_gemv = time per product read / the GEMV's (core._READ_COST)",
+                           **sparse_notes})
     print(f"wrote {path}")
     return
   print("| head | dtype | variant | batch | order | samples / n·d | gain | ms adaptive | ms exact | exact / adaptive | "
