@@ -144,10 +144,10 @@ def _link(path: str) -> str:
 
 RECONSTRUCTED = "†"
 STALE = "‡"
-FOOTNOTES = (
-    f"{RECONSTRUCTED} results.json rebuilt from the committed table.md (`scripts/reconstruct_results.py`): the run's "
-    "own results.json was not kept; the numbers are that table's cells.\n"
-    f"{STALE} the snapshot predates a later fix and was not re-run (see its table.md provenance line).\n")
+FOOTNOTES = {
+    RECONSTRUCTED: f"{RECONSTRUCTED} results.json rebuilt from the committed table.md (`scripts/reconstruct_results.py`): "
+                   "the run's own results.json was not kept; the numbers are that table's cells.\n",
+    STALE: f"{STALE} the snapshot predates a later fix and was not re-run (see its table.md provenance line).\n"}
 
 
 def _cell(s: str) -> str:
@@ -170,7 +170,8 @@ def readme_rows(root: str = ROOT) -> str:
     for r in exp.readme(res):
       lines.append(f"| {_cell(r.label)} | {_link(config)} | {_cell(r.ours)}{mark} | {_cell(r.paper)} | "
                    f"[{os.path.basename(snap)}]({snap}/table.md) |")
-  return "\n".join(lines) + "\n\n" + FOOTNOTES
+  notes = "".join(text for m, text in FOOTNOTES.items() if any(m in ln for ln in lines[2:]))  # only marks in use
+  return "\n".join(lines) + "\n\n" + notes
 
 
 def render_readme(text: str, rows: str) -> str:

@@ -1395,7 +1395,7 @@ def adaptive_softmax(
       raise ValueError(f"x must have a floating dtype, got {x.dtype}")
   elif check_finite:
     checks.floating_array("x", x, (1, 2))
-  x = jnp.asarray(x)
+  x = x if isinstance(x, jax.Array) else jnp.asarray(x)  # jnp.asarray of an Array costs ~14 us per call
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must have a floating dtype, got {x.dtype}")
   if x.shape[-1] != d:
