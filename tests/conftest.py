@@ -74,13 +74,19 @@ def _smollm2_file_cache(path, read_gguf):
   The first process to need it reads the file (`read_gguf`: ~11 s, 7 of them parsing the tokenizer metadata and 3
   dequantizing) and writes `tensors.npz` (float32, uncompressed) and `meta.pickle` beside the XLA cache; every
   later process (the other xdist worker, a launcher subprocess, the next local run) loads those in ~1 s. The key is
-  the GGUF's size and mtime; writes go through a temporary name and `os.replace`, so a reader never sees half a
-  file. Arrays are read-only: one copy is shared by every caller in the process.
+  the GGUF's size and mtime and a hash of `gguf_loader.py` (a change to the reader reads the file again); writes go
+  through a temporary name and `os.replace`, so a reader never sees half a file. Arrays are read-only: one copy is
+  shared by every caller in the process.
   """
+  import hashlib
   import pickle
 
+  from asoftmax.models import gguf_loader
+
   st = os.stat(path)
-  folder = os.path.join(_CACHE, f"smollm2-gguf-{st.st_size}-{st.st_mtime_ns}")
+  with open(gguf_loader.__file__, "rb") as f:
+    code = hashlib.sha1(f.read()).hexdigest()[:12]
+  folder = os.path.join(_CACHE, f"smollm2-gguf-{st.st_size}-{st.st_mtime_ns}-{code}")
   t_file, m_file = os.path.join(folder, "tensors.npz"), os.path.join(folder, "meta.pickle")
   if os.path.exists(t_file) and os.path.exists(m_file):
     with np.load(t_file) as z:
