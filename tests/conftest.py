@@ -68,15 +68,82 @@ def random_params():
   return _random_params
 
 
+def _smollm2_file_cache(path, read_gguf):
+  """(tensors, metadata) of the SmolLM2 GGUF at `path`, every tensor, from the suite's cache directory.
+
+  The first process to need it reads the file (`read_gguf`: ~11 s, 7 of them parsing the tokenizer metadata and 3
+  dequantizing) and writes `tensors.npz` (float32, uncompressed) and `meta.pickle` beside the XLA cache; every
+  later process (the other xdist worker, a launcher subprocess, the next local run) loads those in ~1 s. The key is
+  the GGUF's size and mtime and a hash of `gguf_loader.py` (a change to the reader reads the file again); writes go
+  through a temporary name and `os.replace`, so a reader never sees half a file. Arrays are read-only: one copy is
+  shared by every caller in the process.
+  """
+  import hashlib
+  import pickle
+
+  from asoftmax.models import gguf_loader
+
+  st = os.stat(path)
+  with open(gguf_loader.__file__, "rb") as f:
+    code = hashlib.sha1(f.read()).hexdigest()[:12]
+  folder = os.path.join(_CACHE, f"smollm2-gguf-{st.st_size}-{st.st_mtime_ns}-{code}")
+  t_file, m_file = os.path.join(folder, "tensors.npz"), os.path.join(folder, "meta.pickle")
+  if os.path.exists(t_file) and os.path.exists(m_file):
+    with np.load(t_file) as z:
+      tensors = {k: z[k] for k in z.files}
+    with open(m_file, "rb") as f:
+      meta = pickle.load(f)
+  else:
+    tensors, meta = read_gguf(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{t_file}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **tensors)
+    os.replace(tmp, t_file)
+    with open(f"{m_file}.{os.getpid()}.tmp", "wb") as f:
+      pickle.dump(meta, f)
+    os.replace(f"{m_file}.{os.getpid()}.tmp", m_file)
+  for a in tensors.values():
+    a.setflags(write=False)
+  return tensors, meta
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _smollm2_read_once():
-  """Within one pytest process, SmolLM2-135M's GGUF is read once per `n_layers` (~8 s each: metadata parsing and
-  dequantization), not once per test or smoke run that loads it. The cached params are immutable jax arrays."""
+  """SmolLM2-135M's GGUF is read (metadata parsed, every tensor dequantized) once per suite, not once per test,
+  `n_layers` or tokenizer that needs it (~11 s each): `gguf_loader.read_gguf` / `read_metadata` on that file are
+  served from one in-process copy, itself loaded from the cache directory when another process already wrote it
+  (`_smollm2_file_cache`); `llama.load_smollm2` is cached per `n_layers` (the params are immutable jax arrays).
+  A `names` selection gets the same tensors and errors as the real reader: missing names raise its ValueError.
+  Other GGUF files go to the real functions."""
   import functools
 
-  from asoftmax.models import llama
+  from asoftmax.models import gguf_loader, llama
 
-  original = llama.load_smollm2
-  llama.load_smollm2 = functools.cache(original)
+  originals = gguf_loader.read_gguf, gguf_loader.read_metadata, llama.load_smollm2
+  read_gguf, read_metadata, _ = originals
+  target = os.path.realpath(gguf_loader.smollm2_path()) if gguf_loader.smollm2_available() else None
+  cached = functools.cache(lambda: _smollm2_file_cache(target, read_gguf))
+
+  def is_target(path):
+    return target is not None and isinstance(path, (str, os.PathLike)) and os.path.realpath(path) == target
+
+  def read_gguf_cached(path, names=None):
+    if not is_target(path):
+      return read_gguf(path, names)
+    tensors, meta = cached()
+    if names is None:
+      names = list(tensors)
+    elif callable(names):
+      names = [n for n in tensors if names(n)]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+      raise ValueError(f"names: tensors {missing[:5]} not in {path}")
+    return {n: tensors[n] for n in names}, dict(meta)
+
+  def read_metadata_cached(path):
+    return dict(cached()[1]) if is_target(path) else read_metadata(path)
+
+  gguf_loader.read_gguf, gguf_loader.read_metadata = read_gguf_cached, read_metadata_cached
+  llama.load_smollm2 = functools.cache(originals[2])
   yield
-  llama.load_smollm2 = original
+  gguf_loader.read_gguf, gguf_loader.read_metadata, llama.load_smollm2 = originals

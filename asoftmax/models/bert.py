@@ -186,7 +186,7 @@ def _assign(var, value, name):
   value = np.asarray(value, np.float32)
   if tuple(var.shape) != value.shape:
     raise ValueError(f"checkpoint tensor {name} has shape {value.shape}, model expects {tuple(var.shape)}")
-  var[...] = jnp.asarray(value)
+  var.set_value(jnp.asarray(value))  # a replacement, so `var` may be abstract (`load_bert` builds shapes only)
 
 
 def load_weights(model: BertEncoder, tensors: dict) -> BertEncoder:
@@ -259,8 +259,13 @@ def load_bert(checkpoint_dir: str | None = None) -> tuple[BertEncoder, object, B
   for f in ("config.json", "model.safetensors"):
     checks.existing_path("checkpoint_dir", os.path.join(d, f))
   cfg = BertConfig.from_json(os.path.join(d, "config.json"))
-  model = BertEncoder(cfg, nnx.Rngs(0))
+  # Shapes only (no random initialisation: it cost ~4 s of eager ops on CPU); every weight comes from the file.
+  model = nnx.eval_shape(lambda: BertEncoder(cfg, nnx.Rngs(0)))
   load_weights(model, load_file(os.path.join(d, "model.safetensors")))
+  unset = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))
+           if not isinstance(v, jax.Array)]
+  if unset:
+    raise ValueError(f"{d}: load_weights left {unset[:5]} without a value")
   return model, load_tokenizer(d), cfg
 
 

@@ -115,9 +115,16 @@ def test_near_tie_at_kth_place():
   assert_pac(FAMILIES["near_tie_k3"], 0.1)
 
 
+# The library's n >> d family is 50,000 x 64; `make test-slow` checks it at delta = 0.01
+# (test_every_family_at_delta_001). The default suite checks the same planted problem at 10,000 x 64 (n / d = 156):
+# drawing 100 problems of 3.2 M entries was most of this test's 41 s (cold, one core; 23 s at 10,000), and at both
+# sizes the algorithm ends up reading every product (mean samples / dense = 1.0, measured).
+N_MUCH_LARGER_THAN_D = synthetic.Family(lambda key: synthetic.planted_problem(key, 10_000, 64))
+
+
 def test_n_much_larger_than_d():
-  """50,000 x 64 (few coordinates, many arms); 100 distinct problems x 5 seeds."""
-  assert_pac(FAMILIES["n_much_larger_than_d"], 0.1)
+  """10,000 x 64 (few coordinates, many arms); 100 distinct problems x 5 seeds."""
+  assert_pac(N_MUCH_LARGER_THAN_D, 0.1)
 
 
 def test_k5():
