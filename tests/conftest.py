@@ -131,14 +131,7 @@ def _smollm2_read_once():
     if not is_target(path):
       return read_gguf(path, names)
     tensors, meta = cached()
-    if names is None:
-      names = list(tensors)
-    elif callable(names):
-      names = [n for n in tensors if names(n)]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-      raise ValueError(f"names: tensors {missing[:5]} not in {path}")
-    return {n: tensors[n] for n in names}, dict(meta)
+    return {n: tensors[n] for n in gguf_loader._select_names(list(tensors), names, path)}, dict(meta)
 
   def read_metadata_cached(path):
     return dict(cached()[1]) if is_target(path) else read_metadata(path)

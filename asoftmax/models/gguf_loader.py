@@ -70,6 +70,20 @@ def read_metadata(path: str) -> dict[str, Any]:
   return {name: _field_value(f) for name, f in reader.fields.items()}
 
 
+def _select_names(available, names, path):
+  """The tensor names `names` selects from `available` (the file's order): all (None), those a predicate keeps,
+  or a list, every one of which must be in the file (ValueError naming `names` and `path`)."""
+  if names is None:
+    return list(available)
+  if callable(names):
+    return [n for n in available if names(n)]
+  have = set(available)
+  missing = [n for n in names if n not in have]
+  if missing:
+    raise ValueError(f"names: tensors {missing[:5]} not in {path}")
+  return list(names)
+
+
 def read_gguf(path: str, names=None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Reads (and dequantizes) the tensors and the metadata of a GGUF file.
 
@@ -92,13 +106,7 @@ def read_gguf(path: str, names=None) -> tuple[dict[str, np.ndarray], dict[str, A
   checks.existing_path("path", path)  # a FileNotFoundError (and ValueError) naming `path`
   reader = gguf.GGUFReader(path)
   by_name = {t.name: t for t in reader.tensors}
-  if names is None:
-    names = list(by_name)
-  elif callable(names):
-    names = [n for n in by_name if names(n)]
-  missing = [n for n in names if n not in by_name]
-  if missing:
-    raise ValueError(f"names: tensors {missing[:5]} not in {path}")
+  names = _select_names(list(by_name), names, path)
   tensors = {}
   for n in names:
     t = by_name[n]
