@@ -6,6 +6,7 @@ test_report.py; this covers the rest.)
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import re
 
@@ -25,20 +26,16 @@ def test_rff_tree_memory_table_is_tree_nbytes():
   """docs/rff.md's node-memory table (n, D, bucket) cells equal `tree.tree_nbytes(n, 2D, b)`."""
   text = (DOCS / "rff.md").read_text()
   start = text.index("Node memory `tree.tree_nbytes")
-  after = text[start:].splitlines()[1:]
-  first = next(i for i, ln in enumerate(after) if ln.startswith("|"))
-  lines = []
-  for ln in after[first:]:  # the contiguous table right after the caption
-    if not ln.startswith("|"):
-      break
-    lines.append(ln)
+  after = itertools.dropwhile(lambda ln: not ln.startswith("|"), text[start:].splitlines()[1:])
+  lines = list(itertools.takewhile(lambda ln: ln.startswith("|"), after))  # the table right after the caption
   header = [c.strip() for c in lines[0].strip("|").split("|")]
   buckets = [int(re.search(r"b = (\d+)", h).group(1)) for h in header[2:]]
   rows = lines[2:]
   assert len(rows) >= 3
   for ln in rows:
     cells = [c.strip().strip("*") for c in ln.strip().strip("|").split("|")]
-    n = int(eval(cells[0].replace("^", "**")))  # noqa: S307 (a literal like 10^6 from our own doc)
+    base, _, exp = cells[0].partition("^")  # "10^6"
+    n = int(base) ** int(exp or 1)
     D = int(cells[1])
     for b, cell in zip(buckets, cells[2:]):
       assert cell == _size(tree.tree_nbytes(n, 2 * D, b)), (n, D, b, cell)
