@@ -147,32 +147,23 @@ def _smollm2_read_once():
 # `make test` runs two xdist workers from one shared queue of work units, longest first (LPT), each worker taking
 # the next unit when it is almost idle (`pytest_xdist_make_scheduler` below: xdist's loadscope scheduler with this
 # suite's units). The order comes from the per-test wall-clock times of an earlier run in tests/durations.json
-# (`make test-durations` rewrites it; it orders tests, it never changes what they check). A unit is one test, or the
-# tests of one SAME_WORKER entry, which share something costly to set up. With the collection order, the smoke
-# configs (~2 min of CPU) came last and one worker ran them alone for ~30 s at the end of the suite.
+# (`make test-durations` rewrites it; it orders tests, it never changes what they check).
+# A unit is a test module: its tests share compiled programs (jit caches are per process), module-scoped fixtures
+# (the sharded subprocess, MiniLM's weights) and cached inputs (the heavy-tailed problems of
+# tests/adaptive/test_core_certified.py), so one worker runs them all. Measured, empty compile cache, 2 workers:
+# tests/test_bad_input.py 62 s CPU with its tests spread over both workers, 53 s in one; tests/adaptive 259 -> 245 s.
+# PER_TEST modules (independent, long tests) are split into one unit per test. With the collection order and
+# xdist's default `load` chunks, the smoke configs (~2 min of CPU) came last and one worker ran them alone for
+# ~30 s at the end of the suite.
 # (Not `--dist loadgroup`: its `xdist_group` marks are silently ignored under pytest 9.2, pytest-xdist#1386.)
-SAME_WORKER = {
-    # One subprocess on 8 forced host devices runs every check (module fixtures `fast_results`, `slow_results`).
-    "sharded": ("tests/sharded/test_sharded.py::test_sharded",),
-    # The heavy-tailed family's 100 problems, drawn once per process (tests/adaptive/test_core_certified.py).
-    "heavy_tailed_problems": ("tests/adaptive/test_core_certified.py::test_heavy_tailed",
-                              "tests/adaptive/test_core_certified.py::test_estimated_winners_keep_epsilon",
-                              "tests/adaptive/test_core_certified.py::test_every_interval_holds_simultaneously[heavy"),
-    # Module-scoped fixtures: the hang-check subprocess, MiniLM's weights, the sketch rows, SmolLM2's params.
-    "rff_hang_report": ("tests/rff/test_negatives.py::test_unique_draws_never_hang[",),
-    "bert": ("tests/models/test_bert.py::",),
-    "sketch_rows": ("tests/topk/test_sketch.py::",),
-    "smollm2": ("tests/models/test_llama.py::",),
-}
+PER_TEST = ("tests/test_smoke_configs.py",)
 _DURATIONS = os.path.join(os.path.dirname(__file__), "durations.json")
 _UNKNOWN_S = 0.5  # a test not in the file (new): placed among the short ones
 
 
 def _unit(nodeid: str) -> str:
-  for name, prefixes in SAME_WORKER.items():
-    if nodeid.startswith(prefixes):
-      return name
-  return nodeid
+  module = nodeid.split("::")[0]
+  return nodeid if module in PER_TEST else module
 
 
 def pytest_addoption(parser):
@@ -195,7 +186,7 @@ def pytest_xdist_make_scheduler(config, log):
   return UnitScheduling(config, log)
 
 
-@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: order what runs
+@pytest.hookimpl(trylast=True)  # after `-m` / `-k` deselection: orders what runs
 def pytest_collection_modifyitems(session, config, items):
   """Orders the units longest first (tests/test_scheduling.py checks the units and the order)."""
   units, first = {}, {}

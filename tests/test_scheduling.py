@@ -30,24 +30,21 @@ def _module_scoped_fixtures(item):
 
 
 def test_module_scoped_fixtures_are_set_up_by_one_worker(request, conftest):
-  """A test using a module-scoped fixture is in a SAME_WORKER unit (else every worker that gets one of its tests
-  sets the fixture up again: the sharded subprocess is ~20 s) and all tests sharing it are in the same unit."""
+  """All tests using one module-scoped fixture are in one unit (else every worker that gets one of them sets the
+  fixture up again: the sharded subprocess is ~20 s): no PER_TEST module has a module-scoped fixture."""
   by_fixture = {}
   for item in _whole_suite(request):
     for name in _module_scoped_fixtures(item):
       by_fixture.setdefault((item.nodeid.split("::")[0], name), set()).add(conftest._unit(item.nodeid))
   assert by_fixture, "no module-scoped fixture found: the check itself is broken"
   for (module, name), units in sorted(by_fixture.items()):
-    assert len(units) == 1 and next(iter(units)) in conftest.SAME_WORKER, (
-        f"{module}: the tests using the module-scoped fixture {name!r} are in units {sorted(units)}; list them "
-        "in SAME_WORKER in tests/conftest.py")
+    assert len(units) == 1, (f"{module}: the tests using the module-scoped fixture {name!r} are in "
+                             f"{len(units)} units; remove the module from PER_TEST in tests/conftest.py")
 
 
-def test_every_same_worker_prefix_matches_a_test(request, conftest):
-  nodeids = [item.nodeid for item in _whole_suite(request)]
-  for name, prefixes in conftest.SAME_WORKER.items():
-    for p in prefixes:
-      assert any(n.startswith(p) for n in nodeids), f"SAME_WORKER[{name!r}]: {p!r} matches no collected test"
+def test_every_per_test_module_exists(request, conftest):
+  modules = {item.nodeid.split("::")[0] for item in _whole_suite(request)}
+  assert set(conftest.PER_TEST) <= modules, sorted(set(conftest.PER_TEST) - modules)
 
 
 def test_units_are_contiguous_and_longest_first(request, conftest):
@@ -77,10 +74,8 @@ def test_durations_file_is_well_formed(conftest):
   assert all(k.startswith("tests/") and "::" in k for k in durations)
 
 
-def test_scheduler_splits_by_unit(conftest):
-  pytest.importorskip("xdist")
-  assert conftest._unit("tests/sharded/test_sharded.py::test_sharded[x]") == "sharded"
-  assert conftest._unit("tests/models/test_bert.py::test_anything") == "bert"
-  nodeid = "tests/adaptive/test_core.py::test_full_budget_equals_exact[paper-uniform-5]"
+def test_units_are_modules_or_tests(conftest):
+  assert conftest._unit("tests/sharded/test_sharded.py::test_sharded[x]") == "tests/sharded/test_sharded.py"
+  nodeid = "tests/test_smoke_configs.py::test_smoke_config_runs[adaptive/llm.py]"
   assert conftest._unit(nodeid) == nodeid
   assert os.path.isabs(conftest._DURATIONS)

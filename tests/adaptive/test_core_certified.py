@@ -30,8 +30,8 @@ def _maker(family: synthetic.Family):
 
 # Problem p of a family is `make(key(10_000 + p))` in every test of this file. The heavy-tailed family's 100 problems
 # are drawn once per process (40 MB): its Student-t(2.5) draws (`jax.random.t`'s gamma rejection sampler, ~75 ms per
-# 100 x 1000 problem at level 3) were ~7.5 s of each of the three tests that use it, which `make test` runs in one
-# worker (tests/conftest.py: SAME_WORKER["heavy_tailed_problems"]).
+# 100 x 1000 problem at level 3) were ~7.5 s of each of the three tests that use it (`make test` runs a module's tests
+# in one worker: tests/conftest.py, scheduling).
 
 
 @functools.lru_cache(maxsize=100)
