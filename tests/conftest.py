@@ -194,13 +194,22 @@ def pytest_collection_modifyitems(session, config, items):
     u = _unit(item.nodeid)
     units.setdefault(u, []).append(item)
     first.setdefault(u, i)
+  cost = unit_costs(items)
+  items[:] = [it for u in sorted(units, key=lambda u: (-cost[u], first[u])) for it in units[u]]
+
+
+def unit_costs(items) -> dict[str, float]:
+  """{unit: summed seconds of its tests in tests/durations.json} (_UNKNOWN_S for a test not there, or no file)."""
   try:
     with open(_DURATIONS) as f:
       durations = json.load(f)
   except (OSError, ValueError):
-    durations = {}  # no file (or a broken one): every test counts _UNKNOWN_S
-  cost = {u: sum(durations.get(it.nodeid, _UNKNOWN_S) for it in its) for u, its in units.items()}
-  items[:] = [it for u in sorted(units, key=lambda u: (-cost[u], first[u])) for it in units[u]]
+    durations = {}
+  cost = {}
+  for it in items:
+    u = _unit(it.nodeid)
+    cost[u] = cost.get(u, 0.0) + durations.get(it.nodeid, _UNKNOWN_S)
+  return cost
 
 
 _measured = {}

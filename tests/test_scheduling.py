@@ -6,7 +6,6 @@ import os
 import pytest
 
 
-
 @pytest.fixture
 def conftest(request):
   """tests/conftest.py as loaded by pytest (registered under its path; not importable under importlib mode)."""
@@ -50,8 +49,6 @@ def test_every_per_test_module_exists(request, conftest):
 def test_units_are_contiguous_and_longest_first(request, conftest):
   """The collection is ordered by unit, each unit's tests together, units by decreasing measured time."""
   items = _whole_suite(request)
-  with open(conftest._DURATIONS) as f:
-    durations = json.load(f)
   units = [conftest._unit(it.nodeid) for it in items]
   seen, order = set(), []
   for u in units:
@@ -59,9 +56,7 @@ def test_units_are_contiguous_and_longest_first(request, conftest):
       assert u not in seen, f"unit {u!r} is split in the collection order"
       seen.add(u)
       order.append(u)
-  cost = {}
-  for it, u in zip(items, units):
-    cost[u] = cost.get(u, 0.0) + durations.get(it.nodeid, conftest._UNKNOWN_S)
+  cost = conftest.unit_costs(items)
   costs = [cost[u] for u in order]
   assert costs == sorted(costs, reverse=True)
   assert costs[0] >= 10 * costs[-1]  # a real spread: the file was read

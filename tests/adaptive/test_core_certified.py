@@ -32,8 +32,6 @@ def _maker(family: synthetic.Family):
 # are drawn once per process (40 MB): its Student-t(2.5) draws (`jax.random.t`'s gamma rejection sampler, ~75 ms per
 # 100 x 1000 problem at level 3) were ~7.5 s of each of the three tests that use it (`make test` runs a module's tests
 # in one worker: tests/conftest.py, scheduling).
-
-
 @functools.lru_cache(maxsize=100)
 def _heavy_tailed_problem(p: int):
   return _maker(FAMILIES["heavy_tailed"])(jax.random.key(10_000 + p))
