@@ -45,6 +45,22 @@ def is_traced(*xs: Any) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def as_array(x: Any) -> Any:
+  """`jnp.asarray(x)`, without compiling anything for a numpy array: `jax.device_put` (the same dtype rules).
+
+  jax 0.10's `jnp.asarray` of a numpy array stages it through an identity program compiled once per new shape and
+  dtype (~25 ms on CPU); a library that converts its inputs at every new shape pays that on each first call.
+
+  >>> import numpy as np
+  >>> from asoftmax import checks
+  >>> checks.as_array(np.arange(3.0)).dtype
+  dtype('float32')
+  """
+  if type(x) is np.ndarray and x.dtype != object:
+    return jax.device_put(x)
+  return jnp.asarray(x)
+
+
 def is_floating(dtype: Any) -> bool:
   """True for every floating dtype jax knows, bfloat16 and float16 included."""
   try:

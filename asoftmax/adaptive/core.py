@@ -186,21 +186,35 @@ def prepare_matrix(A, key: jax.Array | None = None) -> PreparedMatrix:
   else:
     checks.floating_array("A", A, (2,))
   n, d = A.shape
-  perm = jax.random.permutation(key, d).astype(jnp.int32)
-  inv = jnp.zeros((d,), jnp.int32).at[perm].set(jnp.arange(d, dtype=jnp.int32))
-  ext = jnp.concatenate([perm, jnp.tile(perm, -(-big_chunk(n) // d))[: big_chunk(n)]])
-  if checks.is_traced(A) or checks.is_traced(perm):
+  inv, ext = _order(key, d, big_chunk(n))
+  if checks.is_traced(A) or checks.is_traced(ext):
     A = jnp.asarray(A)
     At, Ap = A.T[ext], A[:, ext]
   else:
     A_np, e = np.asarray(A), np.asarray(ext)
     Ap_np = np.take(A_np, e, axis=1)  # a gather within each row (cache-friendly), then one transpose copy
-    At, Ap = jnp.asarray(np.ascontiguousarray(Ap_np.T)), jnp.asarray(Ap_np)
-    A = jnp.asarray(A)
+    At, Ap = jax.device_put(np.ascontiguousarray(Ap_np.T)), jax.device_put(Ap_np)
+    A = A if isinstance(A, jax.Array) else jax.device_put(A_np)
+  col_l1, col_max = _column_stats(A)
+  return PreparedMatrix(A=A, At=At, Ap=Ap, perm=ext, inv=inv, col_l1=col_l1, col_max=col_max)
+
+
+@functools.partial(jax.jit, static_argnames=("d", "extra"))
+def _order(key, d: int, extra: int):
+  """(inv, ext) of `prepare_matrix`: the inverse of a random permutation of d coordinates, and the permutation
+  followed by its first `extra` entries (repeated if extra > d). One compiled program per (d, extra): done eagerly,
+  its dozen small operations compiled one by one at every new shape (~0.45 s of a first call on CPU)."""
+  perm = jax.random.permutation(key, d).astype(jnp.int32)
+  inv = jnp.zeros((d,), jnp.int32).at[perm].set(jnp.arange(d, dtype=jnp.int32))
+  return inv, jnp.concatenate([perm, jnp.tile(perm, -(-extra // d))[:extra]])
+
+
+@jax.jit
+def _column_stats(A):
+  """(col_l1, col_max) of `prepare_matrix`: per column of A, the sum and the max of |A_ij| in the compute dtype."""
   ct = _compute_dtype(A.dtype)
   absA = jnp.abs(A)
-  return PreparedMatrix(A=A, At=At, Ap=Ap, perm=ext, inv=inv, col_l1=jnp.sum(absA, axis=0, dtype=ct),
-                        col_max=jnp.max(absA, axis=0).astype(ct))
+  return jnp.sum(absA, axis=0, dtype=ct), jnp.max(absA, axis=0).astype(ct)
 
 
 # ============================================================================================ config
@@ -1396,7 +1410,7 @@ def adaptive_softmax(
       raise ValueError(f"x must have a floating dtype, got {x.dtype}")
   elif check_finite:
     checks.floating_array("x", x, (1, 2))
-  x = x if isinstance(x, jax.Array) else jnp.asarray(x)  # jnp.asarray of an Array costs ~14 us per call
+  x = x if isinstance(x, jax.Array) else checks.as_array(x)  # jnp.asarray of an Array costs ~14 us per call
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x must have a floating dtype, got {x.dtype}")
   if x.shape[-1] != d:

@@ -216,7 +216,7 @@ def tune_fudge(
   if not lo <= hi:
     raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
   iters = checks.int_in_range("iters", iters)
-  X_tune = jnp.asarray(X_tune)
+  X_tune = checks.as_array(X_tune)
   if logits is None:
     logits = exact_logits_batched(prep, X_tune, beta)
   max_fail = max_tuning_failures(X_tune.shape[0], delta, margin=margin, confidence=confidence)

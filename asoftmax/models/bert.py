@@ -186,7 +186,7 @@ def _assign(var, value, name):
   value = np.asarray(value, np.float32)
   if tuple(var.shape) != value.shape:
     raise ValueError(f"checkpoint tensor {name} has shape {value.shape}, model expects {tuple(var.shape)}")
-  var.set_value(jnp.asarray(value))  # a replacement, so `var` may be abstract (`load_bert` builds shapes only)
+  var.set_value(checks.as_array(value))  # a replacement, so `var` may be abstract (`load_bert` builds shapes only)
 
 
 def load_weights(model: BertEncoder, tensors: dict) -> BertEncoder:

@@ -151,14 +151,14 @@ def params_from_tensors(
     raise ValueError(f"n_layers must be in [1, {config.n_layers}], got {n_layers}")
   config = dataclasses.replace(config, n_layers=L)
   stacked = {
-      field: jnp.asarray(np.stack([tensors[f"blk.{i}.{name}"] for i in range(L)]))
+      field: checks.as_array(np.stack([tensors[f"blk.{i}.{name}"] for i in range(L)]))
       for field, name in _BLOCK_NAMES.items()
   }
-  embed = jnp.asarray(tensors["token_embd.weight"])
-  lm_head = jnp.asarray(tensors["output.weight"]) if "output.weight" in tensors else embed
+  embed = checks.as_array(tensors["token_embd.weight"])
+  lm_head = checks.as_array(tensors["output.weight"]) if "output.weight" in tensors else embed
   return LlamaParams(
       embed=embed,
-      final_norm=jnp.asarray(tensors["output_norm.weight"]),
+      final_norm=checks.as_array(tensors["output_norm.weight"]),
       lm_head=lm_head,
       config=config,
       **stacked,
@@ -301,7 +301,7 @@ def hidden_states_with_attention(params: LlamaParams, tokens: ArrayLike, attenti
     >>> f = lambda s, m: (jax.nn.softmax(s, -1), ())                            # doctest: +SKIP
     >>> h, _ = hidden_states_with_attention(params, tokens, f)  # = hidden_states  # doctest: +SKIP
   """
-  tokens = jnp.asarray(tokens)
+  tokens = checks.as_array(tokens)
   _check_tokens(params, tokens)
   if not callable(attention):
     raise ValueError(f"attention must be callable (logits, mask) -> (probs, aux), got {attention!r}")
@@ -322,7 +322,7 @@ def hidden_states(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
   Raises:
     ValueError: tokens is not a 2-D integer array.
   """
-  tokens = jnp.asarray(tokens)
+  tokens = checks.as_array(tokens)
   _check_tokens(params, tokens)
   return _hidden_states(params, tokens)
 
@@ -334,7 +334,7 @@ def _last_hidden(params: LlamaParams, tokens: jax.Array) -> jax.Array:
 
 def last_hidden_state(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
   """(b, d) final-norm hidden state at the last position of each (b, t) window (jitted)."""
-  tokens = jnp.asarray(tokens)
+  tokens = checks.as_array(tokens)
   _check_tokens(params, tokens)
   return _last_hidden(params, tokens)
 
@@ -349,7 +349,7 @@ def _nll(params: LlamaParams, tokens: jax.Array) -> jax.Array:
 
 def next_token_nll(params: LlamaParams, tokens: ArrayLike) -> jax.Array:
   """(b, t-1) negative log-likelihood of tokens[:, 1:] given their prefixes (jitted)."""
-  tokens = jnp.asarray(tokens)
+  tokens = checks.as_array(tokens)
   _check_tokens(params, tokens)
   if tokens.shape[1] < 2:
     raise ValueError("tokens must hold at least two positions to score next tokens")
@@ -523,7 +523,7 @@ def extend(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention=
     >>> h, cache, _ = extend(params, prompt, cache)           # prefill            # doctest: +SKIP
     >>> logits, cache, _ = decode_step(params, next_tok, cache)  # one token      # doctest: +SKIP
   """
-  tokens = jnp.asarray(tokens)
+  tokens = checks.as_array(tokens)
   _check_tokens(params, tokens)
   b, N = cache.layers["k"].shape[1], cache.layers["k"].shape[3]
   if tokens.shape[0] != b:
@@ -551,7 +551,7 @@ def prefill(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention
 
 def decode_step(params: LlamaParams, tokens: ArrayLike, cache: LlamaCache, attention=None):
   """One decode step: next-token logits (b, V) for tokens (b,) at position cache.pos; returns (logits, cache, aux)."""
-  tokens = jnp.asarray(tokens)
+  tokens = checks.as_array(tokens)
   if tokens.ndim != 1:
     raise ValueError(f"tokens must have shape (batch,), got {tokens.shape}")
   h, cache, aux = extend(params, tokens[:, None], cache, attention)

@@ -143,7 +143,7 @@ def accuracy(model: nnx.Module, images: np.ndarray, labels: np.ndarray, batch_si
 def extract_features(model: nnx.Module, images: np.ndarray, batch_size: int = 250) -> np.ndarray:
   """(N, d) float32 penultimate activations `model.features(images)` (the AdaptiveSoftmax queries x)."""
   batch_size = checks.int_in_range("batch_size", batch_size)
-  return np.concatenate([np.asarray(_features(model, jnp.asarray(images[i:i + batch_size])), np.float32)
+  return np.concatenate([np.asarray(_features(model, checks.as_array(images[i:i + batch_size])), np.float32)
                          for i in range(0, len(images), batch_size)])
 
 
@@ -201,7 +201,7 @@ def load_params(model: nnx.Module, path: str) -> dict:
   if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
     raise ValueError(f"path: {path} does not match the model's parameters "
                      f"({sorted((k, v.shape) for k, v in tensors.items())[:4]}...)")
-  new = jax.tree_util.tree_map_with_path(lambda p, v: jnp.asarray(tensors[jax.tree_util.keystr(p)]), state)
+  new = jax.tree_util.tree_map_with_path(lambda p, v: checks.as_array(tensors[jax.tree_util.keystr(p)]), state)
   nnx.update(model, new)
   return meta
 

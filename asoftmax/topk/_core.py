@@ -48,7 +48,7 @@ class SortedRows(NamedTuple):
 # ------------------------------------------------------------------------------------------ dtypes
 def as_float(x: Any) -> jax.Array:
   """`x` as a jax array computed in at least float32 (bfloat16 / float16 inputs are upcast, float64 kept)."""
-  x = jnp.asarray(x)
+  x = checks.as_array(x)
   if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
     return x.astype(jnp.float32)
   return x

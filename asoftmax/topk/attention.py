@@ -149,6 +149,6 @@ def certified_topk_attention(q: ArrayLike, keys: ArrayLike, values: ArrayLike, m
   scale = 1.0 / float(q.shape[-1]) ** 0.5 if scale is None else _core.check_scale(scale)
   _core.check_finite_at_used_keys("keys", keys, mask, lshape)
   _core.check_finite_at_used_keys("values", values, mask, lshape)
-  return _attention(jnp.asarray(q), jnp.asarray(keys), jnp.asarray(values),
-                    None if mask is None else jnp.asarray(mask), epsilon, scale, method)
+  return _attention(checks.as_array(q), checks.as_array(keys), checks.as_array(values),
+                    None if mask is None else checks.as_array(mask), epsilon, scale, method)
 

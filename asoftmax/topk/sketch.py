@@ -201,8 +201,8 @@ def build_key_sketch(keys: ArrayLike, valid: ArrayLike | None, bits: int = 4, pa
   """
   bits, page_size = _check_sketch_args(keys, valid, bits, page_size)
   dt = checks.dtype_in("stat_dtype", stat_dtype, (jnp.float32, jnp.float16, jnp.bfloat16))
-  v = jnp.ones((), bool) if valid is None else jnp.asarray(valid)
-  return _build(jnp.asarray(keys), v, bits, page_size, dt)
+  v = jnp.ones((), bool) if valid is None else checks.as_array(valid)
+  return _build(checks.as_array(keys), v, bits, page_size, dt)
 
 
 def sketch_bytes(num_keys, num_pages, d: int, bits: int, stat_bytes: int = 4):

@@ -12,14 +12,21 @@ import pytest
 from asoftmax import adaptive
 from asoftmax.adaptive import synthetic
 
-A, X = synthetic.planted_problem(jax.random.key(0), 40, 300)
-PREP = adaptive.prepare_matrix(A)
 KEY = jax.random.key(1)
 
 
+@pytest.fixture(scope="module")
+def problem():
+  """(A, x, prepared A): the 40 x 300 planted problem of these tests (drawn when a test of this module first runs,
+  not when pytest imports it: every xdist worker imports every module)."""
+  A, x = synthetic.planted_problem(jax.random.key(0), 40, 300)
+  return A, x, adaptive.prepare_matrix(A)
+
+
 @pytest.mark.parametrize("mode", ["certified", "paper"])
-def test_traced_scalar_out_of_range_is_flagged(mode):
+def test_traced_scalar_out_of_range_is_flagged(mode, problem):
   """One compiled call per mode; each scalar in turn out of range (NaN too), the others valid."""
+  _, X, PREP = problem
   f = jax.jit(lambda s, x: adaptive.adaptive_softmax(KEY, PREP, x, mode=mode, epsilon=s[0], beta=s[1],
                                                      **({"fudge_bandit": s[2], "fudge_z": s[3]} if mode == "paper" else {}), exact_below=0))
   valid = np.array([0.3, 1.0, 1.0, 1.0], np.float32)
@@ -35,7 +42,8 @@ def test_traced_scalar_out_of_range_is_flagged(mode):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_non_finite_query_under_jit_is_flagged_per_query(shared):
+def test_non_finite_query_under_jit_is_flagged_per_query(shared, problem):
+  _, X, PREP = problem
   Xb = jnp.stack([X, X.at[3].set(jnp.nan), X.at[7].set(jnp.inf)])
   res = jax.jit(lambda x: adaptive.adaptive_softmax(KEY, PREP, x, shared_order=shared, exact_below=0))(Xb)
   cert = np.asarray(res.certified)
@@ -44,7 +52,8 @@ def test_non_finite_query_under_jit_is_flagged_per_query(shared):
   assert not cert[1:].any() and np.isnan(np.asarray(res.probs[1:])).all()
 
 
-def test_numpy_matrix_closed_over_by_jit():
+def test_numpy_matrix_closed_over_by_jit(problem):
+  A, X, _ = problem
   A_np, x_np = np.asarray(A), np.asarray(X)
   eager = adaptive.adaptive_softmax(KEY, A_np, x_np, exact_below=0)
   jitted = jax.jit(lambda x: adaptive.adaptive_softmax(KEY, A_np, x, exact_below=0))(jnp.asarray(x_np))
@@ -52,19 +61,22 @@ def test_numpy_matrix_closed_over_by_jit():
   np.testing.assert_allclose(np.asarray(eager.probs), np.asarray(jitted.probs), rtol=1e-6)
 
 
-def test_grad_raises_a_clear_error():
+def test_grad_raises_a_clear_error(problem):
+  _, X, PREP = problem
   with pytest.raises(TypeError, match="not differentiable"):
     jax.grad(lambda x: adaptive.adaptive_softmax(KEY, PREP, x, exact_below=0).probs[0])(X)
 
 
 @pytest.mark.parametrize("key", [0, np.uint32(3), "key", jnp.zeros((3,), jnp.uint32)])
-def test_key_must_be_a_prng_key(key):
+def test_key_must_be_a_prng_key(key, problem):
+  _, X, PREP = problem
   with pytest.raises(ValueError, match="key must be a PRNG key"):
     adaptive.adaptive_softmax(key, PREP, X, exact_below=0)
 
 
 @pytest.mark.parametrize("name", ["shared_order", "exact_winners", "exact_rows", "check_finite"])
-def test_boolean_options_must_be_bools(name):
+def test_boolean_options_must_be_bools(name, problem):
+  _, X, PREP = problem
   with pytest.raises(ValueError, match=name):
     adaptive.adaptive_softmax(KEY, PREP, X, **{name: "yes"}, exact_below=0)
 
