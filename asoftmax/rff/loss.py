@@ -29,6 +29,8 @@ whole batch as in TF) are accepted; the shared form needs only m class rows (a [
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,7 +74,13 @@ def full_softmax_loss(h: ArrayLike, class_vectors: ArrayLike, targets: ArrayLike
     [B] float32 losses (NaN, the jit validity flag, for a row whose target is out of range under `jax.jit`).
   """
   tau = _check_common(h, class_vectors, targets, tau)
-  h, class_vectors, targets = jnp.asarray(h), jnp.asarray(class_vectors), jnp.asarray(targets)
+  return _full_softmax_loss(h, class_vectors, targets, tau)
+
+
+@jax.jit
+def _full_softmax_loss(h, class_vectors, targets, tau):
+  """`full_softmax_loss` after its checks: one compiled program per shape (called eagerly, its dozen operations
+  would each compile at every new shape)."""
   logits = tau * _norm(h) @ _norm(class_vectors).T
   loss = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[:, None], 1)[:, 0]
   return _flag_ids(loss, class_vectors.shape[0], targets)
@@ -115,8 +123,7 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
     raise ValueError(f"accidental_hits must be 'all', 'last' or 'none', got {accidental_hits!r}")
   tau = _check_common(h, class_vectors, targets, tau)
   checks.index_array("ids", ids, class_vectors.shape[0], (1, 2))
-  h, class_vectors, targets, ids = jnp.asarray(h), jnp.asarray(class_vectors), jnp.asarray(targets), jnp.asarray(ids)
-  if ids.ndim == 2 and ids.shape[0] != h.shape[0]:
+  if jnp.ndim(ids) == 2 and ids.shape[0] != h.shape[0]:
     raise ValueError(f"ids must have shape [m] (shared) or [B, m] (per query) with B = {h.shape[0]}, got {ids.shape}")
   o_shape = (h.shape[0], ids.shape[-1])
   checks.floating_array("log_expected", log_expected, None, finite=False)
@@ -127,6 +134,13 @@ def corrected_sampled_loss(h: ArrayLike, class_vectors: ArrayLike, targets: Arra
   _no_nan_or_neginf("log_expected", log_expected)
   if log_expected_true is not None:
     checks.floating_array("log_expected_true", log_expected_true, 1)
+  return _corrected_sampled_loss(h, class_vectors, targets, ids, log_expected, tau, log_expected_true,
+                                 accidental_hits)
+
+
+@functools.partial(jax.jit, static_argnames=("accidental_hits",))
+def _corrected_sampled_loss(h, class_vectors, targets, ids, log_expected, tau, log_expected_true, accidental_hits):
+  """`corrected_sampled_loss` after its checks, one compiled program per shape (as `_full_softmax_loss`)."""
   hn = _norm(h)
   o_t = tau * jnp.sum(hn * _norm(class_vectors[targets]), -1)
   if ids.ndim == 1:

@@ -77,13 +77,22 @@ def tree_from_buckets(bucket_sums: jax.Array, bucket_counts: jax.Array, num_clas
   P, F = bucket_sums.shape
   if P & (P - 1):
     raise ValueError(f"bucket_sums must have a power-of-two number of rows, got {P}")
+  nodes, counts = _heap(bucket_sums, bucket_counts)
+  return KernelTree(nodes=nodes, counts=counts, num_classes=int(num_classes), bucket=int(bucket))
+
+
+@jax.jit
+def _heap(bucket_sums, bucket_counts):
+  """(nodes, counts) of the heap over P = 2^depth buckets (node 0 unused, node 1 the root); one compiled program
+  per shape (eagerly, its per-level sums compiled one by one: two dozen small programs per new tree size)."""
+  F = bucket_sums.shape[1]
   levels, cnts = [bucket_sums], [bucket_counts.astype(jnp.float32)]
   while levels[0].shape[0] > 1:
     levels.insert(0, levels[0].reshape(-1, 2, F).sum(1))
     cnts.insert(0, cnts[0].reshape(-1, 2).sum(1))
   nodes = jnp.concatenate([jnp.zeros((1, F), bucket_sums.dtype)] + levels, 0)
   counts = jnp.concatenate([jnp.zeros((1,), jnp.float32)] + cnts, 0)
-  return KernelTree(nodes=nodes, counts=counts, num_classes=int(num_classes), bucket=int(bucket))
+  return nodes, counts
 
 
 def build_tree(leaf_features: jax.Array, bucket: int = 1) -> KernelTree:
@@ -91,11 +100,18 @@ def build_tree(leaf_features: jax.Array, bucket: int = 1) -> KernelTree:
   checks.floating_array("leaf_features", leaf_features, 2)
   bucket = checks.int_in_range("bucket", bucket)
   n, F = leaf_features.shape
+  return tree_from_buckets(*_bucket_sums(leaf_features, bucket), n, bucket)
+
+
+@functools.partial(jax.jit, static_argnames=("bucket",))
+def _bucket_sums(leaf_features, bucket: int):
+  """Per-bucket feature sums [P, F] and class counts [P] of `build_tree` (classes padded to P * bucket)."""
+  n, F = leaf_features.shape
   P = num_buckets_for(n, bucket)
   padded = jnp.zeros((P * bucket, F), jnp.float32).at[:n].set(leaf_features.astype(jnp.float32))
   sums = padded.reshape(P, bucket, F).sum(1)
   counts = (jnp.arange(P * bucket) < n).astype(jnp.float32).reshape(P, bucket).sum(1)
-  return tree_from_buckets(sums, counts, n, bucket)
+  return sums, counts
 
 
 def _check_query_features(query_features, tree):
