@@ -41,19 +41,18 @@ def exact_logits_batched(A, X, beta: float = 1.0, chunk: int = 256) -> np.ndarra
     raise ValueError(f"X has shape {tuple(X.shape)} but A has shape {tuple(A.shape)}: X must be (b, {A.shape[1]})")
   beta = checks.positive("beta", beta)
   chunk = checks.int_in_range("chunk", chunk)
-  ct = jnp.promote_types(A.dtype, jnp.float32)
-  A = jnp.asarray(A, ct)
   out = []
   for i in range(0, X.shape[0], chunk):
-    out.append(np.asarray(_scaled_products(A, jnp.asarray(X[i : i + chunk], ct), beta), np.float32))
+    out.append(np.asarray(_scaled_products(A, X[i : i + chunk], beta), np.float32))
   return np.concatenate(out, 0)
 
 
 @jax.jit
 def _scaled_products(A, Xc, beta):
-  """`beta * Xc A^T`, one compiled program per shape (a fresh `jax.jit(lambda)` per call re-traced and re-compiled
-  on every call)."""
-  return beta * (Xc @ A.T)
+  """`beta * Xc A^T` in at least float32, one compiled program per shape (a fresh `jax.jit(lambda)` per call
+  re-traced and re-compiled on every call; the casts in here: eagerly, each compiled once per shape)."""
+  ct = jnp.promote_types(A.dtype, jnp.float32)
+  return beta * (Xc.astype(ct) @ A.astype(ct).T)
 
 
 def _queries(name: str, X, d: int):
