@@ -19,11 +19,13 @@ the contract. Valid inputs are drawn by hypothesis (the values; shapes are fixed
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import inspect
 import math
 import os
+import shutil
 import signal
 import tempfile
 from typing import Any, Callable
@@ -807,7 +809,10 @@ register("sharded.sampled_softmax_loss",
 # by default only their bad cases run, and every one of those fails before any compilation or file read.
 @functools.cache
 def _tmpdir():
-  return tempfile.mkdtemp(prefix="asoftmax_bad_input_")
+  """One directory per process for the files below, removed when the process exits (each run left one in /tmp)."""
+  path = tempfile.mkdtemp(prefix="asoftmax_bad_input_")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
 
 
 @functools.cache
