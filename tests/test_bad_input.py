@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from asoftmax import adaptive, data, models, rff, sharded, topk
+from asoftmax import adaptive, checks, data, models, rff, sharded, topk
 
 PACKAGES = {"adaptive": adaptive, "topk": topk, "rff": rff, "sharded": sharded, "models": models, "data": data}
 SETTINGS = hypothesis.settings(max_examples=1, deadline=None, derandomize=True, database=None,
@@ -1197,7 +1197,7 @@ def _jitted(name, base, traced):
     return _call(name, {**static, **dict(zip(traced, arrs))})
 
   jf = jax.jit(f)
-  return lambda kw: _block(jf(*[kw[k] if isinstance(kw[k], np.ndarray) else jnp.asarray(kw[k]) for k in traced]))
+  return lambda kw: _block(jf(*[checks.as_array(kw[k]) for k in traced]))
 
 
 @pytest.mark.parametrize("name", _params(JIT, KNOWN_FAILING_JIT, slow=True))

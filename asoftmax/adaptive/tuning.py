@@ -41,6 +41,7 @@ def exact_logits_batched(A, X, beta: float = 1.0, chunk: int = 256) -> np.ndarra
     raise ValueError(f"X has shape {tuple(X.shape)} but A has shape {tuple(A.shape)}: X must be (b, {A.shape[1]})")
   beta = checks.positive("beta", beta)
   chunk = checks.int_in_range("chunk", chunk)
+  A = checks.as_array(A)  # on device once, not once per chunk
   out = []
   for i in range(0, X.shape[0], chunk):
     out.append(np.asarray(_scaled_products(A, X[i : i + chunk], beta), np.float32))
