@@ -17,23 +17,29 @@ import jax
 import numpy as np
 import pytest
 
+
+def _default_xla_flag(name: str, value: str) -> None:
+  """Appends `--name=value` to XLA_FLAGS (read when the CPU backend starts; subprocesses inherit it) unless the
+  user's XLA_FLAGS already sets `name`."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if name not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
+
+
 # XLA:CPU's LLVM optimization level 0 for the suite: its programs are compile-bound (small shapes, many distinct
 # static configurations), and level 0 cuts compile CPU by about a quarter (tests/adaptive/test_core_jit.py:
 # 34 s -> 26 s user); HLO-level passes (fusion, buffer assignment) are unchanged. Benchmarks do not use it.
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+_default_xla_flag("xla_backend_optimization_level", "0")
 # XLA:CPU's older (non-MLIR) fusion emitters: about half the compile CPU of the suite's programs (test_bad_input.py
 # cold 93 -> 50 s user; four AdaptiveSoftmax programs 12.6 -> 5.8 s). Under it a certified AdaptiveSoftmax call once
 # returned a wrong winner: not a miscompile but an exact arm's bounds rounded one ulp apart (fixed in
 # `core._elimination_rule`); codegen-sensitive rounding like that is what running the suite under other flags finds.
-if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+_default_xla_flag("xla_cpu_use_fusion_emitters", "false")
 # XLA:CPU splits each program's LLVM module into parts compiled on a thread pool; with two xdist workers on two
 # cores there is no idle core to use, and the split only adds work. One part: tests/test_bad_input.py and
 # tests/adaptive/test_core.py (-n 2, empty compile cache, measured twice each way) 193 / 183 s -> 160 / 154 s user,
 # 124 / 117 s -> 105 / 102 s wall. Code generation is the same; only how it is divided among threads changes.
-if "xla_cpu_parallel_codegen_split_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_parallel_codegen_split_count=1").strip()
+_default_xla_flag("xla_cpu_parallel_codegen_split_count", "1")
 
 _CACHE = os.environ.setdefault(
     "ASOFTMAX_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), f"asoftmax-jax-cache-{os.getuid()}"))
